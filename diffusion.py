@@ -1,0 +1,262 @@
+"""Gaussian diffusion as DiT trains and samples it (Ho et al. 2020; Nichol & Dhariwal 2021, "IDDPM").
+
+    from diffusion import create_diffusion
+    diffusion = create_diffusion()                         # 1000 steps, for training
+    diffusion = create_diffusion("250")                    # 250 respaced DDPM steps, paper §4.2
+    x0 = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, model_kwargs=dict(y=y, cfg_scale=4.0))
+
+Paper §3.1: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the learned reverse process
+p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2). The network predicts eps and, per pixel, where log sigma_t^2
+lies between the posterior variance and beta_t ("learned range"). Training minimises the hybrid loss:
+eps-MSE plus the variational bound in which the mean is detached, so the bound trains only the variance.
+
+Numerics follow the official DiT diffusion: schedules in float64 numpy, gathered per timestep and only then
+cast to float32, and exactly one torch.randn_like(x) per sampling step, so the same model, noise and seed
+give the same samples.
+"""
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def linear_betas(num_steps):
+    # DDPM's 1e-4 ... 0.02 over 1000 steps, rescaled so other step counts span the same range.
+    scale = 1000 / num_steps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
+
+
+def cosine_betas(num_steps, max_beta=0.999):
+    abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - abar((i + 1) / num_steps) / abar(i / num_steps), max_beta) for i in range(num_steps)])
+
+
+def space_timesteps(num_timesteps, section_counts):
+    """Which of the original steps a respaced sampler keeps.
+
+    "ddimN": N evenly strided steps starting at 0 (the DDIM paper's spacing). Otherwise comma-separated
+    counts, one per equal section of [0, T): each section keeps its count of evenly spaced steps, ends
+    included (so "250" keeps 0, 4.01, 8.02, ... rounded, ending at 999).
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            want = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == want:
+                    return set(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot take exactly {want} evenly strided steps out of {num_timesteps}")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, kept = 0, []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot keep {count} steps out of a section of {size}")
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride                 # accumulated, not multiplied: the official rounding
+        start += size
+    return set(kept)
+
+
+def gather(arr, t, shape):
+    """arr[t] (float64 numpy -> float32 torch) broadcast to `shape` = x's shape."""
+    out = torch.from_numpy(arr).to(device=t.device)[t].float()   # (N,)
+    return out.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+
+
+def mean_flat(x):
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log-likelihood of x in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)); DDPM's decoder."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+
+
+class GaussianDiffusion:
+    """A diffusion over a (possibly respaced) set of timesteps.
+
+    `timestep_map[i]` is the original step the i-th kept step stands for; the model is always called with
+    original steps, so a network trained on 1000 steps samples with 250 or 50.
+    """
+
+    def __init__(self, betas, learn_sigma=True, timestep_map=None):
+        self.betas = betas = np.asarray(betas, dtype=np.float64)
+        self.num_timesteps = len(betas)
+        self.learn_sigma = learn_sigma
+        self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, posterior_variance)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # The variance is 0 at t = 0: clip its log to the t = 1 value.
+        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+
+    # -- forward process ---------------------------------------------------------------------------------
+    def q_sample(self, x_start, t, noise=None):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (paper §3.1)."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return (gather(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + gather(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        mean = (gather(self.posterior_mean_coef1, t, x_t.shape) * x_start
+                + gather(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        return mean, gather(self.posterior_variance, t, x_t.shape), gather(self.posterior_log_variance_clipped, t, x_t.shape)
+
+    def predict_xstart_from_eps(self, x_t, t, eps):
+        return gather(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+
+    def predict_eps_from_xstart(self, x_t, t, pred_xstart):
+        return (gather(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+
+    # -- the model's reverse step --------------------------------------------------------------------------
+    def call_model(self, model, x, t, model_kwargs):
+        t_orig = torch.from_numpy(self.timestep_map).to(t.device)[t]   # respaced index -> trained step
+        return model(x, t_orig, **(model_kwargs or {}))
+
+    def p_mean_variance(self, model, x, t, clip_denoised=False, model_kwargs=None, model_output=None):
+        """mean, variance and x_0 estimate of p(x_{t-1} | x_t)."""
+        if model_output is None:
+            model_output = self.call_model(model, x, t, model_kwargs)
+        if self.learn_sigma:
+            eps, var_values = model_output.split(x.shape[1], dim=1)
+            # Learned range: interpolate log-variance between the posterior's (min) and beta_t (max).
+            min_log = gather(self.posterior_log_variance_clipped, t, x.shape)
+            max_log = gather(np.log(self.betas), t, x.shape)
+            frac = (var_values + 1) / 2
+            log_variance = frac * max_log + (1 - frac) * min_log
+            variance = torch.exp(log_variance)
+        else:
+            # Fixed large variance (beta_t, with the posterior's at t = 0), as IDDPM's non-learned default.
+            eps = model_output
+            fixed = np.append(self.posterior_variance[1], self.betas[1:])
+            variance, log_variance = gather(fixed, t, x.shape), gather(np.log(fixed), t, x.shape)
+        pred_xstart = self.predict_xstart_from_eps(x, t, eps)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart, eps=eps)
+
+    # -- training -----------------------------------------------------------------------------------------
+    def vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=False, model_kwargs=None, model_output=None):
+        """One term of the variational bound in bits per dim: KL at t > 0, decoder NLL at t = 0."""
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        out = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs, model_output)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
+        nll = mean_flat(nll) / math.log(2.0)
+        return dict(output=torch.where(t == 0, nll, kl), pred_xstart=out["pred_xstart"])
+
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+        """IDDPM hybrid loss: eps-MSE + the bound with the mean detached (it trains only the variance)."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_t = self.q_sample(x_start, t, noise)
+        model_output = self.call_model(model, x_t, t, model_kwargs)
+        terms = {}
+        if self.learn_sigma:
+            eps, var_values = model_output.split(x_start.shape[1], dim=1)
+            frozen = torch.cat([eps.detach(), var_values], dim=1)
+            terms["vb"] = self.vb_terms_bpd(None, x_start, x_t, t, model_output=frozen)["output"]
+            model_output = eps
+        else:
+            terms["vb"] = torch.zeros_like(t, dtype=x_start.dtype)
+        terms["mse"] = mean_flat((noise - model_output) ** 2)
+        terms["loss"] = terms["mse"] + terms["vb"]
+        return terms
+
+    # -- DDPM sampling ------------------------------------------------------------------------------------
+    def p_sample(self, model, x, t, clip_denoised=False, model_kwargs=None):
+        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
+        noise = torch.randn_like(x)
+        nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise on the last step
+        return dict(sample=out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise,
+                    pred_xstart=out["pred_xstart"])
+
+    def p_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, progress=False,
+                      device=None):
+        """Ancestral sampling from x_T = noise (or fresh N(0, I)) down to x_0."""
+        return self._loop(self.p_sample, model, shape, noise, clip_denoised, model_kwargs, progress, device)
+
+    # -- DDIM sampling ------------------------------------------------------------------------------------
+    def ddim_sample(self, model, x, t, clip_denoised=False, model_kwargs=None, eta=0.0):
+        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
+        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])   # re-derived, as clipping may change x_0
+        abar = gather(self.alphas_cumprod, t, x.shape)
+        abar_prev = gather(self.alphas_cumprod_prev, t, x.shape)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        noise = torch.randn_like(x)
+        mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+        nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
+        return dict(sample=mean + nonzero * sigma * noise, pred_xstart=out["pred_xstart"])
+
+    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, progress=False,
+                         device=None, eta=0.0):
+        step = lambda *a: self.ddim_sample(*a, eta=eta)
+        return self._loop(step, model, shape, noise, clip_denoised, model_kwargs, progress, device)
+
+    def _loop(self, step, model, shape, noise, clip_denoised, model_kwargs, progress, device):
+        if device is None:
+            device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
+        x = noise if noise is not None else torch.randn(*shape, device=device)
+        steps = range(self.num_timesteps)[::-1]
+        for i in tqdm(steps, desc="sampling", leave=False) if progress else steps:
+            t = torch.tensor([i] * shape[0], device=x.device)
+            with torch.no_grad():
+                x = step(model, x, t, clip_denoised, model_kwargs)["sample"]
+        return x
+
+
+def respaced_betas(betas, use_timesteps):
+    """betas of a chain that visits only `use_timesteps`, keeping every kept step's abar unchanged."""
+    abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    kept = sorted(use_timesteps)
+    new_betas, last = [], 1.0
+    for i in kept:
+        new_betas.append(1 - abar[i] / last)
+        last = abar[i]
+    return np.array(new_betas), np.array(kept)
+
+
+def create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma=True, diffusion_steps=1000):
+    """The diffusion of DiT: `timestep_respacing` "" (all 1000 steps, training), "250", "ddim50", "25,10"."""
+    if noise_schedule == "linear":
+        betas = linear_betas(diffusion_steps)
+    elif noise_schedule in ("cosine", "squaredcos_cap_v2"):
+        betas = cosine_betas(diffusion_steps)
+    else:
+        raise ValueError(f"unknown noise schedule {noise_schedule!r}: use linear or cosine")
+    if not timestep_respacing:
+        timestep_respacing = str(diffusion_steps)
+    betas, timestep_map = respaced_betas(betas, space_timesteps(diffusion_steps, timestep_respacing))
+    return GaussianDiffusion(betas, learn_sigma=learn_sigma, timestep_map=timestep_map)
