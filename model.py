@@ -206,11 +206,11 @@ class DiT(nn.Module):
                  grad_checkpointing=False):
         super().__init__()
         # Label-substitution defaults follow from which rows exist: superclass rows are trained with the
-        # paper's 0.1; a null row alone with the official DiT's 0.1; both rows (a hybrid) split the two.
+        # paper's 0.1, a null row with the official DiT's 0.1 (a table with both trains both guides).
         if superclass_prob is None:
             superclass_prob = 0.1 if num_superclasses else 0.0
         if null_prob is None:
-            null_prob = 0.1 if null_class and not num_superclasses else 0.0
+            null_prob = 0.1 if null_class else 0.0
         self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma, self.grad_checkpointing = learn_sigma, grad_checkpointing

@@ -1,0 +1,882 @@
+"""
+Data for FineDiffusion: datasets with a two-level label hierarchy, DiT preprocessing, and a VAE-latent cache.
+
+FineDiffusion (paper §3.2) conditions a DiT on a fine-grained *subclass* label and, through the TieredEmbedder and
+fine-grained classifier-free guidance, on that subclass's *superclass*. So every dataset here yields
+`(image, class_id)`, image a float tensor 3xHxW in [-1, 1], and exposes its hierarchy:
+
+    class_names[k]      name of subclass k            num_classes      = K
+    superclass_names[s] name of superclass s          num_superclasses = S
+    superclass_of[k]    superclass id of subclass k   targets[i]       = class id of item i
+    hierarchy()         the three lists as a plain JSON-able dict (checkpoints and caches carry it)
+
+Datasets, `build_dataset(name, data_path, ...)` (paper §4.1):
+  inat21  iNaturalist 2021 as published: <root>/{train_mini,train,val}/NNNNN_Kingdom_Phylum_Class_Order_Family_
+          Genus_epithet/*.jpg, plus <root>/{train_mini,val,train}.json. Class id = index of the sorted folder name
+          (== NNNNN on the full 10,000-class set). Superclass = the json's `supercategory`, else the built-in id
+          table; superclass ids are fixed by the authors' checkpoint (INAT21_SUPERCLASSES).
+  folder  a two-level tree root/<superclass>/<class>/*.jpg (VegFru: 25 superclasses / 292 subclasses), or a flat
+          ImageFolder root/<class>/* plus --hierarchy-csv with `class,superclass` rows.
+  toy     the embedded default: shape families (superclasses) x patterned, tinted "species" (subclasses), rendered
+          on the fly at 32 px, trained in pixel space. Small enough to fine-tune on a CPU in minutes.
+
+Preprocessing is DiT's: ADM centre crop, random horizontal flip, [-1, 1]. Unreadable images are skipped with a warning.
+
+Latent cache (DiT trains on SD-VAE latents; encoding 500K images every epoch is the main cost otherwise):
+    python data.py cache --data inat21 --data-path /data/inat21 --split train_mini \
+        --vae pretrained/sd-vae-ft-ema --out results/cache/inat21-256 --image-size 256
+    torchrun --nproc_per_node=8 data.py cache ...    # same arguments; each rank encodes its own shard
+It stores the VAE posterior (mean, logvar) of every image and of its mirror, so `LatentCacheDataset` can draw
+z ~ N(mean, exp(logvar)) * 0.18215 afresh each time -- the same distribution as encoding on the fly.
+Other commands:
+    python data.py info --data inat21 --data-path /data/inat21 --split val    # counts and the hierarchy
+    python data.py preview --data toy --out toy.png                          # a grid, one row per class
+"""
+
+import argparse
+import csv
+import datetime
+import functools
+import hashlib
+import json
+import os
+import shlex
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+LATENT_SCALE = 0.18215  # SD-VAE latent scaling used by LDM and DiT
+INAT21_URL = "https://github.com/visipedia/inat_comp/tree/master/2021"
+CACHE_FORMAT = "finediffusion-latent-cache"
+CACHE_VERSION = 1
+
+
+class DataError(Exception):
+    """A problem with the user's data or files (missing path, stale cache, ...). The message is one line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# iNaturalist 2021 hierarchy (written first: sample.py needs it to name the authors' checkpoint classes)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Superclass ids are the row order of the authors' FineDiffusion-iNat.pt label table: do not reorder.
+INAT21_SUPERCLASSES = ["Plants", "Insects", "Birds", "Fungi", "Reptiles", "Mammals", "Ray-finned Fishes",
+                       "Amphibians", "Mollusks", "Arachnids", "Animalia"]
+
+# iNat21 sorts its 10,000 species by taxonomy, so each supercategory is a contiguous id range (inclusive).
+# Ids outside every range belong to the json's catch-all supercategory "Animalia" (worms, crustaceans, ...).
+INAT21_ID_RANGES = [
+    (4, 156, "Arachnids"),
+    (175, 2700, "Insects"),
+    (2756, 2938, "Ray-finned Fishes"),
+    (2939, 3108, "Amphibians"),
+    (3111, 4596, "Birds"),
+    (4613, 4858, "Mammals"),
+    (4859, 5171, "Reptiles"),
+    (5219, 5387, "Mollusks"),
+    (5388, 5728, "Fungi"),
+    (5729, 9999, "Plants"),
+]
+
+
+def inat21_superclass_of(num_classes=10000):
+    """superclass_of for iNat21 class ids 0..num_classes-1 from the built-in id-range table (no json needed)."""
+    superclass_of = [INAT21_SUPERCLASSES.index("Animalia")] * num_classes
+    for first, last, name in INAT21_ID_RANGES:
+        for k in range(first, min(last, num_classes - 1) + 1):
+            superclass_of[k] = INAT21_SUPERCLASSES.index(name)
+    return superclass_of
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing (exactly DiT's, which is ADM's)
+# ----------------------------------------------------------------------------------------------------------------
+
+def center_crop_arr(pil_image, image_size):
+    """ADM centre crop: box-halve while >= 2x too big, bicubic-resize the short side to image_size, crop the centre."""
+    # Repeated 2x box downsampling first: cheap, and avoids the aliasing of one big bicubic step.
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)  # H x W x C
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size])
+
+
+def dit_transform(image_size, flip=True):
+    """PIL RGB image -> float tensor 3 x image_size x image_size in [-1, 1], as in DiT's train.py."""
+    steps = [transforms.Lambda(functools.partial(center_crop_arr, image_size=image_size))]  # partial: picklable
+    if flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], inplace=True)]
+    return transforms.Compose(steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The hierarchy every dataset exposes
+# ----------------------------------------------------------------------------------------------------------------
+
+class HierarchyMixin:
+    """class_names / superclass_names / superclass_of / targets, and the coarse view (class id := superclass id)."""
+
+    def set_hierarchy(self, class_names, superclass_names, superclass_of):
+        if len(class_names) != len(superclass_of):
+            raise DataError(f"{len(class_names)} class names but {len(superclass_of)} superclass_of entries")
+        if any(not 0 <= s < len(superclass_names) for s in superclass_of):
+            raise DataError(f"superclass_of holds ids outside [0, {len(superclass_names)})")
+        self.class_names = [str(name) for name in class_names]
+        self.superclass_names = [str(name) for name in superclass_names]
+        self.superclass_of = [int(s) for s in superclass_of]
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    @property
+    def num_superclasses(self):
+        return len(self.superclass_names)
+
+    def hierarchy(self):
+        return dict(class_names=list(self.class_names), superclass_names=list(self.superclass_names),
+                    superclass_of=list(self.superclass_of))
+
+    def make_coarse(self):
+        """Relabel every item with its superclass id; the classes become the superclasses (each its own parent).
+        Used to pre-train a base model on coarse labels before fine-grained fine-tuning."""
+        superclass_of = np.asarray(self.superclass_of, dtype=np.int64)
+        self.labels = superclass_of[np.asarray(self.targets, dtype=np.int64)]  # N
+        self.targets = self.labels.tolist()
+        names = list(self.superclass_names)
+        self.set_hierarchy(names, names, range(len(names)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image files on disk (iNat21 and folder trees)
+# ----------------------------------------------------------------------------------------------------------------
+
+class ImageListDataset(HierarchyMixin, Dataset):
+    """Image files under `root` with class ids; decoded with PIL, preprocessed as DiT; unreadable files skipped."""
+
+    def __init__(self, root, files, labels, class_names, superclass_names, superclass_of,
+                 image_size=256, flip=True, coarse=False):
+        if len(files) == 0:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        self.root = root
+        # One numpy bytes array instead of 500K Python strings: DataLoader workers then share it without the
+        # copy-on-access that refcount updates cause on lists of objects.
+        self.files = np.array([os.fsencode(f) for f in files])  # N, relative paths
+        self.labels = np.asarray(labels, dtype=np.int64)  # N
+        self.targets = self.labels.tolist()
+        self.set_hierarchy(class_names, superclass_names, superclass_of)
+        if coarse:
+            self.make_coarse()
+        self.image_size, self.flip = image_size, flip
+        self.transform = dit_transform(image_size, flip)
+        self._unreadable = set()  # indices that failed to decode in this process: skipped without retrying
+
+    def __len__(self):
+        return len(self.files)
+
+    def path(self, index):
+        return os.path.join(self.root, os.fsdecode(self.files[index]))
+
+    def __getitem__(self, index):
+        # A bad file must not end an epoch (or a 500K-image cache run): return the next readable item instead.
+        for step in range(len(self)):
+            i = (index + step) % len(self)
+            if i in self._unreadable:
+                continue
+            try:
+                with open(self.path(i), "rb") as f:
+                    image = Image.open(f).convert("RGB")  # convert() decodes: corrupt/truncated files fail here
+            except Exception as err:  # whatever the decoder raises, the file is unusable
+                self._unreadable.add(i)
+                warnings.warn(f"skipping unreadable image {self.path(i)}: {err}", stacklevel=2)
+                continue
+            return self.transform(image), int(self.labels[i])
+        raise DataError(f"no readable image under {self.root}")
+
+
+def _list_dirs(folder):
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _list_images(folder):
+    # os.scandir gets names and types from one directory read: no stat() per file, so 500K files scan in seconds.
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+
+
+def _scan_classes(root, class_dirs, class_ids):
+    """Files (relative to root) and labels of the images in root/<class_dirs[j]>/, labelled class_ids[j]."""
+    files, labels = [], []
+    for class_dir, class_id in zip(class_dirs, class_ids):
+        names = _list_images(os.path.join(root, class_dir))
+        files += [os.path.join(class_dir, name) for name in names]
+        labels += [class_id] * len(names)
+    return files, labels
+
+
+def _require_dir(path, what, hint=""):
+    if not path:
+        raise DataError(f"{what}: no data path given (--data-path){hint}")
+    if not os.path.isdir(path):
+        raise DataError(f"{what}: {path} is not a directory{hint}")
+
+
+def _inat21_categories(root, split):
+    """The `categories` list of an iNat21 json under root (all splits share it), or None if there is no json."""
+    candidates = [os.path.join(root, name + ".json") for name in (split, "train_mini", "val", "train")]
+    candidates = [path for path in candidates if os.path.isfile(path)]
+    if not candidates:
+        return None
+    # Any split's json has the same 10,000 categories; parse the smallest (train.json is ~1 GB of image records).
+    path = min(candidates, key=os.path.getsize)
+    try:
+        with open(path) as f:
+            return json.load(f)["categories"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"cannot read iNat21 categories from {path}: {err}") from None
+
+
+def inat21_dataset(root, split="train_mini", image_size=256, flip=True, coarse=False):
+    """iNaturalist 2021 from its published layout. Class id = index of the sorted class folder names."""
+    hint = f" (expected <root>/{split}/NNNNN_Kingdom_..._Genus_epithet/*.jpg; iNat21 is published at {INAT21_URL})"
+    _require_dir(root, "iNat21", hint)
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir) and os.path.basename(os.path.normpath(root)) == split:
+        split_dir, root = root, os.path.dirname(os.path.normpath(root))  # user pointed at the split folder itself
+    if not os.path.isdir(split_dir):
+        present = ", ".join(d for d in _list_dirs(root) if d in ("train_mini", "train", "val")) or "none"
+        raise DataError(f"iNat21: no {split}/ folder in {root} (splits present: {present}){hint}")
+    class_dirs = _list_dirs(split_dir)
+    if not class_dirs:
+        raise DataError(f"iNat21: {split_dir} holds no class folders{hint}")
+
+    categories = _inat21_categories(root, split) or []
+    by_dir = {c["image_dir_name"]: c for c in categories if "image_dir_name" in c}
+    by_id = {int(c["id"]): c for c in categories if "id" in c}
+    table, animalia = inat21_superclass_of(10000), INAT21_SUPERCLASSES.index("Animalia")  # json-less fallback
+    superclass_names = list(INAT21_SUPERCLASSES)
+    class_names, superclass_of = [], []
+    for k, class_dir in enumerate(class_dirs):
+        parts = class_dir.split("_")
+        official_id = int(parts[0]) if parts[0].isdigit() else k  # NNNNN is the id in the full 10,000-class set
+        category = by_dir.get(class_dir) or by_id.get(official_id)
+        if category is not None and category.get("supercategory"):
+            supercategory = category["supercategory"]
+            if supercategory not in superclass_names:  # not iNat21's eleven: append, keeping the fixed ids
+                superclass_names.append(supercategory)
+            superclass_of.append(superclass_names.index(supercategory))
+        else:
+            superclass_of.append(table[official_id] if official_id < len(table) else animalia)
+        if category is not None and category.get("name"):
+            class_names.append(category["name"])
+        else:
+            class_names.append(" ".join(parts[6:]) if len(parts) >= 8 else class_dir)  # "Genus epithet"
+
+    files, labels = _scan_classes(split_dir, class_dirs, range(len(class_dirs)))
+    dataset = ImageListDataset(split_dir, files, labels, class_names, superclass_names, superclass_of,
+                               image_size, flip, coarse)
+    if not coarse:
+        dataset.class_folders = class_dirs  # NNNNN_Kingdom_..._Genus_epithet, beside the readable class_names
+    return dataset
+
+
+def folder_dataset(root, split="train", image_size=256, flip=True, coarse=False, hierarchy_csv=None):
+    """A two-level tree root/<superclass>/<class>/*, or with `hierarchy_csv` a flat root/<class>/*.
+
+    If root/<split> exists it is used as the root (e.g. a VegFru copy arranged as root/train/<super>/<class>).
+    Ids, two-level: superclass ids = sorted superclass folders; class ids = sorted (superclass, class) pairs,
+    i.e. classes numbered superclass by superclass. Ids, flat + CSV: the CSV is the hierarchy, numbered the same
+    way over its rows (sorted superclasses; classes by sorted (superclass, class)), so the same data arranged
+    either way gets the same ids, and ids do not shift when a split lacks a class.
+    """
+    _require_dir(root, "folder dataset")
+    if split and os.path.isdir(os.path.join(root, split)):
+        root = os.path.join(root, split)
+    if hierarchy_csv:
+        pairs = _read_hierarchy_csv(hierarchy_csv)  # class -> superclass
+        present = _list_dirs(root)
+        unknown = [c for c in present if c not in pairs]
+        if unknown:
+            raise DataError(f"{len(unknown)} class folders of {root} are not in {hierarchy_csv}, "
+                            f"e.g. {', '.join(unknown[:5])}")
+        superclass_names = sorted(set(pairs.values()))
+        ordered = sorted(pairs, key=lambda c: (pairs[c], c))  # class names in id order
+        superclass_of = [superclass_names.index(pairs[c]) for c in ordered]
+        class_ids = {c: k for k, c in enumerate(ordered)}
+        files, labels = _scan_classes(root, present, [class_ids[c] for c in present])
+        class_names = ordered
+    else:
+        superclass_names = _list_dirs(root)
+        if not superclass_names:
+            raise DataError(f"folder dataset: {root} holds no superclass folders (expected root/<superclass>/<class>/)")
+        class_dirs, superclass_of = [], []
+        for s, superclass in enumerate(superclass_names):
+            classes = _list_dirs(os.path.join(root, superclass))
+            if not classes and _list_images(os.path.join(root, superclass)):
+                raise DataError(f"folder dataset: {os.path.join(root, superclass)} holds images, not class folders; "
+                                f"for a flat root/<class>/ layout pass --hierarchy-csv with class,superclass rows")
+            class_dirs += [os.path.join(superclass, c) for c in classes]
+            superclass_of += [s] * len(classes)
+        files, labels = _scan_classes(root, class_dirs, range(len(class_dirs)))
+        leaf = [os.path.basename(d) for d in class_dirs]
+        # a class name repeated under two superclasses is qualified as "superclass/class" to stay unambiguous
+        class_names = [n if leaf.count(n) == 1 else d.replace(os.sep, "/") for n, d in zip(leaf, class_dirs)]
+    return ImageListDataset(root, files, labels, class_names, superclass_names, superclass_of,
+                            image_size, flip, coarse)
+
+
+def _read_hierarchy_csv(path):
+    """`class,superclass` rows (an optional header row `class,superclass`) -> {class: superclass}."""
+    if not os.path.isfile(path):
+        raise DataError(f"hierarchy CSV {path} not found")
+    pairs = {}
+    with open(path, newline="") as f:
+        for line_no, row in enumerate(csv.reader(f), 1):
+            row = [cell.strip() for cell in row]
+            if not any(row) or (line_no == 1 and [c.lower() for c in row] == ["class", "superclass"]):
+                continue
+            if len(row) != 2 or not all(row):
+                raise DataError(f"{path}:{line_no}: expected `class,superclass`, got {','.join(row)!r}")
+            name, superclass = row
+            if pairs.setdefault(name, superclass) != superclass:
+                raise DataError(f"{path}:{line_no}: class {name!r} listed under {pairs[name]!r} and {superclass!r}")
+    if not pairs:
+        raise DataError(f"hierarchy CSV {path} has no class,superclass rows")
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Toy dataset: the embedded default (no download)
+# ----------------------------------------------------------------------------------------------------------------
+# Superclass = a shape family with its own base hue; subclass = a "species": its own pattern (plain, striped,
+# spotted, eyed) and a hue tint within the family's hue range. Subclasses of a family share shape and colour
+# family (the superclass look) and differ in visible but small details, as species of a genus do.
+# Every image also gets random position, size, rotation, saturation/brightness, background and noise.
+
+TOY_SHAPES = ["disc", "square", "triangle", "cross", "diamond", "hexagon", "ellipse", "star"]
+TOY_PATTERNS = ["plain", "striped", "spotted", "eyed"]
+_TOY_SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def _shape_mask(shape, x, y):
+    """Inside-test of a unit-sized shape in its own frame; x, y: arrays of object-frame coordinates."""
+    ax, ay = np.abs(x), np.abs(y)
+    if shape == "disc":
+        return x * x + y * y <= 1.0
+    if shape == "square":
+        return np.maximum(ax, ay) <= 0.85
+    if shape == "triangle":  # apex up (image y grows downwards)
+        return (y <= 0.65) & (y >= -1.0 + 1.65 / 0.95 * ax)
+    if shape == "cross":
+        return ((ax <= 0.32) & (ay <= 0.95)) | ((ay <= 0.32) & (ax <= 0.95))
+    if shape == "diamond":  # an elongated rhombus, so it is not just a rotated square
+        return ax / 0.75 + ay / 1.05 <= 1.0
+    if shape == "hexagon":
+        return (ay <= 0.866) & (1.732 * ax + ay <= 1.732)
+    if shape == "ellipse":
+        return (x / 1.0) ** 2 + (y / 0.6) ** 2 <= 1.0
+    if shape == "star":
+        return np.hypot(x, y) <= 0.62 + 0.38 * np.cos(5 * np.arctan2(x, -y))
+    raise ValueError(shape)
+
+
+def _pattern_mask(pattern, x, y, phase):
+    """Where a subclass pattern marks the body, in the object frame (so it turns with the shape)."""
+    if pattern == "plain":
+        return np.zeros(x.shape, dtype=bool)
+    if pattern == "striped":  # dark bands, period 0.625 radii
+        return ((y * 1.6 + phase) % 1.0) < 0.5
+    if pattern == "spotted":  # light dots on a 0.7-radius grid
+        return ((x * 1.4 + phase) % 1.0 - 0.5) ** 2 + ((y * 1.4 + phase) % 1.0 - 0.5) ** 2 < 0.09
+    if pattern == "eyed":  # one dark central eye
+        return x * x + y * y < 0.16
+    raise ValueError(pattern)
+
+
+def _hsv_to_rgb(h, s, v):
+    """Vectorised HSV -> RGB; h, s, v: arrays of shape B in [0, 1] -> B x 3."""
+    i = np.floor(h * 6.0).astype(np.int64) % 6
+    f = h * 6.0 - np.floor(h * 6.0)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    return np.stack([np.choose(i, [c[channel] for c in choices]) for channel in range(3)], axis=-1)
+
+
+def _coverage(mask, supersample):
+    """B x n x n bool mask -> B x (n/s) x (n/s) x 1: fraction of each output pixel's s x s subpixels inside."""
+    B, n, _ = mask.shape
+    m = n // supersample
+    return mask.reshape(B, m, supersample, m, supersample).mean(axis=(2, 4), dtype=np.float32)[..., None]
+
+
+def _render_toy(class_ids, rngs, num_superclasses, subclasses_per_superclass, image_size, supersample=2):
+    """Render one image per (class id, rng): uint8 B x H x W x 3. Each image depends only on its own rng."""
+    S, P, B = num_superclasses, subclasses_per_superclass, len(class_ids)
+    family, sub = np.divmod(np.asarray(class_ids, dtype=np.int64), P)  # B, B
+    u = np.stack([rng.random(12) for rng in rngs]).astype(np.float32)  # B x 12: the image's random look
+    noise = np.stack([rng.standard_normal((image_size, image_size, 3), dtype=np.float32) for rng in rngs])
+
+    # pose: centre within +-0.22 of the middle, radius 0.42-0.62 of the half-width, rotation +-20 degrees
+    cx, cy = (u[:, 0] - 0.5) * 0.44, (u[:, 1] - 0.5) * 0.44
+    radius = 0.42 + 0.20 * u[:, 2]
+    angle = np.deg2rad(40.0 * (u[:, 3] - 0.5))
+    # colours: family hue spaced around the wheel; the subclass tints it within 60% of the family's slot
+    hue = family / S + ((sub + 0.5) / P - 0.5) * (0.6 / S)
+    fg = _hsv_to_rgb((hue % 1.0).astype(np.float32), 0.6 + 0.3 * u[:, 4], 0.7 + 0.3 * u[:, 5])  # B x 3
+    bg = _hsv_to_rgb(u[:, 6], 0.2 * u[:, 7], 0.15 + 0.7 * u[:, 8])  # B x 3, low saturation
+    dark, light = 0.35 * fg, 0.45 * fg + 0.55  # B x 3: colours of the pattern marks
+    pattern = sub % len(TOY_PATTERNS)  # B
+    mark_rgb = np.where((pattern == 2)[:, None], light, dark)  # spots are light, stripes and eyes dark
+
+    # supersampled pixel-centre grid in [-1, 1], then each image's object frame (unit = shape radius)
+    n = image_size * supersample
+    t = ((np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1)
+    gy, gx = t[None, :, None], t[None, None, :]  # 1 x n x 1, 1 x 1 x n
+    dx, dy = gx - cx[:, None, None], gy - cy[:, None, None]  # B x n x n
+    cos, sin, r = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None], radius[:, None, None]
+    x, y = (cos * dx + sin * dy) / r, (-sin * dx + cos * dy) / r  # B x n x n
+
+    inside = np.zeros((B, n, n), dtype=bool)  # the shape
+    mark = np.zeros((B, n, n), dtype=bool)  # its pattern (stripes, spots, eye), where it differs from the body
+    phase = u[:, 9, None, None]  # shifts stripes / spots so they are not pinned to the shape centre
+    for f in np.unique(family):
+        inside[family == f] = _shape_mask(TOY_SHAPES[f], x[family == f], y[family == f])
+    for k in np.unique(pattern):
+        sel = pattern == k
+        mark[sel] = _pattern_mask(TOY_PATTERNS[k], x[sel], y[sel], phase[sel])
+
+    # anti-aliasing: average the supersampled masks into per-pixel coverage, then composite the flat colours
+    shape_cover = _coverage(inside, supersample)  # B x H x W x 1
+    mark_cover = _coverage(inside & mark, supersample)  # B x H x W x 1
+    t = t.reshape(image_size, supersample).mean(axis=1)  # pixel centres at the output resolution
+    direction = 2 * np.pi * u[:, 10, None, None]
+    gradient = 1.0 + 0.2 * u[:, 11, None, None] * (np.cos(direction) * t[None, None, :]
+                                                   + np.sin(direction) * t[None, :, None])  # B x H x W
+    img = bg[:, None, None, :] * gradient[..., None] * (1.0 - shape_cover)  # B x H x W x 3
+    img += fg[:, None, None, :] * (shape_cover - mark_cover) + mark_rgb[:, None, None, :] * mark_cover
+    img += 0.015 * noise
+    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)  # B x H x W x 3
+
+
+def toy_image(class_id, rng_or_seed, num_superclasses=4, subclasses_per_superclass=4, image_size=32):
+    """One toy image of fine class `class_id` (uint8 H x W x 3); rng_or_seed: a numpy Generator or a seed."""
+    if not 0 <= class_id < num_superclasses * subclasses_per_superclass:
+        raise ValueError(f"toy class id {class_id} outside [0, {num_superclasses * subclasses_per_superclass})")
+    rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
+    return _render_toy([class_id], [rng], num_superclasses, subclasses_per_superclass, image_size)[0]
+
+
+class ToyDataset(HierarchyMixin, Dataset):
+    """num_superclasses shape families x subclasses_per_superclass species, images_per_class images each.
+
+    Item i is class i // images_per_class, instance j = i % images_per_class, rendered from the numpy rng seeded
+    with (seed, split, class, j): deterministic per (seed, index), and equal to
+    toy_image(class, np.random.default_rng([seed, split_id, class, j])). coarse=True labels items with their
+    superclass (shape family) id: num_classes = num_superclasses, each class its own superclass.
+    """
+
+    max_prerender_bytes = 256 << 20  # pre-render the whole set when it fits; otherwise render per item
+
+    def __init__(self, num_superclasses=4, subclasses_per_superclass=4, image_size=32, images_per_class=256,
+                 seed=0, coarse=False, flip=True, split="train"):
+        if not 1 <= num_superclasses <= len(TOY_SHAPES):
+            raise ValueError(f"toy dataset: num_superclasses must be 1..{len(TOY_SHAPES)}")
+        if split not in _TOY_SPLITS:
+            raise DataError(f"toy dataset: unknown split {split!r} (choose {', '.join(_TOY_SPLITS)})")
+        S, P = num_superclasses, subclasses_per_superclass
+        self.num_families, self.subclasses_per_superclass = S, P  # the fine set, even if coarse
+        self.image_size, self.images_per_class, self.seed, self.flip = image_size, images_per_class, seed, flip
+        self.split_id = _TOY_SPLITS[split]
+        n_pat = len(TOY_PATTERNS)
+        patterns = [TOY_PATTERNS[k % n_pat] + (str(k // n_pat + 1) if k >= n_pat else "")
+                    for k in range(P)]  # plain, striped, spotted, eyed, plain2, ...
+        self.set_hierarchy([f"{TOY_SHAPES[f]}/{patterns[k]}" for f in range(S) for k in range(P)],
+                           TOY_SHAPES[:S], [f for f in range(S) for _ in range(P)])
+        self.fine_labels = np.repeat(np.arange(S * P), images_per_class)  # N: fine class of item i
+        self.labels = self.fine_labels.copy()
+        self.targets = self.labels.tolist()
+        if coarse:
+            self.make_coarse()
+        self.images = None  # N x H x W x 3 uint8 when pre-rendered
+        if len(self) * image_size * image_size * 3 <= self.max_prerender_bytes:
+            self.images = np.concatenate([self.raw_images(range(i, min(i + 512, len(self))))
+                                          for i in range(0, len(self), 512)])
+
+    def __len__(self):
+        return len(self.fine_labels)
+
+    def raw_images(self, indices):
+        """uint8 B x H x W x 3 images of the given items (no flip), rendered afresh."""
+        indices = list(indices)
+        classes = [int(self.fine_labels[i]) for i in indices]
+        rngs = [np.random.default_rng([self.seed, self.split_id, c, i % self.images_per_class])
+                for c, i in zip(classes, indices)]
+        return _render_toy(classes, rngs, self.num_families, self.subclasses_per_superclass, self.image_size)
+
+    def __getitem__(self, index):
+        arr = self.images[index] if self.images is not None else self.raw_images([index])[0]  # H x W x 3 uint8
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1.0  # 3 x H x W
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[index])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_dataset(name, data_path=None, image_size=256, split="train", flip=True, seed=0, coarse=False,
+                  hierarchy_csv=None):
+    """'inat21' | 'folder' | 'toy' -> a Dataset of (image in [-1, 1], class id) exposing its hierarchy."""
+    if name == "inat21":
+        return inat21_dataset(data_path, split, image_size, flip, coarse)
+    if name == "folder":
+        return folder_dataset(data_path, split, image_size, flip, coarse, hierarchy_csv)
+    if name == "toy":
+        return ToyDataset(image_size=image_size, seed=seed, coarse=coarse, flip=flip, split=split)
+    raise DataError(f"unknown dataset {name!r}: choose inat21, folder or toy")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAE-latent cache
+# ----------------------------------------------------------------------------------------------------------------
+# Layout of a cache directory (all .npy files are plain numpy arrays, opened as memmaps):
+#   moments.npy  float16 N x 2 x 2C x h x w   [i, 0] = original image, [i, 1] = its horizontal mirror;
+#                channels [:C] = posterior mean, [C:] = logvar (the LDM "moments" layout)
+#   labels.npy   int64   N                    class id of the image actually encoded in row i
+#   done.npy     bool    N                    row i is written (resume skips it)
+#   meta.json    format, version, data, data_path, split, image_size, num_images, latent_shape [C, h, w],
+#                hierarchy, vae (identity), files_sha256, command, complete
+# Rows are written, then flushed, then marked done and flushed: a crash in between only re-encodes one batch.
+
+def _weights_file(path):
+    """The weights file of a VAE given as a file or a (diffusers-style) directory."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        for folder in (path, os.path.join(path, "vae")):
+            for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+                if os.path.isfile(os.path.join(folder, name)):
+                    return os.path.join(folder, name)
+        weights = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".ckpt")))
+        if weights:
+            return os.path.join(path, weights[0])
+    raise DataError(f"VAE weights not found at {path} (expected a weights file or a folder with "
+                    f"diffusion_pytorch_model.safetensors / .bin)")
+
+
+def vae_identity(path):
+    """'sha256:<hex>' of the VAE's weights file contents: the same weights match under any name or path."""
+    digest = hashlib.sha256()
+    with open(_weights_file(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _files_fingerprint(dataset):
+    """sha256 over the file list and labels, so resuming into a cache of other files is refused (None for toy)."""
+    if not hasattr(dataset, "files"):
+        return None
+    digest = hashlib.sha256(b"\n".join(dataset.files.tolist()))
+    digest.update(np.asarray(dataset.targets, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _create_npy(path, dtype, shape):
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))  # sparse, zero-filled
+    array.flush()
+    del array
+    os.replace(tmp, path)
+
+
+def _prepare_cache_dir(out_dir, meta):
+    """Create a new cache, or check that the one in out_dir is the same job (then it resumes). -> error or None."""
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        for key in ("format", "version", "data", "data_path", "split", "image_size", "num_images", "latent_shape",
+                    "vae", "files_sha256", "hierarchy"):
+            if old.get(key) != meta.get(key):
+                shown = (lambda v: "(differs)" if key == "hierarchy" else repr(v))
+                return (f"{out_dir} holds another latent cache ({key}: {shown(old.get(key))} there, "
+                        f"{shown(meta.get(key))} now): choose another --out or delete that directory")
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    n, (c, h, w) = meta["num_images"], meta["latent_shape"]
+    _create_npy(os.path.join(out_dir, "moments.npy"), np.float16, (n, 2, 2 * c, h, w))
+    _create_npy(os.path.join(out_dir, "labels.npy"), np.int64, (n,))
+    _create_npy(os.path.join(out_dir, "done.npy"), np.bool_, (n,))
+    _write_json_atomic(meta_path, meta)  # last: a cache without meta.json is simply rebuilt
+    return None
+
+
+class _Indexed(Dataset):
+    """dataset[indices[k]] with its index: (index, image, label)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        return (self.indices[k], *self.dataset[self.indices[k]])
+
+
+def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=4, meta=None, device=None, progress=True):
+    """Encode every image of `dataset` and its mirror with `vae.encode(x) -> (mean, logvar)`; store the moments.
+
+    `dataset` must not flip (both views are stored). `meta`: extra fields for meta.json (data, data_path, split,
+    vae identity, command). Resumes an interrupted cache in out_dir. Under torch.distributed each rank encodes a
+    contiguous shard; all ranks must share the page cache of out_dir (one node), rank 0 writes meta.json.
+    Returns the meta dict.
+    """
+    if getattr(dataset, "flip", False):
+        raise ValueError("build the dataset with flip=False: the cache stores both the image and its mirror")
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae = vae.to(device).eval()
+
+    n = len(dataset)
+    x0 = dataset[0][0]  # 3 x H x W
+    with torch.no_grad():
+        mean0, _ = vae.encode(x0[None].to(device))  # one probe encode: the latent shape, whatever the VAE's factor
+    meta = dict(format=CACHE_FORMAT, version=CACHE_VERSION, **(meta or {}), image_size=int(x0.shape[-1]),
+                num_images=n, latent_shape=list(mean0.shape[1:]), moments_dtype="float16",
+                hierarchy=dataset.hierarchy(), files_sha256=_files_fingerprint(dataset), complete=False)
+
+    error = _prepare_cache_dir(out_dir, meta) if rank == 0 else None
+    if distributed:  # the other ranks wait for rank 0 to create (or validate) the files, and share its verdict
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error:
+        raise DataError(error)
+
+    moments = np.load(os.path.join(out_dir, "moments.npy"), mmap_mode="r+")  # N x 2 x 2C x h x w
+    labels = np.load(os.path.join(out_dir, "labels.npy"), mmap_mode="r+")  # N
+    done = np.load(os.path.join(out_dir, "done.npy"), mmap_mode="r+")  # N
+    shard = range(rank * n // world, (rank + 1) * n // world)
+    todo = [i for i in shard if not done[i]]
+    loader = DataLoader(_Indexed(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    bar = tqdm(loader, desc=f"encoding {len(todo)} of {n} images", disable=not progress or rank != 0)
+    with torch.no_grad():
+        for index, x, y in bar:
+            x = x.to(device, non_blocking=True)  # B x 3 x H x W
+            mean, logvar = vae.encode(torch.cat([x, x.flip(-1)]))  # 2B x C x h x w each
+            both = torch.cat([mean, logvar], dim=1).float()  # 2B x 2C x h x w
+            both = both.view(2, len(x), *both.shape[1:]).transpose(0, 1)  # B x 2 x 2C x h x w (original, mirror)
+            rows = index.numpy()
+            moments[rows] = both.cpu().numpy().astype(np.float16)
+            labels[rows] = y.numpy()  # the label of what was encoded (an unreadable file's substitute included)
+            moments.flush()
+            labels.flush()
+            done[rows] = True  # only after the data is on disk
+            done.flush()
+
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        meta["complete"] = bool(np.load(os.path.join(out_dir, "done.npy"), mmap_mode="r").all())
+        _write_json_atomic(os.path.join(out_dir, "meta.json"), meta)
+    return meta
+
+
+class LatentCacheDataset(HierarchyMixin, Dataset):
+    """(z, class_id) from a latent cache: z = 0.18215 * (mean + exp(logvar / 2) * eps), fresh eps per call, on the
+    original or (flip=True, p = 1/2) the mirrored image -- the distribution of DiT's on-the-fly
+    `vae.encode(x).latent_dist.sample().mul_(0.18215)` with random flips.
+
+    expect: fields the cache must match, keys as in meta.json, e.g.
+        dict(vae=vae_identity(args.vae), image_size=256, data="inat21", data_path=args.data_path, split="train_mini")
+    (None values are not checked). A mismatch or an incomplete cache raises DataError saying what to run.
+    """
+
+    def __init__(self, path, expect=None, flip=True, coarse=False):
+        self.path, self.flip = path, flip
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise DataError(f"no latent cache at {path} (no meta.json): build it with `python data.py cache "
+                            f"--data ... --data-path ... --vae ... --out {path}`")
+        with open(meta_path) as f:
+            self.meta = meta = json.load(f)
+        rebuild = meta.get("command") or f"python data.py cache ... --out {path}"
+        if (meta.get("format"), meta.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
+            raise DataError(f"{path} is not a version-{CACHE_VERSION} latent cache: rebuild it with `{rebuild}`")
+        for key, want in (expect or {}).items():
+            have = meta.get(key)
+            if key == "data_path" and want is not None and have is not None:
+                want, have = os.path.realpath(want), os.path.realpath(have)
+            if want is not None and have != want:
+                raise DataError(f"latent cache {path} was built with {key}={have!r} but this run has {key}={want!r}: "
+                                f"rebuild it with `python data.py cache ...` (was: `{rebuild}`) into another --out")
+        missing = [f for f in ("moments.npy", "labels.npy", "done.npy") if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise DataError(f"latent cache {path} lacks {', '.join(missing)}: rebuild it with `{rebuild}`")
+        done = np.load(os.path.join(path, "done.npy"), mmap_mode="r")
+        if not meta.get("complete") or not done.all():
+            raise DataError(f"latent cache {path} is incomplete ({int(done.sum())} of {len(done)} images encoded): "
+                            f"re-run `{rebuild}` to resume it")
+        self.labels = np.load(os.path.join(path, "labels.npy"))  # N
+        self.targets = self.labels.tolist()
+        self.set_hierarchy(**meta["hierarchy"])
+        if coarse:
+            self.make_coarse()
+        self.image_size, self.latent_shape = meta["image_size"], meta["latent_shape"]
+        self._moments = None  # opened lazily, once per DataLoader worker
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getstate__(self):  # never pickle the memmap (it would copy the whole array into the worker)
+        return {**self.__dict__, "_moments": None}
+
+    def __getitem__(self, index):
+        if self._moments is None:
+            self._moments = np.load(os.path.join(self.path, "moments.npy"), mmap_mode="r")
+        view = int(torch.randint(2, ())) if self.flip else 0  # 0 original, 1 mirror
+        moments = torch.from_numpy(self._moments[index, view].astype(np.float32))  # 2C x h x w
+        mean, logvar = moments.chunk(2)  # C x h x w each
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        return z * LATENT_SCALE, int(self.labels[index])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def _load_vae(path):
+    if not os.path.exists(path):
+        raise DataError(f"VAE not found at {path}")
+    try:
+        import model  # lazy: only encoding needs model.py
+    except ImportError as err:
+        raise DataError(f"cannot import model.py for the VAE: {err}") from None
+    try:
+        return model.AutoencoderKL.from_pretrained(path)
+    except getattr(model, "CheckpointError", OSError) as err:  # model.py's one-line error for a bad VAE file
+        raise DataError(str(err)) from None
+
+
+def _dataset_from_args(args, flip):
+    split = args.split or ("train_mini" if args.data == "inat21" else "train")
+    image_size = args.image_size or (32 if args.data == "toy" else 256)
+    dataset = build_dataset(args.data, args.data_path, image_size, split, flip=flip, coarse=False,
+                            hierarchy_csv=args.hierarchy_csv)
+    return dataset, split, image_size
+
+
+def cmd_cache(args):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        # only barriers and one broadcast of a Python object: gloo serves both CPU and GPU runs
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=3))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    try:
+        dataset, split, image_size = _dataset_from_args(args, flip=False)
+        command = ["python", "data.py", "cache", "--data", args.data, "--split", split, "--image-size",
+                   str(image_size), "--vae", args.vae, "--out", args.out]
+        if args.data_path:
+            command[5:5] = ["--data-path", args.data_path]
+        if args.hierarchy_csv:
+            command += ["--hierarchy-csv", args.hierarchy_csv]
+        meta = dict(data=args.data, data_path=os.path.realpath(args.data_path) if args.data_path else None,
+                    split=split, vae=vae_identity(args.vae), command=shlex.join(command))
+        vae = _load_vae(args.vae)
+        meta = build_latent_cache(dataset, vae, args.out, args.batch_size, args.num_workers, meta=meta)
+        if meta["complete"]:
+            print(f"latent cache complete: {meta['num_images']} images, latents {meta['latent_shape']}, in {args.out}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cmd_info(args):
+    dataset, split, _ = _dataset_from_args(args, flip=False)
+    counts = np.bincount(dataset.targets, minlength=dataset.num_classes)
+    print(f"{args.data} {split}: {len(dataset)} images, {dataset.num_classes} classes, "
+          f"{dataset.num_superclasses} superclasses")
+    superclass_of = np.asarray(dataset.superclass_of)
+    for s, name in enumerate(dataset.superclass_names):
+        members = superclass_of == s
+        print(f"  {s:3d} {name:24s} {int(members.sum()):6d} classes {int(counts[members].sum()):8d} images")
+
+
+def cmd_preview(args):
+    dataset, _, image_size = _dataset_from_args(args, flip=False)
+    targets = np.asarray(dataset.targets)
+    rows = []
+    for k in range(min(dataset.num_classes, args.max_classes)):
+        items = np.flatnonzero(targets == k)[:args.per_class]
+        row = np.zeros((image_size, image_size * args.per_class, 3), dtype=np.uint8)
+        for j, i in enumerate(items):
+            x = dataset[int(i)][0]  # 3 x H x W in [-1, 1]
+            row[:, j * image_size:(j + 1) * image_size] = ((x + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 0)
+        rows.append(row)
+    tmp = f"{args.out}.tmp{os.getpid()}.png"
+    Image.fromarray(np.concatenate(rows)).save(tmp)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: rows = classes {', '.join(dataset.class_names[:len(rows)])}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="FineDiffusion data: latent cache, dataset info, previews")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cache = commands.add_parser("cache", help="encode a dataset with the VAE into a resumable latent cache")
+    info = commands.add_parser("info", help="print image / class counts per superclass")
+    preview = commands.add_parser("preview", help="save a grid of images, one row per class")
+    for p in (cache, info, preview):
+        p.add_argument("--data", choices=["inat21", "folder", "toy"], default="toy" if p is preview else None,
+                       required=p is not preview)
+        p.add_argument("--data-path", default=None)
+        p.add_argument("--split", default=None, help="default: train_mini for inat21, else train")
+        p.add_argument("--image-size", type=int, default=None, help="default: 32 for toy, else 256")
+        p.add_argument("--hierarchy-csv", default=None, help="class,superclass rows for a flat class folder")
+    cache.add_argument("--vae", required=True, help="SD VAE folder or weights file")
+    cache.add_argument("--out", required=True, help="cache directory (re-run the same command to resume)")
+    cache.add_argument("--batch-size", type=int, default=32)
+    cache.add_argument("--num-workers", type=int, default=4)
+    preview.add_argument("--out", default="preview.png")
+    preview.add_argument("--per-class", type=int, default=8)
+    preview.add_argument("--max-classes", type=int, default=16)
+    args = parser.parse_args(argv)
+    try:
+        {"cache": cmd_cache, "info": cmd_info, "preview": cmd_preview}[args.command](args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
