@@ -50,6 +50,8 @@ from torchvision.models import alexnet
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 from tqdm import tqdm
 
+from data import INAT21_SUPERCLASSES, center_crop_arr, inat21_superclass_of
+
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
@@ -58,11 +60,6 @@ LPIPS_LIN_WEIGHTS = "alex.pth"
 LPIPS_LIN_WEIGHTS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth"
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-# Paper Table 1 column order == the authors' superclass ids (Plants 0 ... Animalia 10); used to order rows.
-INAT21_SUPERCLASSES = ("Plants", "Insects", "Birds", "Fungi", "Reptiles", "Mammals", "Ray-finned Fishes",
-                       "Amphibians", "Mollusks", "Arachnids", "Animalia")
-
-
 class EvalError(Exception):
     """A user mistake (missing file, bad layout, mismatched statistics): the CLI prints one line, exits 2."""
 
@@ -473,20 +470,11 @@ def lpips_diversity(lpips, images, labels, num_pairs=1000, seed=0, superclass_of
 # Image sources: folders or .npz, with their class and superclass labels
 # -------------------------------------------------------------------------------------------------------------
 
-def center_crop_arr(image, size):
-    """ADM / DiT preprocessing: box-downsample while >= 2x, bicubic to short side `size`, centre crop."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.array(image)  # [H, W, 3] uint8, a writable copy
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
-
 def load_hierarchy(path):
     """(superclass_names, superclass_of[class_id]) from a JSON/.npz with those two keys, or an iNaturalist
-    json whose "categories" carry "id" and "supercategory"."""
+    json whose "categories" carry "id" and "supercategory"; "inat21": the built-in iNat21 table (Table 1 order)."""
+    if path == "inat21":
+        return list(INAT21_SUPERCLASSES), np.asarray(inat21_superclass_of(), np.int64)
     if not os.path.isfile(path):
         raise EvalError(f"hierarchy file not found: {path}")
     try:
@@ -549,7 +537,7 @@ class FolderImages(ImageSource):
         try:
             with Image.open(self.files[i]) as image:
                 image = image.convert("RGB")
-                arr = center_crop_arr(image, self.image_size) if self.image_size else np.array(image)
+                arr = np.array(center_crop_arr(image, self.image_size) if self.image_size else image)
         except (OSError, ValueError) as e:
             raise EvalError(f"cannot read image {self.files[i]}: {e}") from None
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), int(self.labels[i])  # [3, H, W]
@@ -856,17 +844,224 @@ def cmd_fid(args):
         write_json(args.out_json, rows, **meta)
 
 
+# -------------------------------------------------------------------------------------------------------------
+# generate: samples for FID, spread over classes, over any number of processes (torchrun), resumable
+# -------------------------------------------------------------------------------------------------------------
+# Work is cut into fixed batches of (class, index) jobs; batch j is drawn by rank j % world with seed
+# `seed + j`, so the images do not depend on the number of GPUs and an interrupted run resumes batch-wise.
+# Images land as DIR/<superclass>/<class id>/<index>.png, the layout `stats` and `fid` read with labels.
+
+def generation_jobs(num_classes, num_samples=None, per_class=None):
+    """[(class id, index within class)]: `per_class` each, or `num_samples` spread evenly (round-robin)."""
+    if per_class is not None:
+        return [(c, i) for c in range(num_classes) for i in range(per_class)]
+    return [(n % num_classes, n // num_classes) for n in range(num_samples)]
+
+
+def job_path(out_dir, hierarchy, class_id, index):
+    names = (hierarchy or {}).get("superclass_names")
+    group = re.sub(r"[^\w.-]+", "_", names[hierarchy["superclass_of"][class_id]]) if names else "all"
+    return os.path.join(out_dir, group, f"{class_id:05d}", f"{index:06d}.png")
+
+
+def save_png_atomic(array, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
+def distributed_world():
+    """(rank, world, device): joins the torchrun process group when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def cmd_generate(args):
+    from model import CheckpointError, load_model
+    from sample import UsageError, guide_labels, load_vae, sample_images
+    rank, world, device = distributed_world()
+    device = device if args.device == "auto" else pick_device(args.device)
+    args.workers = 0 if world > 1 else args.workers
+    try:
+        model, info = load_model(args.ckpt, base=args.base)
+        vae = load_vae(args.vae or (info["args"] or {}).get("vae")) if model.in_channels == 4 else None
+        if args.guidance != "none":
+            guide_labels(model, torch.zeros(1, dtype=torch.long), args.guidance)   # this table has the guide rows?
+    except (CheckpointError, UsageError) as e:
+        raise EvalError(str(e)) from None
+    hierarchy, K = info["hierarchy"], model.y_embedder.num_classes
+    if (args.num_samples is None) == (args.per_class is None):
+        raise EvalError("give exactly one of --num-samples and --per-class")
+    jobs = generation_jobs(K, args.num_samples, args.per_class)
+    batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+    mine = [j for j in range(rank, len(batches), world)
+            if not all(os.path.isfile(job_path(args.out, hierarchy, c, i)) for c, i in batches[j])]
+    if rank == 0:
+        print(f"{len(jobs)} images in {len(batches)} batches over {world} process(es); rank 0 has {len(mine)} to do",
+              file=sys.stderr)
+    for j in tqdm(mine, desc=f"generate (rank {rank})", disable=rank != 0):  # --batch-size: images per batch
+        classes = [c for c, _ in batches[j]]
+        images = sample_images(model, classes, args.guidance, args.cfg_scale, args.sampler, args.steps, vae,
+                               args.seed + j, device, args.precision, progress=False)   # (B, H, W, 3) uint8
+        for (c, i), image in zip(batches[j], images.numpy()):
+            save_png_atomic(image, job_path(args.out, hierarchy, c, i))
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0 and args.npz:
+        source = open_folder(args.out, image_size=0)
+        arrays = np.stack([source[i][0].permute(1, 2, 0).numpy() for i in range(len(source))])
+        labels = np.array([int(os.path.basename(os.path.dirname(f))) for f in source.files])
+        extra = {}
+        if hierarchy:
+            extra = dict(superclass_names=np.array(hierarchy["superclass_names"]),
+                         superclass_of=np.asarray(hierarchy["superclass_of"], np.int64))
+        atomic_write(args.npz, lambda f: np.savez(f, arr_0=arrays, labels=labels, **extra))
+        print(f"wrote {args.npz}: {len(arrays)} images", file=sys.stderr)
+    if rank == 0 and args.fid:
+        args.real, args.fake, args.hierarchy, args.image_size = args.fid, args.out, None, 0
+        cmd_fid(args)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# toy: paper Tables 1-2 in miniature, offline, on the built-in toy data
+# -------------------------------------------------------------------------------------------------------------
+# A small CNN classifier trained on real toy images (cached) stands in for the Inception network: it
+# says whether a sample shows the requested subclass and superclass, gives features for a Frechet distance,
+# and (unit-normalised feature maps, LPIPS-style) a distance between two samples of the same class.
+
+class ToyClassifier(nn.Module):
+    def __init__(self, num_classes, width=32):
+        super().__init__()
+        w = width
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU())])
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def feature_maps(self, x):                    # x: (N, 3, H, W) in [-1, 1]
+        maps = []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)                        # (N, w, H/2, W/2), (N, 2w, H/4, W/4), (N, 4w, H/4, W/4)
+        return maps
+
+    def forward(self, x):
+        features = self.feature_maps(x)[-1].mean(dim=(2, 3))  # (N, 4w)
+        return self.fc(features), features
+
+
+def toy_classifier(image_size, cache_dir="results", epochs=4, seed=0):
+    """The classifier for toy images of `image_size`, trained once (a few CPU seconds) and cached."""
+    from data import ToyDataset
+    path = os.path.join(cache_dir, f"toy_classifier_{image_size}px.pt")
+    train_set = ToyDataset(image_size=image_size, split="train", seed=seed)
+    net = ToyClassifier(train_set.num_classes)
+    if os.path.isfile(path):
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return net.eval()
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    loader = DataLoader(train_set, batch_size=128, shuffle=True)
+    for _ in tqdm(range(epochs), desc="toy classifier (first use, cached)", unit="epoch"):
+        for x, y in loader:
+            loss = F.cross_entropy(net(x)[0], y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(net.state_dict(), f))
+    return net.eval()
+
+
+@torch.no_grad()
+def toy_metrics(net, images, labels, superclass_of, real_features, pairs=200, seed=0):
+    """Subclass / superclass accuracy, classifier-feature FID and LPIPS-style diversity of images in [-1, 1]."""
+    logits, features = net(images)
+    pred = logits.argmax(1)
+    sc = torch.as_tensor(superclass_of)
+    a, b = sample_pairs(labels.numpy(), pairs, np.random.default_rng(seed))
+    maps_a, maps_b = net.feature_maps(images[a]), net.feature_maps(images[b])
+    unit = lambda m: m / (m.norm(dim=1, keepdim=True) + 1e-10)
+    diversity = sum(((unit(p) - unit(q)) ** 2).sum(1).mean(dim=(1, 2)) for p, q in zip(maps_a, maps_b))
+    return dict(sub_acc=(pred == labels).float().mean().item(), super_acc=(sc[pred] == sc[labels]).float().mean().item(),
+                fid=frechet_distance(*feature_stats(features.numpy()), *feature_stats(real_features)),
+                diversity=diversity.mean().item())
+
+
+def toy_images(dataset):
+    """All images (N, 3, H, W) in [-1, 1] and labels (N,) of a toy dataset."""
+    return torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.as_tensor(dataset.targets)
+
+
+def cmd_toy(args):
+    from data import ToyDataset
+    from model import CheckpointError, load_model
+    from sample import UsageError, sample_images
+    rows = []
+    for path in args.ckpt:
+        try:
+            model, info = load_model(path)
+        except CheckpointError as e:
+            raise EvalError(str(e)) from None
+        size = info["config"]["image_size"]
+        real = ToyDataset(image_size=size, split="val", seed=args.seed, flip=False)   # the FID reference
+        if not info["config"].get("pixel_space") or info["hierarchy"] != real.hierarchy():
+            raise EvalError(f"{path} is not a fine-grained toy checkpoint (train one with --data toy)")
+        net = toy_classifier(size, args.cache_dir)
+        with torch.no_grad():
+            real_features = net(toy_images(real)[0])[1].numpy()
+        if not rows:   # held-out real images: the best a sampler could score
+            held_out = ToyDataset(image_size=size, split="test", seed=args.seed, flip=False, images_per_class=args.per_class)
+            rows.append(dict(ckpt="real toy images (test)", method="-", guidance="-",
+                             **toy_metrics(net, *toy_images(held_out), real.superclass_of, real_features, args.pairs, args.seed)))
+        y = torch.arange(real.num_classes).repeat_interleave(args.per_class)
+        method = info["config"].get("method", "?")
+        for guidance in args.guidance:
+            try:
+                images = sample_images(model, y, guidance, args.cfg_scale, args.sampler, args.steps, seed=args.seed,
+                                       progress=False)
+            except UsageError:
+                continue                                   # this table has no row for that guide
+            x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
+            rows.append(dict(ckpt=os.path.basename(path), method=method, guidance=guidance,
+                             **toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, args.seed)))
+    header = f"{'checkpoint':<28}{'method':<15}{'guidance':<12}{'sub acc↑':>9}{'super acc↑':>11}{'FID(cls)↓':>10}{'diversity↑':>11}"
+    print(header)
+    for r in rows:
+        print(f"{r['ckpt'][:27]:<28}{r['method']:<15}{r['guidance']:<12}{r['sub_acc']:>9.3f}{r['super_acc']:>11.3f}"
+              f"{r['fid']:>10.2f}{r['diversity']:>11.3f}")
+    if args.out_json:
+        atomic_write(args.out_json, lambda f: f.write(json.dumps(rows, indent=1).encode()))
+
+
 def _add_extraction_args(p):
     p.add_argument("--inception", default=None, help=f"path of {FID_WEIGHTS} (default: $TORCH_HOME/hub/"
                                                      "checkpoints/, then ./pretrained/)")
     p.add_argument("--hierarchy", default=None,
-                   help="JSON/.npz with superclass_names and superclass_of[class_id] (or an iNaturalist json), "
-                        "for images labelled by class only")
+                   help="JSON/.npz with superclass_names and superclass_of[class_id], an iNaturalist json, or "
+                        "'inat21' (the built-in table), for images labelled by class only")
     p.add_argument("--image-size", type=int, default=256,
                    help="folder images are centre-cropped and resized to this (ADM/DiT preprocessing); 0: as is")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+
+def _add_fid_args(p):
+    p.add_argument("--overall-only", action="store_true", help="skip the per-superclass rows")
+    p.add_argument("--lpips-alex", default=None, help=f"path of {ALEXNET_WEIGHTS} ({ALEXNET_WEIGHTS_URL})")
+    p.add_argument("--lpips-lin", default=None,
+                   help=f"path of LPIPS v0.1 {LPIPS_LIN_WEIGHTS} ({LPIPS_LIN_WEIGHTS_URL})")
+    p.add_argument("--pairs", type=int, default=1000, help="random same-class pairs for LPIPS (0: no LPIPS)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the LPIPS pairs (generate: and of the noise)")
+    p.add_argument("--out-csv", default=None)
+    p.add_argument("--out-json", default=None)
 
 
 def main(argv=None):
@@ -885,17 +1080,39 @@ def main(argv=None):
     p.add_argument("--real", required=True, help="statistics .npz from `stats` (or images, computed on the fly)")
     p.add_argument("--fake", required=True, help="generated images: folder or .npz (or a statistics .npz)")
     _add_extraction_args(p)
-    p.add_argument("--overall-only", action="store_true", help="skip the per-superclass rows")
-    p.add_argument("--lpips-alex", default=None, help=f"path of {ALEXNET_WEIGHTS} ({ALEXNET_WEIGHTS_URL})")
-    p.add_argument("--lpips-lin", default=None,
-                   help=f"path of LPIPS v0.1 {LPIPS_LIN_WEIGHTS} ({LPIPS_LIN_WEIGHTS_URL})")
-    p.add_argument("--pairs", type=int, default=1000, help="random same-class pairs for LPIPS (0: no LPIPS)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the LPIPS pair sampling")
-    p.add_argument("--out-csv", default=None)
-    p.add_argument("--out-json", default=None)
+    _add_fid_args(p)
     p.set_defaults(func=cmd_fid)
 
-    # ---- `generate` (multi-GPU sampling) and `toy` subcommands: registered here by the lead -------------------
+    p = sub.add_parser("generate", help="samples for FID, spread over classes; torchrun for several GPUs; resumable")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--base", default=None, help="base checkpoint of a delta checkpoint")
+    p.add_argument("--vae", default=None, help="SD VAE folder or file, for latent models")
+    p.add_argument("--out", required=True, help="folder: OUT/<superclass>/<class>/<index>.png")
+    p.add_argument("--num-samples", type=int, default=None, help="in all, spread evenly over the classes")
+    p.add_argument("--per-class", type=int, default=None, help="or this many of every class")
+    p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--npz", default=None, help="also pack all images into this .npz (arr_0, labels, hierarchy)")
+    p.add_argument("--fid", default=None, help="reference statistics .npz: compute FID / LPIPS when done")
+    _add_extraction_args(p)
+    _add_fid_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("toy", help="offline paper Tables 1-2 in miniature: accuracy, FID, diversity on the toy data")
+    p.add_argument("--ckpt", nargs="+", required=True, help="toy checkpoints (e.g. one per tuning method)")
+    p.add_argument("--guidance", nargs="+", choices=["none", "null", "superclass"], default=["none", "null", "superclass"])
+    p.add_argument("--per-class", type=int, default=16, help="samples of each class")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--pairs", type=int, default=500, help="same-class pairs for the diversity")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="results", help="where the toy classifier is cached")
+    p.add_argument("--out-json", default=None)
+    p.set_defaults(func=cmd_toy)
 
     args = parser.parse_args(argv)
     try:
