@@ -449,7 +449,7 @@ def load_pretrained(model, path_or_state):
     new_state = {}
     for k, v in state.items():
         if k not in own:
-            hint = " (build the model with norm_affine=True)" if ".norm" in k else ""
+            hint = " (a LayerNorm affine: this checkpoint is FineDiffusion/DiffFit-tuned)" if ".norm" in k else ""
             raise CheckpointError(f"checkpoint tensor {k} {tuple(v.shape)} has no place in this model{hint}")
         if v.shape == own[k].shape:
             new_state[k] = v

@@ -181,4 +181,5 @@ if __name__ == "__main__":
     try:
         main()
     except UsageError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -4,38 +4,79 @@
 
 Everything runs on a CPU in minutes: tiny DiTs (DiT-T), tiny VAEs, the built-in toy data, few steps.
 No weights are downloaded: loading code is tested on files the tests write in the published layouts.
+In-process work uses one thread: on a shared 2-core machine, OpenMP threads fighting another process
+slow small ops down by 10x or more.
 """
 import argparse
+import json
 import math
 import os
+import shutil
+import socket
+import statistics
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.models import alexnet
+from torchvision.models.inception import Inception3
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import data  # noqa: E402
+import diffusion as diffusion_module  # noqa: E402
+import evaluate  # noqa: E402
+import train  # noqa: E402
 from diffusion import create_diffusion, space_timesteps  # noqa: E402
-from model import (DiT_models, CheckpointError, build_model, dit_config_from_state, is_trainable,  # noqa: E402
-                   load_model, load_pretrained, set_trainable, count_table2)
+from evaluate import (EvalError, FIDInceptionV3, LPIPS, compute_stats, feature_stats, fid_table,  # noqa: E402
+                      frechet_distance, inception_features, load_inception, lpips_diversity, open_images, sample_pairs)
+from model import (AutoencoderKL, CheckpointError, DiT_models, build_model, count_table2,  # noqa: E402
+                   dit_config_from_state, is_trainable, load_model, load_pretrained, load_safetensors, sample_latent,
+                   save_safetensors, set_trainable)
 
 
-def run_script(*args, cwd=HERE, timeout=600):
-    """Run one of the project's scripts as a user would; returns CompletedProcess (text)."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_script(*args, env=None, cwd=HERE, timeout=600):
+    """Run one of the project's scripts as a user would."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def assert_one_line_error(proc, *words):
-    """A user mistake: non-zero exit, one line on stderr naming the problem, no traceback."""
-    assert proc.returncode != 0
+    """A user mistake: exit code 2, one line `error: ...` naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
     err = proc.stderr.strip()
-    assert "Traceback" not in err, err
-    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
     for w in words:
         assert w.lower() in err.lower(), err
+
+
+def write_tiny_vae(folder):
+    """An SD-layout VAE, 8x downscale as the real one but 32 channels wide, saved as published:
+    config.json + diffusion_pytorch_model.safetensors."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+    os.makedirs(folder, exist_ok=True)
+    save_safetensors(vae.state_dict(), os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(_class_name="AutoencoderKL", **vae.config), f)
+    return vae
 
 
 def tiny_dit(**kw):
@@ -383,3 +424,1179 @@ def test_training_loss_is_mse_plus_vb_with_the_mean_detached():
     terms["vb"].sum().backward()                               # the bound alone: no gradient through eps
     w = model.final_layer.linear.weight.grad.view(2, 2, 6, 128)  # (p, p, C_out, D) rows of the final linear
     assert w[:, :, :3].abs().sum() == 0 and w[:, :, 3:].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sample.py
+# ------------------------------------------------------------------------------------------------------------
+
+TOY_HIERARCHY = dict(class_names=[f"shape{c // 4}/tint{c % 4}" for c in range(16)],
+                     superclass_names=[f"shape{s}" for s in range(4)], superclass_of=[c // 4 for c in range(16)])
+
+
+def write_our_checkpoint(path):
+    """A checkpoint in train.py's format (full tensors), pixel-space FineDiffusion DiT-T/4 at 16 px."""
+    config = dict(name="DiT-T/4", image_size=16, num_classes=16, num_superclasses=4, method="finediffusion",
+                  pixel_space=True)
+    model = randomize(build_model(**config, superclass_of=TOY_HIERARCHY["superclass_of"]))
+    torch.save(dict(model=model.state_dict(), ema=model.state_dict(), config=config, hierarchy=TOY_HIERARCHY,
+                    args=dict(data="toy"), step=1, delta=False, base=None), path)
+    return model
+
+
+def png_size(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_sample_script_writes_a_grid_from_our_checkpoint(tmp_path):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    out = tmp_path / "grid.png"
+    proc = run_script("sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--class-id", "5", "--num-samples", "2",
+                      "--steps", "3", "--out", str(out), "--per-sample-dir", str(tmp_path / "each"))
+    assert proc.returncode == 0, proc.stderr
+    assert png_size(out) == (2 * 16 + 3 * 2, 16 + 2 * 2)           # make_grid: 2 per row, 2 px padding
+    assert sorted(os.listdir(tmp_path / "each")) == ["00005_0000.png", "00005_0001.png"]
+    assert "superclass 1 (shape1)" in proc.stderr
+
+
+def test_sample_script_decodes_latents_with_a_published_layout_vae(tmp_path):
+    torch.manual_seed(0)
+    dit = randomize(DiT_models["DiT-T/4"](input_size=8, num_classes=10))     # official layout: K + null
+    torch.save(dit.state_dict(), tmp_path / "dit.pt")
+    write_tiny_vae(tmp_path / "vae")
+    out = tmp_path / "s.png"
+    proc = run_script("sample.py", "--ckpt", str(tmp_path / "dit.pt"), "--vae", str(tmp_path / "vae"), "--class-id",
+                      "3", "--guidance", "null", "--num-samples", "1", "--sampler", "ddim", "--steps", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert png_size(out) == (64, 64)                                 # 8x8 latents, 8x VAE
+
+
+def test_class_name_resolves_through_the_checkpoint_hierarchy():
+    from sample import resolve_class, UsageError
+    assert resolve_class(TOY_HIERARCHY, 16, class_name="shape2/tint3") == 11
+    with pytest.raises(UsageError, match="matches 4 classes"):
+        resolve_class(TOY_HIERARCHY, 16, class_name="shape2")
+
+
+def test_sample_images_are_reproducible_and_guidance_changes_them(tmp_path):
+    from sample import sample_images
+    model = write_our_checkpoint(tmp_path / "c.pt").eval()
+    a = sample_images(model, [1, 2], "superclass", 4.0, steps=3, seed=7, progress=False)
+    b = sample_images(model, [1, 2], "superclass", 4.0, steps=3, seed=7, progress=False)
+    c = sample_images(model, [1, 2], "none", 4.0, steps=3, seed=7, progress=False)
+    assert a.shape == (2, 16, 16, 3) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sample_script_rejects_a_bad_class_id(tmp_path):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    proc = run_script("sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--class-id", "16")
+    assert_one_line_error(proc, "--class-id", "[0, 16)")
+
+
+def test_sample_script_names_a_missing_checkpoint(tmp_path):
+    proc = run_script("sample.py", "--ckpt", str(tmp_path / "FineDiffusion-iNat.pt"), "--class-id", "1")
+    assert_one_line_error(proc, "not found", "finediffusion.github.io")
+
+
+def test_sample_script_without_any_checkpoint_says_what_to_train_or_download(tmp_path):
+    proc = run_script(os.path.join(HERE, "sample.py"), "--class-id", "1", cwd=tmp_path)
+    assert_one_line_error(proc, "train.py", "FineDiffusion-iNat.pt")
+
+
+def test_sample_script_names_the_missing_vae(tmp_path):
+    torch.save(DiT_models["DiT-T/4"](input_size=8, num_classes=10).state_dict(), tmp_path / "dit.pt")
+    proc = run_script("sample.py", "--ckpt", str(tmp_path / "dit.pt"), "--vae", str(tmp_path / "nowhere"), "--class-id", "1")
+    assert_one_line_error(proc, "sd-vae-ft-ema")
+    proc = run_script("sample.py", "--ckpt", str(tmp_path / "dit.pt"), "--class-id", "1")
+    assert_one_line_error(proc, "--vae", "sd-vae-ft-ema")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# model.py — the SD VAE and .safetensors
+# ------------------------------------------------------------------------------------------------------------
+
+TINY_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, latent_channels=4)
+
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    return AutoencoderKL(**TINY_VAE).eval()
+
+
+def write_folder(folder, state, fmt="safetensors", config=TINY_VAE):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"_class_name": "AutoencoderKL", "act_fn": "silu", **config}, f)  # extra keys are ignored
+    if fmt == "safetensors":
+        save_safetensors(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    else:
+        torch.save(state, os.path.join(folder, "diffusion_pytorch_model.bin"))
+    return folder
+
+
+def encode_mean(vae, seed=1):
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    with torch.no_grad():
+        return vae.encode(x)[0]
+
+
+def test_vae_tiny_encode_decode_shapes():
+    vae = tiny_vae()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mean, logvar = vae.encode(x)
+        assert mean.shape == logvar.shape == (1, 4, 16, 16)  # downscale 2^(len(blocks)-1) = 2
+        assert logvar.min() >= -30 and logvar.max() <= 20
+        z = sample_latent(mean, logvar, torch.Generator().manual_seed(0))
+        assert z.shape == mean.shape
+        assert vae.decode(z).shape == (1, 3, 32, 32)
+
+
+def test_vae_sd_default_keys_and_parameter_count_match_published():
+    with torch.device("meta"):  # the 84M-parameter model's structure without allocating it
+        vae = AutoencoderKL()
+    shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    assert len(shapes) == 248
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    published = {
+        "encoder.conv_in.weight": (128, 3, 3, 3),
+        "encoder.down_blocks.0.resnets.0.norm1.weight": (128,),
+        "encoder.down_blocks.0.resnets.1.conv2.bias": (128,),
+        "encoder.down_blocks.0.downsamplers.0.conv.weight": (128, 128, 3, 3),
+        "encoder.down_blocks.1.resnets.0.conv1.weight": (256, 128, 3, 3),
+        "encoder.down_blocks.1.resnets.0.conv_shortcut.weight": (256, 128, 1, 1),
+        "encoder.down_blocks.2.resnets.0.conv_shortcut.bias": (512,),
+        "encoder.down_blocks.2.downsamplers.0.conv.weight": (512, 512, 3, 3),
+        "encoder.down_blocks.3.resnets.1.norm2.bias": (512,),
+        "encoder.mid_block.resnets.0.conv1.weight": (512, 512, 3, 3),
+        "encoder.mid_block.attentions.0.group_norm.weight": (512,),
+        "encoder.mid_block.attentions.0.to_q.weight": (512, 512),
+        "encoder.mid_block.attentions.0.to_k.bias": (512,),
+        "encoder.mid_block.attentions.0.to_v.weight": (512, 512),
+        "encoder.mid_block.attentions.0.to_out.0.weight": (512, 512),
+        "encoder.mid_block.resnets.1.conv2.weight": (512, 512, 3, 3),
+        "encoder.conv_norm_out.weight": (512,),
+        "encoder.conv_out.weight": (8, 512, 3, 3),
+        "quant_conv.weight": (8, 8, 1, 1),
+        "post_quant_conv.weight": (4, 4, 1, 1),
+        "decoder.conv_in.weight": (512, 4, 3, 3),
+        "decoder.mid_block.attentions.0.to_out.0.bias": (512,),
+        "decoder.up_blocks.0.resnets.2.conv2.weight": (512, 512, 3, 3),
+        "decoder.up_blocks.0.upsamplers.0.conv.weight": (512, 512, 3, 3),
+        "decoder.up_blocks.1.resnets.0.conv1.weight": (512, 512, 3, 3),
+        "decoder.up_blocks.2.resnets.0.conv1.weight": (256, 512, 3, 3),
+        "decoder.up_blocks.2.resnets.0.conv_shortcut.weight": (256, 512, 1, 1),
+        "decoder.up_blocks.2.upsamplers.0.conv.bias": (256,),
+        "decoder.up_blocks.3.resnets.0.conv_shortcut.weight": (128, 256, 1, 1),
+        "decoder.up_blocks.3.resnets.2.norm1.weight": (128,),
+        "decoder.conv_norm_out.bias": (128,),
+        "decoder.conv_out.weight": (3, 128, 3, 3),
+    }
+    for k, shape in published.items():
+        assert shapes.get(k) == shape, k
+    absent = ["encoder.down_blocks.3.downsamplers.0.conv.weight", "decoder.up_blocks.3.upsamplers.0.conv.weight",
+              "encoder.down_blocks.0.resnets.0.conv_shortcut.weight", "decoder.up_blocks.0.resnets.0.conv_shortcut.weight",
+              "encoder.mid_block.attentions.0.query.weight"]
+    assert not any(k in shapes for k in absent)
+
+
+def test_vae_safetensors_folder_roundtrip_gives_identical_encode(tmp_path):
+    vae = tiny_vae()
+    loaded = AutoencoderKL.from_pretrained(write_folder(tmp_path / "vae", vae.state_dict()))
+    assert torch.equal(encode_mean(loaded), encode_mean(vae))
+
+
+def test_vae_bin_folder_and_file_roundtrip_gives_identical_encode(tmp_path):
+    vae = tiny_vae()
+    folder = write_folder(tmp_path / "vae", vae.state_dict(), fmt="bin")
+    for path in (folder, folder / "diffusion_pytorch_model.bin"):  # a bare file uses the config.json beside it
+        assert torch.equal(encode_mean(AutoencoderKL.from_pretrained(path)), encode_mean(vae))
+
+
+def test_vae_old_attention_names_with_conv_shapes_load_identically(tmp_path):
+    vae = tiny_vae()
+    old = {}
+    for k, v in vae.state_dict().items():
+        for new, dep in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            if f".attentions.0.{new}." in k:
+                k, v = k.replace(f".{new}.", f".{dep}."), (v[:, :, None, None] if v.dim() == 2 else v)
+        old[k] = v
+    assert "encoder.mid_block.attentions.0.proj_attn.weight" in old
+    assert old["encoder.mid_block.attentions.0.query.weight"].shape == (64, 64, 1, 1)
+    loaded = AutoencoderKL.from_pretrained(write_folder(tmp_path / "vae", old, fmt="bin"))
+    assert torch.equal(encode_mean(loaded), encode_mean(vae))
+
+
+def test_safetensors_half_precision_roundtrip_is_exact(tmp_path):
+    t = {"bf": torch.randn(3, 5).bfloat16(), "f16": torch.randn(7).half(), "i64": torch.arange(4),
+         "u8": torch.arange(6, dtype=torch.uint8).view(2, 3), "scalar": torch.tensor(2.5, dtype=torch.float64)}
+    save_safetensors(t, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    raw = open(tmp_path / "t.safetensors", "rb").read()
+    assert (8 + int.from_bytes(raw[:8], "little")) % 8 == 0  # header padded to 8 bytes, as the format asks
+    back = load_safetensors(tmp_path / "t.safetensors")
+    assert set(back) == set(t)
+    for k in t:
+        assert back[k].dtype == t[k].dtype and torch.equal(back[k], t[k]), k
+
+
+def test_vae_half_precision_weights_load_as_float32(tmp_path):
+    vae = tiny_vae()
+    half = {k: v.bfloat16() for k, v in vae.state_dict().items()}
+    loaded = AutoencoderKL.from_pretrained(write_folder(tmp_path / "vae", half))
+    w = loaded.encoder.conv_in.weight
+    assert w.dtype == torch.float32 and torch.equal(w, vae.encoder.conv_in.weight.bfloat16().float())
+
+
+def test_vae_shape_mismatch_error_names_key_and_both_shapes(tmp_path):
+    sd = tiny_vae().state_dict()
+    sd["quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
+    with pytest.raises(CheckpointError, match=r"quant_conv\.weight.*\[8, 8, 3, 3\].*\[8, 8, 1, 1\]"):
+        AutoencoderKL.from_pretrained(write_folder(tmp_path / "vae", sd))
+
+
+def test_vae_missing_and_unexpected_keys_are_named(tmp_path):
+    sd = tiny_vae().state_dict()
+    del sd["decoder.conv_out.bias"]
+    with pytest.raises(CheckpointError, match=r"missing tensor 'decoder\.conv_out\.bias'"):
+        AutoencoderKL(**TINY_VAE).load_vae_state_dict(sd)
+    sd = {**tiny_vae().state_dict(), "extra.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'extra\.weight'"):
+        AutoencoderKL(**TINY_VAE).load_vae_state_dict(sd)
+
+
+class NotATensor:  # stands in for arbitrary code a malicious pickle could run
+    pass
+
+
+def test_vae_bin_with_pickled_object_is_refused(tmp_path):
+    sd = {**tiny_vae().state_dict(), "payload": NotATensor()}
+    folder = write_folder(tmp_path / "vae", sd, fmt="bin")
+    with pytest.raises(CheckpointError, match="refusing"):
+        AutoencoderKL.from_pretrained(folder)
+
+
+def test_vae_missing_path_error_points_to_published_files(tmp_path):
+    with pytest.raises(CheckpointError, match="sd-vae-ft-ema") as e:
+        AutoencoderKL.from_pretrained(tmp_path / "no_such_vae")
+    assert "no_such_vae" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_vae_from_config_ignores_other_keys():
+    vae = AutoencoderKL.from_config({"_class_name": "AutoencoderKL", "sample_size": 256, "act_fn": "silu", **TINY_VAE,
+                                     "scaling_factor": 0.13025})
+    assert vae.scaling_factor == 0.13025 and len(vae.encoder.down_blocks) == 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# data.py
+# ------------------------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures written by the tests
+# ---------------------------------------------------------------------------------------------------------------
+
+INAT_FOLDERS = {  # folder name -> (json supercategory, json name)
+    "00004_Animalia_Arthropoda_Arachnida_Araneae_Araneidae_Araneus_diadematus": ("Arachnids", "Araneus diadematus"),
+    "00200_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus": ("Insects", "Danaus plexippus"),
+    "03500_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax": ("Birds", "Corvus corax"),
+    "06000_Plantae_Tracheophyta_Magnoliopsida_Rosales_Rosaceae_Rosa_canina": ("Plants", "Rosa canina"),
+}
+
+
+def write_image(path, color=(200, 30, 30), size=(40, 30), fmt="JPEG"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path, fmt)
+
+
+def make_inat21(root, with_json=True):
+    for k, folder in enumerate(sorted(INAT_FOLDERS)):
+        for j in range(2):
+            write_image(os.path.join(root, "train_mini", folder, f"img{j}.jpg"), (40 * k, 100, 20 * j))
+    if with_json:
+        categories = [dict(id=int(f[:5]), name=name, supercategory=sup, kingdom=f.split("_")[1], image_dir_name=f)
+                      for f, (sup, name) in INAT_FOLDERS.items()]
+        with open(os.path.join(root, "train_mini.json"), "w") as f:
+            json.dump(dict(categories=categories, images=[], annotations=[]), f)
+    return root
+
+
+class StandInVAE(torch.nn.Module):
+    """Deterministic stand-in for AutoencoderKL.encode: one fixed stride-8 conv -> (mean, logvar), 4 channels each.
+    Records the batch size of every encode call."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.1)
+            self.conv.bias.zero_()
+        self.batch_sizes = []
+
+    def encode(self, x):
+        self.batch_sizes.append(len(x))
+        mean, logvar = self.conv(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-4.0, 1.0)
+
+
+class FailingVAE(StandInVAE):
+    """Raises on its n-th encode call: an interrupted cache run."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.fail_at = fail_at
+
+    def encode(self, x):
+        if len(self.batch_sizes) + 1 == self.fail_at:
+            raise RuntimeError("simulated interruption")
+        return super().encode(x)
+
+
+def small_toy(image_size=16):
+    return data.ToyDataset(num_superclasses=2, subclasses_per_superclass=2, image_size=image_size,
+                           images_per_class=3, flip=False)  # 12 images
+
+
+def cache_meta(vae="sha256:stand-in-0"):
+    return dict(data="toy", data_path=None, split="train", vae=vae)
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cache"))
+    dataset, vae = small_toy(), StandInVAE()
+    data.build_latent_cache(dataset, vae, out, batch_size=5, num_workers=0, meta=cache_meta(), progress=False)
+    return out, dataset, vae
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# iNat21
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_inat21_builtin_table_boundaries():
+    sup = data.inat21_superclass_of(10000)
+    name = lambda k: data.INAT21_SUPERCLASSES[sup[k]]
+    assert len(sup) == 10000
+    assert [name(k) for k in (3, 4, 156, 157, 174, 175, 2700, 2701)] == [
+        "Animalia", "Arachnids", "Arachnids", "Animalia", "Animalia", "Insects", "Insects", "Animalia"]
+    assert [name(k) for k in (3111, 4596, 4613, 5171, 5388, 5728, 5729, 9999)] == [
+        "Birds", "Birds", "Mammals", "Reptiles", "Fungi", "Fungi", "Plants", "Plants"]
+    assert data.INAT21_SUPERCLASSES.index("Plants") == 0 and data.INAT21_SUPERCLASSES.index("Animalia") == 10
+
+
+def test_inat21_hierarchy_from_folders_and_json(tmp_path):
+    ds = data.build_dataset("inat21", make_inat21(str(tmp_path)), image_size=16, split="train_mini")
+    folders = sorted(INAT_FOLDERS)
+    assert ds.class_folders == folders and len(ds) == 8 and ds.targets == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert ds.class_names == [INAT_FOLDERS[f][1] for f in folders]
+    assert ds.superclass_names == data.INAT21_SUPERCLASSES and ds.num_superclasses == 11
+    assert [ds.superclass_names[s] for s in ds.superclass_of] == [INAT_FOLDERS[f][0] for f in folders]
+    assert json.loads(json.dumps(ds.hierarchy())) == dict(class_names=ds.class_names,
+                                                          superclass_names=ds.superclass_names,
+                                                          superclass_of=ds.superclass_of)
+    x, y = ds[0]
+    assert x.shape == (3, 16, 16) and y == 0
+
+
+def test_inat21_supercategory_comes_from_json(tmp_path):
+    root = make_inat21(str(tmp_path))
+    with open(os.path.join(root, "train_mini.json")) as f:
+        meta = json.load(f)
+    meta["categories"][0]["supercategory"] = "Mollusks"  # the table says Arachnids for id 4: the json must win
+    with open(os.path.join(root, "train_mini.json"), "w") as f:
+        json.dump(meta, f)
+    ds = data.build_dataset("inat21", root, image_size=16, split="train_mini")
+    assert ds.superclass_names[ds.superclass_of[0]] == "Mollusks"
+
+
+def test_inat21_without_json_uses_builtin_table(tmp_path):
+    ds = data.build_dataset("inat21", make_inat21(str(tmp_path), with_json=False), image_size=16, split="train_mini")
+    assert [ds.superclass_names[s] for s in ds.superclass_of] == ["Arachnids", "Insects", "Birds", "Plants"]
+    assert ds.class_names == ["Araneus diadematus", "Danaus plexippus", "Corvus corax", "Rosa canina"]
+
+
+def test_missing_or_empty_data_path_raises_data_error(tmp_path):
+    with pytest.raises(data.DataError, match="visipedia/inat_comp"):
+        data.build_dataset("inat21", str(tmp_path / "nowhere"), split="train_mini")
+    (tmp_path / "train_mini").mkdir()
+    with pytest.raises(data.DataError, match="train_mini"):
+        data.build_dataset("inat21", str(tmp_path), split="train_mini")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="empty.*no superclass folders"):
+        data.build_dataset("folder", str(tmp_path / "empty"))
+    with pytest.raises(data.DataError, match="no data path"):
+        data.build_dataset("folder", None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# folder layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_two_level_folder_hierarchy(tmp_path):
+    for sup, cls, n in [("melon", "cantaloupe", 2), ("citrus", "lemon", 1), ("citrus", "orange", 2),
+                        ("melon", "watermelon", 1)]:
+        for j in range(n):
+            write_image(str(tmp_path / sup / cls / f"{j}.png"), fmt="PNG")
+    ds = data.build_dataset("folder", str(tmp_path), image_size=16)
+    assert ds.superclass_names == ["citrus", "melon"]
+    assert ds.class_names == ["lemon", "orange", "cantaloupe", "watermelon"]  # sorted (superclass, class)
+    assert ds.superclass_of == [0, 0, 1, 1]
+    assert ds.targets == [0, 1, 1, 2, 2, 3] and len(ds) == 6
+
+
+def test_flat_folder_with_csv_hierarchy(tmp_path):
+    for cls in ["lemon", "cantaloupe", "orange"]:
+        write_image(str(tmp_path / "images" / cls / "a.jpg"))
+    csv_path = tmp_path / "hierarchy.csv"
+    csv_path.write_text("class,superclass\nlemon,citrus\norange,citrus\ncantaloupe,melon\nwatermelon,melon\n")
+    ds = data.build_dataset("folder", str(tmp_path / "images"), image_size=16, hierarchy_csv=str(csv_path))
+    assert ds.superclass_names == ["citrus", "melon"]
+    assert ds.class_names == ["lemon", "orange", "cantaloupe", "watermelon"]  # same ids as the two-level tree
+    assert ds.superclass_of == [0, 0, 1, 1]
+    assert sorted(ds.targets) == [0, 1, 2]
+
+
+def test_coarse_mode_relabels_folder_items_with_superclass_ids(tmp_path):
+    for sup, cls in [("citrus", "lemon"), ("citrus", "orange"), ("melon", "cantaloupe")]:
+        write_image(str(tmp_path / sup / cls / "a.jpg"))
+    ds = data.build_dataset("folder", str(tmp_path), image_size=16, coarse=True)
+    assert ds.targets == [0, 0, 1] and ds.class_names == ["citrus", "melon"] and ds.superclass_of == [0, 1]
+    assert ds[2][1] == 1
+
+
+def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
+    write_image(str(tmp_path / "sup" / "cls" / "0_good.jpg"), size=(64, 48))
+    bad = tmp_path / "sup" / "cls" / "1_random.jpg"
+    bad.write_bytes(np.random.default_rng(0).bytes(500))
+    full = tmp_path / "full.jpg"
+    write_image(str(full), size=(64, 48))
+    truncated = tmp_path / "sup" / "cls" / "2_truncated.jpg"
+    truncated.write_bytes(full.read_bytes()[:300])
+    full.unlink()
+    ds = data.build_dataset("folder", str(tmp_path), image_size=16)
+    assert len(ds) == 3
+    for index, name in [(2, "2_truncated.jpg"), (1, "1_random.jpg")]:  # each call warns about its own file
+        with pytest.warns(UserWarning, match=name):
+            x, y = ds[index]  # the next readable item (index 0, wrapping around) takes its place
+        assert x.shape == (3, 16, 16) and y == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file already known bad is skipped silently
+        ds[1]
+
+
+def test_center_crop_arr_gives_a_square_of_image_size():
+    for size in [(500, 300), (300, 500), (64, 64), (17, 40)]:
+        out = data.center_crop_arr(Image.new("RGB", size, (1, 2, 3)), 32)
+        assert out.size == (32, 32)
+    x = data.dit_transform(32, flip=False)(Image.new("RGB", (100, 70), (255, 0, 128)))
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1 and x[0].mean() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# toy
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_toy_is_deterministic_per_seed():
+    a, b, c = (data.ToyDataset(images_per_class=4, seed=s, flip=False) for s in (0, 0, 1))
+    assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, c.images)
+    rng = np.random.default_rng([0, 0, 5, 3])  # (seed, split train, class 5, instance 3) = item 5*4+3
+    assert np.array_equal(data.toy_image(5, rng), a.images[5 * 4 + 3])
+
+
+def test_toy_subclasses_differ_and_share_their_family_look():
+    ds = data.ToyDataset(images_per_class=64, flip=False)
+    means = ds.images.reshape(16, 64, -1).astype(np.float64).mean(1)  # class-mean image, 16 x (32*32*3)
+    dist = np.linalg.norm(means[:, None] - means[None], axis=-1)  # 16 x 16
+    same_family = np.equal.outer(np.arange(16) // 4, np.arange(16) // 4)
+    off_diag = ~np.eye(16, dtype=bool)
+    assert dist[off_diag].min() > 100  # every class differs from every other
+    assert dist[same_family & off_diag].mean() < dist[~same_family].mean()  # siblings look alike
+    assert ds.class_names[:4] == ["disc/plain", "disc/striped", "disc/spotted", "disc/eyed"]
+    assert ds.superclass_names == ["disc", "square", "triangle", "cross"]
+
+
+def test_toy_coarse_labels_are_superclass_ids():
+    fine = data.ToyDataset(images_per_class=2)
+    coarse = data.ToyDataset(images_per_class=2, coarse=True)
+    assert coarse.num_classes == 4 and coarse.class_names == fine.superclass_names
+    assert coarse.targets == [fine.superclass_of[t] for t in fine.targets]
+    assert np.array_equal(coarse.images, fine.images)
+
+
+def test_toy_items_are_float_images_in_range():
+    ds = data.build_dataset("toy", image_size=32)
+    assert len(ds) == 16 * 256 and ds.num_classes == 16 and ds.num_superclasses == 4
+    x, y = ds[1000]
+    assert x.dtype == torch.float32 and x.shape == (3, 32, 32) and y == 1000 // 256
+    assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.5 and x.max() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# latent cache
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_cache_moments_match_a_direct_encode(toy_cache):
+    out, dataset, vae = toy_cache
+    moments = np.load(os.path.join(out, "moments.npy"))  # N x 2 x 8 x 2 x 2
+    labels = np.load(os.path.join(out, "labels.npy"))
+    assert moments.shape == (12, 2, 8, 2, 2) and moments.dtype == np.float16
+    assert labels.tolist() == dataset.targets
+    for i in (0, 7, 11):
+        with torch.no_grad():
+            mean, logvar = vae.encode(dataset[i][0][None])
+        np.testing.assert_allclose(moments[i, 0], torch.cat([mean, logvar], 1)[0].numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_cache_mirror_entries_match_encoding_the_flipped_image(toy_cache):
+    out, dataset, vae = toy_cache
+    moments = np.load(os.path.join(out, "moments.npy"))
+    with torch.no_grad():
+        mean, logvar = vae.encode(dataset[3][0].flip(-1)[None])
+    np.testing.assert_allclose(moments[3, 1], torch.cat([mean, logvar], 1)[0].numpy(), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(moments[3, 0], moments[3, 1])
+
+
+def test_cache_meta_records_the_job(toy_cache):
+    out, dataset, _ = toy_cache
+    with open(os.path.join(out, "meta.json")) as f:
+        meta = json.load(f)
+    assert meta["complete"] and meta["num_images"] == 12 and meta["latent_shape"] == [4, 2, 2]
+    assert meta["image_size"] == 16 and meta["vae"] == "sha256:stand-in-0" and meta["hierarchy"] == dataset.hierarchy()
+
+
+def test_cache_resumes_without_re_encoding_done_items(tmp_path):
+    dataset = small_toy()
+    with pytest.raises(RuntimeError, match="simulated"):  # probe + 2 batches of 4, then the run dies
+        data.build_latent_cache(dataset, FailingVAE(fail_at=4), str(tmp_path / "a"), batch_size=4, num_workers=0,
+                                meta=cache_meta(), progress=False)
+    done = np.load(str(tmp_path / "a" / "done.npy"))
+    assert done.sum() == 8
+    with pytest.raises(data.DataError, match="incomplete.*resume"):
+        data.LatentCacheDataset(str(tmp_path / "a"))
+    vae = StandInVAE()
+    meta = data.build_latent_cache(dataset, vae, str(tmp_path / "a"), batch_size=4, num_workers=0,
+                                   meta=cache_meta(), progress=False)
+    assert meta["complete"]
+    assert sum(vae.batch_sizes) - 1 == 2 * (12 - 8)  # one probe image + both views of each remaining item
+    data.build_latent_cache(dataset, StandInVAE(), str(tmp_path / "b"), batch_size=5, num_workers=0,
+                            meta=cache_meta(), progress=False)
+    for name in ("moments.npy", "labels.npy", "done.npy"):
+        assert np.array_equal(np.load(str(tmp_path / "a" / name)), np.load(str(tmp_path / "b" / name)))
+
+
+def test_cache_built_for_another_vae_or_size_is_refused(toy_cache, tmp_path):
+    out, dataset, _ = toy_cache
+    with pytest.raises(data.DataError, match="vae=.*rebuild"):
+        data.LatentCacheDataset(out, expect=dict(vae="sha256:other", image_size=16))
+    with pytest.raises(data.DataError, match="image_size=16 .*image_size=32"):
+        data.LatentCacheDataset(out, expect=dict(vae="sha256:stand-in-0", image_size=32))
+    data.LatentCacheDataset(out, expect=dict(vae="sha256:stand-in-0", image_size=16, data="toy"))  # all match
+    with pytest.raises(data.DataError, match="another latent cache.*vae"):  # resuming into it with another VAE
+        data.build_latent_cache(dataset, StandInVAE(), out, num_workers=0, meta=cache_meta("sha256:other"),
+                                progress=False)
+
+
+def test_latent_dataset_samples_the_scaled_posterior(toy_cache):
+    out, dataset, _ = toy_cache
+    moments = torch.from_numpy(np.load(os.path.join(out, "moments.npy"))[5, 0].astype(np.float32))
+    mean, logvar = moments.chunk(2)
+    ds = data.LatentCacheDataset(out, flip=False)
+    assert ds.hierarchy() == dataset.hierarchy() and ds.targets == dataset.targets
+    torch.manual_seed(0)
+    z = torch.stack([ds[5][0] for _ in range(4000)])  # 4000 x 4 x 2 x 2
+    std = data.LATENT_SCALE * torch.exp(0.5 * logvar)
+    assert torch.allclose(z.mean(0), data.LATENT_SCALE * mean, atol=0.03)
+    assert torch.allclose(z.std(0), std, rtol=0.1)
+
+
+def test_latent_dataset_draws_both_views_when_flipping(toy_cache):
+    out, _, _ = toy_cache
+    moments = torch.from_numpy(np.load(os.path.join(out, "moments.npy"))[2].astype(np.float32))  # 2 x 8 x 2 x 2
+    ds = data.LatentCacheDataset(out, flip=True)
+    torch.manual_seed(0)
+    z = torch.stack([ds[2][0] for _ in range(4000)])
+    assert torch.allclose(z.mean(0), data.LATENT_SCALE * moments[:, :4].mean(0), atol=0.03)
+
+
+def test_vae_identity_is_the_weights_content(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights-1")
+    (tmp_path / "b.safetensors").write_bytes(b"weights-1")
+    (tmp_path / "c.bin").write_bytes(b"weights-2")
+    assert data.vae_identity(str(tmp_path / "a")) == data.vae_identity(str(tmp_path / "b.safetensors"))
+    assert data.vae_identity(str(tmp_path / "a")) != data.vae_identity(str(tmp_path / "c.bin"))
+    with pytest.raises(data.DataError, match="not found"):
+        data.vae_identity(str(tmp_path / "missing"))
+
+
+def test_cache_command_line_builds_a_loadable_cache(tmp_path, monkeypatch):
+    for sup, cls in [("citrus", "lemon"), ("melon", "cantaloupe")]:
+        for j in range(2):
+            write_image(str(tmp_path / "data" / sup / cls / f"{j}.jpg"), (90 * j, 50, 200), size=(20, 24))
+    (tmp_path / "vae.safetensors").write_bytes(b"stand-in")
+    monkeypatch.setattr(data, "_load_vae", lambda path: StandInVAE())
+    args = ["cache", "--data", "folder", "--data-path", str(tmp_path / "data"), "--out", str(tmp_path / "cache"),
+            "--vae", str(tmp_path / "vae.safetensors"), "--image-size", "16", "--batch-size", "3", "--num-workers", "0"]
+    assert data.main(args) == 0
+    expect = dict(vae=data.vae_identity(str(tmp_path / "vae.safetensors")), image_size=16, data="folder",
+                  data_path=str(tmp_path / "data"))
+    ds = data.LatentCacheDataset(str(tmp_path / "cache"), expect=expect)
+    assert len(ds) == 4 and ds.superclass_names == ["citrus", "melon"] and ds[0][0].shape == (4, 2, 2)
+    assert "python data.py cache --data folder" in ds.meta["command"]
+    assert data.main(args) == 0  # a second run finds nothing left to do
+
+
+def test_cache_with_a_tiny_real_autoencoder(tmp_path):
+    model = pytest.importorskip("model")
+    if not hasattr(model, "AutoencoderKL"):
+        pytest.skip("model.AutoencoderKL not written yet")
+    torch.manual_seed(0)
+    vae = model.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1)
+    dataset = small_toy()
+    meta = data.build_latent_cache(dataset, vae, str(tmp_path), batch_size=8, num_workers=0, meta=cache_meta(),
+                                   progress=False)
+    c, h, w = meta["latent_shape"]
+    assert (h, w) == (8, 8)  # two resolution levels: one 2x downsampling
+    moments = np.load(str(tmp_path / "moments.npy"))
+    with torch.no_grad():
+        mean, logvar = vae.encode(dataset[4][0][None])
+    np.testing.assert_allclose(moments[4, 0], torch.cat([mean, logvar], 1)[0].numpy(), rtol=5e-3, atol=5e-3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# evaluate.py
+# ------------------------------------------------------------------------------------------------------------
+
+# ---- fixtures ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """Random FID-Inception weights in the published layout, with BatchNorm statistics moved off identity."""
+    torch.manual_seed(0)
+    state = FIDInceptionV3().state_dict()
+    for key, value in state.items():
+        if key.endswith("running_var"):
+            value.uniform_(0.5, 2.0)
+        elif key.endswith("running_mean") or key.endswith("bn.bias"):
+            value.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("weights") / evaluate.FID_WEIGHTS
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.fixture(scope="module")
+def lpips_files(tmp_path_factory):
+    """Random AlexNet (torchvision layout) and non-negative LPIPS heads (lin{i}.model.1.weight, [1, C, 1, 1])."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("lpips")
+    torch.save(alexnet().state_dict(), folder / evaluate.ALEXNET_WEIGHTS)
+    lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(LPIPS.channels)}
+    torch.save(lins, folder / evaluate.LPIPS_LIN_WEIGHTS)
+    return folder / evaluate.ALEXNET_WEIGHTS, folder / evaluate.LPIPS_LIN_WEIGHTS
+
+
+class MeanColour(nn.Module):
+    """Stand-in feature extractor (3-d): keeps grouping tests fast and their covariances full rank."""
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # [N, 3]
+
+
+SUPERCLASSES = {"Birds": ["sparrow", "wren"], "Fungi": ["morel"], "Plants": ["oak", "fern"]}
+
+
+@pytest.fixture
+def labelled_folder(tmp_path):
+    """DIR/<superclass>/<class>/*.png, 6 random 16 px images per class, each superclass its own tint."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for tint, (superclass, classes) in enumerate(SUPERCLASSES.items()):
+        for name in classes:
+            (root / superclass / name).mkdir(parents=True)
+            for i in range(6):
+                pixels = rng.integers(0, 200, (16, 16, 3)) + np.array([40 * tint, 0, 20])
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / superclass / name / f"{i}.png")
+    return root
+
+
+# ---- Frechet distance -------------------------------------------------------------------------------------------
+
+def test_frechet_distance_equals_closed_form_for_diagonal_gaussians():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([0.5, -1.0, 0.0])
+    s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([2.0, 1.0, 9.0])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    features = np.random.default_rng(0).standard_normal((200, 16))
+    mu, sigma = feature_stats(features)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+
+
+def test_frechet_distance_is_symmetric():
+    rng = np.random.default_rng(1)
+    a, b = feature_stats(rng.standard_normal((100, 8))), feature_stats(2 * rng.standard_normal((100, 8)) + 1)
+    assert frechet_distance(*a, *b) == pytest.approx(frechet_distance(*b, *a), rel=1e-8)
+
+
+def test_frechet_distance_survives_singular_covariances():
+    rng = np.random.default_rng(2)
+    few = feature_stats(rng.standard_normal((4, 10)))  # rank 3 < 10 dimensions
+    many = feature_stats(rng.standard_normal((50, 10)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sqrtm may warn about the singular product: expected here
+        value = frechet_distance(*few, *many)
+    assert np.isfinite(value) and value > 0
+
+
+def test_feature_stats_is_mean_and_unbiased_covariance():
+    features = np.random.default_rng(3).standard_normal((30, 4))
+    mu, sigma = feature_stats(features)
+    assert np.allclose(mu, features.mean(0)) and np.allclose(sigma, np.cov(features.T, ddof=1))
+
+
+# ---- FID Inception ----------------------------------------------------------------------------------------------
+
+def test_inception_has_torchvision_inception3_key_names_and_shapes_with_1008_classes():
+    ours = {k: tuple(v.shape) for k, v in FIDInceptionV3().state_dict().items()}
+    ref = {k: tuple(v.shape) for k, v in Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+           .state_dict().items()}
+    assert ours == ref
+    assert ours["fc.weight"] == (1008, 2048) and ours["Conv2d_1a_3x3.conv.weight"] == (32, 3, 3, 3)
+
+
+def test_inception_uses_tf_pooling_in_its_pool_branches():
+    model = FIDInceptionV3()
+    assert model.Mixed_7b.pool == "avg" and model.Mixed_7c.pool == "max"
+    assert model.Conv2d_1a_3x3.bn.eps == 0.001
+    # TF's average pool ignores the zero padding: a constant stays constant at the border
+    assert torch.equal(evaluate.tf_avg_pool(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))
+
+
+
+
+def test_inception_loads_published_layout_and_gives_2048_features_at_any_size(inception_file, one_thread):
+    path, state = inception_file
+    model = load_inception(str(path))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert not model.training
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 2048)
+        assert model(torch.rand(1, 3, 299, 299)).shape == (1, 2048)
+
+
+def test_inception_loads_a_file_without_num_batches_tracked(inception_file, tmp_path):
+    _, state = inception_file
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pth")
+    load_inception(str(tmp_path / "old.pth"))
+
+
+def test_inception_state_dict_missing_a_key_is_rejected_naming_it(inception_file, tmp_path):
+    _, state = inception_file
+    broken = {k: v for k, v in state.items() if k != "Mixed_6c.branch7x7_2.conv.weight"}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(EvalError, match="Mixed_6c.branch7x7_2.conv.weight"):
+        load_inception(str(tmp_path / "broken.pth"))
+
+
+def test_missing_inception_weights_error_names_the_published_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EvalError, match="pt_inception-2015-12-05-6726825d.pth") as error:
+        load_inception()
+    assert "github.com/mseitzer/pytorch-fid/releases" in str(error.value)
+
+
+def test_inception_weights_are_found_in_torch_home(inception_file, tmp_path, monkeypatch):
+    path, _ = inception_file
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    os.symlink(path, tmp_path / "hub" / "checkpoints" / evaluate.FID_WEIGHTS)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert isinstance(load_inception(), FIDInceptionV3)
+
+
+def test_inception_features_accept_a_tensor_or_a_loader_of_uint8_batches():
+    model = MeanColour()
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    from_loader = inception_features(model, [(images[:3], None), (images[3:], None)], "cpu", progress=False)
+    from_tensor = inception_features(model, images.float() / 255, "cpu", batch_size=2, progress=False)
+    assert from_loader.shape == (5, 3) and np.allclose(from_loader, from_tensor, atol=1e-6)
+
+
+# ---- per-superclass statistics and the Table 1 layout -----------------------------------------------------------
+
+def test_two_level_folder_gives_classes_and_superclasses(labelled_folder):
+    source = open_images(str(labelled_folder), image_size=0)
+    assert source.superclass_names == ["Birds", "Fungi", "Plants"]
+    assert len(source) == 30 and len(set(source.labels)) == 5
+    assert list(np.bincount(source.superclasses)) == [12, 6, 12]
+
+
+def test_class_folders_take_superclasses_from_a_hierarchy_file(tmp_path):
+    for class_dir in ("00000_a", "00001_b", "00002_c"):
+        (tmp_path / "gen" / class_dir).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "gen" / class_dir / "0.png")
+    (tmp_path / "h.json").write_text(json.dumps({"superclass_names": ["Fungi", "Birds"], "superclass_of": [1, 0, 1]}))
+    source = open_images(str(tmp_path / "gen"), 0, evaluate.load_hierarchy(str(tmp_path / "h.json")))
+    assert list(source.labels) == [0, 1, 2] and list(source.superclasses) == [1, 0, 1]
+
+
+def test_stats_are_grouped_per_superclass(labelled_folder):
+    stats = compute_stats(open_images(str(labelled_folder), 0), MeanColour(), progress=False)
+    assert int(stats["count"]) == 30 and list(stats["superclass_names"]) == ["Birds", "Fungi", "Plants"]
+    assert [int(stats[f"count_{s}"]) for s in range(3)] == [12, 6, 12]
+    assert stats["mu_1"].shape == (3,) and stats["sigma_1"].shape == (3, 3)
+    assert stats["mu_2"][0] > stats["mu_0"][0]  # Plants were tinted redder than Birds
+
+
+def test_fid_table_has_every_superclass_then_overall(labelled_folder):
+    stats = compute_stats(open_images(str(labelled_folder), 0), MeanColour(), progress=False)
+    rows = fid_table(stats, stats)
+    assert [r["superclass"] for r in rows] == ["Birds", "Fungi", "Plants", "Overall"]
+    assert all(abs(r["fid"]) < 1e-6 for r in rows)
+
+
+def test_fid_table_needs_per_superclass_reference_statistics(labelled_folder):
+    stats = compute_stats(open_images(str(labelled_folder), 0), MeanColour(), progress=False)
+    overall_only = {k: stats[k] for k in ("mu", "sigma", "count")}
+    with pytest.raises(EvalError, match="per-superclass"):
+        fid_table(overall_only, stats)
+    assert [r["superclass"] for r in fid_table(overall_only, stats, overall_only=True)] == ["Overall"]
+
+
+def test_npz_images_carry_labels_and_hierarchy(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "fake.npz", arr_0=images, labels=np.array([0, 0, 1, 1, 2, 2]),
+             superclass_of=np.array([1, 0, 1]), superclass_names=np.array(["Insects", "Birds"]))
+    source = open_images(str(tmp_path / "fake.npz"))
+    assert list(source.superclasses) == [1, 1, 0, 0, 1, 1]
+    image, label = source[2]
+    assert image.shape == (3, 8, 8) and image.dtype == torch.uint8 and label == 1
+
+
+# ---- LPIPS ------------------------------------------------------------------------------------------------------
+
+def test_lpips_is_zero_for_identical_images(lpips_files):
+    lpips = LPIPS.from_pretrained(*map(str, lpips_files))
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-7)
+
+
+def test_lpips_is_symmetric_and_positive_for_different_images(lpips_files):
+    lpips = LPIPS.from_pretrained(*map(str, lpips_files))
+    x, y = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
+    d = lpips(x, y)
+    assert d.shape == (3,) and (d > 0).all() and torch.allclose(d, lpips(y, x), atol=1e-6)
+
+
+def test_lpips_heads_missing_a_key_is_rejected_naming_it(lpips_files, tmp_path):
+    alex_path, lin_path = lpips_files
+    lins = torch.load(lin_path)
+    del lins["lin3.model.1.weight"]
+    torch.save(lins, tmp_path / "alex.pth")
+    with pytest.raises(EvalError, match="lin3.model.1.weight"):
+        LPIPS.from_pretrained(str(alex_path), str(tmp_path / "alex.pth"))
+
+
+def test_lpips_pairs_are_distinct_images_of_one_class():
+    labels = np.array([0, 0, 0, 1, 2, 2, -1, 3, 3, 3, 3])
+    a, b = sample_pairs(labels, 500, np.random.default_rng(0))
+    assert (a != b).all() and (labels[a] == labels[b]).all()
+    assert set(labels[a]) == {0, 2, 3}  # class 1 has one image, -1 is unlabelled
+    a, b = sample_pairs(labels, None, np.random.default_rng(0))
+    assert len(a) == 3 + 1 + 6  # every pair once
+
+
+def test_lpips_diversity_reports_per_class_and_per_superclass(lpips_files):
+    lpips = LPIPS.from_pretrained(*map(str, lpips_files))
+    images = torch.rand(6, 3, 64, 64)
+    images[3] = images[2]  # class 1 collapsed to one image twice: no diversity
+    result = lpips_diversity(lpips, images, [0, 0, 1, 1, 2, 2], num_pairs=None, superclass_of=[0, 1, 1])
+    assert result["pairs"] == 3 and result["per_class"][1] < 1e-6 < result["per_class"][0]
+    assert result["per_superclass"][0] == pytest.approx(result["per_class"][0])
+    assert result["per_superclass"][1] == pytest.approx((result["per_class"][1] + result["per_class"][2]) / 2)
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), *args], capture_output=True,
+                          text=True, cwd=cwd, env=env)
+
+
+def test_cli_on_a_missing_file_exits_2_with_one_error_line(tmp_path):
+    result = run_cli("fid", "--real", str(tmp_path / "missing.npz"), "--fake", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
+    assert "missing.npz" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_without_inception_weights_names_the_file_and_exits_2(labelled_folder, tmp_path):
+    env = {**os.environ, "TORCH_HOME": str(tmp_path)}
+    result = run_cli("stats", "--images", str(labelled_folder), "--out", str(tmp_path / "ref.npz"), cwd=tmp_path,
+                     env=env)
+    assert result.returncode == 2 and "pt_inception-2015-12-05-6726825d.pth" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_unreadable_image_in_a_worker_is_one_error_line(labelled_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    (labelled_folder / "Birds" / "wren" / "9.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["stats", "--images", str(labelled_folder), "--out", str(tmp_path / "ref.npz"),
+                       "--image-size", "16", "--workers", "1"])
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and stderr[-1].startswith("error: cannot read image") and "9.png" in stderr[-1]
+    assert not any("Traceback" in line for line in stderr)
+
+
+def test_cli_stats_then_fid_writes_table1_csv_and_json(labelled_folder, lpips_files, tmp_path, monkeypatch,
+                                                       one_thread):
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    ref = tmp_path / "ref.npz"
+    evaluate.main(["stats", "--images", str(labelled_folder), "--out", str(ref), "--image-size", "64",
+                   "--workers", "0"])
+    assert {"mu", "sigma", "count", "superclass_names", "mu_0", "sigma_2", "count_1"} <= set(np.load(ref).files)
+    evaluate.main(["fid", "--real", str(ref), "--fake", str(labelled_folder), "--image-size", "64",
+                   "--workers", "0", "--lpips-alex", str(lpips_files[0]), "--lpips-lin", str(lpips_files[1]),
+                   "--pairs", "20", "--out-csv", str(tmp_path / "t.csv"), "--out-json", str(tmp_path / "t.json")])
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["superclass"] for r in rows] == ["Birds", "Fungi", "Plants", "Overall"]
+    assert abs(rows[-1]["fid"]) < 1e-6 and rows[-1]["lpips"] > 0
+    assert (tmp_path / "t.csv").read_text().splitlines()[0] == "superclass,fid,lpips,count_real,count_fake"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes left no temp files
+
+
+# ------------------------------------------------------------------------------------------------------------
+# train.py
+# ------------------------------------------------------------------------------------------------------------
+
+TINY_TRAIN = ["--data", "toy", "--model", "DiT-T/4", "--image-size", "16", "--num-workers", "0", "--log-every", "1000"]
+
+
+
+
+def run_train(*argv):
+    return train.train(train.parse_args([str(a) for a in argv]))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toy_builder(images_per_class):
+    """build_dataset with a smaller toy set (16 classes x images_per_class), so epochs end within a test."""
+    def build(name, data_path=None, image_size=256, split="train", flip=True, seed=0, coarse=False, **_):
+        return data.ToyDataset(image_size=image_size, images_per_class=images_per_class, seed=seed, coarse=coarse,
+                               flip=flip, split=split)
+    return build
+
+
+def tensors_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    """A coarse (4 superclass ids) base DiT-T/4 trained from scratch for one step: the stand-in for DiT-XL-2."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = run_train(*TINY_TRAIN, "--coarse", "--init", "none", "--global-batch-size", "4", "--max-steps", "1",
+                    "--run-dir", tmp_path_factory.mktemp("base") / "run")
+    torch.set_num_threads(threads)
+    return out["final_ckpt"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Distributed data parallel
+# ------------------------------------------------------------------------------------------------------------
+
+def test_two_process_ddp_keeps_ranks_identical_and_frozen_tensors_equal_to_the_base(tmp_path, base_ckpt):
+    dump = tmp_path / "ranks"
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "train.py",
+                      *TINY_TRAIN, "--init", base_ckpt, "--tune", "finediffusion", "--global-batch-size", "4",
+                      "--max-steps", "3", "--run-dir", tmp_path / "run", env={train.RANK_DUMP_ENV: str(dump)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert tensors_equal(rank0["model"], rank1["model"]) and tensors_equal(rank0["ema"], rank1["ema"])
+    base = torch.load(base_ckpt, weights_only=True)["ema"]       # what --init loads (as DiT's EMA release)
+    frozen = [k for k in rank0["model"] if not is_trainable(k, "finediffusion")]
+    assert frozen and all(torch.equal(rank0["model"][k], base[k]) for k in frozen)
+    assert not torch.equal(rank0["model"]["blocks.0.attn.qkv.bias"], base["blocks.0.attn.qkv.bias"])
+    # the checkpoint rank 0 wrote is a delta that load_model puts back on the base: it equals the ranks' EMA
+    model, info = load_model(tmp_path / "run" / "checkpoints" / "0000003.pt")
+    assert info["step"] == 3 and tensors_equal(model.state_dict(), train.with_ema(rank0["model"], rank0["ema"]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints: exact resume, deltas, export
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tune, workers", [("finediffusion", 0), ("full", 0), ("finediffusion", 2)])
+def test_resume_continues_bit_for_bit(tmp_path, base_ckpt, monkeypatch, tune, workers):
+    # 16 images, 4 per batch: 4 batches an epoch, so resuming at step 3 skips into an epoch and crosses the next.
+    monkeypatch.setattr(data, "build_dataset", toy_builder(images_per_class=1))
+    init = base_ckpt if tune == "finediffusion" else "none"
+    common = [*TINY_TRAIN, "--init", init, "--tune", tune, "--global-batch-size", "4", "--ckpt-every", "3",
+              "--num-workers", workers]
+    straight = run_train(*common, "--max-steps", "6", "--run-dir", tmp_path / "straight")
+    first = run_train(*common, "--max-steps", "3", "--run-dir", tmp_path / "split")
+    second = run_train("--resume", first["final_ckpt"], "--max-steps", "6")
+    assert second["final_ckpt"] == str(tmp_path / "split" / "checkpoints" / "0000006.pt")
+    assert straight["losses"] == first["losses"] + second["losses"]
+    a, b = (torch.load(r["final_ckpt"], weights_only=True) for r in (straight, second))
+    assert a["data_epoch"] == b["data_epoch"] == 1 and a["data_position"] == b["data_position"] == 2
+    assert tensors_equal(a["model"], b["model"]) and tensors_equal(a["ema"], b["ema"])
+    assert a["delta"] is (tune == "finediffusion")
+
+
+def test_delta_checkpoint_of_dit_xl2_finediffusion_is_under_2_percent_of_the_full_one():
+    with torch.device("meta"):
+        model = build_model("DiT-XL/2", 256, 10000, 11, "finediffusion")
+    set_trainable(model, "finediffusion")
+    state = model.state_dict()
+    nbytes = lambda names: sum(state[k].numel() * 4 for k in names)       # fp32, as saved
+    delta, full = nbytes(train.stored_names(model, delta=True)), nbytes(train.stored_names(model, delta=False))
+    assert full > 2.7e9 and delta / full <= 0.02, (delta, full)
+
+
+def test_checkpoint_stores_only_tuned_tensors_and_their_optimizer_state(tmp_path, base_ckpt):
+    out = run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "1", "--run-dir", tmp_path)
+    ckpt = torch.load(out["final_ckpt"], weights_only=True)          # plain tensors and containers only
+    model = build_model(**ckpt["config"], superclass_of=ckpt["hierarchy"]["superclass_of"])
+    set_trainable(model, "finediffusion")
+    tuned = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert ckpt["delta"] is True and set(ckpt["model"]) == set(ckpt["ema"]) == tuned
+    assert len(ckpt["opt"]["state"]) == len(tuned)
+    assert ckpt["base"]["path"] == os.path.abspath(base_ckpt) and len(ckpt["base"]["sha256"]) == 64
+    assert ckpt["config"] == dict(name="DiT-T/4", image_size=16, num_classes=16, num_superclasses=4,
+                                  method="finediffusion", pixel_space=True)
+    assert ckpt["hierarchy"] == data.build_dataset("toy", image_size=16).hierarchy()
+    assert isinstance(ckpt["args"], dict) and ckpt["step"] == 1
+
+
+def test_delta_and_full_checkpoints_load_to_the_same_model(tmp_path, base_ckpt):
+    common = [*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2"]
+    delta = run_train(*common, "--run-dir", tmp_path / "delta")["final_ckpt"]
+    full = run_train(*common, "--save-full", "--run-dir", tmp_path / "full")["final_ckpt"]
+    assert torch.load(full, weights_only=True)["delta"] is False
+    assert os.path.getsize(delta) < os.path.getsize(full) / 5
+    assert tensors_equal(load_model(delta)[0].state_dict(), load_model(full)[0].state_dict())
+
+
+def test_a_delta_refuses_a_changed_base(tmp_path, base_ckpt):
+    base = shutil.copy(base_ckpt, tmp_path / "base.pt")
+    ckpt = run_train(*TINY_TRAIN, "--init", base, "--global-batch-size", "4", "--max-steps", "1",
+                     "--run-dir", tmp_path / "run")["final_ckpt"]
+    state = torch.load(base, weights_only=True)
+    state["ema"]["blocks.0.attn.qkv.weight"] += 1
+    torch.save(state, base)
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_model(ckpt)
+
+
+def test_export_loads_with_load_model_and_gives_the_trained_outputs(tmp_path, base_ckpt):
+    out = run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2", "--ema-decay", "0.5",
+                    "--run-dir", tmp_path / "run", "--export", tmp_path / "end.pt")
+    again = run_train("--resume", out["final_ckpt"], "--export", tmp_path / "resumed.pt")   # export only
+    assert again["step"] == 2
+    exported = torch.load(tmp_path / "end.pt", weights_only=True)
+    assert set(exported) >= {"model", "ema", "args", "config", "hierarchy"} and "delta" not in exported
+    assert len(exported["ema"]) == len(exported["model"]) == len(build_model(**exported["config"]).state_dict())
+    # the EMA as trained: the delta checkpoint's EMA on the frozen base
+    trained, _ = load_model(out["final_ckpt"])
+    x, t, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500]), \
+        torch.tensor([3, 12])
+    with torch.no_grad():
+        want = trained(x, t, y)
+        for path in (tmp_path / "end.pt", tmp_path / "resumed.pt"):
+            model, info = load_model(path)
+            assert not model.training and info["hierarchy"]["superclass_of"][12] == 3
+            assert torch.equal(model(x, t, y), want)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training behaviour
+# ------------------------------------------------------------------------------------------------------------
+
+def test_toy_loss_falls_and_is_logged(tmp_path):
+    out = run_train(*TINY_TRAIN, "--init", "none", "--global-batch-size", "32", "--max-steps", "120", "--log-every", "40",
+                    "--run-dir", tmp_path)
+    first, last = statistics.mean(out["losses"][:20]), statistics.mean(out["losses"][-20:])
+    assert last < 0.7 * first, (first, last)
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in records] == [40, 80, 120]
+    assert all(r["loss"] > 0 and r["steps_per_s"] > 0 and r["images_per_s"] > 0 and r["peak_mem_gb"] > 0
+               for r in records)
+
+
+def test_sample_grids_leave_training_untouched(tmp_path, base_ckpt):
+    common = [*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "3"]
+    plain = run_train(*common, "--run-dir", tmp_path / "plain")
+    sampled = run_train(*common, "--sample-every", "2", "--sample-steps", "2", "--run-dir", tmp_path / "sampled")
+    assert os.path.isfile(tmp_path / "sampled" / "samples" / "0000002.png")
+    assert plain["losses"] == sampled["losses"]
+    a, b = (torch.load(r["final_ckpt"], weights_only=True) for r in (plain, sampled))
+    assert tensors_equal(a["model"], b["model"]) and tensors_equal(a["ema"], b["ema"])
+
+
+def test_latent_dit_trains_from_the_vae_on_the_fly_and_from_a_latent_cache(tmp_path, monkeypatch):
+    vae_dir = tmp_path / "vae"
+    vae = write_tiny_vae(vae_dir)
+    common = ["--data", "toy", "--model", "DiT-T/2", "--image-size", "32", "--no-pixel-space", "--init", "none",
+              "--global-batch-size", "4", "--max-steps", "2", "--num-workers", "0"]
+    live = run_train(*common, "--vae", vae_dir, "--run-dir", tmp_path / "live")
+    assert torch.load(live["final_ckpt"], weights_only=True)["config"]["pixel_space"] is False
+    # the cache of python data.py cache: the same run, from stored VAE posteriors
+    toy = data.ToyDataset(image_size=32, images_per_class=1, flip=False)
+    data.build_latent_cache(toy, vae, str(tmp_path / "cache"), num_workers=0, progress=False,
+                            meta=dict(data="toy", vae=data.vae_identity(str(vae_dir))))
+    cached = run_train(*common, "--latent-cache", tmp_path / "cache", "--vae", vae_dir, "--run-dir", tmp_path / "c")
+    assert len(cached["losses"]) == 2 and all(math.isfinite(loss) for loss in cached["losses"])
+    proc = run_script(os.path.join(HERE, "train.py"), "--latent-cache", tmp_path / "cache", "--image-size", "64",
+                      "--init", "none", "--model", "DiT-T/2", cwd=tmp_path)
+    assert_one_line_error(proc, "32px")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base_ckpt, monkeypatch):
+    real, calls = diffusion_module.GaussianDiffusion.training_losses, []
+
+    def poisoned(self, *a, **k):
+        terms = real(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(diffusion_module.GaussianDiffusion, "training_losses", poisoned)
+    with pytest.raises(train.TrainingError, match=r"nan at step 3.*0000002\.pt"):
+        run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "5", "--ckpt-every", "2",
+                  "--run-dir", tmp_path)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000002.pt"]
+    assert torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)["step"] == 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# User mistakes: one line, exit code 2, no traceback
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, env, words", [
+    (["--data", "inat21"], {}, ["--data-path", "inat_comp"]),
+    (["--data", "inat21", "--data-path", "nowhere"], {}, ["nowhere", "inat_comp"]),
+    (["--data", "toy", "--init", "missing.pt"], {}, ["missing.pt", "not found"]),
+    (["--data", "toy", "--init", "DiT-XL-2-256x256.pt"], {}, ["DiT-XL-2-256x256.pt", "dl.fbaipublicfiles.com"]),
+    (["--data", "toy", "--global-batch-size", "3"], {"WORLD_SIZE": "2", "RANK": "0"}, ["--global-batch-size 3", "2"]),
+    (["--data", "toy", "--no-pixel-space", "--init", "none"], {}, ["sd-vae-ft-ema", "huggingface.co"]),
+    (["--data", "toy", "--precision", "fp16", "--device", "cpu"], {}, ["fp16", "bf16"]),
+    (["--resume", "nothing.pt"], {}, ["nothing.pt"]),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, argv, env, words):
+    proc = run_script(os.path.join(HERE, "train.py"), *argv, env=env, cwd=tmp_path)
+    assert_one_line_error(proc, *words)

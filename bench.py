@@ -1,0 +1,279 @@
+"""Benchmarks: what parameter-efficient fine-tuning buys (paper Table 2), and where time goes.
+
+    python bench.py                    # CPU: DiT-S/2 at 256 px (32x32 latents), batch 8; ~10 minutes
+    python bench.py --quick            # seconds: tiny models, for the test suite
+    python bench.py --device cuda --precision bf16 --model DiT-XL/2   # on a GPU: the paper's model
+    python bench.py --sample-model DiT-XL/2 --sample-batches 2        # CPU seconds per DDPM step of XL
+
+It prints one table and writes JSON (--out, default results/bench.json):
+  train     seconds per training step and peak training memory for full / BitFit / DiffFit / FineDiffusion,
+            each method's speed-up over full fine-tuning (paper: FineDiffusion 1.56x) and memory ratio.
+  data      end-to-end training images/s reading the VAE-latent cache against encoding with the VAE each step.
+  sampling  seconds per DDPM step with CFG at forward batch 2, 8, 32 (batch 2 = one image and its guide),
+            and DDIM-50 against DDPM-250 wall time.
+  fid       FID Inception feature extraction, images/s.
+Every figure is the median of --repeats runs after --warmup runs; ratios compare figures of the same run.
+Training memory on a CPU is the peak resident set of a fresh process minus its size before the model was
+built (weights, gradients, optimizer state and activations); on CUDA, torch.cuda.max_memory_allocated.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+
+from diffusion import create_diffusion
+from model import METHODS, AutoencoderKL, DiT_models, build_model, set_trainable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def median_seconds(fn, repeats, warmup, sync=lambda: None):
+    """Median wall time of fn() over `repeats` runs after `warmup` runs."""
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cuda_sync(device):
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB -> MiB (a high-water mark)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training steps, one tuning method per fresh process (so each peak memory is its own)
+# ----------------------------------------------------------------------------------------------------------
+
+def trainer(model_name, image_size, batch, method, device, precision, pixel_space=False):
+    """A DiT set up for `method` and one training step as train.py runs it (train.train_step)."""
+    import train
+    K, S = 1000, 10
+    model = build_model(model_name, image_size, K, S, method, superclass_of=[c % S for c in range(K)],
+                        pixel_space=pixel_space).to(device).train()
+    set_trainable(model, method)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
+    autocast, scaler = train.setup_precision(precision, torch.device(device))
+    diffusion = create_diffusion()
+    channels, size = model.in_channels, image_size if pixel_space else image_size // 8
+    x = torch.randn(batch, channels, size, size, device=device)
+    y = torch.randint(0, K, (batch,), device=device)
+    return lambda x=x, y=y: train.train_step(model, diffusion, opt, scaler, x, y, autocast, world=1)
+
+
+def train_worker(args):
+    """Runs in a fresh process: prints {"seconds_per_step", "peak_memory_mb"} for one method."""
+    torch.manual_seed(0)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    before = rss_mb()
+    step = trainer(args.model, args.image_size, args.batch, args.method, args.device, args.precision)
+    seconds = median_seconds(step, args.repeats, args.warmup, cuda_sync(args.device))
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda") else rss_mb() - before
+    print(json.dumps(dict(seconds_per_step=seconds, peak_memory_mb=peak)))
+
+
+def bench_train(args):
+    results = {}
+    for method in METHODS:
+        cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--worker", "train", "--method", method,
+               "--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch),
+               "--device", args.device, "--precision", args.precision, "--repeats", str(args.repeats),
+               "--warmup", str(args.warmup)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: the {method} training benchmark failed: {proc.stderr.strip().splitlines()[-1]}")
+        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    full = results["full"]
+    for r in results.values():
+        r["speedup_vs_full"] = full["seconds_per_step"] / r["seconds_per_step"]
+        r["memory_vs_full"] = r["peak_memory_mb"] / full["peak_memory_mb"]
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: the latent cache against encoding with the VAE every step
+# ----------------------------------------------------------------------------------------------------------
+
+def bench_data(args, vae_config):
+    import data
+    import train
+    torch.manual_seed(0)
+    device = args.device
+    vae = AutoencoderKL(**vae_config).to(device).eval()          # random weights: the cost is the same
+    images = data.ToyDataset(image_size=args.image_size, images_per_class=max(1, args.batch // 16 + 1), flip=False)
+    step = trainer(args.model, args.image_size, args.batch, "finediffusion", device, args.precision)
+    x, y = next(iter(torch.utils.data.DataLoader(images, batch_size=args.batch)))
+    x, y = x.to(device), y.to(device)
+
+    def encode_every_step():
+        with torch.no_grad():
+            z = train.encode(vae, x)
+        step(z, y)
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        data.build_latent_cache(images, vae, cache_dir, batch_size=args.batch, num_workers=0, device=device,
+                                progress=False)
+        cache = data.LatentCacheDataset(cache_dir)
+        batches = iter(torch.utils.data.DataLoader(cache, batch_size=args.batch, shuffle=True, drop_last=True))
+
+        def from_cache():
+            nonlocal batches
+            try:
+                z, labels = next(batches)
+            except StopIteration:
+                batches = iter(torch.utils.data.DataLoader(cache, batch_size=args.batch, shuffle=True, drop_last=True))
+                z, labels = next(batches)
+            step(z.to(device), labels.to(device))
+
+        sync = cuda_sync(device)
+        cached = args.batch / median_seconds(from_cache, args.repeats, args.warmup, sync)
+        encoded = args.batch / median_seconds(encode_every_step, args.repeats, args.warmup, sync)
+    return dict(cache_images_per_s=cached, vae_images_per_s=encoded, cache_speedup=cached / encoded)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and FID features
+# ----------------------------------------------------------------------------------------------------------
+
+def bench_sampling(args):
+    torch.manual_seed(0)
+    device, dtype = args.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+    K, S = 1000, 10
+    model = DiT_models[args.sample_model](input_size=args.image_size // 8, num_classes=K, num_superclasses=S,
+                                          superclass_of=[c % S for c in range(K)], null_class=False,
+                                          norm_affine=True).to(device).eval()
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext()
+    sync = cuda_sync(device)
+
+    def cfg_model(x, t, **kw):
+        with autocast:
+            return model.forward_with_cfg(x, t, **kw).float()
+
+    def one_step(diffusion, batch):
+        half = batch // 2
+        x = torch.randn(batch, 4, args.image_size // 8, args.image_size // 8, device=device)
+        y = torch.randint(0, K, (half,), device=device)
+        kw = dict(y=torch.cat([y, model.y_embedder.superclass_ids(y)]), cfg_scale=4.0)
+        t = torch.full((batch,), diffusion.num_timesteps - 1, device=device)
+        return lambda: diffusion.p_sample(cfg_model, x, t, model_kwargs=kw)
+
+    results = {"model": args.sample_model, "seconds_per_ddpm_step": {}}
+    ddpm = create_diffusion("250")
+    with torch.no_grad():
+        for batch in args.sample_batches:
+            results["seconds_per_ddpm_step"][str(batch)] = median_seconds(one_step(ddpm, batch), args.repeats, 1, sync)
+        if args.loops:
+            shape = (2, 4, args.image_size // 8, args.image_size // 8)
+            kw = dict(y=torch.tensor([1, 10 + 1], device=device), cfg_scale=4.0)
+            ddim = create_diffusion("ddim50")
+            loops = dict(ddpm250=lambda: ddpm.p_sample_loop(cfg_model, shape, model_kwargs=kw, device=device),
+                         ddim50=lambda: ddim.ddim_sample_loop(cfg_model, shape, model_kwargs=kw, device=device))
+            for name, fn in loops.items():
+                results[f"{name}_seconds"] = median_seconds(fn, args.loop_repeats, 0, sync)
+            results["ddim50_speedup"] = results["ddpm250_seconds"] / results["ddim50_seconds"]
+    return results
+
+
+def bench_fid(args):
+    from evaluate import FIDInceptionV3, inception_features
+    torch.manual_seed(0)
+    model = FIDInceptionV3().eval()                               # random weights: the cost is the same
+    images = torch.rand(args.fid_batch, 3, args.fid_size, args.fid_size)
+    run = lambda: inception_features(model, images, args.device, batch_size=args.fid_batch, progress=False)
+    return dict(images_per_s=args.fid_batch / median_seconds(run, args.repeats, 1, cuda_sync(args.device)),
+                batch=args.fid_batch, image_size=args.fid_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------
+
+def report(results):
+    t = results["train"]
+    lines = [f"device {results['device']}, precision {results['precision']}, threads {results['threads']}",
+             f"training step: {results['model']} at {results['image_size']} px, batch {results['batch']}",
+             f"  {'method':<15}{'s/step':>9}{'speed-up':>10}{'peak MiB':>10}{'memory':>8}"]
+    for method, r in t.items():
+        lines.append(f"  {method:<15}{r['seconds_per_step']:>9.3f}{r['speedup_vs_full']:>9.2f}x"
+                     f"{r['peak_memory_mb']:>10.0f}{r['memory_vs_full']:>7.2f}x")
+    d = results["data"]
+    lines.append(f"training images/s: latent cache {d['cache_images_per_s']:.1f}, VAE every step "
+                 f"{d['vae_images_per_s']:.2f} -> {d['cache_speedup']:.1f}x")
+    s = results["sampling"]
+    steps = ", ".join(f"batch {b}: {v:.3f}" for b, v in s["seconds_per_ddpm_step"].items())
+    lines.append(f"sampling {s['model']} s per DDPM step with CFG: {steps}")
+    if "ddim50_speedup" in s:
+        lines.append(f"  batch 2 wall time: DDPM-250 {s['ddpm250_seconds']:.1f} s, DDIM-50 {s['ddim50_seconds']:.1f} s "
+                     f"-> {s['ddim50_speedup']:.1f}x")
+    f = results["fid"]
+    lines.append(f"FID Inception features: {f['images_per_s']:.1f} images/s ({f['image_size']} px, batch {f['batch']})")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny models and few repeats (seconds; for tests)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--model", default="DiT-S/2", help="DiT of the training benchmarks")
+    p.add_argument("--image-size", type=int, default=256, help="pixels (latents are 8x smaller)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--sample-model", default=None, help="DiT of the sampling benchmark (default: --model)")
+    p.add_argument("--sample-batches", type=int, nargs="+", default=[2, 8, 32])
+    p.add_argument("--no-loops", dest="loops", action="store_false", help="skip DDPM-250 / DDIM-50 wall times")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--loop-repeats", type=int, default=3)
+    p.add_argument("--out", default="results/bench.json")
+    p.add_argument("--worker", choices=["train"], help=argparse.SUPPRESS)
+    p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.image_size, args.batch = "DiT-T/4", 64, 4
+        args.sample_batches, args.repeats, args.warmup, args.loop_repeats = [2, 4], 2, 1, 1
+    args.sample_model = args.sample_model or args.model
+    args.fid_batch, args.fid_size = (4, 64) if args.quick else (32, 256)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker == "train":
+        return train_worker(args)
+    if args.model not in DiT_models or args.sample_model not in DiT_models:
+        raise SystemExit(f"error: unknown model; choose one of {', '.join(DiT_models)}")
+    vae_config = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1) if args.quick else {}
+    results = dict(device=args.device, precision=args.precision, threads=torch.get_num_threads(), model=args.model,
+                   image_size=args.image_size, batch=args.batch, quick=args.quick)
+    results["train"] = bench_train(args)
+    results["data"] = bench_data(args, vae_config)
+    results["sampling"] = bench_sampling(args)
+    results["fid"] = bench_fid(args)
+    print(report(results))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
