@@ -60,20 +60,19 @@ def rss_mb():
 # Training steps, one tuning method per fresh process (so each peak memory is its own)
 # ----------------------------------------------------------------------------------------------------------
 
-def trainer(model_name, image_size, batch, method, device, precision, pixel_space=False):
+def trainer(model_name, image_size, batch, method, device, precision, compile=False):
     """A DiT set up for `method` and one training step as train.py runs it (train.train_step)."""
     import train
     K, S = 1000, 10
-    model = build_model(model_name, image_size, K, S, method, superclass_of=[c % S for c in range(K)],
-                        pixel_space=pixel_space).to(device).train()
+    model = build_model(model_name, image_size, K, S, method, superclass_of=[c % S for c in range(K)]).to(device).train()
     set_trainable(model, method)
+    net = torch.compile(model) if compile else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
     autocast, scaler = train.setup_precision(precision, torch.device(device))
     diffusion = create_diffusion()
-    channels, size = model.in_channels, image_size if pixel_space else image_size // 8
-    x = torch.randn(batch, channels, size, size, device=device)
+    x = torch.randn(batch, model.in_channels, image_size // 8, image_size // 8, device=device)
     y = torch.randint(0, K, (batch,), device=device)
-    return lambda x=x, y=y: train.train_step(model, diffusion, opt, scaler, x, y, autocast, world=1)
+    return lambda x=x, y=y: train.train_step(net, diffusion, opt, scaler, x, y, autocast, world=1)
 
 
 def train_worker(args):
@@ -82,7 +81,7 @@ def train_worker(args):
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     before = rss_mb()
-    step = trainer(args.model, args.image_size, args.batch, args.method, args.device, args.precision)
+    step = trainer(args.model, args.image_size, args.batch, args.method, args.device, args.precision, args.compile)
     seconds = median_seconds(step, args.repeats, args.warmup, cuda_sync(args.device))
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda") else rss_mb() - before
     print(json.dumps(dict(seconds_per_step=seconds, peak_memory_mb=peak)))
@@ -94,7 +93,7 @@ def bench_train(args):
         cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--worker", "train", "--method", method,
                "--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch),
                "--device", args.device, "--precision", args.precision, "--repeats", str(args.repeats),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup)] + (["--compile"] if args.compile else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"error: the {method} training benchmark failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -206,7 +205,8 @@ def bench_fid(args):
 
 def report(results):
     t = results["train"]
-    lines = [f"device {results['device']}, precision {results['precision']}, threads {results['threads']}",
+    lines = [f"device {results['device']}, precision {results['precision']}, threads {results['threads']}"
+             + (", torch.compile" if results["compile"] else ""),
              f"training step: {results['model']} at {results['image_size']} px, batch {results['batch']}",
              f"  {'method':<15}{'s/step':>9}{'speed-up':>10}{'peak MiB':>10}{'memory':>8}"]
     for method, r in t.items():
@@ -238,6 +238,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-model", default=None, help="DiT of the sampling benchmark (default: --model)")
     p.add_argument("--sample-batches", type=int, nargs="+", default=[2, 8, 32])
     p.add_argument("--no-loops", dest="loops", action="store_false", help="skip DDPM-250 / DDIM-50 wall times")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT in the training benchmark")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--loop-repeats", type=int, default=3)
@@ -261,7 +262,7 @@ def main(argv=None):
         raise SystemExit(f"error: unknown model; choose one of {', '.join(DiT_models)}")
     vae_config = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1) if args.quick else {}
     results = dict(device=args.device, precision=args.precision, threads=torch.get_num_threads(), model=args.model,
-                   image_size=args.image_size, batch=args.batch, quick=args.quick)
+                   image_size=args.image_size, batch=args.batch, quick=args.quick, compile=args.compile)
     results["train"] = bench_train(args)
     results["data"] = bench_data(args, vae_config)
     results["sampling"] = bench_sampling(args)

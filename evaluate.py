@@ -1013,7 +1013,7 @@ def cmd_toy(args):
         real = ToyDataset(image_size=size, split="val", seed=args.seed, flip=False)   # the FID reference
         if not info["config"].get("pixel_space") or info["hierarchy"] != real.hierarchy():
             raise EvalError(f"{path} is not a fine-grained toy checkpoint (train one with --data toy)")
-        net = toy_classifier(size, args.cache_dir)
+        net = toy_classifier(size, args.cache_dir, args.classifier_epochs)
         with torch.no_grad():
             real_features = net(toy_images(real)[0])[1].numpy()
         if not rows:   # held-out real images: the best a sampler could score
@@ -1111,6 +1111,7 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=500, help="same-class pairs for the diversity")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="results", help="where the toy classifier is cached")
+    p.add_argument("--classifier-epochs", type=int, default=4, help="training of the toy classifier, on first use")
     p.add_argument("--out-json", default=None)
     p.set_defaults(func=cmd_toy)
 

@@ -15,6 +15,7 @@ State-dict keys and shapes are those of the official DiT release, so `DiT-XL-2-2
 authors' `FineDiffusion-iNat.pt` load as they are.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -404,6 +405,12 @@ def read_checkpoint(path):
                                   "(checkpoints are untrusted input)") from None
         first = msg.strip().splitlines()[0] if msg.strip() and "weights only" not in msg.lower() else type(e).__name__
         raise CheckpointError(f"cannot read {path}: not a readable torch checkpoint ({first})") from None
+
+
+def latest_checkpoint(folder):
+    """The newest training checkpoint (`.../checkpoints/*.pt`) under a run folder or results/, or None."""
+    found = glob.glob(os.path.join(folder, "**", "checkpoints", "*.pt"), recursive=True)
+    return max(found, key=os.path.getmtime) if found else None
 
 
 def unwrap_state(ckpt):

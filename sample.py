@@ -11,17 +11,15 @@ where the guide is the class's superclass row (`--guidance superclass`, the pape
 Defaults are the paper's (§4.2): 250 DDPM steps, w = 4.0. Latent models decode through the SD VAE.
 """
 import argparse
-import glob
 import os
 import sys
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from torchvision.utils import make_grid
 
 from diffusion import create_diffusion
-from model import AutoencoderKL, CheckpointError, load_model
+from model import AutoencoderKL, CheckpointError, latest_checkpoint, load_model
 
 LATENT_SCALE = 0.18215   # SD VAE latents are scaled to unit variance for the DiT (DiT, LDM)
 VAE_HOME = "https://huggingface.co/stabilityai/sd-vae-ft-ema"
@@ -31,13 +29,16 @@ class UsageError(Exception):
     """A user mistake: printed as one line, exit code 2."""
 
 
-def newest_checkpoint(root="results"):
-    found = glob.glob(os.path.join(root, "**", "*.pt"), recursive=True)
-    if not found:
-        raise UsageError("no checkpoint given and none under results/: train one (python train.py --data toy, "
-                         "see README) or download the authors' FineDiffusion-iNat.pt (https://finediffusion.github.io/) "
-                         "and pass --ckpt PATH")
-    return max(found, key=os.path.getmtime)
+def find_checkpoint(path=None):
+    """--ckpt as given (a run folder means its newest checkpoint), else the newest under results/."""
+    if path and not os.path.isdir(path):
+        return path
+    found = latest_checkpoint(path or "results")
+    if found is None:
+        raise UsageError(f"no checkpoint {'in ' + path if path else 'given and none under results/'}: train one "
+                         "(python train.py --data toy, see README) or download the authors' FineDiffusion-iNat.pt "
+                         "(https://finediffusion.github.io/) and pass --ckpt PATH")
+    return found
 
 
 def resolve_class(hierarchy, num_classes, class_id=None, class_name=None):
@@ -131,7 +132,8 @@ def parse_args(argv=None):
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--class-id", type=int, help="class to draw (label-table row in [0, K))")
     who.add_argument("--class-name", help="class to draw, by (part of) its name in the checkpoint's hierarchy")
-    p.add_argument("--ckpt", help="checkpoint (ours, official DiT or the authors'); default: newest under results/")
+    p.add_argument("--ckpt", help="checkpoint (ours, official DiT or the authors') or a run folder; "
+                                  "default: the newest under results/")
     p.add_argument("--base", help="base checkpoint of a delta checkpoint, if not where training found it")
     p.add_argument("--vae", help="SD VAE folder or file (sd-vae-ft-ema / -mse), for latent models")
     p.add_argument("--num-samples", type=int, default=8)
@@ -153,7 +155,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.num_samples < 1 or args.steps < 1:
         raise UsageError("--num-samples and --steps must be positive")
-    ckpt = args.ckpt or newest_checkpoint()
+    ckpt = find_checkpoint(args.ckpt)
     try:
         model, info = load_model(ckpt, base=args.base)
     except CheckpointError as e:

@@ -8,6 +8,7 @@ In-process work uses one thread: on a shared 2-core machine, OpenMP threads figh
 slow small ops down by 10x or more.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -1600,3 +1601,102 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base
 def test_user_mistakes_are_one_line_errors(tmp_path, argv, env, words):
     proc = run_script(os.path.join(HERE, "train.py"), *argv, env=env, cwd=tmp_path)
     assert_one_line_error(proc, *words)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# evaluate.py — generate and the offline toy tables
+# ------------------------------------------------------------------------------------------------------------
+
+def test_samples_are_spread_evenly_over_classes():
+    counts = np.bincount([c for c, _ in evaluate.generation_jobs(16, num_samples=40)], minlength=16)
+    assert counts.min() == 2 and counts.max() == 3 and counts.sum() == 40
+    assert evaluate.generation_jobs(3, per_class=2) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_generate_writes_the_requested_per_class_counts_and_resumes_without_duplicating(tmp_path):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    out = str(tmp_path / "gen")
+    argv = ["generate", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", out, "--per-class", "3", "--steps", "2",
+            "--batch-size", "8", "--device", "cpu", "--npz", str(tmp_path / "gen.npz")]
+    evaluate.main(argv)
+    paths = [evaluate.job_path(out, TOY_HIERARCHY, c, i) for c, i in evaluate.generation_jobs(16, per_class=3)]
+    assert all(os.path.isfile(p) for p in paths)
+    assert sum(len(files) for _, _, files in os.walk(out)) == 16 * 3
+    assert os.path.basename(os.path.dirname(os.path.dirname(paths[15]))) == "shape1"   # (class 5, #0): shape1
+    first_run = {p: os.path.getmtime(p) for p in paths}
+    os.remove(paths[0])                                          # an interrupted first batch
+    evaluate.main(argv)
+    assert sum(len(files) for _, _, files in os.walk(out)) == 16 * 3
+    assert all(os.path.getmtime(p) == first_run[p] for p in paths[8:])   # finished batches were not redone
+    packed = np.load(tmp_path / "gen.npz")
+    assert packed["arr_0"].shape == (48, 16, 16, 3) and sorted(np.bincount(packed["labels"])) == [3] * 16
+
+
+def toy_checkpoint(path, method, **kw):
+    """A (random-weight) checkpoint of the real toy hierarchy at 16 px, as train.py writes it."""
+    toy = data.ToyDataset(image_size=16, images_per_class=1)
+    config = dict(name="DiT-T/4", image_size=16, num_classes=16, num_superclasses=4, method=method, pixel_space=True, **kw)
+    model = randomize(build_model(**config, superclass_of=toy.superclass_of))
+    torch.save(dict(model=model.state_dict(), config=config, hierarchy=toy.hierarchy(), args={}, delta=False), path)
+    return str(path)
+
+
+def test_toy_table_has_a_row_for_every_checkpoint_and_guidance_it_supports(tmp_path, capsys):
+    hybrid = toy_checkpoint(tmp_path / "fd.pt", "finediffusion", null_class=True)     # superclass and null rows
+    bitfit = toy_checkpoint(tmp_path / "bitfit.pt", "bitfit")                        # null row only
+    evaluate.main(["toy", "--ckpt", hybrid, bitfit, "--per-class", "2", "--steps", "2", "--pairs", "20",
+                   "--cache-dir", str(tmp_path), "--classifier-epochs", "1", "--out-json", str(tmp_path / "t.json")])
+    rows = json.load(open(tmp_path / "t.json"))
+    assert [(r["method"], r["guidance"]) for r in rows] == [
+        ("-", "-"), ("finediffusion", "none"), ("finediffusion", "null"), ("finediffusion", "superclass"),
+        ("bitfit", "none"), ("bitfit", "null")]
+    assert all({"sub_acc", "super_acc", "fid", "diversity"} <= r.keys() for r in rows)
+    header = capsys.readouterr().out.splitlines()[0]
+    for column in ["sub acc", "super acc", "FID", "diversity"]:
+        assert column in header
+    assert os.path.isfile(tmp_path / "toy_classifier_16px.pt")          # cached for the next call
+
+
+def test_toy_table_refuses_a_checkpoint_of_other_data(tmp_path):
+    write_our_checkpoint(tmp_path / "other.pt")
+    proc = run_script("evaluate.py", "toy", "--ckpt", str(tmp_path / "other.pt"), "--cache-dir", str(tmp_path))
+    assert_one_line_error(proc, "not a fine-grained toy checkpoint")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bench.py and the README's quickstart
+# ------------------------------------------------------------------------------------------------------------
+
+def test_bench_quick_emits_json_with_every_figure(tmp_path):
+    proc = run_script("bench.py", "--quick", "--out", tmp_path / "bench.json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.load(open(tmp_path / "bench.json"))
+    assert set(result["train"]) == {"full", "bitfit", "difffit", "finediffusion"}
+    for r in result["train"].values():
+        assert {"seconds_per_step", "peak_memory_mb", "speedup_vs_full", "memory_vs_full"} <= r.keys()
+        assert r["seconds_per_step"] > 0
+    assert {"cache_images_per_s", "vae_images_per_s", "cache_speedup"} <= result["data"].keys()
+    assert {"seconds_per_ddpm_step", "ddpm250_seconds", "ddim50_seconds", "ddim50_speedup"} <= result["sampling"].keys()
+    assert set(result["sampling"]["seconds_per_ddpm_step"]) == {"2", "4"}
+    assert result["fid"]["images_per_s"] > 0
+    assert "speed-up" in proc.stdout
+
+
+def readme_quickstart():
+    """The commands of the README's quickstart block."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    block = text.split("## Quickstart", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split() for line in block.strip().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_quickstart_runs_at_reduced_size(tmp_path):
+    commands = readme_quickstart()
+    assert len(commands) == 3 and [c[1] for c in commands] == ["train.py", "train.py", "sample.py"]
+    fewer = {"train.py": ["--max-steps", "2", "--global-batch-size", "4"], "sample.py": ["--steps", "2", "--num-samples", "2"]}
+    for words in commands:
+        assert words[0] == "python"
+        proc = run_script(os.path.join(HERE, words[1]), *words[2:], *fewer[words[1]], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(glob.glob(str(tmp_path / "results" / "**" / "checkpoints" / "*.pt"), recursive=True)) == 2
+    out = commands[2][commands[2].index("--out") + 1]
+    assert png_size(tmp_path / out)[0] > 32

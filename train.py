@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 import data
 from diffusion import create_diffusion
 from model import (DiT_models, METHODS, PUBLISHED, AutoencoderKL, CheckpointError, apply_delta, build_model,
-                   dit_config_from_state, file_sha256, load_base_for_delta, load_model, load_pretrained,
+                   dit_config_from_state, file_sha256, latest_checkpoint, load_base_for_delta, load_model, load_pretrained,
                    read_checkpoint, set_trainable, unwrap_state)
 
 LATENT_SCALE = 0.18215   # SD-VAE latents scaled to unit variance, as LDM and DiT
@@ -209,9 +209,15 @@ def all_ranks(obj, world):
 # ----------------------------------------------------------------------------------------------------------
 
 def find_init(path):
-    """The base checkpoint file: as given, then under ./pretrained/. None for 'none'."""
+    """The base checkpoint file: as given (a run folder: its newest checkpoint), then under ./pretrained/.
+    None for 'none'."""
     if path.lower() == "none":
         return None
+    if os.path.isdir(path):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise UsageError(f"no checkpoint in {path}: train one first, or pass a checkpoint file")
+        return os.path.abspath(found)
     for candidate in (path, os.path.join("pretrained", path), os.path.join("pretrained", os.path.basename(path))):
         if os.path.isfile(candidate):
             return os.path.abspath(candidate)
