@@ -204,25 +204,28 @@ def bench_fid(args):
 # ----------------------------------------------------------------------------------------------------------
 
 def report(results):
-    t = results["train"]
     lines = [f"device {results['device']}, precision {results['precision']}, threads {results['threads']}"
-             + (", torch.compile" if results["compile"] else ""),
-             f"training step: {results['model']} at {results['image_size']} px, batch {results['batch']}",
-             f"  {'method':<15}{'s/step':>9}{'speed-up':>10}{'peak MiB':>10}{'memory':>8}"]
-    for method, r in t.items():
-        lines.append(f"  {method:<15}{r['seconds_per_step']:>9.3f}{r['speedup_vs_full']:>9.2f}x"
-                     f"{r['peak_memory_mb']:>10.0f}{r['memory_vs_full']:>7.2f}x")
-    d = results["data"]
-    lines.append(f"training images/s: latent cache {d['cache_images_per_s']:.1f}, VAE every step "
-                 f"{d['vae_images_per_s']:.2f} -> {d['cache_speedup']:.1f}x")
-    s = results["sampling"]
-    steps = ", ".join(f"batch {b}: {v:.3f}" for b, v in s["seconds_per_ddpm_step"].items())
-    lines.append(f"sampling {s['model']} s per DDPM step with CFG: {steps}")
-    if "ddim50_speedup" in s:
-        lines.append(f"  batch 2 wall time: DDPM-250 {s['ddpm250_seconds']:.1f} s, DDIM-50 {s['ddim50_seconds']:.1f} s "
-                     f"-> {s['ddim50_speedup']:.1f}x")
-    f = results["fid"]
-    lines.append(f"FID Inception features: {f['images_per_s']:.1f} images/s ({f['image_size']} px, batch {f['batch']})")
+             + (", torch.compile" if results["compile"] else "")]
+    if "train" in results:
+        lines += [f"training step: {results['model']} at {results['image_size']} px, batch {results['batch']}",
+                  f"  {'method':<15}{'s/step':>9}{'speed-up':>10}{'peak MiB':>10}{'memory':>8}"]
+        for method, r in results["train"].items():
+            lines.append(f"  {method:<15}{r['seconds_per_step']:>9.3f}{r['speedup_vs_full']:>9.2f}x"
+                         f"{r['peak_memory_mb']:>10.0f}{r['memory_vs_full']:>7.2f}x")
+    if "data" in results:
+        d = results["data"]
+        lines.append(f"training images/s: latent cache {d['cache_images_per_s']:.1f}, VAE every step "
+                     f"{d['vae_images_per_s']:.2f} -> {d['cache_speedup']:.1f}x")
+    if "sampling" in results:
+        s = results["sampling"]
+        steps = ", ".join(f"batch {b}: {v:.3f}" for b, v in s["seconds_per_ddpm_step"].items())
+        lines.append(f"sampling {s['model']} s per DDPM step with CFG: {steps}")
+        if "ddim50_speedup" in s:
+            lines.append(f"  batch 2 wall time: DDPM-250 {s['ddpm250_seconds']:.1f} s, DDIM-50 "
+                         f"{s['ddim50_seconds']:.1f} s -> {s['ddim50_speedup']:.1f}x")
+    if "fid" in results:
+        f = results["fid"]
+        lines.append(f"FID Inception features: {f['images_per_s']:.1f} images/s ({f['image_size']} px, batch {f['batch']})")
     return "\n".join(lines)
 
 
@@ -242,6 +245,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--loop-repeats", type=int, default=3)
+    p.add_argument("--only", nargs="+", choices=["train", "data", "sampling", "fid"],
+                   default=["train", "data", "sampling", "fid"], help="run only these parts")
     p.add_argument("--out", default="results/bench.json")
     p.add_argument("--worker", choices=["train"], help=argparse.SUPPRESS)
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
@@ -263,10 +268,10 @@ def main(argv=None):
     vae_config = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1) if args.quick else {}
     results = dict(device=args.device, precision=args.precision, threads=torch.get_num_threads(), model=args.model,
                    image_size=args.image_size, batch=args.batch, quick=args.quick, compile=args.compile)
-    results["train"] = bench_train(args)
-    results["data"] = bench_data(args, vae_config)
-    results["sampling"] = bench_sampling(args)
-    results["fid"] = bench_fid(args)
+    run = dict(train=lambda: bench_train(args), data=lambda: bench_data(args, vae_config),
+               sampling=lambda: bench_sampling(args), fid=lambda: bench_fid(args))
+    for part in args.only:
+        results[part] = run[part]()
     print(report(results))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"

@@ -994,6 +994,14 @@ def toy_metrics(net, images, labels, superclass_of, real_features, pairs=200, se
                 diversity=diversity.mean().item())
 
 
+def checkpoint_label(path):
+    """`run/0001500` for results/run/checkpoints/0001500.pt, else the file name."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if os.path.basename(folder) == "checkpoints":
+        return f"{os.path.basename(os.path.dirname(folder))}/{os.path.splitext(name)[0]}"
+    return name
+
+
 def toy_images(dataset):
     """All images (N, 3, H, W) in [-1, 1] and labels (N,) of a toy dataset."""
     return torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.as_tensor(dataset.targets)
@@ -1029,7 +1037,7 @@ def cmd_toy(args):
             except UsageError:
                 continue                                   # this table has no row for that guide
             x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
-            rows.append(dict(ckpt=os.path.basename(path), method=method, guidance=guidance,
+            rows.append(dict(ckpt=checkpoint_label(path), method=method, guidance=guidance,
                              **toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, args.seed)))
     header = f"{'checkpoint':<28}{'method':<15}{'guidance':<12}{'sub acc↑':>9}{'super acc↑':>11}{'FID(cls)↓':>10}{'diversity↑':>11}"
     print(header)

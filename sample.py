@@ -155,6 +155,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.num_samples < 1 or args.steps < 1:
         raise UsageError("--num-samples and --steps must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA GPU here; use --device cpu")
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        raise UsageError("--precision fp16 is for CUDA GPUs; on a CPU use fp32 or bf16")
     ckpt = find_checkpoint(args.ckpt)
     try:
         model, info = load_model(ckpt, base=args.base)

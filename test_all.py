@@ -515,6 +515,13 @@ def test_sample_script_names_the_missing_vae(tmp_path):
     assert_one_line_error(proc, "--vae", "sd-vae-ft-ema")
 
 
+def test_sample_script_rejects_fp16_on_a_cpu(tmp_path):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    proc = run_script("sample.py", "--ckpt", tmp_path / "ckpt.pt", "--class-id", "1", "--device", "cpu",
+                      "--precision", "fp16")
+    assert_one_line_error(proc, "fp16", "bf16")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # model.py — the SD VAE and .safetensors
 # ------------------------------------------------------------------------------------------------------------
