@@ -264,7 +264,8 @@ def main(argv=None):
     if args.worker == "train":
         return train_worker(args)
     if args.model not in DiT_models or args.sample_model not in DiT_models:
-        raise SystemExit(f"error: unknown model; choose one of {', '.join(DiT_models)}")
+        print(f"error: unknown model; choose one of {', '.join(DiT_models)}", file=sys.stderr)
+        sys.exit(2)
     vae_config = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1) if args.quick else {}
     results = dict(device=args.device, precision=args.precision, threads=torch.get_num_threads(), model=args.model,
                    image_size=args.image_size, batch=args.batch, quick=args.quick, compile=args.compile)

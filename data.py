@@ -52,8 +52,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
+from model import LATENT_SCALE, VAE_URL, AutoencoderKL, CheckpointError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-LATENT_SCALE = 0.18215  # SD-VAE latent scaling used by LDM and DiT
 INAT21_URL = "https://github.com/visipedia/inat_comp/tree/master/2021"
 CACHE_FORMAT = "finediffusion-latent-cache"
 CACHE_VERSION = 1
@@ -775,14 +776,10 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
 
 def _load_vae(path):
     if not os.path.exists(path):
-        raise DataError(f"VAE not found at {path}")
+        raise DataError(f"VAE not found at {path}; sd-vae-ft-ema is published at {VAE_URL}")
     try:
-        import model  # lazy: only encoding needs model.py
-    except ImportError as err:
-        raise DataError(f"cannot import model.py for the VAE: {err}") from None
-    try:
-        return model.AutoencoderKL.from_pretrained(path)
-    except getattr(model, "CheckpointError", OSError) as err:  # model.py's one-line error for a bad VAE file
+        return AutoencoderKL.from_pretrained(path)
+    except CheckpointError as err:  # model.py's one-line error for a bad VAE file
         raise DataError(str(err)) from None
 
 
@@ -874,7 +871,7 @@ def main(argv=None):
         {"cache": cmd_cache, "info": cmd_info, "preview": cmd_preview}[args.command](args)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -762,7 +762,9 @@ class VAEDecoder(nn.Module):
 
 # Old diffusers uploads (e.g. the .bin files) name the mid-block attention with its deprecated names.
 _VAE_OLD_ATTN_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_VAE_HELP = ("The published files are at https://huggingface.co/stabilityai/sd-vae-ft-ema (or sd-vae-ft-mse): "
+LATENT_SCALE = 0.18215   # SD-VAE latents are scaled to unit variance for the DiT (LDM, DiT)
+VAE_URL = "https://huggingface.co/stabilityai/sd-vae-ft-ema"
+_VAE_HELP = (f"The published files are at {VAE_URL} (or sd-vae-ft-mse): "
              "download config.json and diffusion_pytorch_model.safetensors into a folder and pass it with --vae.")
 
 
@@ -789,7 +791,7 @@ class AutoencoderKL(nn.Module):
         x = vae.decode(z / scaling_factor)
     """
     def __init__(self, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                 layers_per_block=2, norm_num_groups=32, scaling_factor=0.18215):
+                 layers_per_block=2, norm_num_groups=32, scaling_factor=LATENT_SCALE):
         super().__init__()
         self.config = dict(in_channels=in_channels, out_channels=out_channels, latent_channels=latent_channels,
                            block_out_channels=list(block_out_channels), layers_per_block=layers_per_block,

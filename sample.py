@@ -19,10 +19,8 @@ import torch
 from torchvision.utils import make_grid
 
 from diffusion import create_diffusion
-from model import AutoencoderKL, CheckpointError, latest_checkpoint, load_model
+from model import LATENT_SCALE, VAE_URL, AutoencoderKL, CheckpointError, latest_checkpoint, load_model
 
-LATENT_SCALE = 0.18215   # SD VAE latents are scaled to unit variance for the DiT (DiT, LDM)
-VAE_HOME = "https://huggingface.co/stabilityai/sd-vae-ft-ema"
 
 
 class UsageError(Exception):
@@ -109,7 +107,7 @@ def sample_images(model, y, guidance="superclass", cfg_scale=4.0, sampler="ddpm"
 def load_vae(path):
     if path is None:
         raise UsageError(f"this DiT works on SD-VAE latents: download config.json and diffusion_pytorch_model.safetensors "
-                         f"from {VAE_HOME} into a folder and pass it with --vae")
+                         f"from {VAE_URL} into a folder and pass it with --vae")
     try:
         return AutoencoderKL.from_pretrained(path).eval()
     except CheckpointError as e:

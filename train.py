@@ -47,12 +47,10 @@ from tqdm.auto import tqdm
 
 import data
 from diffusion import create_diffusion
-from model import (DiT_models, METHODS, PUBLISHED, AutoencoderKL, CheckpointError, apply_delta, build_model,
-                   dit_config_from_state, file_sha256, latest_checkpoint, load_base_for_delta, load_model, load_pretrained,
-                   read_checkpoint, set_trainable, unwrap_state)
+from model import (LATENT_SCALE, METHODS, PUBLISHED, VAE_URL, AutoencoderKL, CheckpointError, DiT_models,
+                   apply_delta, build_model, dit_config_from_state, file_sha256, latest_checkpoint, load_base_for_delta,
+                   load_model, load_pretrained, read_checkpoint, sample_latent, set_trainable, unwrap_state)
 
-LATENT_SCALE = 0.18215   # SD-VAE latents scaled to unit variance, as LDM and DiT
-VAE_HOME = "https://huggingface.co/stabilityai/sd-vae-ft-ema"
 PAPER_INIT = "DiT-XL-2-256x256.pt"
 RANK_DUMP_ENV = "FINEDIFFUSION_RANK_DUMP"   # tests: every rank saves its final tensors into this folder
 
@@ -368,10 +366,10 @@ def epoch_loader(items, sampler, epoch, position, local_batch, args, device):
 def load_vae(path, device, why):
     if not path:
         raise UsageError(f"a latent DiT needs the SD VAE to {why}: download config.json and "
-                         f"diffusion_pytorch_model.safetensors of sd-vae-ft-ema from {VAE_HOME} into a folder and "
+                         f"diffusion_pytorch_model.safetensors of sd-vae-ft-ema from {VAE_URL} into a folder and "
                          f"pass --vae DIR" + ("" if "grid" in why else " (or train from a --latent-cache)"))
     if not os.path.exists(path):
-        raise UsageError(f"VAE not found: {path} (sd-vae-ft-ema is published at {VAE_HOME})")
+        raise UsageError(f"VAE not found: {path} (sd-vae-ft-ema is published at {VAE_URL})")
     vae = AutoencoderKL.from_pretrained(path).to(device).eval()
     vae.requires_grad_(False)
     return vae
@@ -381,7 +379,7 @@ def load_vae(path, device, why):
 def encode(vae, x):
     """z = 0.18215 * (mean + exp(logvar / 2) * eps): one draw from the VAE posterior, as DiT's training."""
     mean, logvar = vae.encode(x)
-    return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+    return LATENT_SCALE * sample_latent(mean, logvar)
 
 
 # ----------------------------------------------------------------------------------------------------------
