@@ -2,7 +2,7 @@
 
     python sample.py --class-id 4021                                   # newest checkpoint under results/
     python sample.py --ckpt FineDiffusion-iNat.pt --vae pretrained/sd-vae-ft-ema --class-id 4021
-    python sample.py --class-name "disc/red" --guidance null --cfg-scale 4 --sampler ddim --steps 50
+    python sample.py --class-name "disc/striped" --guidance null --cfg-scale 4 --sampler ddim --steps 50
 
 Each sampling step runs the DiT on [x_t; x_t] with labels [c; guide] and mixes the two predictions (eq. 1):
     eps = eps(x_t | guide) + w * (eps(x_t | c) - eps(x_t | guide)),
@@ -20,7 +20,6 @@ from torchvision.utils import make_grid
 
 from diffusion import create_diffusion
 from model import LATENT_SCALE, VAE_URL, AutoencoderKL, CheckpointError, latest_checkpoint, load_model
-
 
 
 class UsageError(Exception):
