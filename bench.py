@@ -30,7 +30,7 @@ from contextlib import nullcontext
 import torch
 
 from diffusion import create_diffusion
-from model import METHODS, AutoencoderKL, DiT_models, build_model, set_trainable
+from model import METHODS, AutoencoderKL, DiT_models, atomic_write, build_model, set_trainable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -274,11 +274,7 @@ def main(argv=None):
     for part in args.only:
         results[part] = run[part]()
     print(report(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda f: f.write(json.dumps(results, indent=1).encode()))
     print(f"wrote {args.out}")
 
 

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from model import LATENT_SCALE, VAE_URL, AutoencoderKL, CheckpointError
+from model import LATENT_SCALE, AutoencoderKL, CheckpointError, atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INAT21_URL = "https://github.com/visipedia/inat_comp/tree/master/2021"
@@ -599,12 +599,7 @@ def _files_fingerprint(dataset):
 
 
 def _write_json_atomic(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def _create_npy(path, dtype, shape):
@@ -775,8 +770,6 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _load_vae(path):
-    if not os.path.exists(path):
-        raise DataError(f"VAE not found at {path}; sd-vae-ft-ema is published at {VAE_URL}")
     try:
         return AutoencoderKL.from_pretrained(path)
     except CheckpointError as err:  # model.py's one-line error for a bad VAE file
@@ -840,9 +833,7 @@ def cmd_preview(args):
             x = dataset[int(i)][0]  # 3 x H x W in [-1, 1]
             row[:, j * image_size:(j + 1) * image_size] = ((x + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 0)
         rows.append(row)
-    tmp = f"{args.out}.tmp{os.getpid()}.png"
-    Image.fromarray(np.concatenate(rows)).save(tmp)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda f: Image.fromarray(np.concatenate(rows)).save(f, format="PNG"))
     print(f"wrote {args.out}: rows = classes {', '.join(dataset.class_names[:len(rows)])}")
 
 

@@ -34,7 +34,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 import zipfile
 
@@ -51,6 +50,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 from tqdm import tqdm
 
 from data import INAT21_SUPERCLASSES, center_crop_arr, inat21_superclass_of
+from model import atomic_write
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS
@@ -666,20 +666,6 @@ def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progres
     return stats_from_features(features, source.superclasses, source.superclass_names)
 
 
-def atomic_write(path, write):
-    """Call write(file) on a temp file beside `path`, then rename it over `path`: no half-written outputs."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_stats(path, stats):
     atomic_write(path, lambda f: np.savez(f, **stats))
 
@@ -864,11 +850,6 @@ def job_path(out_dir, hierarchy, class_id, index):
     return os.path.join(out_dir, group, f"{class_id:05d}", f"{index:06d}.png")
 
 
-def save_png_atomic(array, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
-
-
 def distributed_world():
     """(rank, world, device): joins the torchrun process group when there is one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -909,7 +890,7 @@ def cmd_generate(args):
         images = sample_images(model, classes, args.guidance, args.cfg_scale, args.sampler, args.steps, vae,
                                args.seed + j, device, args.precision, progress=False)   # (B, H, W, 3) uint8
         for (c, i), image in zip(batches[j], images.numpy()):
-            save_png_atomic(image, job_path(args.out, hierarchy, c, i))
+            atomic_write(job_path(args.out, hierarchy, c, i), lambda f: Image.fromarray(image).save(f, format="PNG"))
     if world > 1:
         torch.distributed.barrier()
     if rank == 0 and args.npz:

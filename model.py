@@ -386,6 +386,24 @@ PUBLISHED = {
 }
 
 
+def atomic_write(path, write):
+    """Call write(file) on a temp file beside `path`, then rename it over `path`: a crash or a full disk
+    never leaves a half-written checkpoint, image or table behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def read_checkpoint(path):
     """torch.load with weights_only=True (checkpoints are untrusted: a pickle is code); argparse.Namespace is
     allowed because the official and the authors' training checkpoints store their args as one."""
@@ -604,12 +622,7 @@ def save_safetensors(tensors, path, metadata=None):
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format pads the header with spaces to an 8-byte boundary
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for raw in chunks:
-            f.write(raw)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(b"".join([struct.pack("<Q", len(head)), head, *chunks])))
 
 
 def _torch_load_tensors(path):

@@ -19,7 +19,7 @@ import torch
 from torchvision.utils import make_grid
 
 from diffusion import create_diffusion
-from model import LATENT_SCALE, VAE_URL, AutoencoderKL, CheckpointError, latest_checkpoint, load_model
+from model import LATENT_SCALE, VAE_URL, AutoencoderKL, CheckpointError, atomic_write, latest_checkpoint, load_model
 
 
 class UsageError(Exception):
@@ -117,10 +117,7 @@ def save_png(images, path, nrow=4):
     """Atomic write of a grid of uint8 (N, H, W, 3) images."""
     from PIL import Image
     grid = make_grid(images.permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255)  # (3, H', W')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
 
 
 def parse_args(argv=None):

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 import data
 from diffusion import create_diffusion
 from model import (LATENT_SCALE, METHODS, PUBLISHED, VAE_URL, AutoencoderKL, CheckpointError, DiT_models,
-                   apply_delta, build_model, dit_config_from_state, file_sha256, latest_checkpoint, load_base_for_delta,
+                   apply_delta, atomic_write, build_model, dit_config_from_state, file_sha256, latest_checkpoint, load_base_for_delta,
                    load_model, load_pretrained, read_checkpoint, sample_latent, set_trainable, unwrap_state)
 
 PAPER_INIT = "DiT-XL-2-256x256.pt"
@@ -368,9 +368,7 @@ def load_vae(path, device, why):
         raise UsageError(f"a latent DiT needs the SD VAE to {why}: download config.json and "
                          f"diffusion_pytorch_model.safetensors of sd-vae-ft-ema from {VAE_URL} into a folder and "
                          f"pass --vae DIR" + ("" if "grid" in why else " (or train from a --latent-cache)"))
-    if not os.path.exists(path):
-        raise UsageError(f"VAE not found: {path} (sd-vae-ft-ema is published at {VAE_URL})")
-    vae = AutoencoderKL.from_pretrained(path).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(path).to(device).eval()   # a missing path: CheckpointError naming it
     vae.requires_grad_(False)
     return vae
 
@@ -387,14 +385,8 @@ def encode(vae, x):
 # ----------------------------------------------------------------------------------------------------------
 
 def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through model.atomic_write: a crash never leaves half a checkpoint."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def export(path, model_state, ema_state, args, config, hierarchy, step):
