@@ -97,6 +97,39 @@ def randomize(model, seed=1):
     return model
 
 
+def seeded_state(template, skip=("pos_embed",)):
+    """Weights that any implementation can rebuild from the published tensor names and shapes alone.
+
+    Tensor `name` is drawn from a generator seeded with crc32(name): the reference script
+    (reference/make_references.py) loads the same tensors into the official DiT, diffusers, pytorch-fid and
+    lpips, so the fixtures carry only inputs and outputs, never weights. Scales keep activations O(1) through
+    deep ReLU nets: weights ~ N(0, 2/fan_in) (He), norm scales ~ 1 + N(0, 0.1^2), BatchNorm variances in
+    [0.5, 1.5], biases and other vectors ~ N(0, 0.1^2). `skip`: tensors each implementation computes itself
+    (DiT's fixed sin-cos positions).
+    """
+    import zlib
+    state = {}
+    for name, like in template.items():
+        if name in skip:
+            continue
+        if not like.is_floating_point():                    # BatchNorm's num_batches_tracked
+            state[name] = like.clone()
+            continue
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        draw = torch.randn(like.shape, generator=g, dtype=torch.float64)
+        is_scale = like.ndim == 1 and name.endswith("weight") and ("norm" in name or ".bn." in name)
+        if name.endswith("running_var"):
+            value = 0.5 + torch.rand(like.shape, generator=g, dtype=torch.float64)
+        elif is_scale:
+            value = 1 + 0.1 * draw
+        elif like.ndim == 1:
+            value = 0.1 * draw
+        else:
+            value = draw * math.sqrt(2 / like[0].numel())
+        state[name] = value.to(like.dtype)
+    return state
+
+
 # ------------------------------------------------------------------------------------------------------------
 # model.py — parameter counts (paper Table 2) and trainable masks
 # ------------------------------------------------------------------------------------------------------------
@@ -784,6 +817,21 @@ def toy_cache(tmp_path_factory):
 # iNat21
 # ---------------------------------------------------------------------------------------------------------------
 
+# The authors' subclass -> superclass map, transcribed from their sample.py (FineDiffusion/FineDiffusion,
+# commit a59fdba): every id is Animalia (10) except these inclusive ranges.
+AUTHORS_INAT21_RANGES = {0: (5729, 9999), 1: (175, 2700), 2: (3111, 4596), 3: (5388, 5728), 4: (4859, 5171),
+                         5: (4613, 4858), 6: (2756, 2938), 7: (2939, 3108), 8: (5219, 5387), 9: (4, 156)}
+
+
+def test_inat21_builtin_table_equals_the_authors_map_at_every_id():
+    expected = np.full(10000, 10)
+    for superclass, (first, last) in AUTHORS_INAT21_RANGES.items():
+        expected[first:last + 1] = superclass
+    assert data.inat21_superclass_of(10000) == expected.tolist()
+    assert data.INAT21_SUPERCLASSES == ["Plants", "Insects", "Birds", "Fungi", "Reptiles", "Mammals",
+                                        "Ray-finned Fishes", "Amphibians", "Mollusks", "Arachnids", "Animalia"]
+
+
 def test_inat21_builtin_table_boundaries():
     sup = data.inat21_superclass_of(10000)
     name = lambda k: data.INAT21_SUPERCLASSES[sup[k]]
@@ -853,6 +901,15 @@ def test_two_level_folder_hierarchy(tmp_path):
     assert ds.class_names == ["lemon", "orange", "cantaloupe", "watermelon"]  # sorted (superclass, class)
     assert ds.superclass_of == [0, 0, 1, 1]
     assert ds.targets == [0, 1, 1, 2, 2, 3] and len(ds) == 6
+
+
+def test_image_datasets_give_images_in_minus_one_to_one(tmp_path):
+    """DiT's preprocessing: ToTensor then Normalize(0.5, 0.5), so black is -1 and white is +1 exactly."""
+    write_image(str(tmp_path / "dark" / "black" / "0.png"), (0, 0, 0), fmt="PNG")
+    write_image(str(tmp_path / "light" / "white" / "0.png"), (255, 255, 255), fmt="PNG")
+    ds = data.build_dataset("folder", str(tmp_path), image_size=16, flip=False)
+    black, white = ds[0][0], ds[1][0]
+    assert black.shape == (3, 16, 16) and torch.all(black == -1.0) and torch.all(white == 1.0)
 
 
 def test_flat_folder_with_csv_hierarchy(tmp_path):
@@ -1589,6 +1646,147 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base
                   "--run-dir", tmp_path)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000002.pt"]
     assert torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)["step"] == 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The paper's ideas end to end: superclass substitution in training (§3.2.1), the guide batch of eq. 1 in
+# sampling, the 0.18215 latent scale on both sides, the EMA
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def label_lookups():
+    """Every TieredEmbedder call while the fixture is active, as (labels given, table rows looked up)."""
+    import model as model_module
+    calls, rows = [], []
+
+    def hook(module, args, output):
+        if isinstance(module, nn.Embedding):
+            rows.append(args[0].detach().clone())
+        elif isinstance(module, model_module.TieredEmbedder):
+            calls.append((args[0].detach().clone(), rows.pop()))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    yield calls
+    handle.remove()
+
+
+def test_training_swaps_labels_for_their_superclass_row_at_the_configured_rate(tmp_path, base_ckpt, label_lookups):
+    run_train(*TINY_TRAIN, "--init", base_ckpt, "--tune", "finediffusion", "--superclass-prob", "0.3",
+              "--global-batch-size", "16", "--max-steps", "25", "--run-dir", tmp_path / "run")
+    y = torch.cat([given for given, _ in label_lookups])
+    rows = torch.cat([looked_up for _, looked_up in label_lookups])
+    assert len(y) == 16 * 25
+    swapped = rows != y
+    superclass_of = torch.tensor(data.ToyDataset(images_per_class=1).superclass_of)
+    assert torch.equal(rows[swapped], 16 + superclass_of[y[swapped]])     # to the row of its own superclass
+    n, p = len(y), 0.3
+    assert abs(swapped.sum().item() - n * p) < 4 * math.sqrt(n * p * (1 - p))
+
+
+def test_training_draws_timesteps_uniformly_over_all_1000_steps(tmp_path, base_ckpt, monkeypatch):
+    real, seen = diffusion_module.GaussianDiffusion.training_losses, []
+
+    def recording(self, model, x_start, t, *a, **k):
+        seen.append(t.clone())
+        return real(self, model, x_start, t, *a, **k)
+
+    monkeypatch.setattr(diffusion_module.GaussianDiffusion, "training_losses", recording)
+    run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "50", "--max-steps", "8",
+              "--run-dir", tmp_path)
+    t = torch.cat(seen)                                            # 400 draws of U{0, ..., 999}
+    counts = torch.bincount(t // 250, minlength=4).float()          # four quarters: 100 expected in each
+    assert t.min() >= 0 and t.max() <= 999 and ((counts - 100).abs() < 4 * math.sqrt(75)).all(), counts
+
+
+def test_superclass_substitution_defaults_to_the_authors_rate():
+    assert train.parse_args([]).superclass_prob == 0.1
+
+
+def test_ema_moves_towards_the_trained_weights_at_rate_one_minus_decay(tmp_path, base_ckpt):
+    run_train(*TINY_TRAIN, "--init", base_ckpt, "--tune", "finediffusion", "--ema-decay", "0.75",
+              "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "1", "--run-dir", tmp_path)
+    first, second = (torch.load(tmp_path / "checkpoints" / f"{s:07d}.pt", weights_only=True) for s in (1, 2))
+    for name, theta in second["model"].items():
+        torch.testing.assert_close(second["ema"][name], 0.75 * first["ema"][name] + 0.25 * theta)
+    assert not torch.equal(first["ema"]["blocks.0.attn.qkv.bias"], second["ema"]["blocks.0.attn.qkv.bias"])
+
+
+class FixedPosterior(nn.Module):
+    """A VAE whose posterior is N(2, 0.5^2) at every latent pixel (4 channels, 8x downsampling)."""
+
+    def encode(self, x):
+        shape = (x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8)
+        return torch.full(shape, 2.0), torch.full(shape, math.log(0.25))
+
+
+def test_training_latents_are_posterior_draws_scaled_by_0_18215():
+    torch.manual_seed(0)
+    z = train.encode(FixedPosterior(), torch.zeros(2000, 3, 16, 16))     # (2000, 4, 2, 2)
+    assert abs(z.mean().item() - 0.18215 * 2.0) < 0.005
+    assert abs(z.std().item() - 0.18215 * 0.5) < 0.005
+
+
+class RecordingDecoder(nn.Module):
+    """A VAE decoder that records what it is asked to decode and returns a grey image."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def decode(self, z):
+        self.seen.append(z.clone())
+        return torch.zeros(z.shape[0], 3, 8 * z.shape[2], 8 * z.shape[3])
+
+
+def test_sample_images_follows_the_authors_sampling_flow():
+    """sample.py as the authors' sample.py: seed; z; [z; z] with labels [c; K + superclass_of[c]]; DDPM over
+    forward_with_cfg (eq. 1, first 3 channels guided); keep the conditional half; decode z / 0.18215."""
+    from sample import sample_images
+    K, superclass_of = 16, [c // 4 for c in range(16)]
+    model = randomize(DiT_models["DiT-T/2"](input_size=4, in_channels=4, num_classes=K, num_superclasses=4,
+                                            superclass_of=superclass_of, null_class=False, norm_affine=True)).eval()
+    classes, vae = [3, 9, 14], RecordingDecoder()
+    sample_images(model, classes, "superclass", 4.0, "ddpm", 5, vae=vae, seed=11, progress=False)
+
+    torch.manual_seed(11)
+    z = torch.randn(3, 4, 4, 4)
+    y = torch.tensor(classes)
+    y_guide = K + torch.tensor(superclass_of)[y]
+    with torch.no_grad():
+        x = create_diffusion("5").p_sample_loop(model.forward_with_cfg, (6, 4, 4, 4), torch.cat([z, z]),
+                                                model_kwargs=dict(y=torch.cat([y, y_guide]), cfg_scale=4.0))
+    torch.testing.assert_close(vae.seen[0], x[:3] / 0.18215, rtol=1e-5, atol=1e-5)
+
+
+def test_difffit_gates_scale_their_branches():
+    block = randomize(build_model("DiT-T/2", 16, 16, 4, "difffit", pixel_space=True).blocks[0])
+    x, c = torch.randn(2, 64, 128), torch.randn(2, 128)
+    with torch.no_grad():
+        block.gamma1.fill_(0.0)
+        block.gamma2.fill_(0.0)
+        assert torch.equal(block(x, c), x)                      # both branches gated off: the identity
+        block.gamma1.fill_(1.0)
+        assert not torch.allclose(block(x, c), x)
+
+
+def test_dit_configurations_are_the_published_ones():
+    published = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+    for size, (depth, width, heads) in published.items():
+        for patch in (2, 4, 8):
+            with torch.device("meta"):
+                model = DiT_models[f"DiT-{size}/{patch}"]()
+            assert len(model.blocks) == depth and model.blocks[0].attn.num_heads == heads, size
+            assert model.x_embedder.proj.weight.shape[:1] + model.x_embedder.proj.weight.shape[2:] == (width, patch, patch)
+
+
+def test_fid_table_pairs_superclasses_by_name_not_by_position():
+    rng = np.random.default_rng(0)
+    fishes, birds = rng.normal(0.0, 1.0, (60, 3)), rng.normal(4.0, 2.0, (60, 3))
+    labels = np.repeat([0, 1], 60)
+    real = evaluate.stats_from_features(np.concatenate([fishes, birds]), labels, ["Ray-finned Fishes", "Birds"])
+    fake = evaluate.stats_from_features(np.concatenate([birds, fishes]), labels, ["Birds", "Ray-finned Fishes"])
+    rows = {r["superclass"]: r["fid"] for r in fid_table(real, fake)}
+    assert rows["Ray-finned Fishes"] == pytest.approx(0.0, abs=1e-6) and rows["Birds"] == pytest.approx(0.0, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------
