@@ -16,7 +16,6 @@ Every figure is the median of --repeats runs after --warmup runs; ratios compare
 Training memory on a CPU is the peak resident set of a fresh process minus its size before the model was
 built (weights, gradients, optimizer state and activations); on CUDA, torch.cuda.max_memory_allocated.
 """
-import argparse
 import json
 import os
 import resource
@@ -29,8 +28,11 @@ from contextlib import nullcontext
 
 import torch
 
+import data
+import train
 from diffusion import create_diffusion
-from model import METHODS, AutoencoderKL, DiT_models, atomic_write, build_model, set_trainable
+from evaluate import FIDInceptionV3, inception_features
+from model import METHODS, ArgumentParser, AutoencoderKL, DiT_models, UserError, atomic_write, build_model, run_cli, set_trainable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,7 +64,6 @@ def rss_mb():
 
 def trainer(model_name, image_size, batch, method, device, precision, compile=False):
     """A DiT set up for `method` and one training step as train.py runs it (train.train_step)."""
-    import train
     K, S = 1000, 10
     model = build_model(model_name, image_size, K, S, method, superclass_of=[c % S for c in range(K)]).to(device).train()
     set_trainable(model, method)
@@ -96,7 +97,7 @@ def bench_train(args):
                "--warmup", str(args.warmup)] + (["--compile"] if args.compile else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"error: the {method} training benchmark failed: {proc.stderr.strip().splitlines()[-1]}")
+            raise UserError(f"the {method} training benchmark failed: {proc.stderr.strip().splitlines()[-1]}")
         results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     full = results["full"]
     for r in results.values():
@@ -110,8 +111,6 @@ def bench_train(args):
 # ----------------------------------------------------------------------------------------------------------
 
 def bench_data(args, vae_config):
-    import data
-    import train
     torch.manual_seed(0)
     device = args.device
     vae = AutoencoderKL(**vae_config).to(device).eval()          # random weights: the cost is the same
@@ -190,7 +189,6 @@ def bench_sampling(args):
 
 
 def bench_fid(args):
-    from evaluate import FIDInceptionV3, inception_features
     torch.manual_seed(0)
     model = FIDInceptionV3().eval()                               # random weights: the cost is the same
     images = torch.rand(args.fid_batch, 3, args.fid_size, args.fid_size)
@@ -230,8 +228,7 @@ def report(results):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models and few repeats (seconds; for tests)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32")
@@ -248,8 +245,8 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="+", choices=["train", "data", "sampling", "fid"],
                    default=["train", "data", "sampling", "fid"], help="run only these parts")
     p.add_argument("--out", default="results/bench.json")
-    p.add_argument("--worker", choices=["train"], help=argparse.SUPPRESS)
-    p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["train"], help="(internal: one training benchmark in a fresh process)")
+    p.add_argument("--method", choices=METHODS, help="(internal: the method of --worker train)")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.image_size, args.batch = "DiT-T/4", 64, 4
@@ -264,8 +261,7 @@ def main(argv=None):
     if args.worker == "train":
         return train_worker(args)
     if args.model not in DiT_models or args.sample_model not in DiT_models:
-        print(f"error: unknown model; choose one of {', '.join(DiT_models)}", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"unknown model; choose one of {', '.join(DiT_models)}")
     vae_config = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1) if args.quick else {}
     results = dict(device=args.device, precision=args.precision, threads=torch.get_num_threads(), model=args.model,
                    image_size=args.image_size, batch=args.batch, quick=args.quick, compile=args.compile)
@@ -279,4 +275,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,14 +1,13 @@
-"""
-Data for FineDiffusion: datasets with a two-level label hierarchy, DiT preprocessing, and a VAE-latent cache.
+"""Data for FineDiffusion: datasets with a two-level label hierarchy, DiT preprocessing, and a VAE-latent cache.
 
 FineDiffusion (paper §3.2) conditions a DiT on a fine-grained *subclass* label and, through the TieredEmbedder and
 fine-grained classifier-free guidance, on that subclass's *superclass*. So every dataset here yields
-`(image, class_id)`, image a float tensor 3xHxW in [-1, 1], and exposes its hierarchy:
+`(image, class_id)`, image a float tensor 3xHxW in [-1, 1], and exposes its hierarchy (make_hierarchy: the one
+representation of it, which checkpoints, caches, FID statistics and generated samples carry unchanged):
 
     class_names[k]      name of subclass k            num_classes      = K
     superclass_names[s] name of superclass s          num_superclasses = S
     superclass_of[k]    superclass id of subclass k   targets[i]       = class id of item i
-    hierarchy()         the three lists as a plain JSON-able dict (checkpoints and caches carry it)
 
 Datasets, `build_dataset(name, data_path, ...)` (paper §4.1):
   inat21  iNaturalist 2021 as published: <root>/{train_mini,train,val}/NNNNN_Kingdom_Phylum_Class_Order_Family_
@@ -23,17 +22,15 @@ Datasets, `build_dataset(name, data_path, ...)` (paper §4.1):
 Preprocessing is DiT's: ADM centre crop, random horizontal flip, [-1, 1]. Unreadable images are skipped with a warning.
 
 Latent cache (DiT trains on SD-VAE latents; encoding 500K images every epoch is the main cost otherwise):
-    python data.py cache --data inat21 --data-path /data/inat21 --split train_mini \
-        --vae pretrained/sd-vae-ft-ema --out results/cache/inat21-256 --image-size 256
+    python data.py cache --data inat21 --data-path data/inat21 --vae pretrained/sd-vae-ft-ema --out cache/inat21-256
     torchrun --nproc_per_node=8 data.py cache ...    # same arguments; each rank encodes its own shard
 It stores the VAE posterior (mean, logvar) of every image and of its mirror, so `LatentCacheDataset` can draw
 z ~ N(mean, exp(logvar)) * 0.18215 afresh each time -- the same distribution as encoding on the fly.
 Other commands:
-    python data.py info --data inat21 --data-path /data/inat21 --split val    # counts and the hierarchy
+    python data.py info --data inat21 --data-path data/inat21 --split val    # counts and the hierarchy
     python data.py preview --data toy --out toy.png                          # a grid, one row per class
 """
 
-import argparse
 import csv
 import datetime
 import functools
@@ -52,21 +49,32 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from model import LATENT_SCALE, AutoencoderKL, CheckpointError, atomic_write
+from model import ArgumentParser, AutoencoderKL, UserError, atomic_write, run_cli, scaled_latent
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INAT21_URL = "https://github.com/visipedia/inat_comp/tree/master/2021"
 CACHE_FORMAT = "finediffusion-latent-cache"
-CACHE_VERSION = 1
-
-
-class DataError(Exception):
-    """A problem with the user's data or files (missing path, stale cache, ...). The message is one line."""
+CACHE_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# iNaturalist 2021 hierarchy (written first: sample.py needs it to name the authors' checkpoint classes)
+# The label hierarchy: one representation, everywhere
 # ----------------------------------------------------------------------------------------------------------------
+
+def make_hierarchy(class_names, superclass_names, superclass_of):
+    """The one representation of a two-level label hierarchy, carried unchanged by datasets, latent caches,
+    checkpoints, FID statistics and generated samples: a plain, JSON-able dict
+
+        {"class_names": [K str], "superclass_names": [S str], "superclass_of": [K ints in [0, S)]}
+
+    Names are data, never recovered from file names (iNat21 has "Ray-finned Fishes")."""
+    if len(class_names) != len(superclass_of):
+        raise UserError(f"{len(class_names)} class names but {len(superclass_of)} superclass_of entries")
+    if any(not 0 <= s < len(superclass_names) for s in superclass_of):
+        raise UserError(f"superclass_of holds ids outside [0, {len(superclass_names)})")
+    return dict(class_names=[str(n) for n in class_names], superclass_names=[str(n) for n in superclass_names],
+                superclass_of=[int(s) for s in superclass_of])
+
 
 # Superclass ids are the row order of the authors' FineDiffusion-iNat.pt label table: do not reorder.
 INAT21_SUPERCLASSES = ["Plants", "Insects", "Birds", "Fungi", "Reptiles", "Mammals", "Ray-finned Fishes",
@@ -97,6 +105,61 @@ def inat21_superclass_of(num_classes=10000):
     return superclass_of
 
 
+def inat21_hierarchy():
+    """iNat21's hierarchy without its json (e.g. to sample the authors' checkpoint): classes named by their
+    5-digit id, as the dataset's folders begin (04021 is 04021_Animalia_...)."""
+    return make_hierarchy([f"{k:05d}" for k in range(10000)], INAT21_SUPERCLASSES, inat21_superclass_of())
+
+
+class HierarchyMixin:
+    """A dataset's hierarchy (a make_hierarchy dict) and its views; `targets[i]` is item i's class id."""
+
+    def set_hierarchy(self, hierarchy):
+        self._hierarchy = hierarchy
+
+    def hierarchy(self):
+        return self._hierarchy
+
+    class_names = property(lambda self: self._hierarchy["class_names"])
+    superclass_names = property(lambda self: self._hierarchy["superclass_names"])
+    superclass_of = property(lambda self: self._hierarchy["superclass_of"])
+    num_classes = property(lambda self: len(self._hierarchy["class_names"]))
+    num_superclasses = property(lambda self: len(self._hierarchy["superclass_names"]))
+
+    def make_coarse(self):
+        """Relabel every item with its superclass id; the classes become the superclasses (each its own parent).
+        Used to pre-train a base model on coarse labels before fine-grained fine-tuning."""
+        superclass_of = np.asarray(self.superclass_of, dtype=np.int64)
+        self.labels = superclass_of[np.asarray(self.targets, dtype=np.int64)]  # N
+        self.targets = self.labels.tolist()
+        names = list(self.superclass_names)
+        self.set_hierarchy(make_hierarchy(names, names, range(len(names))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes: one process, or one per GPU under torchrun
+# ----------------------------------------------------------------------------------------------------------------
+
+def init_distributed(device=None):
+    """(rank, world_size, device) of this process, joining the process group under torchrun (nccl on CUDA,
+    gloo on CPU). device: None for cuda:LOCAL_RANK when there is a GPU, else the CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        # long barriers (a rank finishing its shard of the latent cache) must not time out
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    return rank, world, device
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Preprocessing (exactly DiT's, which is ADM's)
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,61 +187,22 @@ def dit_transform(image_size, flip=True):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The hierarchy every dataset exposes
-# ----------------------------------------------------------------------------------------------------------------
-
-class HierarchyMixin:
-    """class_names / superclass_names / superclass_of / targets, and the coarse view (class id := superclass id)."""
-
-    def set_hierarchy(self, class_names, superclass_names, superclass_of):
-        if len(class_names) != len(superclass_of):
-            raise DataError(f"{len(class_names)} class names but {len(superclass_of)} superclass_of entries")
-        if any(not 0 <= s < len(superclass_names) for s in superclass_of):
-            raise DataError(f"superclass_of holds ids outside [0, {len(superclass_names)})")
-        self.class_names = [str(name) for name in class_names]
-        self.superclass_names = [str(name) for name in superclass_names]
-        self.superclass_of = [int(s) for s in superclass_of]
-
-    @property
-    def num_classes(self):
-        return len(self.class_names)
-
-    @property
-    def num_superclasses(self):
-        return len(self.superclass_names)
-
-    def hierarchy(self):
-        return dict(class_names=list(self.class_names), superclass_names=list(self.superclass_names),
-                    superclass_of=list(self.superclass_of))
-
-    def make_coarse(self):
-        """Relabel every item with its superclass id; the classes become the superclasses (each its own parent).
-        Used to pre-train a base model on coarse labels before fine-grained fine-tuning."""
-        superclass_of = np.asarray(self.superclass_of, dtype=np.int64)
-        self.labels = superclass_of[np.asarray(self.targets, dtype=np.int64)]  # N
-        self.targets = self.labels.tolist()
-        names = list(self.superclass_names)
-        self.set_hierarchy(names, names, range(len(names)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Image files on disk (iNat21 and folder trees)
 # ----------------------------------------------------------------------------------------------------------------
 
 class ImageListDataset(HierarchyMixin, Dataset):
     """Image files under `root` with class ids; decoded with PIL, preprocessed as DiT; unreadable files skipped."""
 
-    def __init__(self, root, files, labels, class_names, superclass_names, superclass_of,
-                 image_size=256, flip=True, coarse=False):
+    def __init__(self, root, files, labels, hierarchy, image_size=256, flip=True, coarse=False):
         if len(files) == 0:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
         self.root = root
         # One numpy bytes array instead of 500K Python strings: DataLoader workers then share it without the
         # copy-on-access that refcount updates cause on lists of objects.
         self.files = np.array([os.fsencode(f) for f in files])  # N, relative paths
         self.labels = np.asarray(labels, dtype=np.int64)  # N
         self.targets = self.labels.tolist()
-        self.set_hierarchy(class_names, superclass_names, superclass_of)
+        self.set_hierarchy(hierarchy)
         if coarse:
             self.make_coarse()
         self.image_size, self.flip = image_size, flip
@@ -205,7 +229,7 @@ class ImageListDataset(HierarchyMixin, Dataset):
                 warnings.warn(f"skipping unreadable image {self.path(i)}: {err}", stacklevel=2)
                 continue
             return self.transform(image), int(self.labels[i])
-        raise DataError(f"no readable image under {self.root}")
+        raise UserError(f"no readable image under {self.root}")
 
 
 def _list_dirs(folder):
@@ -231,9 +255,9 @@ def _scan_classes(root, class_dirs, class_ids):
 
 def _require_dir(path, what, hint=""):
     if not path:
-        raise DataError(f"{what}: no data path given (--data-path){hint}")
+        raise UserError(f"{what}: no data path given (--data-path){hint}")
     if not os.path.isdir(path):
-        raise DataError(f"{what}: {path} is not a directory{hint}")
+        raise UserError(f"{what}: {path} is not a directory{hint}")
 
 
 def _inat21_categories(root, split):
@@ -248,7 +272,7 @@ def _inat21_categories(root, split):
         with open(path) as f:
             return json.load(f)["categories"]
     except (OSError, ValueError, KeyError) as err:
-        raise DataError(f"cannot read iNat21 categories from {path}: {err}") from None
+        raise UserError(f"cannot read iNat21 categories from {path}: {err}") from None
 
 
 def inat21_dataset(root, split="train_mini", image_size=256, flip=True, coarse=False):
@@ -260,10 +284,10 @@ def inat21_dataset(root, split="train_mini", image_size=256, flip=True, coarse=F
         split_dir, root = root, os.path.dirname(os.path.normpath(root))  # user pointed at the split folder itself
     if not os.path.isdir(split_dir):
         present = ", ".join(d for d in _list_dirs(root) if d in ("train_mini", "train", "val")) or "none"
-        raise DataError(f"iNat21: no {split}/ folder in {root} (splits present: {present}){hint}")
+        raise UserError(f"iNat21: no {split}/ folder in {root} (splits present: {present}){hint}")
     class_dirs = _list_dirs(split_dir)
     if not class_dirs:
-        raise DataError(f"iNat21: {split_dir} holds no class folders{hint}")
+        raise UserError(f"iNat21: {split_dir} holds no class folders{hint}")
 
     categories = _inat21_categories(root, split) or []
     by_dir = {c["image_dir_name"]: c for c in categories if "image_dir_name" in c}
@@ -288,7 +312,7 @@ def inat21_dataset(root, split="train_mini", image_size=256, flip=True, coarse=F
             class_names.append(" ".join(parts[6:]) if len(parts) >= 8 else class_dir)  # "Genus epithet"
 
     files, labels = _scan_classes(split_dir, class_dirs, range(len(class_dirs)))
-    dataset = ImageListDataset(split_dir, files, labels, class_names, superclass_names, superclass_of,
+    dataset = ImageListDataset(split_dir, files, labels, make_hierarchy(class_names, superclass_names, superclass_of),
                                image_size, flip, coarse)
     if not coarse:
         dataset.class_folders = class_dirs  # NNNNN_Kingdom_..._Genus_epithet, beside the readable class_names
@@ -312,7 +336,7 @@ def folder_dataset(root, split="train", image_size=256, flip=True, coarse=False,
         present = _list_dirs(root)
         unknown = [c for c in present if c not in pairs]
         if unknown:
-            raise DataError(f"{len(unknown)} class folders of {root} are not in {hierarchy_csv}, "
+            raise UserError(f"{len(unknown)} class folders of {root} are not in {hierarchy_csv}, "
                             f"e.g. {', '.join(unknown[:5])}")
         superclass_names = sorted(set(pairs.values()))
         ordered = sorted(pairs, key=lambda c: (pairs[c], c))  # class names in id order
@@ -323,12 +347,12 @@ def folder_dataset(root, split="train", image_size=256, flip=True, coarse=False,
     else:
         superclass_names = _list_dirs(root)
         if not superclass_names:
-            raise DataError(f"folder dataset: {root} holds no superclass folders (expected root/<superclass>/<class>/)")
+            raise UserError(f"folder dataset: {root} holds no superclass folders (expected root/<superclass>/<class>/)")
         class_dirs, superclass_of = [], []
         for s, superclass in enumerate(superclass_names):
             classes = _list_dirs(os.path.join(root, superclass))
             if not classes and _list_images(os.path.join(root, superclass)):
-                raise DataError(f"folder dataset: {os.path.join(root, superclass)} holds images, not class folders; "
+                raise UserError(f"folder dataset: {os.path.join(root, superclass)} holds images, not class folders; "
                                 f"for a flat root/<class>/ layout pass --hierarchy-csv with class,superclass rows")
             class_dirs += [os.path.join(superclass, c) for c in classes]
             superclass_of += [s] * len(classes)
@@ -336,14 +360,14 @@ def folder_dataset(root, split="train", image_size=256, flip=True, coarse=False,
         leaf = [os.path.basename(d) for d in class_dirs]
         # a class name repeated under two superclasses is qualified as "superclass/class" to stay unambiguous
         class_names = [n if leaf.count(n) == 1 else d.replace(os.sep, "/") for n, d in zip(leaf, class_dirs)]
-    return ImageListDataset(root, files, labels, class_names, superclass_names, superclass_of,
+    return ImageListDataset(root, files, labels, make_hierarchy(class_names, superclass_names, superclass_of),
                             image_size, flip, coarse)
 
 
 def _read_hierarchy_csv(path):
     """`class,superclass` rows (an optional header row `class,superclass`) -> {class: superclass}."""
     if not os.path.isfile(path):
-        raise DataError(f"hierarchy CSV {path} not found")
+        raise UserError(f"hierarchy CSV {path} not found")
     pairs = {}
     with open(path, newline="") as f:
         for line_no, row in enumerate(csv.reader(f), 1):
@@ -351,12 +375,12 @@ def _read_hierarchy_csv(path):
             if not any(row) or (line_no == 1 and [c.lower() for c in row] == ["class", "superclass"]):
                 continue
             if len(row) != 2 or not all(row):
-                raise DataError(f"{path}:{line_no}: expected `class,superclass`, got {','.join(row)!r}")
+                raise UserError(f"{path}:{line_no}: expected `class,superclass`, got {','.join(row)!r}")
             name, superclass = row
             if pairs.setdefault(name, superclass) != superclass:
-                raise DataError(f"{path}:{line_no}: class {name!r} listed under {pairs[name]!r} and {superclass!r}")
+                raise UserError(f"{path}:{line_no}: class {name!r} listed under {pairs[name]!r} and {superclass!r}")
     if not pairs:
-        raise DataError(f"hierarchy CSV {path} has no class,superclass rows")
+        raise UserError(f"hierarchy CSV {path} has no class,superclass rows")
     return pairs
 
 
@@ -497,7 +521,7 @@ class ToyDataset(HierarchyMixin, Dataset):
         if not 1 <= num_superclasses <= len(TOY_SHAPES):
             raise ValueError(f"toy dataset: num_superclasses must be 1..{len(TOY_SHAPES)}")
         if split not in _TOY_SPLITS:
-            raise DataError(f"toy dataset: unknown split {split!r} (choose {', '.join(_TOY_SPLITS)})")
+            raise UserError(f"toy dataset: unknown split {split!r} (choose {', '.join(_TOY_SPLITS)})")
         S, P = num_superclasses, subclasses_per_superclass
         self.num_families, self.subclasses_per_superclass = S, P  # the fine set, even if coarse
         self.image_size, self.images_per_class, self.seed, self.flip = image_size, images_per_class, seed, flip
@@ -505,8 +529,8 @@ class ToyDataset(HierarchyMixin, Dataset):
         n_pat = len(TOY_PATTERNS)
         patterns = [TOY_PATTERNS[k % n_pat] + (str(k // n_pat + 1) if k >= n_pat else "")
                     for k in range(P)]  # plain, striped, spotted, eyed, plain2, ...
-        self.set_hierarchy([f"{TOY_SHAPES[f]}/{patterns[k]}" for f in range(S) for k in range(P)],
-                           TOY_SHAPES[:S], [f for f in range(S) for _ in range(P)])
+        self.set_hierarchy(make_hierarchy([f"{TOY_SHAPES[f]}/{patterns[k]}" for f in range(S) for k in range(P)],
+                                          TOY_SHAPES[:S], [f for f in range(S) for _ in range(P)]))
         self.fine_labels = np.repeat(np.arange(S * P), images_per_class)  # N: fine class of item i
         self.labels = self.fine_labels.copy()
         self.targets = self.labels.tolist()
@@ -549,7 +573,7 @@ def build_dataset(name, data_path=None, image_size=256, split="train", flip=True
         return folder_dataset(data_path, split, image_size, flip, coarse, hierarchy_csv)
     if name == "toy":
         return ToyDataset(image_size=image_size, seed=seed, coarse=coarse, flip=flip, split=split)
-    raise DataError(f"unknown dataset {name!r}: choose inat21, folder or toy")
+    raise UserError(f"unknown dataset {name!r}: choose inat21, folder or toy")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -563,31 +587,6 @@ def build_dataset(name, data_path=None, image_size=256, split="train", flip=True
 #   meta.json    format, version, data, data_path, split, image_size, num_images, latent_shape [C, h, w],
 #                hierarchy, vae (identity), files_sha256, command, complete
 # Rows are written, then flushed, then marked done and flushed: a crash in between only re-encodes one batch.
-
-def _weights_file(path):
-    """The weights file of a VAE given as a file or a (diffusers-style) directory."""
-    if os.path.isfile(path):
-        return path
-    if os.path.isdir(path):
-        for folder in (path, os.path.join(path, "vae")):
-            for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-                if os.path.isfile(os.path.join(folder, name)):
-                    return os.path.join(folder, name)
-        weights = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".ckpt")))
-        if weights:
-            return os.path.join(path, weights[0])
-    raise DataError(f"VAE weights not found at {path} (expected a weights file or a folder with "
-                    f"diffusion_pytorch_model.safetensors / .bin)")
-
-
-def vae_identity(path):
-    """'sha256:<hex>' of the VAE's weights file contents: the same weights match under any name or path."""
-    digest = hashlib.sha256()
-    with open(_weights_file(path), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
 
 def _files_fingerprint(dataset):
     """sha256 over the file list and labels, so resuming into a cache of other files is refused (None for toy)."""
@@ -674,7 +673,7 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=4, meta
         dist.broadcast_object_list(verdict, src=0)
         error = verdict[0]
     if error:
-        raise DataError(error)
+        raise UserError(error)
 
     moments = np.load(os.path.join(out_dir, "moments.npy"), mmap_mode="r+")  # N x 2 x 2C x h x w
     labels = np.load(os.path.join(out_dir, "labels.npy"), mmap_mode="r+")  # N
@@ -711,39 +710,38 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
     original or (flip=True, p = 1/2) the mirrored image -- the distribution of DiT's on-the-fly
     `vae.encode(x).latent_dist.sample().mul_(0.18215)` with random flips.
 
-    expect: fields the cache must match, keys as in meta.json, e.g.
-        dict(vae=vae_identity(args.vae), image_size=256, data="inat21", data_path=args.data_path, split="train_mini")
-    (None values are not checked). A mismatch or an incomplete cache raises DataError saying what to run.
+    expect: fields the cache must match, keys as in meta.json, e.g. dict(data="inat21", data_path=..., vae=
+    vae.identity()) (None values are not checked). A mismatch or an incomplete cache raises UserError saying what to run.
     """
 
     def __init__(self, path, expect=None, flip=True, coarse=False):
         self.path, self.flip = path, flip
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isfile(meta_path):
-            raise DataError(f"no latent cache at {path} (no meta.json): build it with `python data.py cache "
+            raise UserError(f"no latent cache at {path} (no meta.json): build it with `python data.py cache "
                             f"--data ... --data-path ... --vae ... --out {path}`")
         with open(meta_path) as f:
             self.meta = meta = json.load(f)
         rebuild = meta.get("command") or f"python data.py cache ... --out {path}"
         if (meta.get("format"), meta.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
-            raise DataError(f"{path} is not a version-{CACHE_VERSION} latent cache: rebuild it with `{rebuild}`")
+            raise UserError(f"{path} is not a version-{CACHE_VERSION} latent cache: rebuild it with `{rebuild}`")
         for key, want in (expect or {}).items():
             have = meta.get(key)
             if key == "data_path" and want is not None and have is not None:
                 want, have = os.path.realpath(want), os.path.realpath(have)
             if want is not None and have != want:
-                raise DataError(f"latent cache {path} was built with {key}={have!r} but this run has {key}={want!r}: "
+                raise UserError(f"latent cache {path} was built with {key}={have!r} but this run has {key}={want!r}: "
                                 f"rebuild it with `python data.py cache ...` (was: `{rebuild}`) into another --out")
         missing = [f for f in ("moments.npy", "labels.npy", "done.npy") if not os.path.isfile(os.path.join(path, f))]
         if missing:
-            raise DataError(f"latent cache {path} lacks {', '.join(missing)}: rebuild it with `{rebuild}`")
+            raise UserError(f"latent cache {path} lacks {', '.join(missing)}: rebuild it with `{rebuild}`")
         done = np.load(os.path.join(path, "done.npy"), mmap_mode="r")
         if not meta.get("complete") or not done.all():
-            raise DataError(f"latent cache {path} is incomplete ({int(done.sum())} of {len(done)} images encoded): "
+            raise UserError(f"latent cache {path} is incomplete ({int(done.sum())} of {len(done)} images encoded): "
                             f"re-run `{rebuild}` to resume it")
         self.labels = np.load(os.path.join(path, "labels.npy"))  # N
         self.targets = self.labels.tolist()
-        self.set_hierarchy(**meta["hierarchy"])
+        self.set_hierarchy(make_hierarchy(**meta["hierarchy"]))
         if coarse:
             self.make_coarse()
         self.image_size, self.latent_shape = meta["image_size"], meta["latent_shape"]
@@ -760,21 +758,12 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
             self._moments = np.load(os.path.join(self.path, "moments.npy"), mmap_mode="r")
         view = int(torch.randint(2, ())) if self.flip else 0  # 0 original, 1 mirror
         moments = torch.from_numpy(self._moments[index, view].astype(np.float32))  # 2C x h x w
-        mean, logvar = moments.chunk(2)  # C x h x w each
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        return z * LATENT_SCALE, int(self.labels[index])
+        return scaled_latent(*moments.chunk(2)), int(self.labels[index])  # C x h x w
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
-
-def _load_vae(path):
-    try:
-        return AutoencoderKL.from_pretrained(path)
-    except CheckpointError as err:  # model.py's one-line error for a bad VAE file
-        raise DataError(str(err)) from None
-
 
 def _dataset_from_args(args, flip):
     split = args.split or ("train_mini" if args.data == "inat21" else "train")
@@ -785,13 +774,7 @@ def _dataset_from_args(args, flip):
 
 
 def cmd_cache(args):
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if world > 1 and not dist.is_initialized():
-        # only barriers and one broadcast of a Python object: gloo serves both CPU and GPU runs
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=3))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+    _, _, device = init_distributed()
     try:
         dataset, split, image_size = _dataset_from_args(args, flip=False)
         command = ["python", "data.py", "cache", "--data", args.data, "--split", split, "--image-size",
@@ -800,10 +783,10 @@ def cmd_cache(args):
             command[5:5] = ["--data-path", args.data_path]
         if args.hierarchy_csv:
             command += ["--hierarchy-csv", args.hierarchy_csv]
+        vae = AutoencoderKL.from_pretrained(args.vae)
         meta = dict(data=args.data, data_path=os.path.realpath(args.data_path) if args.data_path else None,
-                    split=split, vae=vae_identity(args.vae), command=shlex.join(command))
-        vae = _load_vae(args.vae)
-        meta = build_latent_cache(dataset, vae, args.out, args.batch_size, args.num_workers, meta=meta)
+                    split=split, vae=vae.identity(), command=shlex.join(command))
+        meta = build_latent_cache(dataset, vae, args.out, args.batch_size, args.num_workers, meta=meta, device=device)
         if meta["complete"]:
             print(f"latent cache complete: {meta['num_images']} images, latents {meta['latent_shape']}, in {args.out}")
     finally:
@@ -838,7 +821,7 @@ def cmd_preview(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="FineDiffusion data: latent cache, dataset info, previews")
+    parser = ArgumentParser(description="FineDiffusion data: latent cache, dataset info, previews")
     commands = parser.add_subparsers(dest="command", required=True)
     cache = commands.add_parser("cache", help="encode a dataset with the VAE into a resumable latent cache")
     info = commands.add_parser("info", help="print image / class counts per superclass")
@@ -850,7 +833,8 @@ def main(argv=None):
         p.add_argument("--split", default=None, help="default: train_mini for inat21, else train")
         p.add_argument("--image-size", type=int, default=None, help="default: 32 for toy, else 256")
         p.add_argument("--hierarchy-csv", default=None, help="class,superclass rows for a flat class folder")
-    cache.add_argument("--vae", required=True, help="SD VAE folder or weights file")
+    cache.add_argument("--vae", default="sd-vae-ft-ema", help="SD VAE folder or weights file (also looked up "
+                                                              "under pretrained/)")
     cache.add_argument("--out", required=True, help="cache directory (re-run the same command to resume)")
     cache.add_argument("--batch-size", type=int, default=32)
     cache.add_argument("--num-workers", type=int, default=4)
@@ -858,13 +842,8 @@ def main(argv=None):
     preview.add_argument("--per-class", type=int, default=8)
     preview.add_argument("--max-classes", type=int, default=16)
     args = parser.parse_args(argv)
-    try:
-        {"cache": cmd_cache, "info": cmd_info, "preview": cmd_preview}[args.command](args)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    {"cache": cmd_cache, "info": cmd_info, "preview": cmd_preview}[args.command](args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -27,11 +27,6 @@ def linear_betas(num_steps):
     return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
 
 
-def cosine_betas(num_steps, max_beta=0.999):
-    abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-    return np.array([min(1 - abar((i + 1) / num_steps) / abar(i / num_steps), max_beta) for i in range(num_steps)])
-
-
 def space_timesteps(num_timesteps, section_counts):
     """Which of the original steps a respaced sampler keeps.
 
@@ -110,7 +105,6 @@ class GaussianDiffusion:
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
@@ -145,10 +139,8 @@ class GaussianDiffusion:
         t_orig = torch.from_numpy(self.timestep_map).to(t.device)[t]   # respaced index -> trained step
         return model(x, t_orig, **(model_kwargs or {}))
 
-    def p_mean_variance(self, model, x, t, clip_denoised=False, model_kwargs=None, model_output=None):
-        """mean, variance and x_0 estimate of p(x_{t-1} | x_t)."""
-        if model_output is None:
-            model_output = self.call_model(model, x, t, model_kwargs)
+    def p_mean_variance(self, model_output, x, t):
+        """Mean, log-variance and x_0 estimate of p(x_{t-1} | x_t), from the network's output at (x_t, t)."""
         if self.learn_sigma:
             eps, var_values = model_output.split(x.shape[1], dim=1)
             # Learned range: interpolate log-variance between the posterior's (min) and beta_t (max).
@@ -156,27 +148,24 @@ class GaussianDiffusion:
             max_log = gather(np.log(self.betas), t, x.shape)
             frac = (var_values + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
-            variance = torch.exp(log_variance)
         else:
             # Fixed large variance (beta_t, with the posterior's at t = 0), as IDDPM's non-learned default.
             eps = model_output
             fixed = np.append(self.posterior_variance[1], self.betas[1:])
-            variance, log_variance = gather(fixed, t, x.shape), gather(np.log(fixed), t, x.shape)
+            log_variance = gather(np.log(fixed), t, x.shape)
         pred_xstart = self.predict_xstart_from_eps(x, t, eps)
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart, eps=eps)
+        return dict(mean=mean, log_variance=log_variance, pred_xstart=pred_xstart)
 
     # -- training -----------------------------------------------------------------------------------------
-    def vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=False, model_kwargs=None, model_output=None):
+    def vb_terms_bpd(self, x_start, x_t, t, model_output):
         """One term of the variational bound in bits per dim: KL at t > 0, decoder NLL at t = 0."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
-        out = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs, model_output)
+        out = self.p_mean_variance(model_output, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
         nll = mean_flat(nll) / math.log(2.0)
-        return dict(output=torch.where(t == 0, nll, kl), pred_xstart=out["pred_xstart"])
+        return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
         """IDDPM hybrid loss: eps-MSE + the bound with the mean detached (it trains only the variance)."""
@@ -187,7 +176,7 @@ class GaussianDiffusion:
         if self.learn_sigma:
             eps, var_values = model_output.split(x_start.shape[1], dim=1)
             frozen = torch.cat([eps.detach(), var_values], dim=1)
-            terms["vb"] = self.vb_terms_bpd(None, x_start, x_t, t, model_output=frozen)["output"]
+            terms["vb"] = self.vb_terms_bpd(x_start, x_t, t, frozen)
             model_output = eps
         else:
             terms["vb"] = torch.zeros_like(t, dtype=x_start.dtype)
@@ -196,36 +185,33 @@ class GaussianDiffusion:
         return terms
 
     # -- DDPM sampling ------------------------------------------------------------------------------------
-    def p_sample(self, model, x, t, clip_denoised=False, model_kwargs=None):
-        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
+    def p_sample(self, model, x, t, model_kwargs=None):
+        """x_{t-1} ~ p(x_{t-1} | x_t): the mean plus sigma_t times one fresh randn_like(x) (none at t = 0)."""
+        out = self.p_mean_variance(self.call_model(model, x, t, model_kwargs), x, t)
         noise = torch.randn_like(x)
-        nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise on the last step
-        return dict(sample=out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise,
-                    pred_xstart=out["pred_xstart"])
-
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, progress=False,
-                      device=None):
-        """Ancestral sampling from x_T = noise (or fresh N(0, I)) down to x_0."""
-        return self._loop(self.p_sample, model, shape, noise, clip_denoised, model_kwargs, progress, device)
-
-    # -- DDIM sampling ------------------------------------------------------------------------------------
-    def ddim_sample(self, model, x, t, clip_denoised=False, model_kwargs=None, eta=0.0):
-        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
-        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])   # re-derived, as clipping may change x_0
-        abar = gather(self.alphas_cumprod, t, x.shape)
-        abar_prev = gather(self.alphas_cumprod_prev, t, x.shape)
-        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-        noise = torch.randn_like(x)
-        mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
-        return dict(sample=mean + nonzero * sigma * noise, pred_xstart=out["pred_xstart"])
+        return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
 
-    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, progress=False,
-                         device=None, eta=0.0):
-        step = lambda *a: self.ddim_sample(*a, eta=eta)
-        return self._loop(step, model, shape, noise, clip_denoised, model_kwargs, progress, device)
+    def p_sample_loop(self, model, shape, noise=None, model_kwargs=None, progress=False, device=None):
+        """Ancestral sampling from x_T = noise (or fresh N(0, I)) down to x_0."""
+        return self._loop(self.p_sample, model, shape, noise, model_kwargs, progress, device)
 
-    def _loop(self, step, model, shape, noise, clip_denoised, model_kwargs, progress, device):
+    # -- DDIM sampling (eta = 0: deterministic given x_T) -------------------------------------------------
+    def ddim_sample(self, model, x, t, model_kwargs=None):
+        """x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1}) eps_hat (DDIM eq. 12 with sigma = 0).
+
+        It still draws one randn_like(x) per step and discards it, as the official sampler does with eta = 0,
+        so DDPM and DDIM consume the random stream alike."""
+        out = self.p_mean_variance(self.call_model(model, x, t, model_kwargs), x, t)
+        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        abar_prev = gather(self.alphas_cumprod_prev, t, x.shape)
+        torch.randn_like(x)
+        return out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev) * eps
+
+    def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, progress=False, device=None):
+        return self._loop(self.ddim_sample, model, shape, noise, model_kwargs, progress, device)
+
+    def _loop(self, step, model, shape, noise, model_kwargs, progress, device):
         if device is None:
             device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
         x = noise if noise is not None else torch.randn(*shape, device=device)
@@ -233,7 +219,7 @@ class GaussianDiffusion:
         for i in tqdm(steps, desc="sampling", leave=False) if progress else steps:
             t = torch.tensor([i] * shape[0], device=x.device)
             with torch.no_grad():
-                x = step(model, x, t, clip_denoised, model_kwargs)["sample"]
+                x = step(model, x, t, model_kwargs)
         return x
 
 
@@ -250,12 +236,9 @@ def respaced_betas(betas, use_timesteps):
 
 def create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma=True, diffusion_steps=1000):
     """The diffusion of DiT: `timestep_respacing` "" (all 1000 steps, training), "250", "ddim50", "25,10"."""
-    if noise_schedule == "linear":
-        betas = linear_betas(diffusion_steps)
-    elif noise_schedule in ("cosine", "squaredcos_cap_v2"):
-        betas = cosine_betas(diffusion_steps)
-    else:
-        raise ValueError(f"unknown noise schedule {noise_schedule!r}: use linear or cosine")
+    if noise_schedule != "linear":
+        raise ValueError(f"unknown noise schedule {noise_schedule!r}: DiT uses 'linear'")
+    betas = linear_betas(diffusion_steps)
     if not timestep_respacing:
         timestep_respacing = str(diffusion_steps)
     betas, timestep_map = respaced_betas(betas, space_timesteps(diffusion_steps, timestep_respacing))

@@ -1,45 +1,40 @@
-"""
-Evaluation for FineDiffusion: FID (overall and per superclass) and LPIPS diversity (paper §4.3-4.4).
+"""Evaluation for FineDiffusion: FID (overall and per superclass) and LPIPS diversity (paper §4.3, Table 1),
+sample generation at scale, and the paper's tables in miniature on the built-in toy data.
 
-The paper scores generated images with two numbers (Tables 1, 3, 4):
-  - FID (Heusel et al. 2017), lower is better: the Frechet distance between Gaussians fitted to 2048-d
-    Inception-v3 pool features of real and of generated images. Table 1 reports it overall and for each of
-    the 11 iNaturalist superclasses (real and generated images of that superclass only).
+    # Table 1: reference statistics of the real validation images, per superclass (iNat21 under data/inat21/)
+    python evaluate.py stats --data inat21 --split val --out results/inat21_val.npz
+    # samples spread over the 10,000 classes (eq. 1, w = 4, 250 DDPM steps) on 8 GPUs, then FID and LPIPS
+    torchrun --nproc_per_node=8 evaluate.py generate --ckpt pretrained/FineDiffusion-iNat.pt --num-samples 100000 \
+        --out samples/finediffusion --fid results/inat21_val.npz --out-csv results/table1.csv
+    # or score generated images (a generate folder, or an .npz with arr_0 [N,H,W,3] uint8) later
+    python evaluate.py fid --real results/inat21_val.npz --fake samples/finediffusion --out-csv results/table1.csv
+    # offline, on the toy: subclass/superclass accuracy, classifier FID and diversity of each checkpoint
+    python evaluate.py toy --ckpt results/toy-finediffusion results/toy-full
+
+The two numbers of Table 1:
+  - FID (Heusel et al. 2017), lower is better: the Frechet distance between Gaussians fitted to the 2048-d
+    Inception-v3 pool features of real and of generated images, overall and within each superclass.
   - LPIPS (Zhang et al. 2018, v0.1, AlexNet), higher is better: the mean perceptual distance between two
     generated images of the same class, i.e. how diverse the samples of one class are.
+FID numbers are only comparable when every detail of the feature extractor matches the reference, so this file
+carries its own port of the TF 2015-12-05 Inception graph that pytorch-fid uses (same layers, same TF pooling
+quirks, the published weights pt_inception-2015-12-05-6726825d.pth) and pytorch-fid's Frechet distance. Weight
+files are looked up as given, under pretrained/, then $TORCH_HOME/hub/checkpoints/; nothing is downloaded.
 
-FID numbers are only comparable when every detail of the feature extractor matches the reference
-implementation, so this file carries its own port of the TF 2015-12-05 Inception graph that pytorch-fid
-uses (same layers, same TF pooling quirks, same published weights `pt_inception-2015-12-05-6726825d.pth`),
-and a Frechet distance computed exactly like pytorch-fid's. Nothing is ever downloaded: weight files are
-looked up at the given path, then $TORCH_HOME/hub/checkpoints/, then ./pretrained/.
-
-Usage:
-    # reference statistics of the real images (a two-level folder DIR/<superclass>/<class>/*.png, a folder
-    # DIR/<class_id>/*.png with --hierarchy FILE, or an ADM-style .npz with arr_0 [N,H,W,3] uint8)
-    python evaluate.py stats --images data/inat21/val --out results/inat21_val_ref.npz
-    # FID and LPIPS of generated images, laid out like paper Table 1 (rows: superclasses, then Overall)
-    python evaluate.py fid --real results/inat21_val_ref.npz --fake samples/finediffusion \
-        --out-csv results/table1.csv --out-json results/table1.json
-
-Python API: load_inception, inception_features, feature_stats, frechet_distance, LPIPS, lpips_diversity,
-open_images, compute_stats, fid_table.
+Read in this order: the metric (Inception, Frechet distance, LPIPS, Table 1's rows); image sources and
+statistics files; the stats/fid commands; generation at scale; the toy tables.
 """
-
-import argparse
-import csv
-import io
 import json
 import math
 import os
 import re
 import sys
 import warnings
-import zipfile
 
 import numpy as np
 import scipy
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -49,66 +44,20 @@ from torchvision.models import alexnet
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 from tqdm import tqdm
 
-from data import INAT21_SUPERCLASSES, center_crop_arr, inat21_superclass_of
-from model import atomic_write
+import data
+from model import ArgumentParser, UserError, atomic_write, file_sha256, find_file, load_strict, read_checkpoint, run_cli
+from sample import CFG_SCALE, STEPS, find_checkpoint, guide_labels, load_for_sampling, sample_images
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
-FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
-ALEXNET_WEIGHTS_URL = "https://download.pytorch.org/models/" + ALEXNET_WEIGHTS
 LPIPS_LIN_WEIGHTS = "alex.pth"
-LPIPS_LIN_WEIGHTS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth"
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-class EvalError(Exception):
-    """A user mistake (missing file, bad layout, mismatched statistics): the CLI prints one line, exits 2."""
 
 
-# -------------------------------------------------------------------------------------------------------------
-# Weight files: found locally, never downloaded
-# -------------------------------------------------------------------------------------------------------------
-
-def find_weights(path, filename, url, what):
-    """Path of a published weights file: `path` if given, else $TORCH_HOME/hub/checkpoints/ or ./pretrained/."""
-    if path is not None:
-        path = os.path.join(path, filename) if os.path.isdir(path) else path
-        if os.path.isfile(path):
-            return path
-        # an explicit path that is wrong is a typo to report, not a reason to silently use another file
-        raise EvalError(f"{what} weights not found at {path} (the published file is {filename}: {url})")
+def find_weights(path, filename):
+    """A published weights file: `path` (or its file name) as given, under pretrained/, or in torch's cache."""
     torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
-    candidates = [os.path.join(torch_home, "hub", "checkpoints", filename), os.path.join("pretrained", filename)]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    raise EvalError(f"{what} weights {filename} not found (looked in {', '.join(candidates)}); "
-                    f"download it from {url} (this tool never downloads)")
-
-
-def read_state_dict(path):
-    """A plain state dict from an untrusted file: tensors only (weights_only), never arbitrary pickles."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt zip, a pickle that is not plain tensors, ...
-        raise EvalError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict):
-        raise EvalError(f"{path} is not a state dict (got {type(state).__name__})")
-    return state
-
-
-def load_strict(module, state, path):
-    """load_state_dict(strict=True), but a mismatch is one clear line naming the first offending key."""
-    expected = module.state_dict()
-    for key, tensor in expected.items():
-        if key not in state:
-            raise EvalError(f"{path} is missing key '{key}'")
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise EvalError(f"{path}: key '{key}' has shape {tuple(state[key].shape)}, "
-                            f"expected {tuple(tensor.shape)}")
-    for key in state:
-        if key not in expected:
-            raise EvalError(f"{path} has unexpected key '{key}'")
-    module.load_state_dict(state, strict=True)
+    return find_file(path or filename, also=[os.path.join(torch_home, "hub", "checkpoints", filename)],
+                     published=filename)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -223,8 +172,8 @@ class FIDInceptionV3(nn.Module):
 
 def load_inception(path=None):
     """The FID Inception with the published weights `pt_inception-2015-12-05-6726825d.pth`, in eval mode."""
-    path = find_weights(path, FID_WEIGHTS, FID_WEIGHTS_URL, "FID Inception")
-    state = read_state_dict(path)
+    path = find_weights(path, FID_WEIGHTS)
+    state = read_checkpoint(path)
     model = FIDInceptionV3()
     # BatchNorm's step counter is irrelevant in eval; state dicts from older torch versions lack it.
     for key, buffer in model.state_dict().items():
@@ -232,12 +181,6 @@ def load_inception(path=None):
             state[key] = buffer
     load_strict(model, state, path)
     return model.eval().requires_grad_(False)
-
-
-def _as_unit_images(batch):
-    """A batch from a loader ((images, labels, ...) or images; uint8 or float in [0, 1]) -> float images."""
-    images = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
 
 
 class _no_tf32:
@@ -251,21 +194,26 @@ class _no_tf32:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
+def unit_images(images):
+    """uint8 images, or floats already in [0, 1] -> float images in [0, 1]."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+
 @torch.inference_mode()
 def inception_features(model, images, device="cpu", batch_size=50, progress=True):
-    """Features [N, D] (np.float32) of every image: `images` is a DataLoader, any iterable of batches
-    (tensors or (tensor, ...) tuples, uint8 or [0, 1] floats), or one tensor [N, 3, H, W]."""
+    """Features [N, 2048] (np.float32) of every image: `images` is one tensor [N, 3, H, W] or an iterable of
+    batches (a DataLoader of (images, labels)), uint8 or floats in [0, 1]."""
     if isinstance(images, torch.Tensor):
         images = images.split(batch_size)
     model = model.to(device).eval()
     features = []
     with _no_tf32():
         for batch in tqdm(images, desc="inception features", unit="batch", disable=not progress):
-            x = _as_unit_images(batch).to(device, non_blocking=True)  # [B, 3, H, W] in [0, 1]
-            features.append(model(x).float().cpu())  # [B, D]
+            x = unit_images(batch[0] if isinstance(batch, (tuple, list)) else batch)   # [B, 3, H, W] in [0, 1]
+            features.append(model(x.to(device, non_blocking=True)).float().cpu())    # [B, 2048]
     if not features:
-        raise EvalError("no images to extract features from")
-    return torch.cat(features).numpy()  # [N, D]
+        raise UserError("no images to extract features from")
+    return torch.cat(features).numpy()  # [N, 2048]
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -276,7 +224,7 @@ def feature_stats(features):
     """Mean [D] and covariance [D, D] (unbiased, as np.cov) of features [N, D], in float64."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
-        raise EvalError(f"need at least 2 feature vectors for a covariance, got shape {features.shape}")
+        raise UserError(f"need at least 2 feature vectors for a covariance, got shape {features.shape}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -296,7 +244,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise EvalError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+        raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                         f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1.dot(sigma2))
@@ -308,7 +256,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if np.iscomplexobj(covmean):
         # tiny imaginary parts are round-off; large ones mean the statistics are broken
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise EvalError(f"sqrt(sigma1 sigma2) has an imaginary component of {np.max(np.abs(covmean.imag)):g}; "
+            raise UserError(f"sqrt(sigma1 sigma2) has an imaginary component of {np.max(np.abs(covmean.imag)):g}; "
                             "the covariance estimates are unusable (too few images?)")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -335,30 +283,28 @@ class LPIPS(nn.Module):
 
     @classmethod
     def from_pretrained(cls, alexnet_path=None, lin_path=None):
+        """LPIPS with the published AlexNet trunk (alexnet-owt-7be5be79.pth; its classifier is not used) and the
+        v0.1 linear heads (alex.pth, tensors lin{i}.model.1.weight: index 1 follows a Dropout, a no-op here)."""
         model = cls()
-        alexnet_path = find_weights(alexnet_path, ALEXNET_WEIGHTS, ALEXNET_WEIGHTS_URL, "AlexNet")
-        state = read_state_dict(alexnet_path)
-        # LPIPS uses the convolutional trunk only; the ImageNet classifier in the file is skipped
-        features = {}
-        for key, value in state.items():
+        alexnet_path = find_weights(alexnet_path, ALEXNET_WEIGHTS)
+        trunk = {}
+        for key, value in read_checkpoint(alexnet_path).items():
+            if not key.startswith(("features.", "classifier.")):
+                raise UserError(f"{alexnet_path}: unexpected tensor '{key}'")
             if key.startswith("features."):
-                features[key[len("features."):]] = value
-            elif not key.startswith("classifier."):
-                raise EvalError(f"{alexnet_path} has unexpected key '{key}'")
-        load_strict(model.features, features, alexnet_path)
-        lin_path = find_weights(lin_path, LPIPS_LIN_WEIGHTS, LPIPS_LIN_WEIGHTS_URL, "LPIPS linear heads")
-        state = read_state_dict(lin_path)
-        # published names are lin{i}.model.1.weight (index 1: after a Dropout that is a no-op in eval)
-        lins = {}
-        for key, value in state.items():
+                trunk[key[len("features."):]] = value
+        load_strict(model.features, trunk, alexnet_path)
+        lin_path = find_weights(lin_path, LPIPS_LIN_WEIGHTS)
+        heads = {}
+        for key, value in read_checkpoint(lin_path).items():
             match = re.fullmatch(r"lin(\d)\.model\.1\.weight", key)
             if match is None:
-                raise EvalError(f"{lin_path} has unexpected key '{key}'")
-            lins[f"{match.group(1)}.weight"] = value
+                raise UserError(f"{lin_path}: unexpected tensor '{key}'")
+            heads[f"{match.group(1)}.weight"] = value
         try:
-            load_strict(model.lins, lins, lin_path)
-        except EvalError as e:  # report the key under its published name
-            raise EvalError(re.sub(r"'(\d)\.weight'", r"'lin\1.model.1.weight'", str(e))) from None
+            load_strict(model.lins, heads, lin_path)
+        except UserError as e:  # name the tensor as published
+            raise UserError(re.sub(r"'(\d)\.weight'", r"'lin\1.model.1.weight'", str(e))) from None
         return model.eval().requires_grad_(False)
 
     def layer_features(self, x):  # x: [N, 3, H, W] in [-1, 1]
@@ -383,10 +329,6 @@ class LPIPS(nn.Module):
         return distance  # [N]
 
 
-def load_lpips(alexnet_path=None, lin_path=None):
-    return LPIPS.from_pretrained(alexnet_path, lin_path)
-
-
 def sample_pairs(labels, num_pairs, rng):
     """Index pairs (a, b), a != b, of images of the same class. num_pairs=None: every such pair once."""
     labels = np.asarray(labels)
@@ -395,7 +337,7 @@ def sample_pairs(labels, num_pairs, rng):
     keep = (classes >= 0) & (counts >= 2)  # unlabelled images and single-image classes form no pair
     classes, starts, counts = classes[keep], starts[keep], counts[keep]
     if len(classes) == 0:
-        raise EvalError("LPIPS diversity needs at least two generated images of one class")
+        raise UserError("LPIPS diversity needs at least two generated images of one class")
     if num_pairs is None:
         pairs = [(order[s + i], order[s + j])
                  for s, n in zip(starts, counts) for i in range(n) for j in range(i + 1, n)]
@@ -453,7 +395,7 @@ def lpips_diversity(lpips, images, labels, num_pairs=1000, seed=0, superclass_of
     lpips = lpips.to(device).eval()
     distances = []
     for x, y in tqdm(loader, desc="lpips pairs", unit="batch", disable=not progress):
-        x, y = _as_unit_images(x).to(device), _as_unit_images(y).to(device)  # [B, 3, H, W] each
+        x, y = unit_images(x).to(device), unit_images(y).to(device)  # [B, 3, H, W] each
         distances.append(lpips(x, y).float().cpu())
     d = torch.cat(distances).double().numpy()  # [P]
     pair_class = labels[a]  # [P]
@@ -467,242 +409,61 @@ def lpips_diversity(lpips, images, labels, num_pairs=1000, seed=0, superclass_of
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Image sources: folders or .npz, with their class and superclass labels
+# Table 1: statistics per superclass, and its rows
 # -------------------------------------------------------------------------------------------------------------
+# A statistics .npz holds mu, sigma, count of all images and, when the images carry a hierarchy, that
+# hierarchy (as JSON) and mu_<s>, sigma_<s>, count_<s> for each superclass index s of it.
 
-def load_hierarchy(path):
-    """(superclass_names, superclass_of[class_id]) from a JSON/.npz with those two keys, or an iNaturalist
-    json whose "categories" carry "id" and "supercategory"; "inat21": the built-in iNat21 table (Table 1 order)."""
-    if path == "inat21":
-        return list(INAT21_SUPERCLASSES), np.asarray(inat21_superclass_of(), np.int64)
-    if not os.path.isfile(path):
-        raise EvalError(f"hierarchy file not found: {path}")
-    try:
-        if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as f:
-                data = {k: f[k].tolist() for k in f.files}
-        else:
-            with open(path) as f:
-                data = json.load(f)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise EvalError(f"cannot read hierarchy {path}: {e}") from None
-    if isinstance(data, dict) and "superclass_names" in data and "superclass_of" in data:
-        names = [str(n) for n in data["superclass_names"]]
-        superclass_of = np.asarray(data["superclass_of"], np.int64)
-    elif isinstance(data, dict) and isinstance(data.get("categories"), list) and data["categories"]:
-        try:  # iNaturalist: rows in the paper's Table 1 order (= the authors' superclass ids) where known
-            categories = sorted(data["categories"], key=lambda c: c["id"])
-            found = {c["supercategory"] for c in categories}
-            names = [n for n in INAT21_SUPERCLASSES if n in found] + sorted(found - set(INAT21_SUPERCLASSES))
-            superclass_of = np.full(categories[-1]["id"] + 1, -1, np.int64)
-            for c in categories:
-                superclass_of[c["id"]] = names.index(c["supercategory"])
-        except (KeyError, TypeError) as e:
-            raise EvalError(f"{path}: iNaturalist categories need 'id' and 'supercategory' ({e!r})") from None
-    else:
-        raise EvalError(f"{path} has neither 'superclass_names' + 'superclass_of' nor iNaturalist 'categories'")
-    if len(superclass_of) and (superclass_of.min() < -1 or superclass_of.max() >= len(names)):
-        raise EvalError(f"{path}: superclass_of refers to superclasses outside superclass_names")
-    return names, superclass_of
-
-
-class ImageSource(Dataset):
-    """Images with their labels. item i -> (uint8 tensor [3, H, W], class id or -1).
-
-    Attributes: labels [N] (class id, -1 unknown), superclass_names (list or None), superclass_of
-    (class id -> superclass id, or None), superclasses [N] (superclass id per image, -1 unknown).
-    """
-
-    def __init__(self, name, labels, superclass_names=None, superclass_of=None):
-        self.name, self.labels = name, np.asarray(labels, np.int64)
-        self.superclass_names, self.superclass_of = superclass_names, superclass_of
-        self.superclasses = np.full(len(self.labels), -1, np.int64)
-        if superclass_of is not None and (self.labels >= 0).any():
-            if self.labels.max() >= len(superclass_of):
-                raise EvalError(f"{name}: class id {self.labels.max()} has no superclass in the hierarchy "
-                                f"({len(superclass_of)} classes)")
-            known = self.labels >= 0
-            self.superclasses[known] = superclass_of[self.labels[known]]
-
-    def __len__(self):
-        return len(self.labels)
-
-
-class FolderImages(ImageSource):
-    def __init__(self, root, files, labels, image_size, **hierarchy):
-        super().__init__(root, labels, **hierarchy)
-        self.files, self.image_size = files, image_size
-
-    def __getitem__(self, i):
-        try:
-            with Image.open(self.files[i]) as image:
-                image = image.convert("RGB")
-                arr = np.array(center_crop_arr(image, self.image_size) if self.image_size else image)
-        except (OSError, ValueError) as e:
-            raise EvalError(f"cannot read image {self.files[i]}: {e}") from None
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), int(self.labels[i])  # [3, H, W]
-
-
-class NpzImages(ImageSource):
-    def __init__(self, path, images, labels, **hierarchy):
-        super().__init__(path, labels, **hierarchy)
-        self.images = images  # [N, H, W, 3] uint8
-
-    def __getitem__(self, i):
-        return torch.from_numpy(self.images[i]).permute(2, 0, 1), int(self.labels[i])
-
-
-def _list_dir(path):
-    entries = sorted((e for e in os.scandir(path) if not e.name.startswith(".")), key=lambda e: e.name)
-    files = [e.path for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
-    return files, [e for e in entries if e.is_dir()]
-
-
-def _class_ids(names):
-    # class folders named by id ("17", or iNat's "00017_Animalia_...") keep that id; others: sorted index
-    if all(re.match(r"\d+", n) for n in names):
-        return [int(re.match(r"\d+", n).group()) for n in names]
-    return list(range(len(names)))
-
-
-def open_folder(root, image_size=256, hierarchy=None):
-    """DIR/*.png (unlabelled), DIR/<class>/*.png (with an optional hierarchy) or DIR/<superclass>/<class>/*.png."""
-    top_files, dirs = _list_dir(root)
-    if top_files:
-        return FolderImages(root, top_files, [-1] * len(top_files), image_size)
-    level1 = [(d, *_list_dir(d.path)) for d in dirs]
-    files, labels = [], []
-    if level1 and all(fs for _, fs, _ in level1):  # DIR/<class>/*.png
-        for (d, fs, _), class_id in zip(level1, _class_ids([d.name for d, _, _ in level1])):
-            files += fs
-            labels += [class_id] * len(fs)
-        names, superclass_of = hierarchy if hierarchy is not None else (None, None)
-        return FolderImages(root, files, labels, image_size, superclass_names=names, superclass_of=superclass_of)
-    if level1 and all(subdirs and not fs for _, fs, subdirs in level1):  # DIR/<superclass>/<class>/*.png
-        superclass_of = []
-        for s, (d, _, subdirs) in enumerate(level1):
-            for class_dir in subdirs:
-                fs, _ = _list_dir(class_dir.path)
-                files += fs
-                labels += [len(superclass_of)] * len(fs)
-                superclass_of.append(s)
-        if files:
-            return FolderImages(root, files, labels, image_size, superclass_names=[d.name for d, _, _ in level1],
-                                superclass_of=np.array(superclass_of, np.int64))
-    if not any(fs for _, fs, _ in level1) and not any(subdirs for _, _, subdirs in level1):
-        raise EvalError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-    raise EvalError(f"{root}: expected DIR/*.png, DIR/<class>/*.png or DIR/<superclass>/<class>/*.png")
-
-
-def read_npz(path):
-    """All arrays of an .npz (no pickles), or a clear error."""
-    if not os.path.isfile(path):
-        raise EvalError(f"file not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise EvalError(f"{path} is not an .npz archive")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise EvalError(f"cannot read {path}: {e}") from None
-
-
-def open_npz(path, data, hierarchy=None):
-    images = data["arr_0"]
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise EvalError(f"{path}: arr_0 must be [N, H, W, 3] uint8, got {list(images.shape)} {images.dtype}")
-    labels = data["labels"].astype(np.int64) if "labels" in data else np.full(len(images), -1, np.int64)
-    if len(labels) != len(images):
-        raise EvalError(f"{path}: {len(labels)} labels for {len(images)} images")
-    names, superclass_of = None, None
-    if "superclass_of" in data and "superclass_names" in data:
-        names, superclass_of = [str(n) for n in data["superclass_names"]], data["superclass_of"].astype(np.int64)
-    if hierarchy is not None:  # an explicit --hierarchy wins
-        names, superclass_of = hierarchy
-    return NpzImages(path, images, labels, superclass_names=names, superclass_of=superclass_of)
-
-
-def open_images(path, image_size=256, hierarchy=None):
-    """A folder or an .npz of images as an ImageSource. hierarchy: (superclass_names, superclass_of) or None."""
-    if os.path.isdir(path):
-        return open_folder(path, image_size, hierarchy)
-    data = read_npz(path)
-    if "arr_0" not in data:
-        raise EvalError(f"{path} has no images (no 'arr_0' array)")
-    return open_npz(path, data, hierarchy)
-
-
-def _collate(batch):
-    images, labels = zip(*batch)
-    if len({tuple(x.shape) for x in images}) > 1:
-        raise EvalError("images differ in size; pass --image-size to centre-crop and resize them")
-    return torch.stack(images), torch.tensor(labels)
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Statistics files and the Table 1 layout
-# -------------------------------------------------------------------------------------------------------------
-# A statistics .npz holds mu, sigma, count for all images and, when the images carry superclasses,
-# mu_<s>, sigma_<s>, count_<s> for each index s into superclass_names.
-
-def stats_from_features(features, superclasses=None, superclass_names=None):
+def image_stats(features, labels=None, hierarchy=None):
+    """Feature statistics of all images and of each superclass (when the images' classes and hierarchy are known)."""
     mu, sigma = feature_stats(features)
     stats = {"mu": mu, "sigma": sigma, "count": np.int64(len(features))}
-    if superclass_names is not None and superclasses is not None and (np.asarray(superclasses) >= 0).any():
-        stats["superclass_names"] = np.array(superclass_names, dtype=str)
-        for s in range(len(superclass_names)):
-            group = features[np.asarray(superclasses) == s]
-            stats[f"count_{s}"] = np.int64(len(group))
-            if len(group) >= 2:  # a covariance needs two images
-                stats[f"mu_{s}"], stats[f"sigma_{s}"] = feature_stats(group)
+    if hierarchy is None or labels is None or not (np.asarray(labels) >= 0).any():
+        return stats
+    stats["hierarchy"] = np.array(json.dumps(hierarchy))
+    superclasses = superclasses_of(labels, hierarchy)
+    for s in range(len(hierarchy["superclass_names"])):
+        group = features[superclasses == s]
+        stats[f"count_{s}"] = np.int64(len(group))
+        if len(group) >= 2:  # a covariance needs two images
+            stats[f"mu_{s}"], stats[f"sigma_{s}"] = feature_stats(group)
     return stats
 
 
-def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progress=True):
-    """Feature statistics of an ImageSource (overall and per superclass)."""
-    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-                        pin_memory=torch.device(device).type == "cuda")
-    features = inception_features(model, loader, device, progress=progress)  # [N, 2048], dataset order
-    return stats_from_features(features, source.superclasses, source.superclass_names)
+def superclasses_of(labels, hierarchy):
+    """The superclass id of each image (-1 for an unlabelled one)."""
+    labels = np.asarray(labels, np.int64)
+    superclass_of = np.append(np.asarray(hierarchy["superclass_of"], np.int64), -1)   # index -1: unlabelled
+    return superclass_of[labels]
 
 
-def save_stats(path, stats):
-    atomic_write(path, lambda f: np.savez(f, **stats))
-
-
-def load_stats(path, data=None):
-    data = read_npz(path) if data is None else data
-    if "mu" not in data or "sigma" not in data:
-        raise EvalError(f"{path} is not a statistics file (no 'mu'/'sigma'); make one with `evaluate.py stats`")
-    return data
-
-
-def superclass_names_of(stats):
-    return [str(n) for n in stats["superclass_names"]] if "superclass_names" in stats else None
+def stats_hierarchy(stats):
+    return json.loads(str(stats["hierarchy"])) if "hierarchy" in stats else None
 
 
 def fid_table(real, fake, lpips=None, overall_only=False):
     """Rows like paper Table 1: one per superclass of the generated images, then Overall.
 
-    real, fake: statistics dicts. lpips: lpips_diversity's result with per_superclass keyed by the fake
-    superclass index, or None. Returns [{"superclass", "fid", "lpips", "count_real", "count_fake"}].
+    real, fake: statistics dicts. Superclasses are matched by name, never by position. lpips: lpips_diversity's
+    result (per_superclass keyed by the generated images' superclass index) or None.
+    Returns [{"superclass", "fid", "lpips", "count_real", "count_fake"}].
     """
     rows = []
-    fake_names = None if overall_only else superclass_names_of(fake)
-    if fake_names is not None:
-        real_names = superclass_names_of(real)
-        if real_names is None:
-            raise EvalError("the reference statistics have no per-superclass keys (mu_<s>, sigma_<s>); recompute "
-                            "them from labelled images with `evaluate.py stats`, or pass --overall-only")
+    fake_h = None if overall_only else stats_hierarchy(fake)
+    if fake_h is not None:
+        real_h = stats_hierarchy(real)
+        if real_h is None:
+            raise UserError("the reference statistics have no per-superclass parts: recompute them from labelled "
+                            "images with `evaluate.py stats --data ...`, or pass --overall-only")
+        fake_names, real_names = fake_h["superclass_names"], real_h["superclass_names"]
         present = [s for s in range(len(fake_names)) if int(fake.get(f"count_{s}", 0)) > 0]
         for s in present:
             if fake_names[s] not in real_names:
-                raise EvalError(f"superclass '{fake_names[s]}' of the generated images has no reference statistics")
-        # rows in the reference's order (the paper's), generated superclasses only
-        for r, name in enumerate(real_names):
-            if name not in fake_names or fake_names.index(name) not in present:
+                raise UserError(f"superclass '{fake_names[s]}' of the generated images has no reference statistics")
+        for r, name in enumerate(real_names):                  # rows in the reference's (the paper's) order
+            s = fake_names.index(name) if name in fake_names else None
+            if s not in present:
                 continue
-            s = fake_names.index(name)
             fid = math.nan
             if f"mu_{r}" in real and f"mu_{s}" in fake:
                 fid = frechet_distance(real[f"mu_{r}"], real[f"sigma_{r}"], fake[f"mu_{s}"], fake[f"sigma_{s}"])
@@ -727,115 +488,202 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def _json_number(v):
-    return None if isinstance(v, float) and math.isnan(v) else v
-
-
-def write_csv(path, rows):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["superclass", "fid", "lpips", "count_real", "count_fake"])
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if _json_number(v) is None else v) for k, v in r.items()})
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
-def write_json(path, rows, **meta):
-    doc = {**meta, "rows": [{k: _json_number(v) for k, v in r.items()} for r in rows]}
-    atomic_write(path, lambda f: f.write((json.dumps(doc, indent=2) + "\n").encode()))
+def write_rows(rows, csv_path=None, json_path=None, **meta):
+    """Table 1 as CSV and/or JSON (NaN: an empty cell / null)."""
+    clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+    if csv_path:
+        lines = ["superclass,fid,lpips,count_real,count_fake"]
+        lines += [",".join('"' + str(v).replace('"', '""') + '"' if k == "superclass" else "" if v is None else str(v)
+                           for k, v in r.items()) for r in clean]
+        atomic_write(csv_path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    if json_path:
+        atomic_write(json_path, lambda f: f.write((json.dumps({**meta, "rows": clean}, indent=2) + "\n").encode()))
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Command line
+# Image sources: what to score, with the classes and hierarchy known of it
 # -------------------------------------------------------------------------------------------------------------
 
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {name}: CUDA is not available")
-    return name
+class ImageSource(Dataset):
+    """Images to score. item i -> (uint8 [3, H, W], class id or -1); `labels` [N]; `hierarchy` or None.
+
+    `read(i)` gives image i as uint8 [H, W, 3]: a file (a generate folder's, or an unlabelled folder's, centre-
+    cropped to image_size when given), a row of an .npz, or an item of a data.py dataset (real images)."""
+
+    def __init__(self, name, read, labels, hierarchy=None):
+        self.name, self.read, self.hierarchy = name, read, hierarchy
+        self.labels = np.asarray(labels, np.int64)
+        if hierarchy is not None and self.labels.max(initial=-1) >= len(hierarchy["superclass_of"]):
+            raise UserError(f"{name}: class id {self.labels.max()} is outside its hierarchy "
+                            f"({len(hierarchy['superclass_of'])} classes)")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.ascontiguousarray(self.read(i))).permute(2, 0, 1), int(self.labels[i])
 
 
-def stats_of(path, args, device, model_cache):
-    """Statistics (and the image source, None for a statistics file) for a folder, images .npz or stats .npz."""
+def read_png(path, image_size=0):
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            return np.array(data.center_crop_arr(image, image_size) if image_size else image)  # [H, W, 3]
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def dataset_images(dataset, name):
+    """Real images of a data.py dataset (no flips), as uint8 with its labels and hierarchy."""
+    read = lambda i: ((dataset[i][0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    return ImageSource(name, read, dataset.targets, dataset.hierarchy())
+
+
+def load_hierarchy(spec):
+    """--hierarchy: 'inat21' (the built-in iNat21 table) or a JSON file with the three hierarchy keys."""
+    if spec == "inat21":
+        return data.inat21_hierarchy()
+    try:
+        with open(spec) as f:
+            return data.make_hierarchy(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot read hierarchy {spec}: {e} (expected 'inat21' or a JSON file with class_names, "
+                        "superclass_names, superclass_of)") from None
+
+
+def open_images(path, image_size=0, hierarchy=None):
+    """A generate folder (samples.json says each image's class and the hierarchy), an .npz (arr_0 [N, H, W, 3]
+    uint8; optional labels and hierarchy), or a folder of unlabelled images. `hierarchy` overrides the file's."""
+    if os.path.isdir(path):
+        manifest = read_manifest(path)
+        if manifest is None:
+            files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(data.IMAGE_EXTENSIONS))
+            if not files:
+                raise UserError(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) and no samples.json in {path}")
+            return ImageSource(path, lambda i: read_png(files[i], image_size), [-1] * len(files), hierarchy)
+        files = [os.path.join(path, f) for f, _ in manifest["images"]]
+        missing = sum(not os.path.isfile(f) for f in files)
+        if missing:
+            raise UserError(f"{path}: {missing} of {len(files)} images are not generated yet: finish them with the "
+                            "same `evaluate.py generate` command")
+        return ImageSource(path, lambda i: read_png(files[i], image_size), [c for _, c in manifest["images"]],
+                           hierarchy or manifest["hierarchy"])
+    arrays = read_npz(path)
+    images = arrays.get("arr_0")
+    if images is None or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise UserError(f"{path}: expected images arr_0 [N, H, W, 3] uint8")
+    labels = arrays["labels"] if "labels" in arrays else np.full(len(images), -1)
+    return ImageSource(path, lambda i: images[i], labels, hierarchy or stats_hierarchy(arrays))
+
+
+def read_npz(path):
+    """All arrays of an .npz (no pickles), or a clear error."""
+    try:
+        with np.load(find_file(path), allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _collate(batch):
+    images, labels = zip(*batch)
+    if len({tuple(x.shape) for x in images}) > 1:
+        raise UserError("images differ in size; pass --image-size to centre-crop and resize them")
+    return torch.stack(images), torch.tensor(labels)
+
+
+def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progress=True):
+    """Feature statistics of an ImageSource (overall and per superclass)."""
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+                        pin_memory=torch.device(device).type == "cuda")
+    features = inception_features(model, loader, device, progress=progress)  # [N, 2048], source order
+    return image_stats(features, source.labels, source.hierarchy)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# stats and fid
+# -------------------------------------------------------------------------------------------------------------
+
+def source_of(args, path):
+    """Images from --data (a dataset, real images) or a path (a generate folder, an .npz, a folder)."""
     hierarchy = load_hierarchy(args.hierarchy) if args.hierarchy else None
-    if not os.path.isdir(path):
-        data = read_npz(path)
-        if "mu" in data and "sigma" in data:
-            return load_stats(path, data), None
-        if "arr_0" not in data:
-            raise EvalError(f"{path} has neither images ('arr_0') nor statistics ('mu', 'sigma')")
-        source = open_npz(path, data, hierarchy)
-    else:
-        source = open_folder(path, args.image_size, hierarchy)
-    if args.hierarchy is None and source.superclass_of is None and (source.labels >= 0).any():
-        print(f"note: {path} has class labels but no hierarchy (--hierarchy FILE): overall statistics only",
+    if path is None:
+        root = args.data_path or (None if args.data == "toy" else os.path.join("data", args.data))
+        size = args.image_size or (32 if args.data == "toy" else 256)
+        dataset = data.build_dataset(args.data, root, size, args.split or "val", flip=False,
+                                     hierarchy_csv=args.hierarchy_csv)
+        return dataset_images(dataset, root or args.data)
+    return open_images(path, args.image_size or 0, hierarchy)
+
+
+def stats_of(args, path, cache):
+    """Statistics of a statistics .npz as it is, else of the images (`cache` keeps the Inception loaded), and
+    the image source (None for a statistics file)."""
+    if path is not None and not os.path.isdir(path):
+        arrays = read_npz(path)
+        if "mu" in arrays and "sigma" in arrays:
+            return arrays, None
+    source = source_of(args, path)
+    if source.hierarchy is None and (source.labels >= 0).any():
+        print(f"note: {source.name} has class labels but no hierarchy (--hierarchy): overall statistics only",
               file=sys.stderr)
-    if "model" not in model_cache:
-        model_cache["model"] = load_inception(args.inception)
-    print(f"{path}: {len(source)} images", file=sys.stderr)
-    stats = compute_stats(source, model_cache["model"], device, args.batch_size, args.workers)
-    return stats, source
+    if "inception" not in cache:
+        cache["inception"] = load_inception(args.inception)
+    print(f"{source.name}: {len(source)} images", file=sys.stderr)
+    return compute_stats(source, cache["inception"], args.device, args.batch_size, args.workers), source
 
 
 def cmd_stats(args):
-    device = pick_device(args.device)
-    hierarchy = load_hierarchy(args.hierarchy) if args.hierarchy else None
-    source = open_images(args.images, args.image_size, hierarchy)
-    model = load_inception(args.inception)
-    print(f"{args.images}: {len(source)} images", file=sys.stderr)
-    stats = compute_stats(source, model, device, args.batch_size, args.workers)
-    save_stats(args.out, stats)
-    names = superclass_names_of(stats)
-    detail = f", {len(names)} superclasses" if names else " (no superclass labels: overall only)"
+    if (args.images is None) == (args.data is None):
+        raise UserError("give the images to describe: --data NAME (a dataset) or --images PATH")
+    stats, _ = stats_of(args, args.images, {})
+    atomic_write(args.out, lambda f: np.savez(f, **stats))
+    h = stats_hierarchy(stats)
+    detail = f", {len(h['superclass_names'])} superclasses" if h else " (no hierarchy: overall only)"
     print(f"wrote {args.out}: {int(stats['count'])} images{detail}")
 
 
-def lpips_for(source, args, device):
+def lpips_for(source, args):
     """LPIPS diversity of the generated images, or None (with a note) when it cannot or should not be run."""
     if args.pairs <= 0:
         return None
-    if source is None:
-        print("note: LPIPS skipped: --fake is a statistics file, LPIPS needs the images", file=sys.stderr)
-        return None
-    if not (source.labels >= 0).any():
-        print("note: LPIPS skipped: the generated images carry no class labels", file=sys.stderr)
+    if source is None or not (source.labels >= 0).any():
+        print("note: LPIPS skipped: it needs generated images with their classes", file=sys.stderr)
         return None
     try:
         model = LPIPS.from_pretrained(args.lpips_alex, args.lpips_lin)
-    except EvalError as e:
+    except UserError as e:
         if args.lpips_alex or args.lpips_lin:
             raise  # asked for explicitly: a missing file is an error
         print(f"note: LPIPS skipped: {e}", file=sys.stderr)
         return None
-    superclass_of = source.superclass_of if source.superclass_names is not None else None
+    superclass_of = source.hierarchy["superclass_of"] if source.hierarchy else None
     return lpips_diversity(model, source, source.labels, args.pairs, args.seed, superclass_of,
-                           args.batch_size, device, args.workers, progress=True)
+                           args.batch_size, args.device, args.workers, progress=True)
 
 
 def cmd_fid(args):
-    device = pick_device(args.device)
-    model_cache = {}
-    real, _ = stats_of(args.real, args, device, model_cache)
-    fake, fake_source = stats_of(args.fake, args, device, model_cache)
-    lpips = lpips_for(fake_source, args, device)
+    cache = {}
+    real, _ = stats_of(args, args.real, cache)
+    fake, fake_source = stats_of(args, args.fake, cache)
+    lpips = lpips_for(fake_source, args)
     rows = fid_table(real, fake, lpips, args.overall_only)
     print(format_table(rows))
-    meta = {"real": args.real, "fake": args.fake, "lpips_pairs": lpips["pairs"] if lpips else 0,
-            "seed": args.seed}
-    if args.out_csv:
-        write_csv(args.out_csv, rows)
-    if args.out_json:
-        write_json(args.out_json, rows, **meta)
+    write_rows(rows, args.out_csv, args.out_json, real=args.real, fake=args.fake,
+               lpips_pairs=lpips["pairs"] if lpips else 0, seed=args.seed)
 
 
 # -------------------------------------------------------------------------------------------------------------
-# generate: samples for FID, spread over classes, over any number of processes (torchrun), resumable
+# generate: samples for FID, spread over the classes, over any number of processes (torchrun), resumable
 # -------------------------------------------------------------------------------------------------------------
-# Work is cut into fixed batches of (class, index) jobs; batch j is drawn by rank j % world with seed
-# `seed + j`, so the images do not depend on the number of GPUs and an interrupted run resumes batch-wise.
-# Images land as DIR/<superclass>/<class id>/<index>.png, the layout `stats` and `fid` read with labels.
+# The work is cut into fixed batches of (class, index) jobs; batch j is drawn by rank j % world with seed
+# `seed + j`, so the images do not depend on the number of GPUs, and an interrupted run resumes batch-wise.
+# Images land as OUT/<class id>/<index>.png; OUT/samples.json records what made them (checkpoint sha256,
+# guidance, sampler, ...), the hierarchy and every image's class. A rerun resumes only what the same settings
+# made: otherwise it stops, or with --overwrite starts over.
+
+MANIFEST = "samples.json"
+
 
 def generation_jobs(num_classes, num_samples=None, per_class=None):
     """[(class id, index within class)]: `per_class` each, or `num_samples` spread evenly (round-robin)."""
@@ -844,67 +692,77 @@ def generation_jobs(num_classes, num_samples=None, per_class=None):
     return [(n % num_classes, n // num_classes) for n in range(num_samples)]
 
 
-def job_path(out_dir, hierarchy, class_id, index):
-    names = (hierarchy or {}).get("superclass_names")
-    group = re.sub(r"[^\w.-]+", "_", names[hierarchy["superclass_of"][class_id]]) if names else "all"
-    return os.path.join(out_dir, group, f"{class_id:05d}", f"{index:06d}.png")
+def job_file(class_id, index):
+    return os.path.join(f"{class_id:05d}", f"{index:06d}.png")
 
 
-def distributed_world():
-    """(rank, world, device): joins the torchrun process group when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    if world > 1 and not torch.distributed.is_initialized():
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
+def read_manifest(folder):
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def start_folder(out, manifest, overwrite):
+    """Write OUT/samples.json, or check that the one there is of the same settings (then the run resumes).
+    -> None, or the one-line reason to stop."""
+    old = read_manifest(out)
+    if old is not None and old["made_by"] != manifest["made_by"] and not overwrite:
+        changed = ", ".join(f"{k} {old['made_by'].get(k)!r} -> {v!r}" for k, v in manifest["made_by"].items()
+                            if old["made_by"].get(k) != v)
+        return (f"{out} holds samples made with other settings ({changed}): choose another --out, or pass "
+                "--overwrite to start over")
+    if old is not None and old["made_by"] != manifest["made_by"]:
+        for name, _ in old["images"]:
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    atomic_write(os.path.join(out, MANIFEST), lambda f: f.write(json.dumps(manifest).encode()))
+    return None
 
 
 def cmd_generate(args):
-    from model import CheckpointError, load_model
-    from sample import UsageError, guide_labels, load_vae, sample_images
-    rank, world, device = distributed_world()
-    device = device if args.device == "auto" else pick_device(args.device)
-    args.workers = 0 if world > 1 else args.workers
-    try:
-        model, info = load_model(args.ckpt, base=args.base)
-        vae = load_vae(args.vae or (info["args"] or {}).get("vae")) if model.in_channels == 4 else None
-        if args.guidance != "none":
-            guide_labels(model, torch.zeros(1, dtype=torch.long), args.guidance)   # this table has the guide rows?
-    except (CheckpointError, UsageError) as e:
-        raise EvalError(str(e)) from None
-    hierarchy, K = info["hierarchy"], model.y_embedder.num_classes
     if (args.num_samples is None) == (args.per_class is None):
-        raise EvalError("give exactly one of --num-samples and --per-class")
-    jobs = generation_jobs(K, args.num_samples, args.per_class)
+        raise UserError("give exactly one of --num-samples and --per-class")
+    rank, world, device = data.init_distributed(None if args.device == "auto" else args.device)
+    model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae)
+    if args.guidance != "none":
+        guide_labels(model, torch.zeros(1, dtype=torch.long), args.guidance)   # the table has the guide rows?
+    jobs = generation_jobs(model.y_embedder.num_classes, args.num_samples, args.per_class)
+    made_by = dict(ckpt=os.path.abspath(args.ckpt), ckpt_sha256=file_sha256(args.ckpt), guidance=args.guidance,
+                   cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                   batch_size=args.batch_size, precision=args.precision, image_size=info["config"]["image_size"])
+    manifest = dict(made_by=made_by, hierarchy=info["hierarchy"], images=[[job_file(c, i), c] for c, i in jobs])
+    verdict = [start_folder(args.out, manifest, args.overwrite) if rank == 0 else None]
+    if world > 1:                   # the others wait for rank 0's verdict, and share it
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise UserError(verdict[0])
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
     mine = [j for j in range(rank, len(batches), world)
-            if not all(os.path.isfile(job_path(args.out, hierarchy, c, i)) for c, i in batches[j])]
+            if not all(os.path.isfile(os.path.join(args.out, job_file(c, i))) for c, i in batches[j])]
     if rank == 0:
         print(f"{len(jobs)} images in {len(batches)} batches over {world} process(es); rank 0 has {len(mine)} to do",
               file=sys.stderr)
-    for j in tqdm(mine, desc=f"generate (rank {rank})", disable=rank != 0):  # --batch-size: images per batch
+    for j in tqdm(mine, desc=f"generate (rank {rank})", disable=rank != 0):
         classes = [c for c, _ in batches[j]]
         images = sample_images(model, classes, args.guidance, args.cfg_scale, args.sampler, args.steps, vae,
                                args.seed + j, device, args.precision, progress=False)   # (B, H, W, 3) uint8
         for (c, i), image in zip(batches[j], images.numpy()):
-            atomic_write(job_path(args.out, hierarchy, c, i), lambda f: Image.fromarray(image).save(f, format="PNG"))
+            atomic_write(os.path.join(args.out, job_file(c, i)), lambda f: Image.fromarray(image).save(f, format="PNG"))
     if world > 1:
-        torch.distributed.barrier()
+        dist.barrier()
     if rank == 0 and args.npz:
-        source = open_folder(args.out, image_size=0)
-        arrays = np.stack([source[i][0].permute(1, 2, 0).numpy() for i in range(len(source))])
-        labels = np.array([int(os.path.basename(os.path.dirname(f))) for f in source.files])
-        extra = {}
-        if hierarchy:
-            extra = dict(superclass_names=np.array(hierarchy["superclass_names"]),
-                         superclass_of=np.asarray(hierarchy["superclass_of"], np.int64))
-        atomic_write(args.npz, lambda f: np.savez(f, arr_0=arrays, labels=labels, **extra))
+        source = open_images(args.out)
+        arrays = np.stack([source.read(i) for i in range(len(source))])
+        atomic_write(args.npz, lambda f: np.savez(f, arr_0=arrays, labels=source.labels,
+                                                  hierarchy=np.array(json.dumps(source.hierarchy))))
         print(f"wrote {args.npz}: {len(arrays)} images", file=sys.stderr)
     if rank == 0 and args.fid:
-        args.real, args.fake, args.hierarchy, args.image_size = args.fid, args.out, None, 0
+        args.real, args.fake, args.hierarchy, args.image_size = args.fid, args.out, None, None
         cmd_fid(args)
 
 
@@ -939,9 +797,8 @@ class ToyClassifier(nn.Module):
 
 def toy_classifier(image_size, cache_dir="results", epochs=4, seed=0):
     """The classifier for toy images of `image_size`, trained once (a few CPU seconds) and cached."""
-    from data import ToyDataset
     path = os.path.join(cache_dir, f"toy_classifier_{image_size}px.pt")
-    train_set = ToyDataset(image_size=image_size, split="train", seed=seed)
+    train_set = data.ToyDataset(image_size=image_size, split="train", seed=seed)
     net = ToyClassifier(train_set.num_classes)
     if os.path.isfile(path):
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -989,24 +846,18 @@ def toy_images(dataset):
 
 
 def cmd_toy(args):
-    from data import ToyDataset
-    from model import CheckpointError, load_model
-    from sample import UsageError, sample_images
     rows = []
-    for path in args.ckpt:
-        try:
-            model, info = load_model(path)
-        except CheckpointError as e:
-            raise EvalError(str(e)) from None
+    for path in map(find_checkpoint, args.ckpt):
+        model, info, _ = load_for_sampling(path)
         size = info["config"]["image_size"]
-        real = ToyDataset(image_size=size, split="val", seed=args.seed, flip=False)   # the FID reference
-        if not info["config"].get("pixel_space") or info["hierarchy"] != real.hierarchy():
-            raise EvalError(f"{path} is not a fine-grained toy checkpoint (train one with --data toy)")
+        real = data.ToyDataset(image_size=size, split="val", seed=args.seed, flip=False)   # the FID reference
+        if not info["config"]["pixel_space"] or info["hierarchy"] != real.hierarchy():
+            raise UserError(f"{path} is not a fine-grained toy checkpoint (train one with --data toy)")
         net = toy_classifier(size, args.cache_dir, args.classifier_epochs)
         with torch.no_grad():
             real_features = net(toy_images(real)[0])[1].numpy()
         if not rows:   # held-out real images: the best a sampler could score
-            held_out = ToyDataset(image_size=size, split="test", seed=args.seed, flip=False, images_per_class=args.per_class)
+            held_out = data.ToyDataset(image_size=size, split="test", seed=args.seed, flip=False, images_per_class=args.per_class)
             rows.append(dict(ckpt="real toy images (test)", method="-", guidance="-",
                              **toy_metrics(net, *toy_images(held_out), real.superclass_of, real_features, args.pairs, args.seed)))
         y = torch.arange(real.num_classes).repeat_interleave(args.per_class)
@@ -1015,7 +866,7 @@ def cmd_toy(args):
             try:
                 images = sample_images(model, y, guidance, args.cfg_scale, args.sampler, args.steps, seed=args.seed,
                                        progress=False)
-            except UsageError:
+            except UserError:
                 continue                                   # this table has no row for that guide
             x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
             rows.append(dict(ckpt=checkpoint_label(path), method=method, guidance=guidance,
@@ -1029,92 +880,89 @@ def cmd_toy(args):
         atomic_write(args.out_json, lambda f: f.write(json.dumps(rows, indent=1).encode()))
 
 
-def _add_extraction_args(p):
-    p.add_argument("--inception", default=None, help=f"path of {FID_WEIGHTS} (default: $TORCH_HOME/hub/"
-                                                     "checkpoints/, then ./pretrained/)")
-    p.add_argument("--hierarchy", default=None,
-                   help="JSON/.npz with superclass_names and superclass_of[class_id], an iNaturalist json, or "
-                        "'inat21' (the built-in table), for images labelled by class only")
-    p.add_argument("--image-size", type=int, default=256,
-                   help="folder images are centre-cropped and resized to this (ADM/DiT preprocessing); 0: as is")
+
+# -------------------------------------------------------------------------------------------------------------
+# Command line
+# -------------------------------------------------------------------------------------------------------------
+
+def add_image_args(p):
+    p.add_argument("--data", choices=["inat21", "folder", "toy"], help="real images: a dataset (data.py)")
+    p.add_argument("--data-path", help="dataset root; default: data/<--data>")
+    p.add_argument("--split", help="dataset split; default: val")
+    p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder dataset")
+    p.add_argument("--hierarchy", help="'inat21' or a JSON hierarchy, for images labelled by class only")
+    p.add_argument("--image-size", type=int, help="centre-crop and resize to this (ADM preprocessing); default: "
+                                                   "datasets 256 (toy 32), generated images as they are")
+    p.add_argument("--inception", help=f"{FID_WEIGHTS} (default: as named, under pretrained/, in $TORCH_HOME)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _add_fid_args(p):
+def add_fid_args(p):
     p.add_argument("--overall-only", action="store_true", help="skip the per-superclass rows")
-    p.add_argument("--lpips-alex", default=None, help=f"path of {ALEXNET_WEIGHTS} ({ALEXNET_WEIGHTS_URL})")
-    p.add_argument("--lpips-lin", default=None,
-                   help=f"path of LPIPS v0.1 {LPIPS_LIN_WEIGHTS} ({LPIPS_LIN_WEIGHTS_URL})")
+    p.add_argument("--lpips-alex", help=f"{ALEXNET_WEIGHTS} (default: as named, under pretrained/, in $TORCH_HOME)")
+    p.add_argument("--lpips-lin", help=f"LPIPS v0.1 {LPIPS_LIN_WEIGHTS} (default: as named, under pretrained/)")
     p.add_argument("--pairs", type=int, default=1000, help="random same-class pairs for LPIPS (0: no LPIPS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the LPIPS pairs (generate: and of the noise)")
-    p.add_argument("--out-csv", default=None)
-    p.add_argument("--out-json", default=None)
+    p.add_argument("--out-csv")
+    p.add_argument("--out-json")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="FID (overall, per superclass) and LPIPS diversity for FineDiffusion "
-                                                 "(paper §4.3, Tables 1, 3, 4).")
+    parser = ArgumentParser(description="FID (overall, per superclass) and LPIPS diversity for FineDiffusion "
+                                        "(paper §4.3, Table 1), generation at scale, the toy tables.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("stats", help="reference Inception statistics (mu, sigma, count; per superclass) of images")
-    p.add_argument("--images", required=True, help="folder (DIR/<superclass>/<class>/*.png, DIR/<class>/*.png, "
-                                                   "DIR/*.png) or .npz with arr_0 [N,H,W,3] uint8")
+    p = sub.add_parser("stats", help="reference Inception statistics (per superclass) of real or generated images")
+    p.add_argument("--images", help="a generate folder, an .npz (arr_0 [N,H,W,3] uint8) or a folder of images")
     p.add_argument("--out", required=True, help="statistics .npz to write")
-    _add_extraction_args(p)
+    add_image_args(p)
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("fid", help="FID and LPIPS of generated images against reference statistics (Table 1)")
-    p.add_argument("--real", required=True, help="statistics .npz from `stats` (or images, computed on the fly)")
-    p.add_argument("--fake", required=True, help="generated images: folder or .npz (or a statistics .npz)")
-    _add_extraction_args(p)
-    _add_fid_args(p)
+    p.add_argument("--real", required=True, help="statistics .npz from `stats` (or images)")
+    p.add_argument("--fake", required=True, help="generated images: a generate folder or an .npz")
+    add_image_args(p)
+    add_fid_args(p)
     p.set_defaults(func=cmd_fid)
 
-    p = sub.add_parser("generate", help="samples for FID, spread over classes; torchrun for several GPUs; resumable")
+    p = sub.add_parser("generate", help="samples for FID, spread over the classes; torchrun for several GPUs")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--base", default=None, help="base checkpoint of a delta checkpoint")
-    p.add_argument("--vae", default=None, help="SD VAE folder or file, for latent models")
-    p.add_argument("--out", required=True, help="folder: OUT/<superclass>/<class>/<index>.png")
-    p.add_argument("--num-samples", type=int, default=None, help="in all, spread evenly over the classes")
-    p.add_argument("--per-class", type=int, default=None, help="or this many of every class")
+    p.add_argument("--base", help="base checkpoint of a delta checkpoint, if it moved")
+    p.add_argument("--vae", help="SD VAE for latent models; default: the checkpoint's, else sd-vae-ft-ema")
+    p.add_argument("--out", required=True, help="folder: OUT/<class>/<index>.png and OUT/samples.json")
+    p.add_argument("--overwrite", action="store_true", help="start over when OUT holds samples of other settings")
+    p.add_argument("--num-samples", type=int, help="in all, spread evenly over the classes")
+    p.add_argument("--per-class", type=int, help="or this many of every class")
     p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--npz", default=None, help="also pack all images into this .npz (arr_0, labels, hierarchy)")
-    p.add_argument("--fid", default=None, help="reference statistics .npz: compute FID / LPIPS when done")
-    _add_extraction_args(p)
-    _add_fid_args(p)
+    p.add_argument("--npz", help="also pack every image into this .npz (arr_0, labels, hierarchy)")
+    p.add_argument("--fid", help="reference statistics .npz: compute FID and LPIPS when done")
+    add_image_args(p)
+    add_fid_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("toy", help="offline paper Tables 1-2 in miniature: accuracy, FID, diversity on the toy data")
-    p.add_argument("--ckpt", nargs="+", required=True, help="toy checkpoints (e.g. one per tuning method)")
+    p.add_argument("--ckpt", nargs="+", required=True, help="toy checkpoints or run folders (e.g. one per method)")
     p.add_argument("--guidance", nargs="+", choices=["none", "null", "superclass"], default=["none", "null", "superclass"])
     p.add_argument("--per-class", type=int, default=16, help="samples of each class")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--pairs", type=int, default=500, help="same-class pairs for the diversity")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="results", help="where the toy classifier is cached")
     p.add_argument("--classifier-epochs", type=int, default=4, help="training of the toy classifier, on first use")
-    p.add_argument("--out-json", default=None)
+    p.add_argument("--out-json")
     p.set_defaults(func=cmd_toy)
 
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except EvalError as e:
-        # An error raised in a DataLoader worker comes back wrapped with the worker's traceback text:
-        # keep only its last line, the message itself.
-        message = str(e).strip().splitlines()[-1]
-        message = re.sub(r"^\S*EvalError: ", "", message)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    args.func(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,34 +1,42 @@
 """The FineDiffusion model: a Diffusion Transformer (DiT) with a TieredEmbedder, the four tuning methods of
-paper Table 2, checkpoint loading, and the Stable Diffusion VAE.
+paper Table 2, checkpoints, and the Stable Diffusion VAE that DiT works in.
 
     python model.py          # prints paper Table 2 (parameter counts) for DiT-XL/2, 256 px, iNat21
 
-Paper sections:
+Read it in this order:
   §3.1    DiT (Peebles & Xie, 2023): patchify -> N adaLN-Zero blocks -> final layer -> unpatchify.
   §3.2.1  TieredEmbedder: one label table with subclass rows [0, K), superclass rows [K, K+S) and, for the
           standard-CFG baselines, one null row K+S. While training, a label is replaced by its superclass
-          row with probability `superclass_prob` (0.1), which trains eps(x_t | c_p) for eq. 1.
-  §3.2.2  forward_with_cfg: fine-grained classifier-free guidance, eq. 1.
-  Table 2 set_trainable: which tensors `full`, `bitfit`, `difffit` and `finediffusion` train.
+          row with probability SUPERCLASS_PROB, which trains eps(x_t | c_p), the guide of eq. 1.
+  §3.2.2  DiT.forward_with_cfg: fine-grained classifier-free guidance, eq. 1.
+  Table 2 is_trainable / set_trainable: which tensors `full`, `bitfit`, `difffit` and `finediffusion` train.
+Then, in bounded sections: checkpoints (one schema, one writer, one loader), files and user errors, and
+the SD VAE (AutoencoderKL) with its .safetensors reader.
 
 State-dict keys and shapes are those of the official DiT release, so `DiT-XL-2-256x256.pt` and the
 authors' `FineDiffusion-iNat.pt` load as they are.
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
 import struct
+import sys
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message names the file or tensor and what to do."""
+# Label substitution while training (§3.2.1). The paper gives no number: 0.1 is the authors' code's
+# `class_dropout_prob`, which there swaps a label for its superclass row.
+SUPERCLASS_PROB = 0.1
+# Standard CFG's label dropout to the null row: the official DiT's `class_dropout_prob`.
+NULL_PROB = 0.1
+# SD-VAE latents times 0.18215 have unit variance (LDM, Rombach et al. 2022); DiT trains on the scaled latents.
+LATENT_SCALE = 0.18215
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,8 +94,6 @@ class TieredEmbedder(nn.Module):
 
     @property
     def null_id(self):
-        if not self.null_class:
-            raise ValueError("this label table has no null row: use superclass guidance (--guidance superclass)")
         return self.num_classes + self.num_superclasses
 
     def superclass_ids(self, y):
@@ -161,12 +167,12 @@ def layer_norm(hidden_size, affine):
 class DiTBlock(nn.Module):
     """adaLN-Zero block. `difffit_gates` adds DiffFit's learnable scalar gamma per branch (init 1)."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, norm_affine=False, difffit_gates=False):
+    def __init__(self, hidden_size, num_heads, norm_affine=False, difffit_gates=False):
         super().__init__()
         self.norm1 = layer_norm(hidden_size, norm_affine)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = layer_norm(hidden_size, norm_affine)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, 4 * hidden_size)            # mlp_ratio 4 in every official configuration
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         if difffit_gates:
             self.gamma1 = nn.Parameter(torch.ones(1))
@@ -202,19 +208,18 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, num_classes=1000, num_superclasses=0, superclass_of=None, null_class=True,
-                 superclass_prob=None, null_prob=None, learn_sigma=True, norm_affine=False, difffit_gates=False,
-                 grad_checkpointing=False):
+                 num_classes=1000, num_superclasses=0, superclass_of=None, null_class=True, superclass_prob=None,
+                 null_prob=None, learn_sigma=True, norm_affine=False, difffit_gates=False):
         super().__init__()
-        # Label-substitution defaults follow from which rows exist: superclass rows are trained with the
-        # paper's 0.1, a null row with the official DiT's 0.1 (a table with both trains both guides).
+        # Substitution defaults follow from which rows exist (a table with both trains both guides).
         if superclass_prob is None:
-            superclass_prob = 0.1 if num_superclasses else 0.0
+            superclass_prob = SUPERCLASS_PROB if num_superclasses else 0.0
         if null_prob is None:
-            null_prob = 0.1 if null_class else 0.0
+            null_prob = NULL_PROB if null_class else 0.0
         self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma, self.grad_checkpointing = learn_sigma, grad_checkpointing
+        self.learn_sigma = learn_sigma
+        self.grad_checkpointing = False                          # train.py --grad-checkpointing: less memory
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -223,10 +228,14 @@ class DiT(nn.Module):
         num_patches = (input_size // patch_size) ** 2
         # Fixed sin-cos positions: a Parameter (for the official key `pos_embed`) that is never trained.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, norm_affine, difffit_gates)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, norm_affine, difffit_gates)
                                      for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm_affine)
         self.initialize_weights()
+
+    @property
+    def input_size(self):
+        return int(self.pos_embed.shape[1] ** 0.5) * self.patch_size   # latent (or pixel) side length
 
     def initialize_weights(self):
         # As the official DiT: xavier linears, zero biases, adaLN-Zero (every block starts as the identity).
@@ -302,7 +311,8 @@ def get_1d_sincos_pos_embed(embed_dim, pos):
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)     # (M, D)
 
 
-# The twelve official configurations, plus two tiny ones (T) for CPU demos and tests.
+# (depth, width, heads) of the four official sizes, each with patch 2, 4 and 8, plus a tiny T for CPU demos
+# and tests: 15 configurations.
 _CONFIGS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "T": (4, 128, 4)}
 
 
@@ -324,7 +334,7 @@ TABLE = "y_embedder.embedding_table.weight"
 
 def build_model(name, image_size, num_classes, num_superclasses=0, method="finediffusion", superclass_of=None,
                 pixel_space=False, **kw):
-    """A DiT laid out for a tuning method.
+    """A fresh DiT laid out for a tuning method.
 
     `finediffusion`: K+S label rows (no null row, as the authors' checkpoints) and LayerNorm affine.
     `full`, `bitfit`: the standard K+1 table with null dropout 0.1. `difffit`: that, plus LayerNorm affine
@@ -332,9 +342,9 @@ def build_model(name, image_size, num_classes, num_superclasses=0, method="fined
     pixels themselves (3 channels) with `pixel_space=True` (the built-in toy data).
     """
     if name not in DiT_models:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(DiT_models)}")
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(DiT_models)}")
     if method not in METHODS:
-        raise ValueError(f"unknown tuning method {method!r}: choose one of {', '.join(METHODS)}")
+        raise UserError(f"unknown tuning method {method!r}: choose one of {', '.join(METHODS)}")
     tiered = method == "finediffusion"
     kw.setdefault("null_class", not tiered)
     kw.setdefault("norm_affine", method in ("difffit", "finediffusion"))
@@ -361,7 +371,7 @@ def is_trainable(name, method):
         return table or bias or norm or gate
     if method == "finediffusion":
         return table or bias or norm
-    raise ValueError(f"unknown tuning method {method!r}: choose one of {', '.join(METHODS)}")
+    raise UserError(f"unknown tuning method {method!r}: choose one of {', '.join(METHODS)}")
 
 
 def set_trainable(model, method):
@@ -375,15 +385,76 @@ def set_trainable(model, method):
     return trainable, total
 
 
+def count_table2(name="DiT-XL/2", image_size=256, num_classes=10000, num_superclasses=11):
+    """Rows of paper Table 2: (method, trainable, total), counted on the meta device (no allocation)."""
+    rows = []
+    with torch.device("meta"):
+        for method in METHODS:
+            model = build_model(name, image_size, num_classes, num_superclasses, method)
+            rows.append((method, *set_trainable(model, method)))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints: official DiT, the authors' FineDiffusion, ours (full or trainable-only "delta")
+# Files and user errors (every script uses these)
 # ----------------------------------------------------------------------------------------------------------
 
+class UserError(Exception):
+    """A mistake the user can fix: a bad argument, a missing or mismatched file. Every script prints it as one
+    line `error: ...` and exits with `exit_code`, never with a traceback (see run_cli)."""
+    exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a UserError (one line) instead of a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def run_cli(main):
+    """Run a script's main(): a UserError becomes one `error:` line on stderr and its exit code. Under torchrun
+    every rank fails alike, so rank 0 alone prints it."""
+    try:
+        main()
+    except UserError as e:
+        # raised in a DataLoader worker, the message arrives after the worker's traceback: keep the last line
+        message = str(e).strip().splitlines()[-1]
+        message = message.split("UserError: ", 1)[-1]
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {message}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+# The published files this project reads, and where to get them. None is ever downloaded by the code.
 PUBLISHED = {
     "DiT-XL-2-256x256.pt": "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt",
     "DiT-XL-2-512x512.pt": "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt",
     "FineDiffusion-iNat.pt": "the authors' release, linked from https://finediffusion.github.io/",
+    "sd-vae-ft-ema": "https://huggingface.co/stabilityai/sd-vae-ft-ema (config.json and "
+                     "diffusion_pytorch_model.safetensors, in a folder of that name)",
+    "sd-vae-ft-mse": "https://huggingface.co/stabilityai/sd-vae-ft-mse",
+    "pt_inception-2015-12-05-6726825d.pth":
+        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+    "alexnet-owt-7be5be79.pth": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    "alex.pth": "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth",
 }
+
+
+def find_file(path, also=(), published=None):
+    """A file or folder the user names: as given, else pretrained/<its name>, else the places in `also`.
+    Missing: a UserError naming every place looked and, for a published file (`published`: its name, when the
+    user's may differ), where it is published."""
+    path = os.fspath(path)
+    name = os.path.basename(os.path.normpath(path))
+    places = list(dict.fromkeys([path, os.path.join("pretrained", name), *also]))
+    for place in places:
+        if os.path.exists(place):
+            return place
+    published = published or name
+    where = f"; {published} is published at {PUBLISHED[published]}: put it in pretrained/" if published in PUBLISHED else ""
+    raise UserError(f"{path} not found (looked in {', '.join(places)}){where}")
 
 
 def atomic_write(path, write):
@@ -404,25 +475,85 @@ def atomic_write(path, write):
         raise
 
 
+def load_strict(module, state, source):
+    """module.load_state_dict(state, strict=True), but a mismatch is one line naming the first odd tensor."""
+    own = module.state_dict()
+    for key, tensor in own.items():
+        if key not in state:
+            raise UserError(f"{source}: missing tensor '{key}'")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise UserError(f"{source}: tensor '{key}' has shape {list(state[key].shape)}, expected {list(tensor.shape)}")
+    for key in state:
+        if key not in own:
+            raise UserError(f"{source}: unexpected tensor '{key}'")
+    module.load_state_dict(state, strict=True)
+
+
+def file_sha256(path):
+    """Hex sha256 of a file's bytes: the identity of a base checkpoint or a VAE under any name or path."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: official DiT, the authors' FineDiffusion, ours (all tensors, or only the tuned ones: a "delta")
+# ----------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(path, **fields):
+    """Write one of our checkpoints, atomically. The one schema, read back by `load_model` (and, for the
+    "train" part, by train.py's resume); plain tensors, dicts, lists, str, numbers and None only, so that
+    torch.load(weights_only=True) reads it:
+
+      model, ema  the trained and the EMA tensors, official key names. With a `base`, only the tuned tensors
+                  (a "delta": 1.8% of DiT-XL/2 under FineDiffusion, paper §3.2.1); without, every tensor.
+      base        None, or {"path", "sha256"} of the checkpoint the delta goes onto (a delta must never meet
+                  another base: the images would be silently wrong).
+      config      build_model's keyword arguments: name, image_size, num_classes, num_superclasses, method,
+                  pixel_space (and learn_sigma when False).
+      hierarchy   {"class_names", "superclass_names", "superclass_of"} of the training data (data.py).
+      vae         None for a pixel-space DiT, else the identity of the VAE it was trained with:
+                  {"sha256" of the weights file, "config"}.
+      step, args  the training step and train.py's arguments (a dict).
+      train       only in training checkpoints (absent from --export files): what --resume needs to continue
+                  bit for bit: {"opt", "scaler", "rng" (one entry per rank), "world_size", "epoch", "position"}.
+    The official {"model", "ema"} layout is a subset, so an exported checkpoint also loads in DiT's own code.
+    """
+    atomic_write(path, lambda f: torch.save(fields, f))
+
+
 def read_checkpoint(path):
     """torch.load with weights_only=True (checkpoints are untrusted: a pickle is code); argparse.Namespace is
     allowed because the official and the authors' training checkpoints store their args as one."""
-    path = str(path)
-    if not os.path.isfile(path):
-        where = PUBLISHED.get(os.path.basename(path))
-        hint = f"; it is published at {where}" if where else ""
-        raise CheckpointError(f"checkpoint not found: {path}{hint}")
+    path = find_file(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusals are UnpicklingErrors naming "GLOBAL module.Class"
         msg = str(e)
         if "GLOBAL " in msg:
             name = msg.split("GLOBAL ", 1)[1].split()[0]
-            raise CheckpointError(f"refusing to load {path}: it pickles {name!r}, not only tensors "
-                                  "(checkpoints are untrusted input)") from None
+            raise UserError(f"refusing to load {path}: it pickles {name!r}, not only tensors "
+                            "(checkpoints are untrusted input)") from None
         first = msg.strip().splitlines()[0] if msg.strip() and "weights only" not in msg.lower() else type(e).__name__
-        raise CheckpointError(f"cannot read {path}: not a readable torch checkpoint ({first})") from None
+        raise UserError(f"cannot read {path}: not a readable torch checkpoint ({first})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a checkpoint: it holds a {type(ckpt).__name__}, not a dict of tensors")
+    return ckpt
+
+
+def checkpoint_tensors(ckpt, weights="ema"):
+    """The state dict in a checkpoint: its "ema" (what one samples with, as the official sampler) or "model"
+    entry, or the checkpoint itself when it is a bare state dict (DiT-XL-2-256x256.pt)."""
+    if "model" in ckpt or "ema" in ckpt:
+        state = ckpt.get(weights, ckpt.get("model"))
+    else:
+        state = ckpt
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError("the checkpoint holds no state dict of tensors")
+    return state
 
 
 def latest_checkpoint(folder):
@@ -431,16 +562,8 @@ def latest_checkpoint(folder):
     return max(found, key=os.path.getmtime) if found else None
 
 
-def unwrap_state(ckpt):
-    """The tensors to sample with: a bare state dict, or the "ema" (preferred, as the official sampler)
-    or "model" entry of a training checkpoint."""
-    if isinstance(ckpt, dict) and ("ema" in ckpt or "model" in ckpt):
-        return ckpt["ema"] if "ema" in ckpt else ckpt["model"]
-    return ckpt
-
-
 def dit_config_from_state(state):
-    """Recover the DiT configuration from tensor shapes alone (all the official files carry)."""
+    """The DiT configuration from tensor shapes alone (all that the official files carry)."""
     try:
         w = state["x_embedder.proj.weight"]                       # (D, C_in, p, p)
         hidden, in_channels, patch = w.shape[0], w.shape[1], w.shape[2]
@@ -449,80 +572,56 @@ def dit_config_from_state(state):
         out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
         rows = state[TABLE].shape[0]
     except (KeyError, ValueError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"not a DiT state dict (missing or odd tensor {e})") from None
+        raise UserError(f"not a DiT state dict (missing or odd tensor {e})") from None
     size = next((s for s, (d, h, _) in _CONFIGS.items() if (d, h) == (depth, hidden)), None)
     if size is None:
-        raise CheckpointError(f"no DiT configuration has depth {depth} and width {hidden}")
+        raise UserError(f"no DiT configuration has depth {depth} and width {hidden}")
     return dict(name=f"DiT-{size}/{patch}", input_size=int(round(num_patches ** 0.5)) * patch,
                 in_channels=in_channels, learn_sigma=out_channels == 2 * in_channels, rows=rows,
                 norm_affine="blocks.0.norm1.weight" in state, difffit_gates="blocks.0.gamma1" in state)
 
 
 def load_pretrained(model, path_or_state):
-    """Load official DiT, authors' FineDiffusion or our checkpoints into `model`; returns a report dict.
+    """Load official DiT, authors' FineDiffusion or our (full) checkpoints into `model`, from a file or a loaded
+    checkpoint or state dict ({"model"|"ema": ...} wrappers too, EMA preferred); returns a report dict.
 
     A label table of another size is re-initialised (new classes: N(0, 0.02) as DiT's init); LayerNorm
     affine or DiffFit gates absent from the checkpoint start at the identity. Anything else that does not
-    fit raises CheckpointError naming the tensor and both shapes.
+    fit is a UserError naming the tensor and both shapes.
     """
     ckpt = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, os.PathLike)) else path_or_state
-    state = unwrap_state(ckpt)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError("checkpoint holds no state dict of tensors")
+    state = checkpoint_tensors(ckpt)
     own = model.state_dict()
     report = dict(loaded=[], reinitialised=[], identity=[])
     new_state = {}
     for k, v in state.items():
         if k not in own:
             hint = " (a LayerNorm affine: this checkpoint is FineDiffusion/DiffFit-tuned)" if ".norm" in k else ""
-            raise CheckpointError(f"checkpoint tensor {k} {tuple(v.shape)} has no place in this model{hint}")
+            raise UserError(f"checkpoint tensor {k} {tuple(v.shape)} has no place in this model{hint}")
         if v.shape == own[k].shape:
             new_state[k] = v
         elif k == TABLE:
             report["reinitialised"].append(f"{k}: {tuple(v.shape)} -> {tuple(own[k].shape)}")
             nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
         else:
-            raise CheckpointError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
+            raise UserError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
     for k in own.keys() - state.keys():
         if ".norm" in k or k.endswith(("gamma1", "gamma2")):
             report["identity"].append(k)                     # already 1 / 0 from construction
         else:
-            raise CheckpointError(f"checkpoint lacks tensor {k} {tuple(own[k].shape)}")
+            raise UserError(f"checkpoint lacks tensor {k} {tuple(own[k].shape)}")
     model.load_state_dict(new_state, strict=False)
     report["loaded"] = sorted(new_state)
     return report
 
 
-def file_sha256(path, chunk=1 << 24):
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def apply_delta(model, state):
-    """Overlay a trainable-only ("delta") state on a model that already holds its base weights."""
-    own = model.state_dict()
-    for k, v in state.items():
-        if k not in own or own[k].shape != v.shape:
-            where = f"model {tuple(own[k].shape)}" if k in own else "no such tensor in the model"
-            raise CheckpointError(f"delta tensor {k} {tuple(v.shape)} does not fit: {where}")
-    model.load_state_dict(state, strict=False)
-
-
-def load_base_for_delta(ckpt, base=None):
-    """The base checkpoint a delta was trained from: `base` if given, else the recorded path; its sha256
-    must match the one recorded at training time (a delta on another base gives silently wrong images)."""
-    path = base or ckpt["base"]["path"]
-    if not os.path.isfile(path):
-        where = PUBLISHED.get(os.path.basename(path))
-        raise CheckpointError(f"this checkpoint stores only the tuned tensors; its base {path} is missing"
-                              + (f" (published at {where})" if where else "") + ": pass it with --base PATH")
-    if ckpt["base"].get("sha256") and file_sha256(path) != ckpt["base"]["sha256"]:
-        raise CheckpointError(f"base checkpoint {path} is not the one this delta was trained on (sha256 differs)")
-    return read_checkpoint(path)
+def base_tensors(ckpt, base=None):
+    """The tensors a delta checkpoint goes onto: its base file (`base`, if it moved, else the recorded path),
+    refused unless its sha256 is the one recorded at training time."""
+    path = find_file(base or ckpt["base"]["path"])
+    if file_sha256(path) != ckpt["base"]["sha256"]:
+        raise UserError(f"base checkpoint {path} is not the one this delta was trained on (sha256 differs)")
+    return checkpoint_tensors(read_checkpoint(path))
 
 
 # Foreign checkpoints carry no hierarchy: known label-table layouts (rows, LayerNorm affine) -> (K, S, null).
@@ -530,44 +629,41 @@ KNOWN_TABLES = {(1001, False): (1000, 0, True),     # official DiT, ImageNet-1k 
                 (10011, True): (10000, 11, False)}  # authors' FineDiffusion, iNat21: 10,000 + 11 superclasses
 
 
-def load_model(path, base=None):
-    """Build the DiT a checkpoint describes and load it. Returns (model in eval mode, info dict).
+def load_model(path, base=None, weights="ema"):
+    """The DiT a checkpoint describes, with its `weights` ("ema" to sample, "model" to resume) loaded, in
+    eval mode. Returns (model, info): info has config, hierarchy (None for foreign files), args, step, vae.
 
-    Ours carry `config` (the build_model arguments) and the hierarchy; official DiT and the authors'
-    FineDiffusion files carry only tensors, so the configuration comes from their shapes.
+    Ours carry `config` and the hierarchy (see save_checkpoint); the official DiT and the authors'
+    FineDiffusion files carry only tensors, so their configuration comes from the tensor shapes.
     """
     ckpt = read_checkpoint(path)
-    if isinstance(ckpt, dict) and "config" in ckpt:
+    if "config" in ckpt:
         config, hierarchy = dict(ckpt["config"]), ckpt.get("hierarchy")
-        superclass_of = hierarchy["superclass_of"] if hierarchy else None
-        model = build_model(**config, superclass_of=superclass_of)
-        if ckpt.get("delta"):
-            load_pretrained(model, load_base_for_delta(ckpt, base))
-            apply_delta(model, unwrap_state(ckpt))
+        model = build_model(**config, superclass_of=hierarchy["superclass_of"] if hierarchy else None)
+        tensors = checkpoint_tensors(ckpt, weights)
+        if ckpt.get("base"):
+            load_pretrained(model, base_tensors(ckpt, base))
+            model.load_state_dict(tensors, strict=False)         # the tuned tensors, over the base's
         else:
-            load_pretrained(model, ckpt)
-        info = dict(config=config, hierarchy=hierarchy, args=ckpt.get("args"), step=ckpt.get("step"))
+            load_pretrained(model, tensors)
+        info = dict(config=config, hierarchy=hierarchy, args=ckpt.get("args") or {}, step=ckpt.get("step"),
+                    vae=ckpt.get("vae"))
         return model.eval(), info
-    state = unwrap_state(ckpt)
+    state = checkpoint_tensors(ckpt, weights)
     cfg = dit_config_from_state(state)
     K, S, null = KNOWN_TABLES.get((cfg["rows"], cfg["norm_affine"]), (cfg["rows"] - 1, 0, True))
-    hierarchy = None
-    if S == 11 and K == 10000:
-        from data import INAT21_SUPERCLASSES, inat21_superclass_of
-        hierarchy = dict(class_names=None, superclass_names=INAT21_SUPERCLASSES, superclass_of=inat21_superclass_of())
     model = DiT_models[cfg["name"]](input_size=cfg["input_size"], in_channels=cfg["in_channels"], num_classes=K,
-                                    num_superclasses=S, superclass_of=hierarchy and hierarchy["superclass_of"],
-                                    null_class=null, learn_sigma=cfg["learn_sigma"], norm_affine=cfg["norm_affine"],
-                                    difffit_gates=cfg["difffit_gates"])
+                                    num_superclasses=S, null_class=null, learn_sigma=cfg["learn_sigma"],
+                                    norm_affine=cfg["norm_affine"], difffit_gates=cfg["difffit_gates"])
     load_pretrained(model, state)
     pixel = cfg["in_channels"] == 3
     config = dict(name=cfg["name"], image_size=cfg["input_size"] * (1 if pixel else 8), num_classes=K,
                   num_superclasses=S, pixel_space=pixel)
-    return model.eval(), dict(config=config, hierarchy=hierarchy, args=None, step=None)
+    return model.eval(), dict(config=config, hierarchy=None, args={}, step=None, vae=None)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# .safetensors, read and written with the standard library: u64 header length, JSON header, raw bytes
+# .safetensors, read with the standard library: u64 header length, JSON header, raw little-endian bytes
 # ----------------------------------------------------------------------------------------------------------
 
 # safetensors dtype tag -> (numpy little-endian dtype, torch dtype). BF16 has no numpy type: its bytes are
@@ -577,62 +673,32 @@ _ST_DTYPES = {
     "BF16": ("<i2", torch.bfloat16), "I64": ("<i8", torch.int64), "I32": ("<i4", torch.int32),
     "I16": ("<i2", torch.int16), "I8": ("i1", torch.int8), "U8": ("u1", torch.uint8), "BOOL": ("?", torch.bool),
 }
-_ST_TAGS = {tdt: tag for tag, (_, tdt) in _ST_DTYPES.items()}
 
 
 def load_safetensors(path):
-    """Read a .safetensors file -> {name: tensor}: u64 header length, JSON header, raw little-endian bytes."""
+    """Read a .safetensors file -> {name: tensor}."""
     with open(path, "rb") as f:
         buf = f.read()
     try:
         (n,) = struct.unpack("<Q", buf[:8])
         header = json.loads(buf[8:8 + n])
     except Exception as e:
-        raise CheckpointError(f"{path}: not a valid .safetensors file ({e})") from None
+        raise UserError(f"{path}: not a valid .safetensors file ({e})") from None
     base, out = 8 + n, {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
+            raise UserError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
         np_dt, t_dt = _ST_DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
         shape, count = info["shape"], math.prod(info["shape"])
         if end - begin != count * np.dtype(np_dt).itemsize or base + end > len(buf):
-            raise CheckpointError(f"{path}: tensor '{name}' has data_offsets that do not fit its shape {shape}")
+            raise UserError(f"{path}: tensor '{name}' has data_offsets that do not fit its shape {shape}")
         arr = np.frombuffer(buf, dtype=np_dt, count=count, offset=base + begin)
         arr = arr.astype(arr.dtype.newbyteorder("="))     # an aligned, writable copy in native byte order
         out[name] = torch.from_numpy(arr).view(t_dt).reshape(shape)  # view: int16 bits -> bfloat16
     return out
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} as .safetensors (readable by the safetensors package too); atomic."""
-    header, chunks, offset = {}, [], 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        if t.dtype not in _ST_TAGS:
-            raise ValueError(f"save_safetensors: tensor '{name}' has unsupported dtype {t.dtype}")
-        np_dt = _ST_DTYPES[_ST_TAGS[t.dtype]][0]
-        raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().astype(np_dt).tobytes()
-        header[name] = {"dtype": _ST_TAGS[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format pads the header with spaces to an 8-byte boundary
-    atomic_write(path, lambda f: f.write(b"".join([struct.pack("<Q", len(head)), head, *chunks])))
-
-
-def _torch_load_tensors(path):
-    """A flat {name: tensor} state dict from a .bin / .pt file (read as untrusted input)."""
-    obj = read_checkpoint(path)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # Lightning-style wrapper
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a flat {{name: tensor}} state dict")
-    return obj
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -775,10 +841,8 @@ class VAEDecoder(nn.Module):
 
 # Old diffusers uploads (e.g. the .bin files) name the mid-block attention with its deprecated names.
 _VAE_OLD_ATTN_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-LATENT_SCALE = 0.18215   # SD-VAE latents are scaled to unit variance for the DiT (LDM, DiT)
-VAE_URL = "https://huggingface.co/stabilityai/sd-vae-ft-ema"
-_VAE_HELP = (f"The published files are at {VAE_URL} (or sd-vae-ft-mse): "
-             "download config.json and diffusion_pytorch_model.safetensors into a folder and pass it with --vae.")
+_VAE_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_VAE_HELP = f"the SD VAE is published at {PUBLISHED['sd-vae-ft-ema']}"
 
 
 def convert_vae_state_dict(sd):
@@ -796,21 +860,32 @@ def convert_vae_state_dict(sd):
     return out
 
 
+def vae_weights_file(path):
+    """The weights file of a VAE given as a file, a diffusers folder, or a pipeline folder with vae/."""
+    path = find_file(path, published="sd-vae-ft-ema")
+    if os.path.isfile(path):
+        return path
+    for folder in (path, os.path.join(path, "vae")):
+        for name in _VAE_FILES:
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+    raise UserError(f"no {' or '.join(_VAE_FILES)} in {path}; {_VAE_HELP}")
+
+
 class AutoencoderKL(nn.Module):
     """The Stable Diffusion VAE: 3 x H x W images in [-1, 1] <-> latent x H/8 x W/8 diagonal Gaussians.
 
     Latent scaling is the caller's job, as in Stable Diffusion and DiT:
-        mean, logvar = vae.encode(x);  z = scaling_factor * sample_latent(mean, logvar)   # 0.18215
-        x = vae.decode(z / scaling_factor)
+        z = scaled_latent(*vae.encode(x))          # 0.18215 * (mean + sigma * eps)
+        x = vae.decode(z / LATENT_SCALE)
     """
     def __init__(self, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                 layers_per_block=2, norm_num_groups=32, scaling_factor=LATENT_SCALE):
+                 layers_per_block=2, norm_num_groups=32):
         super().__init__()
         self.config = dict(in_channels=in_channels, out_channels=out_channels, latent_channels=latent_channels,
                            block_out_channels=list(block_out_channels), layers_per_block=layers_per_block,
-                           norm_num_groups=norm_num_groups, scaling_factor=scaling_factor)
-        self.scaling_factor = scaling_factor
-        self.downscale = 2 ** (len(block_out_channels) - 1)  # 8 for SD
+                           norm_num_groups=norm_num_groups)
+        self.weights_file = None                           # set by from_pretrained: the VAE's identity
         # the encoder predicts mean and log-variance, hence 2 * latent channels
         self.encoder = VAEEncoder(in_channels, 2 * latent_channels, block_out_channels, layers_per_block,
                                   norm_num_groups)
@@ -823,10 +898,14 @@ class AutoencoderKL(nn.Module):
     def from_config(cls, config):
         """Build from a diffusers config.json dict; keys other than the constructor's are ignored."""
         keys = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
-                "norm_num_groups", "scaling_factor")
+                "norm_num_groups")
         kw = {k: config[k] for k in keys if config.get(k) is not None}
         if "block_out_channels" in kw:
             kw["block_out_channels"] = tuple(kw["block_out_channels"])
+        if kw.get("norm_num_groups", 32) < 1 or any(c % kw.get("norm_num_groups", 32) for c in
+                                                    kw.get("block_out_channels", (128,))):
+            raise UserError(f"VAE config: norm_num_groups {kw.get('norm_num_groups', 32)} does not divide "
+                            f"block_out_channels {list(kw.get('block_out_channels', []))}")
         return cls(**kw)
 
     def encode(self, x):                                   # B x 3 x H x W, in [-1, 1]
@@ -834,85 +913,61 @@ class AutoencoderKL(nn.Module):
         mean, logvar = moments.chunk(2, dim=1)             # B x latent x H/8 x W/8 each
         return mean, logvar.clamp(-30.0, 20.0)             # clamp as diffusers/LDM, so exp() stays finite
 
-    def decode(self, z):                                   # B x latent x h x w (already divided by scaling_factor)
+    def decode(self, z):                                   # B x latent x h x w (already divided by 0.18215)
         return self.decoder(self.post_quant_conv(z))       # B x 3 x 8h x 8w, roughly in [-1, 1]
 
-    def forward(self, x, sample=False, generator=None):
-        mean, logvar = self.encode(x)
-        return self.decode(sample_latent(mean, logvar, generator) if sample else mean)
+    def identity(self):
+        """What checkpoints and latent caches record of the VAE: its config and the sha256 of its weights."""
+        return dict(sha256=file_sha256(self.weights_file) if self.weights_file else None, config=self.config)
 
     def load_vae_state_dict(self, sd, source="checkpoint"):
-        """Strict load with one-line errors naming the tensor (and both shapes)."""
-        sd, own = convert_vae_state_dict(sd), self.state_dict()
+        """Strict load (old attention names accepted) with one-line errors naming the tensor."""
+        sd = convert_vae_state_dict(sd)
         if any(k.startswith(("first_stage_model.", "encoder.down.", "decoder.up.")) for k in sd):
-            raise CheckpointError(f"{source}: this is an original CompVis/LDM-layout VAE, not the diffusers layout; "
-                                  + _VAE_HELP)
-        missing = [k for k in own if k not in sd]
-        unexpected = [k for k in sd if k not in own]
-        if missing:
-            raise CheckpointError(f"{source}: missing tensor '{missing[0]}'" +
-                                  (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
-                                  " - is this an SD VAE in the diffusers layout, with its config.json?")
-        if unexpected:
-            raise CheckpointError(f"{source}: unexpected tensor '{unexpected[0]}'" +
-                                  (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "") +
-                                  " - does config.json match the weights?")
-        for k, v in own.items():
-            if sd[k].shape != v.shape:
-                raise CheckpointError(f"{source}: tensor '{k}' has shape {list(sd[k].shape)} in the checkpoint "
-                                      f"but {list(v.shape)} in the model - does config.json match the weights?")
-        self.load_state_dict(sd, strict=True)
+            raise UserError(f"{source}: this is an original CompVis/LDM-layout VAE, not the diffusers layout; "
+                            + _VAE_HELP)
+        try:
+            load_strict(self, sd, source)
+        except UserError as e:
+            raise UserError(f"{e} - is this an SD VAE in the diffusers layout, with its config.json?") from None
         return self
 
     @classmethod
-    def from_pretrained(cls, path, config=None):
-        """Load a diffusers-layout VAE. `path`: a folder with config.json (optional: SD defaults) and
-        diffusion_pytorch_model.safetensors or .bin (a pipeline folder's vae/ subfolder also works), or a
-        .safetensors / .bin / .pt file (a diffusers config.json beside it is used). Never downloads."""
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise CheckpointError(f"VAE not found: '{path}' does not exist. " + _VAE_HELP)
-        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path):
-            names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-            if not any(os.path.isfile(os.path.join(path, n)) for n in names) and os.path.isdir(os.path.join(path, "vae")):
-                folder = path = os.path.join(path, "vae")  # a whole Stable Diffusion pipeline folder
-            files = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-            if not files:
-                raise CheckpointError(f"no diffusion_pytorch_model.safetensors or .bin in '{path}'. " + _VAE_HELP)
-            file = files[0]
-        else:
-            file = path
-        if config is None:
-            config = {}
-            cfg_path = os.path.join(folder, "config.json")
-            if os.path.isfile(cfg_path):
-                try:
-                    with open(cfg_path) as f:
-                        cfg = json.load(f)
-                except (OSError, ValueError) as e:
-                    raise CheckpointError(f"cannot read {cfg_path}: {e}") from None
-                # beside a bare file, only take a config that is a VAE's (not, say, a training run's)
-                if os.path.isdir(path) or cfg.get("_class_name") == "AutoencoderKL" or "latent_channels" in cfg:
-                    config = cfg
+    def from_pretrained(cls, path="sd-vae-ft-ema"):
+        """The one VAE loader. `path`: a diffusers folder (config.json + diffusion_pytorch_model.safetensors or
+        .bin; a pipeline folder's vae/ works too) or a weights file (a diffusers config.json beside it is used;
+        none: the SD defaults), looked up as given, then under pretrained/. Never downloads."""
+        file = vae_weights_file(path)
+        config, cfg_path = {}, os.path.join(os.path.dirname(file), "config.json")
+        if os.path.isfile(cfg_path):
+            try:
+                with open(cfg_path) as f:
+                    cfg = json.load(f)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read {cfg_path}: {e}") from None
+            # beside a bare file, only take a config that is a VAE's (not, say, a training run's)
+            if os.path.basename(file) in _VAE_FILES or cfg.get("_class_name") == "AutoencoderKL" \
+                    or "latent_channels" in cfg:
+                config = cfg
         sd = load_safetensors(file) if file.endswith(".safetensors") else _torch_load_tensors(file)
-        return cls.from_config(config).load_vae_state_dict(sd, source=file).eval()
+        vae = cls.from_config(config).load_vae_state_dict(sd, source=file).eval()
+        vae.weights_file = file
+        return vae
 
 
-def sample_latent(mean, logvar, generator=None):
-    """One draw from the diagonal Gaussian N(mean, exp(logvar)); the caller then scales by 0.18215."""
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + torch.exp(0.5 * logvar) * eps
+def _torch_load_tensors(path):
+    """A flat {name: tensor} state dict from a .bin / .pt file (read as untrusted input)."""
+    obj = read_checkpoint(path)
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # Lightning-style wrapper
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: expected a flat {{name: tensor}} state dict")
+    return obj
 
 
-def count_table2(name="DiT-XL/2", image_size=256, num_classes=10000, num_superclasses=11):
-    """Rows of paper Table 2: (method, trainable, total), counted on the meta device (no allocation)."""
-    rows = []
-    with torch.device("meta"):
-        for method in METHODS:
-            model = build_model(name, image_size, num_classes, num_superclasses, method)
-            rows.append((method, *set_trainable(model, method)))
-    return rows
+def scaled_latent(mean, logvar):
+    """z = 0.18215 * (mean + exp(logvar / 2) * eps): one draw from the VAE posterior, scaled as DiT trains on it."""
+    return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ sys.path.insert(0, HERE)
 import data  # noqa: E402
 import diffusion as diffusion_module  # noqa: E402
 import evaluate  # noqa: E402
+import model as model_module  # noqa: E402
 import train  # noqa: E402
 from diffusion import create_diffusion, space_timesteps  # noqa: E402
-from evaluate import (EvalError, FIDInceptionV3, LPIPS, compute_stats, feature_stats, fid_table,  # noqa: E402
-                      frechet_distance, inception_features, load_inception, lpips_diversity, open_images, sample_pairs)
-from model import (AutoencoderKL, CheckpointError, DiT_models, build_model, count_table2,  # noqa: E402
-                   dit_config_from_state, is_trainable, load_model, load_pretrained, load_safetensors, sample_latent,
-                   save_safetensors, set_trainable)
+from evaluate import (FIDInceptionV3, LPIPS, compute_stats, feature_stats, fid_table, frechet_distance,  # noqa: E402
+                      inception_features, load_inception, lpips_diversity, open_images, sample_pairs)
+from model import (AutoencoderKL, DiT_models, UserError, build_model, count_table2, dit_config_from_state,  # noqa: E402
+                   is_trainable, load_model, load_pretrained, load_safetensors, set_trainable)
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +66,27 @@ def assert_one_line_error(proc, *words):
     assert err.startswith("error: ")
     for w in words:
         assert w.lower() in err.lower(), err
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as .safetensors, per the format's spec: u64 little-endian header length, a JSON header
+    (dtype tag, shape, data offsets; padded with spaces to 8 bytes), then the raw little-endian bytes."""
+    tags = {torch.float64: ("F64", "<f8"), torch.float32: ("F32", "<f4"), torch.float16: ("F16", "<f2"),
+            torch.bfloat16: ("BF16", "<i2"), torch.int64: ("I64", "<i8"), torch.uint8: ("U8", "u1")}
+    header, chunks, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        tag, np_dtype = tags[t.dtype]
+        raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().astype(np_dtype).tobytes()
+        header[name] = {"dtype": tag, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(b"".join([len(head).to_bytes(8, "little"), head, *chunks]))
 
 
 def write_tiny_vae(folder):
@@ -128,6 +149,20 @@ def seeded_state(template, skip=("pos_embed",)):
             value = draw * math.sqrt(2 / like[0].numel())
         state[name] = value.to(like.dtype)
     return state
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The layout of the code
+# ------------------------------------------------------------------------------------------------------------
+
+def test_the_imports_form_a_tree_with_model_and_diffusion_at_the_bottom():
+    import ast
+    layer = {"model": 0, "diffusion": 0, "data": 1, "sample": 2, "train": 3, "evaluate": 3, "bench": 4}
+    for name, level in layer.items():
+        tree = ast.parse(open(os.path.join(HERE, f"{name}.py")).read())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert all(layer[m] < level for m in imported & layer.keys()), (name, imported & layer.keys())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -325,14 +360,14 @@ def test_mismatched_tensor_is_a_named_error(tmp_path):
     model = tiny_dit()
     state = model.state_dict()
     state["blocks.1.mlp.fc1.weight"] = torch.zeros(7, 128)
-    with pytest.raises(CheckpointError, match=r"blocks\.1\.mlp\.fc1\.weight.*\(7, 128\).*\(512, 128\)"):
+    with pytest.raises(UserError, match=r"blocks\.1\.mlp\.fc1\.weight.*\(7, 128\).*\(512, 128\)"):
         load_pretrained(tiny_dit(), state)
 
 
 def test_checkpoint_missing_a_tensor_is_a_named_error():
     state = tiny_dit().state_dict()
     del state["blocks.2.attn.proj.weight"]
-    with pytest.raises(CheckpointError, match=r"blocks\.2\.attn\.proj\.weight"):
+    with pytest.raises(UserError, match=r"blocks\.2\.attn\.proj\.weight"):
         load_pretrained(tiny_dit(), state)
 
 
@@ -346,12 +381,12 @@ class Payload:
 def test_pickle_with_non_tensor_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": tiny_dit().state_dict(), "x": Payload()}, path)
-    with pytest.raises(CheckpointError, match="refusing"):
+    with pytest.raises(UserError, match="refusing"):
         load_pretrained(tiny_dit(), str(path))
 
 
 def test_missing_published_checkpoint_names_where_it_is_published(tmp_path):
-    with pytest.raises(CheckpointError, match="dl.fbaipublicfiles.com/DiT"):
+    with pytest.raises(UserError, match="dl.fbaipublicfiles.com/DiT"):
         load_pretrained(tiny_dit(), str(tmp_path / "DiT-XL-2-256x256.pt"))
 
 
@@ -468,13 +503,13 @@ TOY_HIERARCHY = dict(class_names=[f"shape{c // 4}/tint{c % 4}" for c in range(16
                      superclass_names=[f"shape{s}" for s in range(4)], superclass_of=[c // 4 for c in range(16)])
 
 
-def write_our_checkpoint(path):
+def write_our_checkpoint(path, hierarchy=TOY_HIERARCHY):
     """A checkpoint in train.py's format (full tensors), pixel-space FineDiffusion DiT-T/4 at 16 px."""
-    config = dict(name="DiT-T/4", image_size=16, num_classes=16, num_superclasses=4, method="finediffusion",
-                  pixel_space=True)
-    model = randomize(build_model(**config, superclass_of=TOY_HIERARCHY["superclass_of"]))
-    torch.save(dict(model=model.state_dict(), ema=model.state_dict(), config=config, hierarchy=TOY_HIERARCHY,
-                    args=dict(data="toy"), step=1, delta=False, base=None), path)
+    config = dict(name="DiT-T/4", image_size=16, num_classes=len(hierarchy["class_names"]),
+                  num_superclasses=len(hierarchy["superclass_names"]), method="finediffusion", pixel_space=True)
+    model = randomize(build_model(**config, superclass_of=hierarchy["superclass_of"]))
+    torch.save(dict(model=model.state_dict(), ema=model.state_dict(), config=config, hierarchy=hierarchy,
+                    args=dict(data="toy"), step=1, base=None), path)
     return model
 
 
@@ -508,9 +543,9 @@ def test_sample_script_decodes_latents_with_a_published_layout_vae(tmp_path):
 
 
 def test_class_name_resolves_through_the_checkpoint_hierarchy():
-    from sample import resolve_class, UsageError
+    from sample import resolve_class, UserError
     assert resolve_class(TOY_HIERARCHY, 16, class_name="shape2/tint3") == 11
-    with pytest.raises(UsageError, match="matches 4 classes"):
+    with pytest.raises(UserError, match="matches 4 classes"):
         resolve_class(TOY_HIERARCHY, 16, class_name="shape2")
 
 
@@ -544,8 +579,8 @@ def test_sample_script_names_the_missing_vae(tmp_path):
     torch.save(DiT_models["DiT-T/4"](input_size=8, num_classes=10).state_dict(), tmp_path / "dit.pt")
     proc = run_script("sample.py", "--ckpt", str(tmp_path / "dit.pt"), "--vae", str(tmp_path / "nowhere"), "--class-id", "1")
     assert_one_line_error(proc, "sd-vae-ft-ema")
-    proc = run_script("sample.py", "--ckpt", str(tmp_path / "dit.pt"), "--class-id", "1")
-    assert_one_line_error(proc, "--vae", "sd-vae-ft-ema")
+    proc = run_script(os.path.join(HERE, "sample.py"), "--ckpt", str(tmp_path / "dit.pt"), "--class-id", "1", cwd=tmp_path)
+    assert_one_line_error(proc, "sd-vae-ft-ema", "pretrained/", "huggingface.co")
 
 
 def test_sample_script_rejects_fp16_on_a_cpu(tmp_path):
@@ -591,7 +626,7 @@ def test_vae_tiny_encode_decode_shapes():
         mean, logvar = vae.encode(x)
         assert mean.shape == logvar.shape == (1, 4, 16, 16)  # downscale 2^(len(blocks)-1) = 2
         assert logvar.min() >= -30 and logvar.max() <= 20
-        z = sample_latent(mean, logvar, torch.Generator().manual_seed(0))
+        z = model_module.scaled_latent(mean, logvar) / model_module.LATENT_SCALE
         assert z.shape == mean.shape
         assert vae.decode(z).shape == (1, 3, 32, 32)
 
@@ -694,17 +729,17 @@ def test_vae_half_precision_weights_load_as_float32(tmp_path):
 def test_vae_shape_mismatch_error_names_key_and_both_shapes(tmp_path):
     sd = tiny_vae().state_dict()
     sd["quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
-    with pytest.raises(CheckpointError, match=r"quant_conv\.weight.*\[8, 8, 3, 3\].*\[8, 8, 1, 1\]"):
+    with pytest.raises(UserError, match=r"quant_conv\.weight.*\[8, 8, 3, 3\].*\[8, 8, 1, 1\]"):
         AutoencoderKL.from_pretrained(write_folder(tmp_path / "vae", sd))
 
 
 def test_vae_missing_and_unexpected_keys_are_named(tmp_path):
     sd = tiny_vae().state_dict()
     del sd["decoder.conv_out.bias"]
-    with pytest.raises(CheckpointError, match=r"missing tensor 'decoder\.conv_out\.bias'"):
+    with pytest.raises(UserError, match=r"missing tensor 'decoder\.conv_out\.bias'"):
         AutoencoderKL(**TINY_VAE).load_vae_state_dict(sd)
     sd = {**tiny_vae().state_dict(), "extra.weight": torch.zeros(1)}
-    with pytest.raises(CheckpointError, match=r"unexpected tensor 'extra\.weight'"):
+    with pytest.raises(UserError, match=r"unexpected tensor 'extra\.weight'"):
         AutoencoderKL(**TINY_VAE).load_vae_state_dict(sd)
 
 
@@ -715,12 +750,12 @@ class NotATensor:  # stands in for arbitrary code a malicious pickle could run
 def test_vae_bin_with_pickled_object_is_refused(tmp_path):
     sd = {**tiny_vae().state_dict(), "payload": NotATensor()}
     folder = write_folder(tmp_path / "vae", sd, fmt="bin")
-    with pytest.raises(CheckpointError, match="refusing"):
+    with pytest.raises(UserError, match="refusing"):
         AutoencoderKL.from_pretrained(folder)
 
 
 def test_vae_missing_path_error_points_to_published_files(tmp_path):
-    with pytest.raises(CheckpointError, match="sd-vae-ft-ema") as e:
+    with pytest.raises(UserError, match="sd-vae-ft-ema") as e:
         AutoencoderKL.from_pretrained(tmp_path / "no_such_vae")
     assert "no_such_vae" in str(e.value) and "\n" not in str(e.value)
 
@@ -728,7 +763,7 @@ def test_vae_missing_path_error_points_to_published_files(tmp_path):
 def test_vae_from_config_ignores_other_keys():
     vae = AutoencoderKL.from_config({"_class_name": "AutoencoderKL", "sample_size": 256, "act_fn": "silu", **TINY_VAE,
                                      "scaling_factor": 0.13025})
-    assert vae.scaling_factor == 0.13025 and len(vae.encoder.down_blocks) == 2
+    assert vae.config["block_out_channels"] == [32, 64] and len(vae.encoder.down_blocks) == 2
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -782,6 +817,9 @@ class StandInVAE(torch.nn.Module):
         mean, logvar = self.conv(x).chunk(2, dim=1)
         return mean, logvar.clamp(-4.0, 1.0)
 
+    def identity(self):
+        return dict(sha256="stand-in", config={})
+
 
 class FailingVAE(StandInVAE):
     """Raises on its n-th encode call: an interrupted cache run."""
@@ -801,7 +839,7 @@ def small_toy(image_size=16):
                            images_per_class=3, flip=False)  # 12 images
 
 
-def cache_meta(vae="sha256:stand-in-0"):
+def cache_meta(vae="stand-in-0"):
     return dict(data="toy", data_path=None, split="train", vae=vae)
 
 
@@ -875,15 +913,15 @@ def test_inat21_without_json_uses_builtin_table(tmp_path):
 
 
 def test_missing_or_empty_data_path_raises_data_error(tmp_path):
-    with pytest.raises(data.DataError, match="visipedia/inat_comp"):
+    with pytest.raises(UserError, match="visipedia/inat_comp"):
         data.build_dataset("inat21", str(tmp_path / "nowhere"), split="train_mini")
     (tmp_path / "train_mini").mkdir()
-    with pytest.raises(data.DataError, match="train_mini"):
+    with pytest.raises(UserError, match="train_mini"):
         data.build_dataset("inat21", str(tmp_path), split="train_mini")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(data.DataError, match="empty.*no superclass folders"):
+    with pytest.raises(UserError, match="empty.*no superclass folders"):
         data.build_dataset("folder", str(tmp_path / "empty"))
-    with pytest.raises(data.DataError, match="no data path"):
+    with pytest.raises(UserError, match="no data path"):
         data.build_dataset("folder", None)
 
 
@@ -1029,7 +1067,7 @@ def test_cache_meta_records_the_job(toy_cache):
     with open(os.path.join(out, "meta.json")) as f:
         meta = json.load(f)
     assert meta["complete"] and meta["num_images"] == 12 and meta["latent_shape"] == [4, 2, 2]
-    assert meta["image_size"] == 16 and meta["vae"] == "sha256:stand-in-0" and meta["hierarchy"] == dataset.hierarchy()
+    assert meta["image_size"] == 16 and meta["vae"] == "stand-in-0" and meta["hierarchy"] == dataset.hierarchy()
 
 
 def test_cache_resumes_without_re_encoding_done_items(tmp_path):
@@ -1039,7 +1077,7 @@ def test_cache_resumes_without_re_encoding_done_items(tmp_path):
                                 meta=cache_meta(), progress=False)
     done = np.load(str(tmp_path / "a" / "done.npy"))
     assert done.sum() == 8
-    with pytest.raises(data.DataError, match="incomplete.*resume"):
+    with pytest.raises(UserError, match="incomplete.*resume"):
         data.LatentCacheDataset(str(tmp_path / "a"))
     vae = StandInVAE()
     meta = data.build_latent_cache(dataset, vae, str(tmp_path / "a"), batch_size=4, num_workers=0,
@@ -1054,13 +1092,13 @@ def test_cache_resumes_without_re_encoding_done_items(tmp_path):
 
 def test_cache_built_for_another_vae_or_size_is_refused(toy_cache, tmp_path):
     out, dataset, _ = toy_cache
-    with pytest.raises(data.DataError, match="vae=.*rebuild"):
-        data.LatentCacheDataset(out, expect=dict(vae="sha256:other", image_size=16))
-    with pytest.raises(data.DataError, match="image_size=16 .*image_size=32"):
-        data.LatentCacheDataset(out, expect=dict(vae="sha256:stand-in-0", image_size=32))
-    data.LatentCacheDataset(out, expect=dict(vae="sha256:stand-in-0", image_size=16, data="toy"))  # all match
-    with pytest.raises(data.DataError, match="another latent cache.*vae"):  # resuming into it with another VAE
-        data.build_latent_cache(dataset, StandInVAE(), out, num_workers=0, meta=cache_meta("sha256:other"),
+    with pytest.raises(UserError, match="vae=.*rebuild"):
+        data.LatentCacheDataset(out, expect=dict(vae="other", image_size=16))
+    with pytest.raises(UserError, match="image_size=16 .*image_size=32"):
+        data.LatentCacheDataset(out, expect=dict(vae="stand-in-0", image_size=32))
+    data.LatentCacheDataset(out, expect=dict(vae="stand-in-0", image_size=16, data="toy"))  # all match
+    with pytest.raises(UserError, match="another latent cache.*vae"):  # resuming into it with another VAE
+        data.build_latent_cache(dataset, StandInVAE(), out, num_workers=0, meta=cache_meta("other"),
                                 progress=False)
 
 
@@ -1072,8 +1110,8 @@ def test_latent_dataset_samples_the_scaled_posterior(toy_cache):
     assert ds.hierarchy() == dataset.hierarchy() and ds.targets == dataset.targets
     torch.manual_seed(0)
     z = torch.stack([ds[5][0] for _ in range(4000)])  # 4000 x 4 x 2 x 2
-    std = data.LATENT_SCALE * torch.exp(0.5 * logvar)
-    assert torch.allclose(z.mean(0), data.LATENT_SCALE * mean, atol=0.03)
+    std = model_module.LATENT_SCALE * torch.exp(0.5 * logvar)
+    assert torch.allclose(z.mean(0), model_module.LATENT_SCALE * mean, atol=0.03)
     assert torch.allclose(z.std(0), std, rtol=0.1)
 
 
@@ -1083,43 +1121,39 @@ def test_latent_dataset_draws_both_views_when_flipping(toy_cache):
     ds = data.LatentCacheDataset(out, flip=True)
     torch.manual_seed(0)
     z = torch.stack([ds[2][0] for _ in range(4000)])
-    assert torch.allclose(z.mean(0), data.LATENT_SCALE * moments[:, :4].mean(0), atol=0.03)
+    assert torch.allclose(z.mean(0), model_module.LATENT_SCALE * moments[:, :4].mean(0), atol=0.03)
 
 
-def test_vae_identity_is_the_weights_content(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights-1")
-    (tmp_path / "b.safetensors").write_bytes(b"weights-1")
-    (tmp_path / "c.bin").write_bytes(b"weights-2")
-    assert data.vae_identity(str(tmp_path / "a")) == data.vae_identity(str(tmp_path / "b.safetensors"))
-    assert data.vae_identity(str(tmp_path / "a")) != data.vae_identity(str(tmp_path / "c.bin"))
-    with pytest.raises(data.DataError, match="not found"):
-        data.vae_identity(str(tmp_path / "missing"))
+def test_vae_identity_is_its_config_and_the_sha256_of_its_weights_file(tmp_path):
+    import hashlib
+    same = tiny_vae().state_dict()
+    a = AutoencoderKL.from_pretrained(write_folder(tmp_path / "a", same))
+    b = AutoencoderKL.from_pretrained(write_folder(tmp_path / "b", same))            # the same weights elsewhere
+    c = AutoencoderKL.from_pretrained(write_folder(tmp_path / "c", tiny_vae(seed=1).state_dict()))
+    assert a.identity() == b.identity() and a.identity() != c.identity()
+    weights = (tmp_path / "a" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert a.identity() == dict(sha256=hashlib.sha256(weights).hexdigest(), config=a.config)
 
 
 def test_cache_command_line_builds_a_loadable_cache(tmp_path, monkeypatch):
     for sup, cls in [("citrus", "lemon"), ("melon", "cantaloupe")]:
         for j in range(2):
             write_image(str(tmp_path / "data" / sup / cls / f"{j}.jpg"), (90 * j, 50, 200), size=(20, 24))
-    (tmp_path / "vae.safetensors").write_bytes(b"stand-in")
-    monkeypatch.setattr(data, "_load_vae", lambda path: StandInVAE())
+    monkeypatch.setattr(data.AutoencoderKL, "from_pretrained", classmethod(lambda cls, path: StandInVAE()))
     args = ["cache", "--data", "folder", "--data-path", str(tmp_path / "data"), "--out", str(tmp_path / "cache"),
-            "--vae", str(tmp_path / "vae.safetensors"), "--image-size", "16", "--batch-size", "3", "--num-workers", "0"]
-    assert data.main(args) == 0
-    expect = dict(vae=data.vae_identity(str(tmp_path / "vae.safetensors")), image_size=16, data="folder",
-                  data_path=str(tmp_path / "data"))
+            "--vae", "any", "--image-size", "16", "--batch-size", "3", "--num-workers", "0"]
+    data.main(args)
+    expect = dict(image_size=16, data="folder", data_path=str(tmp_path / "data"))
     ds = data.LatentCacheDataset(str(tmp_path / "cache"), expect=expect)
     assert len(ds) == 4 and ds.superclass_names == ["citrus", "melon"] and ds[0][0].shape == (4, 2, 2)
+    assert ds.meta["vae"] == StandInVAE().identity()
     assert "python data.py cache --data folder" in ds.meta["command"]
-    assert data.main(args) == 0  # a second run finds nothing left to do
+    data.main(args)  # a second run finds nothing left to do
 
 
 def test_cache_with_a_tiny_real_autoencoder(tmp_path):
-    model = pytest.importorskip("model")
-    if not hasattr(model, "AutoencoderKL"):
-        pytest.skip("model.AutoencoderKL not written yet")
     torch.manual_seed(0)
-    vae = model.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1)
+    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1)
     dataset = small_toy()
     meta = data.build_latent_cache(dataset, vae, str(tmp_path), batch_size=8, num_workers=0, meta=cache_meta(),
                                    progress=False)
@@ -1265,14 +1299,14 @@ def test_inception_state_dict_missing_a_key_is_rejected_naming_it(inception_file
     _, state = inception_file
     broken = {k: v for k, v in state.items() if k != "Mixed_6c.branch7x7_2.conv.weight"}
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(EvalError, match="Mixed_6c.branch7x7_2.conv.weight"):
+    with pytest.raises(UserError, match="Mixed_6c.branch7x7_2.conv.weight"):
         load_inception(str(tmp_path / "broken.pth"))
 
 
 def test_missing_inception_weights_error_names_the_published_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(EvalError, match="pt_inception-2015-12-05-6726825d.pth") as error:
+    with pytest.raises(UserError, match="pt_inception-2015-12-05-6726825d.pth") as error:
         load_inception()
     assert "github.com/mseitzer/pytorch-fid/releases" in str(error.value)
 
@@ -1295,53 +1329,95 @@ def test_inception_features_accept_a_tensor_or_a_loader_of_uint8_batches():
 
 # ---- per-superclass statistics and the Table 1 layout -----------------------------------------------------------
 
-def test_two_level_folder_gives_classes_and_superclasses(labelled_folder):
-    source = open_images(str(labelled_folder), image_size=0)
-    assert source.superclass_names == ["Birds", "Fungi", "Plants"]
+def folder_images(root, size=16):
+    """The real images of a two-level folder, as `evaluate.py stats --data folder` reads them."""
+    return evaluate.dataset_images(data.build_dataset("folder", str(root), size, split="val", flip=False), str(root))
+
+
+def test_real_images_of_a_two_level_folder_carry_its_hierarchy_and_exact_pixels(labelled_folder):
+    source = folder_images(labelled_folder)
+    assert source.hierarchy["superclass_names"] == ["Birds", "Fungi", "Plants"]
     assert len(source) == 30 and len(set(source.labels)) == 5
-    assert list(np.bincount(source.superclasses)) == [12, 6, 12]
+    assert list(np.bincount(evaluate.superclasses_of(source.labels, source.hierarchy))) == [12, 6, 12]
+    image, label = source[0]
+    first = labelled_folder / "Birds" / "sparrow" / "0.png"
+    assert label == 0 and torch.equal(image, torch.from_numpy(np.array(Image.open(first))).permute(2, 0, 1))
 
 
-def test_class_folders_take_superclasses_from_a_hierarchy_file(tmp_path):
-    for class_dir in ("00000_a", "00001_b", "00002_c"):
-        (tmp_path / "gen" / class_dir).mkdir(parents=True)
-        Image.new("RGB", (8, 8)).save(tmp_path / "gen" / class_dir / "0.png")
-    (tmp_path / "h.json").write_text(json.dumps({"superclass_names": ["Fungi", "Birds"], "superclass_of": [1, 0, 1]}))
-    source = open_images(str(tmp_path / "gen"), 0, evaluate.load_hierarchy(str(tmp_path / "h.json")))
-    assert list(source.labels) == [0, 1, 2] and list(source.superclasses) == [1, 0, 1]
+def test_class_labelled_images_take_superclasses_from_a_hierarchy_file(tmp_path):
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "gen.npz", arr_0=images, labels=np.array([0, 1, 2]))
+    hierarchy = dict(class_names=["a", "b", "c"], superclass_names=["Fungi", "Birds"], superclass_of=[1, 0, 1])
+    (tmp_path / "h.json").write_text(json.dumps(hierarchy))
+    source = open_images(str(tmp_path / "gen.npz"), 0, evaluate.load_hierarchy(str(tmp_path / "h.json")))
+    assert list(source.labels) == [0, 1, 2] and source.hierarchy == hierarchy
+    assert list(evaluate.superclasses_of(source.labels, source.hierarchy)) == [1, 0, 1]
 
 
 def test_stats_are_grouped_per_superclass(labelled_folder):
-    stats = compute_stats(open_images(str(labelled_folder), 0), MeanColour(), progress=False)
-    assert int(stats["count"]) == 30 and list(stats["superclass_names"]) == ["Birds", "Fungi", "Plants"]
+    stats = compute_stats(folder_images(labelled_folder), MeanColour(), progress=False)
+    assert int(stats["count"]) == 30
+    assert evaluate.stats_hierarchy(stats)["superclass_names"] == ["Birds", "Fungi", "Plants"]
     assert [int(stats[f"count_{s}"]) for s in range(3)] == [12, 6, 12]
     assert stats["mu_1"].shape == (3,) and stats["sigma_1"].shape == (3, 3)
     assert stats["mu_2"][0] > stats["mu_0"][0]  # Plants were tinted redder than Birds
 
 
 def test_fid_table_has_every_superclass_then_overall(labelled_folder):
-    stats = compute_stats(open_images(str(labelled_folder), 0), MeanColour(), progress=False)
+    stats = compute_stats(folder_images(labelled_folder), MeanColour(), progress=False)
     rows = fid_table(stats, stats)
     assert [r["superclass"] for r in rows] == ["Birds", "Fungi", "Plants", "Overall"]
     assert all(abs(r["fid"]) < 1e-6 for r in rows)
 
 
 def test_fid_table_needs_per_superclass_reference_statistics(labelled_folder):
-    stats = compute_stats(open_images(str(labelled_folder), 0), MeanColour(), progress=False)
+    stats = compute_stats(folder_images(labelled_folder), MeanColour(), progress=False)
     overall_only = {k: stats[k] for k in ("mu", "sigma", "count")}
-    with pytest.raises(EvalError, match="per-superclass"):
+    with pytest.raises(UserError, match="per-superclass"):
         fid_table(overall_only, stats)
     assert [r["superclass"] for r in fid_table(overall_only, stats, overall_only=True)] == ["Overall"]
 
 
 def test_npz_images_carry_labels_and_hierarchy(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    hierarchy = dict(class_names=["x", "y", "z"], superclass_names=["Insects", "Birds"], superclass_of=[1, 0, 1])
     np.savez(tmp_path / "fake.npz", arr_0=images, labels=np.array([0, 0, 1, 1, 2, 2]),
-             superclass_of=np.array([1, 0, 1]), superclass_names=np.array(["Insects", "Birds"]))
+             hierarchy=np.array(json.dumps(hierarchy)))
     source = open_images(str(tmp_path / "fake.npz"))
-    assert list(source.superclasses) == [1, 1, 0, 0, 1, 1]
+    assert source.hierarchy == hierarchy
+    assert list(evaluate.superclasses_of(source.labels, hierarchy)) == [1, 1, 0, 0, 1, 1]
     image, label = source[2]
     assert image.shape == (3, 8, 8) and image.dtype == torch.uint8 and label == 1
+
+
+# Superclass names as iNat21 has them, or worse: spaces, hyphens, commas, an ampersand, non-ASCII.
+INAT_STYLE = {"Ray-finned Fishes": ["Salmo trutta", "Esox lucius"], "Crabs, Lobsters & Kin": ["Cancer pagurus"],
+              "Żaby (Anura)": ["Rana temporaria"], "Plants": ["Quercus robur", "Pteridium aquilinum"]}
+
+
+def test_table1_path_keeps_inat21_style_names_from_stats_through_generate_to_fid(tmp_path, monkeypatch):
+    """The README's Table 1 commands: stats of real images -> generate (with --fid) -> fid, a row per superclass."""
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    root = tmp_path / "val"
+    for s, (superclass, classes) in enumerate(INAT_STYLE.items()):
+        for name in classes:
+            for i in range(3):
+                write_image(str(root / superclass / name / f"{i}.png"), (60 * s, 40 * i, 90), (16, 16), fmt="PNG")
+    hierarchy = data.build_dataset("folder", str(root), 16, split="val").hierarchy()
+    common = ["--workers", "0", "--device", "cpu"]
+    evaluate.main(["stats", "--data", "folder", "--data-path", str(root), "--image-size", "16",
+                   "--out", str(tmp_path / "ref.npz"), *common])
+    write_our_checkpoint(tmp_path / "ckpt.pt", hierarchy)
+    evaluate.main(["generate", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "gen"), "--per-class",
+                   "3", "--steps", "2", "--fid", str(tmp_path / "ref.npz"), "--pairs", "0",
+                   "--out-json", str(tmp_path / "generate.json"), *common])
+    evaluate.main(["fid", "--real", str(tmp_path / "ref.npz"), "--fake", str(tmp_path / "gen"), "--pairs", "0",
+                   "--out-json", str(tmp_path / "fid.json"), *common])
+    for table in ("generate.json", "fid.json"):
+        rows = json.loads((tmp_path / table).read_text())["rows"]
+        assert [r["superclass"] for r in rows] == sorted(INAT_STYLE) + ["Overall"]
+        assert [r["count_fake"] for r in rows[:-1]] == [3 * len(INAT_STYLE[name]) for name in sorted(INAT_STYLE)]
+        assert all(math.isfinite(r["fid"]) for r in rows)
 
 
 # ---- LPIPS ------------------------------------------------------------------------------------------------------
@@ -1364,7 +1440,7 @@ def test_lpips_heads_missing_a_key_is_rejected_naming_it(lpips_files, tmp_path):
     lins = torch.load(lin_path)
     del lins["lin3.model.1.weight"]
     torch.save(lins, tmp_path / "alex.pth")
-    with pytest.raises(EvalError, match="lin3.model.1.weight"):
+    with pytest.raises(UserError, match="lin3.model.1.weight"):
         LPIPS.from_pretrained(str(alex_path), str(tmp_path / "alex.pth"))
 
 
@@ -1389,34 +1465,33 @@ def test_lpips_diversity_reports_per_class_and_per_superclass(lpips_files):
 
 # ---- command line -----------------------------------------------------------------------------------------------
 
-def run_cli(*args, cwd=None, env=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), *args], capture_output=True,
+def run_evaluate(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env)
 
 
 def test_cli_on_a_missing_file_exits_2_with_one_error_line(tmp_path):
-    result = run_cli("fid", "--real", str(tmp_path / "missing.npz"), "--fake", str(tmp_path))
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
-    assert "missing.npz" in result.stderr and "Traceback" not in result.stderr
+    result = run_evaluate("fid", "--real", tmp_path / "missing.npz", "--fake", tmp_path)
+    assert_one_line_error(result, "missing.npz")
 
 
 def test_cli_without_inception_weights_names_the_file_and_exits_2(labelled_folder, tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path)}
-    result = run_cli("stats", "--images", str(labelled_folder), "--out", str(tmp_path / "ref.npz"), cwd=tmp_path,
-                     env=env)
-    assert result.returncode == 2 and "pt_inception-2015-12-05-6726825d.pth" in result.stderr
-    assert "Traceback" not in result.stderr
+    result = run_evaluate("stats", "--data", "folder", "--data-path", labelled_folder, "--out", tmp_path / "ref.npz",
+                          cwd=tmp_path, env=env)
+    assert_one_line_error(result, "pt_inception-2015-12-05-6726825d.pth", "github.com/mseitzer/pytorch-fid")
 
 
-def test_cli_unreadable_image_in_a_worker_is_one_error_line(labelled_folder, tmp_path, monkeypatch, capsys):
+def test_cli_unreadable_image_in_a_worker_is_one_error_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
-    (labelled_folder / "Birds" / "wren" / "9.png").write_bytes(b"not a png")
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["stats", "--images", str(labelled_folder), "--out", str(tmp_path / "ref.npz"),
-                       "--image-size", "16", "--workers", "1"])
+    np.savez(tmp_path / "x.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / "gen").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "gen" / "0.png")
+    (tmp_path / "gen" / "9.png").write_bytes(b"not a png")
+    code = model_module.run_cli(lambda: evaluate.main(["fid", "--real", str(tmp_path / "x.npz"), "--fake",
+                                                       str(tmp_path / "gen"), "--workers", "1", "--pairs", "0"]))
     stderr = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and stderr[-1].startswith("error: cannot read image") and "9.png" in stderr[-1]
+    assert code == 2 and stderr[-1].startswith("error: cannot read image") and "9.png" in stderr[-1]
     assert not any("Traceback" in line for line in stderr)
 
 
@@ -1424,17 +1499,20 @@ def test_cli_stats_then_fid_writes_table1_csv_and_json(labelled_folder, lpips_fi
                                                        one_thread):
     monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
     ref = tmp_path / "ref.npz"
-    evaluate.main(["stats", "--images", str(labelled_folder), "--out", str(ref), "--image-size", "64",
-                   "--workers", "0"])
-    assert {"mu", "sigma", "count", "superclass_names", "mu_0", "sigma_2", "count_1"} <= set(np.load(ref).files)
-    evaluate.main(["fid", "--real", str(ref), "--fake", str(labelled_folder), "--image-size", "64",
-                   "--workers", "0", "--lpips-alex", str(lpips_files[0]), "--lpips-lin", str(lpips_files[1]),
-                   "--pairs", "20", "--out-csv", str(tmp_path / "t.csv"), "--out-json", str(tmp_path / "t.json")])
+    evaluate.main(["stats", "--data", "folder", "--data-path", str(labelled_folder), "--out", str(ref),
+                   "--image-size", "64", "--workers", "0"])
+    assert {"mu", "sigma", "count", "hierarchy", "mu_0", "sigma_2", "count_1"} <= set(np.load(ref).files)
+    source = folder_images(labelled_folder, 64)                # LPIPS's AlexNet needs 64 px
+    np.savez(tmp_path / "fake.npz", arr_0=np.stack([source.read(i) for i in range(len(source))]),
+             labels=source.labels, hierarchy=np.array(json.dumps(source.hierarchy)))
+    evaluate.main(["fid", "--real", str(ref), "--fake", str(tmp_path / "fake.npz"), "--workers", "0",
+                   "--lpips-alex", str(lpips_files[0]), "--lpips-lin", str(lpips_files[1]), "--pairs", "20",
+                   "--out-csv", str(tmp_path / "t.csv"), "--out-json", str(tmp_path / "t.json")])
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert [r["superclass"] for r in rows] == ["Birds", "Fungi", "Plants", "Overall"]
     assert abs(rows[-1]["fid"]) < 1e-6 and rows[-1]["lpips"] > 0
     assert (tmp_path / "t.csv").read_text().splitlines()[0] == "superclass,fid,lpips,count_real,count_fake"
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes left no temp files
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # atomic writes left no temp files
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1483,11 +1561,21 @@ def base_ckpt(tmp_path_factory):
 # Distributed data parallel
 # ------------------------------------------------------------------------------------------------------------
 
+RANK_DUMP = """import os, sys, torch
+sys.path.insert(0, {here!r})
+import train
+out = train.train(train.parse_args(sys.argv[2:]))
+torch.save(dict(model=out["model"].state_dict(), ema=out["ema"]), os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
 def test_two_process_ddp_keeps_ranks_identical_and_frozen_tensors_equal_to_the_base(tmp_path, base_ckpt):
     dump = tmp_path / "ranks"
-    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "train.py",
-                      *TINY_TRAIN, "--init", base_ckpt, "--tune", "finediffusion", "--global-batch-size", "4",
-                      "--max-steps", "3", "--run-dir", tmp_path / "run", env={train.RANK_DUMP_ENV: str(dump)})
+    dump.mkdir()
+    (tmp_path / "rank_dump.py").write_text(RANK_DUMP.format(here=HERE))   # train, then save this rank's tensors
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                      tmp_path / "rank_dump.py", dump, *TINY_TRAIN, "--init", base_ckpt, "--tune", "finediffusion",
+                      "--global-batch-size", "4", "--max-steps", "3", "--run-dir", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert tensors_equal(rank0["model"], rank1["model"]) and tensors_equal(rank0["ema"], rank1["ema"])
@@ -1517,9 +1605,9 @@ def test_resume_continues_bit_for_bit(tmp_path, base_ckpt, monkeypatch, tune, wo
     assert second["final_ckpt"] == str(tmp_path / "split" / "checkpoints" / "0000006.pt")
     assert straight["losses"] == first["losses"] + second["losses"]
     a, b = (torch.load(r["final_ckpt"], weights_only=True) for r in (straight, second))
-    assert a["data_epoch"] == b["data_epoch"] == 1 and a["data_position"] == b["data_position"] == 2
+    assert a["train"]["epoch"] == b["train"]["epoch"] == 1 and a["train"]["position"] == b["train"]["position"] == 2
     assert tensors_equal(a["model"], b["model"]) and tensors_equal(a["ema"], b["ema"])
-    assert a["delta"] is (tune == "finediffusion")
+    assert (a["base"] is not None) is (tune == "finediffusion")          # a delta exactly when there is a base
 
 
 def test_delta_checkpoint_of_dit_xl2_finediffusion_is_under_2_percent_of_the_full_one():
@@ -1528,7 +1616,8 @@ def test_delta_checkpoint_of_dit_xl2_finediffusion_is_under_2_percent_of_the_ful
     set_trainable(model, "finediffusion")
     state = model.state_dict()
     nbytes = lambda names: sum(state[k].numel() * 4 for k in names)       # fp32, as saved
-    delta, full = nbytes(train.stored_names(model, delta=True)), nbytes(train.stored_names(model, delta=False))
+    delta = nbytes([name for name, p in model.named_parameters() if p.requires_grad])
+    full = nbytes(state)
     assert full > 2.7e9 and delta / full <= 0.02, (delta, full)
 
 
@@ -1538,8 +1627,8 @@ def test_checkpoint_stores_only_tuned_tensors_and_their_optimizer_state(tmp_path
     model = build_model(**ckpt["config"], superclass_of=ckpt["hierarchy"]["superclass_of"])
     set_trainable(model, "finediffusion")
     tuned = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert ckpt["delta"] is True and set(ckpt["model"]) == set(ckpt["ema"]) == tuned
-    assert len(ckpt["opt"]["state"]) == len(tuned)
+    assert set(ckpt["model"]) == set(ckpt["ema"]) == tuned
+    assert len(ckpt["train"]["opt"]["state"]) == len(tuned)
     assert ckpt["base"]["path"] == os.path.abspath(base_ckpt) and len(ckpt["base"]["sha256"]) == 64
     assert ckpt["config"] == dict(name="DiT-T/4", image_size=16, num_classes=16, num_superclasses=4,
                                   method="finediffusion", pixel_space=True)
@@ -1547,12 +1636,12 @@ def test_checkpoint_stores_only_tuned_tensors_and_their_optimizer_state(tmp_path
     assert isinstance(ckpt["args"], dict) and ckpt["step"] == 1
 
 
-def test_delta_and_full_checkpoints_load_to_the_same_model(tmp_path, base_ckpt):
-    common = [*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2"]
-    delta = run_train(*common, "--run-dir", tmp_path / "delta")["final_ckpt"]
-    full = run_train(*common, "--save-full", "--run-dir", tmp_path / "full")["final_ckpt"]
-    assert torch.load(full, weights_only=True)["delta"] is False
-    assert os.path.getsize(delta) < os.path.getsize(full) / 5
+def test_delta_and_exported_checkpoints_load_to_the_same_model(tmp_path, base_ckpt):
+    delta = run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2",
+                      "--run-dir", tmp_path / "delta", "--export", tmp_path / "full.pt")["final_ckpt"]
+    full = tmp_path / "full.pt"
+    assert torch.load(full, weights_only=True)["base"] is None
+    assert os.path.getsize(delta) < os.path.getsize(full) / 2
     assert tensors_equal(load_model(delta)[0].state_dict(), load_model(full)[0].state_dict())
 
 
@@ -1563,7 +1652,7 @@ def test_a_delta_refuses_a_changed_base(tmp_path, base_ckpt):
     state = torch.load(base, weights_only=True)
     state["ema"]["blocks.0.attn.qkv.weight"] += 1
     torch.save(state, base)
-    with pytest.raises(CheckpointError, match="sha256"):
+    with pytest.raises(UserError, match="sha256"):
         load_model(ckpt)
 
 
@@ -1573,7 +1662,8 @@ def test_export_loads_with_load_model_and_gives_the_trained_outputs(tmp_path, ba
     again = run_train("--resume", out["final_ckpt"], "--export", tmp_path / "resumed.pt")   # export only
     assert again["step"] == 2
     exported = torch.load(tmp_path / "end.pt", weights_only=True)
-    assert set(exported) >= {"model", "ema", "args", "config", "hierarchy"} and "delta" not in exported
+    assert set(exported) >= {"model", "ema", "args", "config", "hierarchy"} and exported["base"] is None
+    assert "train" not in exported
     assert len(exported["ema"]) == len(exported["model"]) == len(build_model(**exported["config"]).state_dict())
     # the EMA as trained: the delta checkpoint's EMA on the frozen base
     trained, _ = load_model(out["final_ckpt"])
@@ -1605,7 +1695,7 @@ def test_toy_loss_falls_and_is_logged(tmp_path):
 def test_sample_grids_leave_training_untouched(tmp_path, base_ckpt):
     common = [*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "3"]
     plain = run_train(*common, "--run-dir", tmp_path / "plain")
-    sampled = run_train(*common, "--sample-every", "2", "--sample-steps", "2", "--run-dir", tmp_path / "sampled")
+    sampled = run_train(*common, "--sample-every", "2", "--run-dir", tmp_path / "sampled")
     assert os.path.isfile(tmp_path / "sampled" / "samples" / "0000002.png")
     assert plain["losses"] == sampled["losses"]
     a, b = (torch.load(r["final_ckpt"], weights_only=True) for r in (plain, sampled))
@@ -1614,16 +1704,20 @@ def test_sample_grids_leave_training_untouched(tmp_path, base_ckpt):
 
 def test_latent_dit_trains_from_the_vae_on_the_fly_and_from_a_latent_cache(tmp_path, monkeypatch):
     vae_dir = tmp_path / "vae"
-    vae = write_tiny_vae(vae_dir)
-    common = ["--data", "toy", "--model", "DiT-T/2", "--image-size", "32", "--no-pixel-space", "--init", "none",
-              "--global-batch-size", "4", "--max-steps", "2", "--num-workers", "0"]
-    live = run_train(*common, "--vae", vae_dir, "--run-dir", tmp_path / "live")
-    assert torch.load(live["final_ckpt"], weights_only=True)["config"]["pixel_space"] is False
+    write_tiny_vae(vae_dir)
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    base = tmp_path / "latent-base.pt"                        # an official-layout latent DiT for 32 px images
+    torch.save(DiT_models["DiT-T/2"](input_size=4, num_classes=4).state_dict(), base)
+    common = ["--data", "toy", "--global-batch-size", "4", "--max-steps", "2", "--num-workers", "0"]
+    live = run_train(*common, "--init", base, "--vae", vae_dir, "--run-dir", tmp_path / "live")
+    saved = torch.load(live["final_ckpt"], weights_only=True)
+    assert saved["config"]["pixel_space"] is False and saved["vae"] == vae.identity()
     # the cache of python data.py cache: the same run, from stored VAE posteriors
     toy = data.ToyDataset(image_size=32, images_per_class=1, flip=False)
     data.build_latent_cache(toy, vae, str(tmp_path / "cache"), num_workers=0, progress=False,
-                            meta=dict(data="toy", vae=data.vae_identity(str(vae_dir))))
-    cached = run_train(*common, "--latent-cache", tmp_path / "cache", "--vae", vae_dir, "--run-dir", tmp_path / "c")
+                            meta=dict(data="toy", vae=vae.identity()))
+    cached = run_train(*common, "--init", base, "--latent-cache", tmp_path / "cache", "--vae", vae_dir,
+                       "--run-dir", tmp_path / "c")
     assert len(cached["losses"]) == 2 and all(math.isfinite(loss) for loss in cached["losses"])
     proc = run_script(os.path.join(HERE, "train.py"), "--latent-cache", tmp_path / "cache", "--image-size", "64",
                       "--init", "none", "--model", "DiT-T/2", cwd=tmp_path)
@@ -1783,8 +1877,9 @@ def test_fid_table_pairs_superclasses_by_name_not_by_position():
     rng = np.random.default_rng(0)
     fishes, birds = rng.normal(0.0, 1.0, (60, 3)), rng.normal(4.0, 2.0, (60, 3))
     labels = np.repeat([0, 1], 60)
-    real = evaluate.stats_from_features(np.concatenate([fishes, birds]), labels, ["Ray-finned Fishes", "Birds"])
-    fake = evaluate.stats_from_features(np.concatenate([birds, fishes]), labels, ["Birds", "Ray-finned Fishes"])
+    hierarchy = lambda names: data.make_hierarchy(["a", "b"], names, [0, 1])     # class 0 in superclass 0, ...
+    real = evaluate.image_stats(np.concatenate([fishes, birds]), labels, hierarchy(["Ray-finned Fishes", "Birds"]))
+    fake = evaluate.image_stats(np.concatenate([birds, fishes]), labels, hierarchy(["Birds", "Ray-finned Fishes"]))
     rows = {r["superclass"]: r["fid"] for r in fid_table(real, fake)}
     assert rows["Ray-finned Fishes"] == pytest.approx(0.0, abs=1e-6) and rows["Birds"] == pytest.approx(0.0, abs=1e-6)
 
@@ -1799,13 +1894,18 @@ def test_fid_table_pairs_superclasses_by_name_not_by_position():
     (["--data", "toy", "--init", "missing.pt"], {}, ["missing.pt", "not found"]),
     (["--data", "toy", "--init", "DiT-XL-2-256x256.pt"], {}, ["DiT-XL-2-256x256.pt", "dl.fbaipublicfiles.com"]),
     (["--data", "toy", "--global-batch-size", "3"], {"WORLD_SIZE": "2", "RANK": "0"}, ["--global-batch-size 3", "2"]),
-    (["--data", "toy", "--no-pixel-space", "--init", "none"], {}, ["sd-vae-ft-ema", "huggingface.co"]),
     (["--data", "toy", "--precision", "fp16", "--device", "cpu"], {}, ["fp16", "bf16"]),
     (["--resume", "nothing.pt"], {}, ["nothing.pt"]),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, argv, env, words):
     proc = run_script(os.path.join(HERE, "train.py"), *argv, env=env, cwd=tmp_path)
     assert_one_line_error(proc, *words)
+
+
+def test_latent_training_without_a_vae_names_where_it_is_published(tmp_path):
+    torch.save(DiT_models["DiT-T/2"](input_size=4, num_classes=4).state_dict(), tmp_path / "latent-base.pt")
+    proc = run_script(os.path.join(HERE, "train.py"), "--data", "toy", "--init", "latent-base.pt", cwd=tmp_path)
+    assert_one_line_error(proc, "sd-vae-ft-ema", "pretrained/", "huggingface.co")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1820,21 +1920,23 @@ def test_samples_are_spread_evenly_over_classes():
 
 def test_generate_writes_the_requested_per_class_counts_and_resumes_without_duplicating(tmp_path):
     write_our_checkpoint(tmp_path / "ckpt.pt")
-    out = str(tmp_path / "gen")
-    argv = ["generate", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", out, "--per-class", "3", "--steps", "2",
+    out = tmp_path / "gen"
+    argv = ["generate", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(out), "--per-class", "3", "--steps", "2",
             "--batch-size", "8", "--device", "cpu", "--npz", str(tmp_path / "gen.npz")]
     evaluate.main(argv)
-    paths = [evaluate.job_path(out, TOY_HIERARCHY, c, i) for c, i in evaluate.generation_jobs(16, per_class=3)]
-    assert all(os.path.isfile(p) for p in paths)
-    assert sum(len(files) for _, _, files in os.walk(out)) == 16 * 3
-    assert os.path.basename(os.path.dirname(os.path.dirname(paths[15]))) == "shape1"   # (class 5, #0): shape1
+    manifest = json.loads((out / "samples.json").read_text())
+    assert manifest["hierarchy"] == TOY_HIERARCHY and len(manifest["images"]) == 16 * 3
+    assert sorted(np.bincount([c for _, c in manifest["images"]])) == [3] * 16
+    paths = [out / name for name, _ in manifest["images"]]
+    assert all(p.is_file() for p in paths) and sum(len(files) for _, _, files in os.walk(out)) == 16 * 3 + 1
     first_run = {p: os.path.getmtime(p) for p in paths}
     os.remove(paths[0])                                          # an interrupted first batch
     evaluate.main(argv)
-    assert sum(len(files) for _, _, files in os.walk(out)) == 16 * 3
+    assert all(p.is_file() for p in paths)
     assert all(os.path.getmtime(p) == first_run[p] for p in paths[8:])   # finished batches were not redone
     packed = np.load(tmp_path / "gen.npz")
     assert packed["arr_0"].shape == (48, 16, 16, 3) and sorted(np.bincount(packed["labels"])) == [3] * 16
+    assert json.loads(str(packed["hierarchy"])) == TOY_HIERARCHY
 
 
 def toy_checkpoint(path, method, **kw):
@@ -1842,7 +1944,7 @@ def toy_checkpoint(path, method, **kw):
     toy = data.ToyDataset(image_size=16, images_per_class=1)
     config = dict(name="DiT-T/4", image_size=16, num_classes=16, num_superclasses=4, method=method, pixel_space=True, **kw)
     model = randomize(build_model(**config, superclass_of=toy.superclass_of))
-    torch.save(dict(model=model.state_dict(), config=config, hierarchy=toy.hierarchy(), args={}, delta=False), path)
+    torch.save(dict(model=model.state_dict(), config=config, hierarchy=toy.hierarchy(), args={}, base=None), path)
     return str(path)
 
 
