@@ -1,0 +1,228 @@
+"""Mutation check of the test suite: does it notice a one-line bug?
+
+    python mutate.py                  # every mutation; prints: mutation, caught by which tests (~15 min, 2 cores)
+    python mutate.py --only ddim vae  # the mutations whose name contains one of these words
+    python mutate.py --list           # the mutations, nothing run
+
+Each mutation replaces one exact snippet of one file in a scratch copy of the repository, runs the tests that
+specify that behaviour (a `pytest -k` expression) and reports which of them failed. A mutation that no test
+catches is a hole in the suite; a mutation whose snippet is no longer in the code is STALE (the code moved:
+update its snippet). Exit code 0 only when every mutation applies and is caught. Not run in CI.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Selections of tests: the pins to independent implementations, and the closed-form answers.
+REFERENCE = "official or diffusers or pytorch_fid or lpips_package or authors"
+CLOSED = ("optimal_eps or output_variance or linspace or q_posterior or cos_then_sin or sincos or pos_embed "
+          "or closed_form or scatter or center_crop or q_sample")
+NUMERIC = f"{REFERENCE} or {CLOSED}"
+
+# (name, file, snippet, replacement, pytest -k expression of the tests that specify the behaviour)
+MUTATIONS = [
+    # --- named in the issue -------------------------------------------------------------------------------
+    ("training ignores `train` (no substitution)", "model.py",
+     "        if train:\n            y = self.substitute(y)", "        if False:\n            y = self.substitute(y)",
+     "swaps_labels or substitution"),
+    ("--superclass-prob forced to 0", "train.py",
+     "superclass_of=hierarchy[\"superclass_of\"], superclass_prob=superclass_prob)",
+     "superclass_of=hierarchy[\"superclass_of\"], superclass_prob=0.0)", "swaps_labels"),
+    ("MSE target is x0, not eps", "diffusion.py",
+     "terms[\"mse\"] = mean_flat((noise - model_output) ** 2)", "terms[\"mse\"] = mean_flat((x_start - model_output) ** 2)",
+     NUMERIC + " or training_loss"),
+    ("train.py latents without the 0.18215 scale", "train.py",
+     "return LATENT_SCALE * sample_latent(mean, logvar)", "return sample_latent(mean, logvar)", "0_18215"),
+    ("sample.py swaps the conditional and guide halves", "sample.py",
+     "kwargs = dict(y=torch.cat([y, guide_labels(model, y, guidance)]),",
+     "kwargs = dict(y=torch.cat([guide_labels(model, y, guidance), y]),", REFERENCE),
+    ("sample.py guides all 4 channels by default", "sample.py",
+     "guide_channels=None if guide_all_channels else 3)", "guide_channels=None)", REFERENCE),
+    ("DDPM noise scaled by the variance, not the std", "diffusion.py",
+     "nonzero * torch.exp(0.5 * out[\"log_variance\"]) * noise", "nonzero * torch.exp(out[\"log_variance\"]) * noise",
+     NUMERIC),
+    ("learned-range interpolation reversed", "diffusion.py",
+     "log_variance = frac * max_log + (1 - frac) * min_log", "log_variance = frac * min_log + (1 - frac) * max_log",
+     NUMERIC),
+    ("DDIM mean uses abar_t where abar_{t-1} belongs", "diffusion.py",
+     "mean = out[\"pred_xstart\"] * torch.sqrt(abar_prev)", "mean = out[\"pred_xstart\"] * torch.sqrt(abar)",
+     NUMERIC),
+    ("timestep embedding: sine and cosine swapped", "model.py",
+     "emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)",
+     "emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)", NUMERIC),
+    ("FID: sqrtm of each covariance instead of the product", "evaluate.py",
+     "covmean = _sqrtm(sigma1.dot(sigma2))", "covmean = _sqrtm(sigma1).dot(_sqrtm(sigma2))",
+     "frechet or fid"),
+    ("FID: no singular fallback", "evaluate.py",
+     "    if not np.isfinite(covmean).all():", "    if False:", "frechet or fid"),
+    ("Inception: no [-1, 1] rescale", "evaluate.py",
+     "        x = 2 * x - 1  # the TF graph expects [-1, 1]", "", "inception"),
+    ("Inception: Mixed_7c average-pools", "evaluate.py",
+     "self.Mixed_7c = FIDInceptionE(2048, pool=\"max\")", "self.Mixed_7c = FIDInceptionE(2048, pool=\"avg\")",
+     "inception"),
+    ("DiT-L has 12 heads", "model.py",
+     "\"L\": (24, 1024, 16)", "\"L\": (24, 1024, 8)", "configurations"),
+    ("a DiffFit gate is created but never used", "model.py",
+     "        if hasattr(self, \"gamma1\"):\n            attn = self.gamma1 * attn\n", "", "difffit"),
+    ("VAE logvar clamp missing", "model.py",
+     "return mean, logvar.clamp(-30.0, 20.0)", "return mean, logvar", "vae"),
+    ("safetensors F32 tag renamed", "model.py",
+     "\"F32\": (\"<f4\", torch.float32)", "\"FP32\": (\"<f4\", torch.float32)", "safetensors or " + REFERENCE),
+    ("iNat21 Mollusks range off by one", "data.py",
+     "(5219, 5387, \"Mollusks\")", "(5219, 5386, \"Mollusks\")", "inat21"),
+    ("EMA decay and 1 - decay swapped", "train.py",
+     "ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)", "ema[name].mul_(1 - decay).add_(p.detach(), alpha=decay)",
+     "ema"),
+    ("sample.py decodes without dividing by 0.18215", "sample.py",
+     "decode(x / LATENT_SCALE)", "decode(x)", REFERENCE),
+    ("VAE attention residual dropped", "model.py",
+     "        return x + h                                                      # residual, rescale factor 1",
+     "        return h", "vae"),
+    ("Table 1 pairs superclasses by index", "evaluate.py",
+     "            s = fake_names.index(name)\n", "            s = r\n", "fid_table"),
+    ("centre crop takes the top-left corner", "data.py",
+     "    crop_y = (arr.shape[0] - image_size) // 2\n    crop_x = (arr.shape[1] - image_size) // 2",
+     "    crop_y = 0\n    crop_x = 0", "crop"),
+    ("LPIPS drops its unit normalisation", "evaluate.py",
+     "            f = f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)\n", "", "lpips"),
+    ("schedule squared-linear with the same end points", "diffusion.py",
+     "return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)",
+     "return np.linspace((scale * 0.0001) ** 0.5, (scale * 0.02) ** 0.5, num_steps, dtype=np.float64) ** 2",
+     NUMERIC),
+    # --- our own: model.py -------------------------------------------------------------------------------
+    ("adaLN modulate without the 1 +", "model.py",
+     "return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)", "return x * scale.unsqueeze(1) + shift.unsqueeze(1)",
+     REFERENCE),
+    ("final layer: shift and scale swapped", "model.py",
+     "        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)",
+     "        scale, shift = self.adaLN_modulation(c).chunk(2, dim=1)", REFERENCE),
+    ("unpatchify transposes each patch", "model.py",
+     "x = torch.einsum(\"nhwpqc->nchpwq\", x)", "x = torch.einsum(\"nhwpqc->nchqwp\", x)", REFERENCE),
+    ("superclass rows without the offset K", "model.py",
+     "return self.num_classes + self.superclass_of[y]", "return self.superclass_of[y]",
+     "superclass or " + REFERENCE),
+    ("2-D positions: sin and cos swapped", "model.py",
+     "return np.concatenate([np.sin(out), np.cos(out)], axis=1)     # (M, D)",
+     "return np.concatenate([np.cos(out), np.sin(out)], axis=1)     # (M, D)", NUMERIC),
+    ("FineDiffusion does not train the LayerNorm affine", "model.py",
+     "        return table or bias or norm\n", "        return table or bias\n", "table2 or trainable"),
+    # --- diffusion.py --------------------------------------------------------------------------------------
+    ("respaced sampler calls the model with respaced indices", "diffusion.py",
+     "return model(x, t_orig, **(model_kwargs or {}))", "return model(x, t, **(model_kwargs or {}))",
+     "respac or " + NUMERIC),
+    ("x0 from eps with the wrong sign", "diffusion.py",
+     "* x_t - gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps",
+     "* x_t + gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps", NUMERIC),
+    ("posterior mean uses alpha instead of sqrt(alpha)", "diffusion.py",
+     "(1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)",
+     "(1.0 - self.alphas_cumprod_prev) * alphas / (1.0 - self.alphas_cumprod)", NUMERIC),
+    ("VB: decoder NLL and KL swapped at t = 0", "diffusion.py",
+     "output=torch.where(t == 0, nll, kl)", "output=torch.where(t == 0, kl, nll)", NUMERIC + " or training_loss"),
+    ("respacing forgets the skipped steps' noise", "diffusion.py",
+     "        new_betas.append(1 - abar[i] / last)\n", "        new_betas.append(1 - abar[i] / abar[i - 1] if i else 1 - abar[i])\n",
+     "respac or " + NUMERIC),
+    # --- data.py -------------------------------------------------------------------------------------------
+    ("images scaled to [0, 1], not [-1, 1]", "data.py",
+     "steps += [transforms.ToTensor(), transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], inplace=True)]",
+     "steps += [transforms.ToTensor()]", "minus_one"),
+    ("latent cache: mirror stored as the original", "data.py",
+     "mean, logvar = vae.encode(torch.cat([x, x.flip(-1)]))", "mean, logvar = vae.encode(torch.cat([x, x]))",
+     "cache"),
+    ("toy: the subclass tint ignored", "data.py",
+     "hue = family / S + ((sub + 0.5) / P - 0.5) * (0.6 / S)", "hue = family / S", "toy"),
+    # --- train.py ------------------------------------------------------------------------------------------
+    ("the optimizer steps on cleared gradients", "train.py",
+     "    scaler.step(opt)\n    scaler.update()\n", "    opt.zero_grad()\n    scaler.step(opt)\n    scaler.update()\n",
+     "loss_falls or resume or ema"),
+    ("delta checkpoints store every tensor", "train.py",
+     "    return [name for name, p in model.named_parameters() if p.requires_grad]",
+     "    return list(model.state_dict())", "checkpoint"),
+    ("training timesteps never reach t = 999", "train.py",
+     "t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)",
+     "t = torch.randint(0, diffusion.num_timesteps // 2, (x.shape[0],), device=x.device)", "timesteps"),
+    # --- sample.py -----------------------------------------------------------------------------------------
+    ("sample.py ignores the seed", "sample.py",
+     "    torch.manual_seed(seed)             # as DiT's sample.py", "    pass", "sample or reproduc"),
+    ("sample.py: null guide where superclass was asked", "sample.py",
+     "    if guidance == \"superclass\":\n", "    if guidance == \"never\":\n", "sample or " + REFERENCE),
+    # --- evaluate.py ---------------------------------------------------------------------------------------
+    ("feature covariance biased", "evaluate.py",
+     "return features.mean(axis=0), np.cov(features, rowvar=False)",
+     "return features.mean(axis=0), np.cov(features, rowvar=False, bias=True)", "feature_stats or fid"),
+    ("TF pooling counts the padding", "evaluate.py",
+     "return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)",
+     "return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)", "inception"),
+    ("FID drops trace(sigma2)", "evaluate.py",
+     "np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)", "np.trace(sigma1) - 2 * np.trace(covmean)",
+     "frechet or fid"),
+    ("LPIPS pairs may pair an image with itself", "evaluate.py",
+     "    other = other + (other >= rank)\n", "", "lpips"),
+]
+
+
+def scratch_copy():
+    """The tracked and untracked (not ignored) files of the repository, in a temporary folder."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=HERE,
+                           capture_output=True, text=True, check=True).stdout.split()
+    root = tempfile.mkdtemp(prefix="mutate-")
+    for name in files:
+        if os.path.isfile(os.path.join(HERE, name)):
+            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+            shutil.copy2(os.path.join(HERE, name), os.path.join(root, name))
+    return root
+
+
+def run_tests(root, expression):
+    """Names of the failing tests among those selected by `expression` (an error counts as failing)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=no", "-rfE",
+                           "test_all.py", "-k", expression], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return re.findall(r"^(?:FAILED|ERROR) test_all\.py::(\S+)", proc.stdout, flags=re.M), proc.returncode
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="+", help="run the mutations whose name contains one of these words")
+    p.add_argument("--list", action="store_true", help="list the mutations and stop")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or any(w.lower() in m[0].lower() for w in args.only)]
+    if args.list:
+        for name, file, *_ in chosen:
+            print(f"{file:<13} {name}")
+        return 0
+    root = scratch_copy()
+    holes = 0
+    try:
+        print(f"{'mutation':<58} caught by")
+        for name, file, snippet, replacement, expression in chosen:
+            path = os.path.join(root, file)
+            original = open(path).read()
+            if original.count(snippet) != 1:
+                holes += 1
+                print(f"{name:<58} STALE: the snippet occurs {original.count(snippet)} times in {file}", flush=True)
+                continue
+            with open(path, "w") as f:
+                f.write(original.replace(snippet, replacement))
+            try:
+                failed, code = run_tests(root, expression)
+            finally:
+                with open(path, "w") as f:
+                    f.write(original)
+            if not failed:
+                holes += 1
+            verdict = ", ".join(failed) if failed else f"NOT CAUGHT (pytest exit {code}; -k {expression!r})"
+            print(f"{name:<58} {verdict}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{len(chosen) - holes} of {len(chosen)} mutations caught")
+    return 1 if holes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
