@@ -897,7 +897,8 @@ def test_training_losses_equal_the_official_diffusion(reference):
 def test_p_mean_variance_equals_the_official_diffusion(reference):
     r = {k[len("diff.pmv."):]: v for k, v in reference.items() if k.startswith("diff.pmv.")}
     with torch.no_grad():
-        out = create_diffusion("250").p_mean_variance(official_small_dit(), r["x"], r["t"], model_kwargs=dict(y=r["y"]))
+        d = create_diffusion("250")
+        out = d.p_mean_variance(d.call_model(official_small_dit(), r["x"], r["t"], dict(y=r["y"])), r["x"], r["t"])
     for k in ("mean", "log_variance", "pred_xstart"):
         assert_matches(out[k], r[k], 1e-5, msg=k)
 
@@ -908,14 +909,14 @@ def test_one_ddpm_step_equals_the_official_diffusion(reference):
     torch.manual_seed(int(r["seed"]))                                           # the step's randn_like noise
     with torch.no_grad():
         out = create_diffusion("").p_sample(model, r["x"], r["t"], model_kwargs=dict(y=r["y"]))
-    assert_matches(out["sample"], r["sample"], 1e-5)
+    assert_matches(out, r["sample"], 1e-5)
 
 
 def test_ddpm_sampling_with_cfg_equals_the_official_diffusion(reference):
     r = {k[len("diff.ddpm10."):]: v for k, v in reference.items() if k.startswith("diff.ddpm10.")}
     model, z = official_small_dit(), torch.cat([r["z"], r["z"]])
     torch.manual_seed(int(r["seed"]))                                           # each step's randn_like noise
-    samples = create_diffusion("10").p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
+    samples = create_diffusion("10").p_sample_loop(model.forward_with_cfg, z.shape, z,
                                                    model_kwargs=dict(y=r["y"], cfg_scale=4.0), device="cpu")
     assert_matches(samples, r["samples"], 1e-4)
 
@@ -923,7 +924,7 @@ def test_ddpm_sampling_with_cfg_equals_the_official_diffusion(reference):
 def test_ddim_sampling_equals_the_official_diffusion(reference):
     r = {k[len("diff.ddim10."):]: v for k, v in reference.items() if k.startswith("diff.ddim10.")}
     samples = create_diffusion("ddim10").ddim_sample_loop(official_small_dit(), r["z"].shape, r["z"],
-                                                          model_kwargs=dict(y=r["y"]), device="cpu", eta=0.0)
+                                                          model_kwargs=dict(y=r["y"]), device="cpu")
     assert_matches(samples, r["samples"], 1e-4)
 
 
@@ -1536,6 +1537,21 @@ def test_toy_subclasses_differ_and_share_their_family_look():
     assert dist[same_family & off_diag].mean() < dist[~same_family].mean()  # siblings look alike
     assert ds.class_names[:4] == ["disc/plain", "disc/striped", "disc/spotted", "disc/eyed"]
     assert ds.superclass_names == ["disc", "square", "triangle", "cross"]
+
+
+def test_toy_subclasses_of_a_family_step_through_its_hue_range():
+    """A species tints its family's hue by ((k + 0.5) / 4 - 0.5) * 0.6 / 4 (k = 0..3): four distinct, ordered hues."""
+    import colorsys
+    ds = data.ToyDataset(images_per_class=24, flip=False)
+    for family in range(4):
+        offsets = []
+        for k in range(4):
+            hues = []
+            for image in ds.images[ds.fine_labels == 4 * family + k] / 255.0:          # (32, 32, 3) each
+                hsv = np.array([colorsys.rgb_to_hsv(*p) for p in image.reshape(-1, 3)])
+                hues.append(hsv[hsv[:, 1].argmax(), 0])                      # the most saturated pixel: the body
+            offsets.append((np.median(hues) - family / 4 + 0.5) % 1.0 - 0.5)   # signed offset from the family hue
+        assert np.all(np.diff(offsets) > 0.02), (family, offsets)
 
 
 def test_toy_coarse_labels_are_superclass_ids():
