@@ -1,6 +1,6 @@
 """Mutation check of the test suite: does it notice a one-line bug?
 
-    python mutate.py                  # every mutation; prints: mutation, caught by which tests (~15 min, 2 cores)
+    python mutate.py                  # every mutation; prints: mutation, caught by which tests (~20-30 min, 2 cores)
     python mutate.py --only ddim vae  # the mutations whose name contains one of these words
     python mutate.py --list           # the mutations, nothing run
 
@@ -149,7 +149,7 @@ MUTATIONS = [
      "t = torch.randint(0, diffusion.num_timesteps // 2, (x.shape[0],), device=x.device)", "timesteps"),
     # --- sample.py -----------------------------------------------------------------------------------------
     ("sample.py ignores the seed", "sample.py",
-     "    torch.manual_seed(seed)             # as DiT's sample.py", "    pass", "sample or reproduc"),
+     "torch.manual_seed(seed)             # as DiT's sample.py", "pass  # as DiT's sample.py", "sample or reproduc"),
     ("sample.py: null guide where superclass was asked", "sample.py",
      "    if guidance == \"superclass\":\n", "    if guidance == \"never\":\n", "sample or " + REFERENCE),
     # --- evaluate.py ---------------------------------------------------------------------------------------
@@ -219,6 +219,8 @@ def main(argv=None):
                 holes += 1
             more = f" (+{len(failed) - 2} more)" if len(failed) > 2 else ""
             verdict = ", ".join(failed[:2]) + more if failed else f"NOT CAUGHT (pytest exit {code}; -k {expression!r})"
+            if code in (2, 3, 4):                # the mutant did not even import: a broken mutation, not a catch
+                failed, verdict = [], f"INVALID: pytest exit {code} (the mutated file does not import?)"
             print(f"{name:<58} {verdict}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
