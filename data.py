@@ -237,7 +237,7 @@ def _list_dirs(folder):
         return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
-def _list_images(folder):
+def list_images(folder):
     # os.scandir gets names and types from one directory read: no stat() per file, so 500K files scan in seconds.
     with os.scandir(folder) as entries:
         return sorted(e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
@@ -247,7 +247,7 @@ def _scan_classes(root, class_dirs, class_ids):
     """Files (relative to root) and labels of the images in root/<class_dirs[j]>/, labelled class_ids[j]."""
     files, labels = [], []
     for class_dir, class_id in zip(class_dirs, class_ids):
-        names = _list_images(os.path.join(root, class_dir))
+        names = list_images(os.path.join(root, class_dir))
         files += [os.path.join(class_dir, name) for name in names]
         labels += [class_id] * len(names)
     return files, labels
@@ -351,7 +351,7 @@ def folder_dataset(root, split="train", image_size=256, flip=True, coarse=False,
         class_dirs, superclass_of = [], []
         for s, superclass in enumerate(superclass_names):
             classes = _list_dirs(os.path.join(root, superclass))
-            if not classes and _list_images(os.path.join(root, superclass)):
+            if not classes and list_images(os.path.join(root, superclass)):
                 raise UserError(f"folder dataset: {os.path.join(root, superclass)} holds images, not class folders; "
                                 f"for a flat root/<class>/ layout pass --hierarchy-csv with class,superclass rows")
             class_dirs += [os.path.join(superclass, c) for c in classes]

@@ -557,7 +557,7 @@ def open_images(path, image_size=0, hierarchy=None):
     if os.path.isdir(path):
         manifest = read_manifest(path)
         if manifest is None:
-            files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(data.IMAGE_EXTENSIONS))
+            files = [os.path.join(path, f) for f in data.list_images(path)]
             if not files:
                 raise UserError(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) and no samples.json in {path}")
             return ImageSource(path, lambda i: read_png(files[i], image_size), [-1] * len(files), hierarchy)
