@@ -1139,6 +1139,69 @@ def test_sample_images_are_reproducible_and_guidance_changes_them(tmp_path):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_sample_script_samples_with_dpm_solver_in_a_guidance_interval(tmp_path):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    proc = run_script("sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--class-id", "5", "--num-samples", "2",
+                      "--sampler", "dpm++2m", "--steps", "3", "--guidance-interval", "200", "700", "--out", tmp_path / "g.png")
+    assert proc.returncode == 0, proc.stderr
+    assert png_size(tmp_path / "g.png") == (2 * 16 + 3 * 2, 16 + 2 * 2)
+    assert "guidance at 2 of 3 steps" in proc.stderr                  # timesteps 999, 666, 333
+
+
+def network_batches(model, run):
+    """[(t, batch size)] of every DiT forward pass while `run()` samples."""
+    calls, forward = [], model.forward
+    model.forward = lambda x, t, y: calls.append((int(t[0]), len(x))) or forward(x, t, y)
+    try:
+        run()
+    finally:
+        del model.forward
+    return calls
+
+
+def test_guidance_interval_runs_the_dit_on_the_conditional_half_outside_it(tmp_path):
+    from sample import sample_images
+    model = write_our_checkpoint(tmp_path / "c.pt").eval()
+    calls = network_batches(model, lambda: sample_images(model, [1, 2], "superclass", 4.0, "ddim", 10, progress=False,
+                                                         guidance_interval=(500, 700)))
+    assert calls == [(t, 4 if 500 <= t <= 700 else 2) for t in range(900, -1, -100)]   # both bounds included
+
+
+def test_guidance_interval_over_every_step_equals_guidance_at_every_step(tmp_path):
+    from sample import sample_images
+    model = write_our_checkpoint(tmp_path / "c.pt").eval()
+    everywhere = sample_images(model, [1, 2], "superclass", 4.0, "ddpm", 5, seed=3, progress=False)
+    interval = sample_images(model, [1, 2], "superclass", 4.0, "ddpm", 5, seed=3, progress=False,
+                             guidance_interval=(0, 999))
+    assert torch.equal(everywhere, interval)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_guidance_interval_without_a_step_equals_no_guidance_for_a_deterministic_sampler(tmp_path, sampler):
+    """Outside the interval the conditional half's eps is eps(x_t | c) exactly, so an interval that holds no step
+    (ddim10 and dpm++2m 10 step at multiples of 100, and 999) is --guidance none. (DDPM's noise is drawn over the
+    whole [x_t; x_t] batch, so there the random stream differs.)"""
+    from sample import sample_images
+    model = write_our_checkpoint(tmp_path / "c.pt").eval()
+    unguided = sample_images(model, [1, 2], "none", 4.0, sampler, 10, seed=3, progress=False)
+    empty = sample_images(model, [1, 2], "superclass", 4.0, sampler, 10, seed=3, progress=False,
+                          guidance_interval=(101, 199))
+    guided = sample_images(model, [1, 2], "superclass", 4.0, sampler, 10, seed=3, progress=False)
+    assert torch.equal(unguided, empty) and not torch.equal(unguided, guided)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--guidance-interval", "700", "200"], ["--guidance-interval 700 200", "LO <= HI"]),
+    (["--guidance-interval", "0", "1000"], ["--guidance-interval 0 1000", "999"]),
+    (["--guidance-interval", "0", "500", "--guidance", "none"], ["--guidance-interval", "guidance"]),
+    (["--sampler", "dpm++2m", "--steps", "1000"], ["--steps 1000", "1 to 999"]),
+])
+def test_sample_script_rejects_a_bad_interval_or_step_count(tmp_path, argv, words):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    proc = run_script("sample.py", "--ckpt", tmp_path / "ckpt.pt", "--class-id", "1", *argv)
+    assert_one_line_error(proc, *words)
+
+
 def test_sample_script_rejects_a_bad_class_id(tmp_path):
     write_our_checkpoint(tmp_path / "ckpt.pt")
     proc = run_script("sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--class-id", "16")
