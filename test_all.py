@@ -2559,6 +2559,14 @@ def test_generate_writes_the_requested_per_class_counts_and_resumes_without_dupl
     assert json.loads(str(packed["hierarchy"])) == TOY_HIERARCHY
 
 
+def test_generate_records_the_sampler_and_the_guidance_interval(tmp_path):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    evaluate.main(["generate", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "gen"), "--per-class", "1",
+                   "--sampler", "dpm++2m", "--steps", "2", "--guidance-interval", "0", "500", "--device", "cpu"])
+    made_by = json.loads((tmp_path / "gen" / "samples.json").read_text())["made_by"]
+    assert (made_by["sampler"], made_by["steps"], made_by["guidance_interval"]) == ("dpm++2m", 2, [0, 500])
+
+
 def toy_checkpoint(path, method, **kw):
     """A (random-weight) checkpoint of the real toy hierarchy at 16 px, as train.py writes it."""
     toy = data.ToyDataset(image_size=16, images_per_class=1)
@@ -2582,6 +2590,20 @@ def test_toy_table_has_a_row_for_every_checkpoint_and_guidance_it_supports(tmp_p
     for column in ["sub acc", "super acc", "FID", "diversity"]:
         assert column in header
     assert os.path.isfile(tmp_path / "toy_classifier_16px.pt")          # cached for the next call
+
+
+def test_toy_table_gives_a_json_row_per_seed_and_prints_their_spread(tmp_path, capsys):
+    fd = toy_checkpoint(tmp_path / "fd.pt", "finediffusion")
+    evaluate.main(["toy", "--ckpt", fd, "--guidance", "superclass", "--sampler", "dpm++2m", "--steps", "2",
+                   "--guidance-interval", "0", "500", "--seeds", "0", "1", "--per-class", "2", "--pairs", "20",
+                   "--cache-dir", str(tmp_path), "--classifier-epochs", "1", "--out-json", str(tmp_path / "t.json")])
+    rows = json.load(open(tmp_path / "t.json"))
+    assert [(r["guidance"], r.get("seed")) for r in rows] == [("-", None), ("superclass", 0), ("superclass", 1)]
+    assert all((r["sampler"], r["steps"], r["guidance_interval"]) == ("dpm++2m", 2, [0, 500]) for r in rows[1:])
+    assert rows[1]["fid"] != rows[2]["fid"]                            # the seed moves the figures
+    line = capsys.readouterr().out.splitlines()[2]                     # header, real images, the sampled row
+    mean, half = (rows[1]["fid"] + rows[2]["fid"]) / 2, abs(rows[1]["fid"] - rows[2]["fid"]) / 2
+    assert f"{mean:.2f}±{half:.2f}" in line
 
 
 def test_toy_table_refuses_a_checkpoint_of_other_data(tmp_path):
