@@ -2625,10 +2625,29 @@ def test_bench_quick_emits_json_with_every_figure(tmp_path):
         assert {"seconds_per_step", "peak_memory_mb", "speedup_vs_full", "memory_vs_full"} <= r.keys()
         assert r["seconds_per_step"] > 0
     assert {"cache_images_per_s", "vae_images_per_s", "cache_speedup"} <= result["data"].keys()
-    assert {"seconds_per_ddpm_step", "ddpm250_seconds", "ddim50_seconds", "ddim50_speedup"} <= result["sampling"].keys()
+    assert {"seconds_per_ddpm_step", "ddpm250_seconds", "ddim50_seconds", "ddim50_speedup", "dpm20_seconds",
+            "dpm20_speedup"} <= result["sampling"].keys()
     assert set(result["sampling"]["seconds_per_ddpm_step"]) == {"2", "4"}
     assert result["fid"]["images_per_s"] > 0
     assert "speed-up" in proc.stdout
+
+
+def test_bench_quick_projects_each_samplers_cost_with_and_without_a_guidance_interval(tmp_path):
+    proc = run_script("bench.py", "--quick", "--only", "samplers", "--out", tmp_path / "bench.json")
+    assert proc.returncode == 0, proc.stderr
+    s = json.load(open(tmp_path / "bench.json"))["samplers"]
+    runs = {(r["sampler"], r["steps"], r["guidance_interval"] is not None): r for r in s["runs"]}
+    assert set(runs) == {(name, steps, interval) for name, steps in [("ddpm", 250), ("ddim", 50), ("dpm++2m", 10),
+                         ("dpm++2m", 15), ("dpm++2m", 20), ("dpm++2m", 25)] for interval in (False, True)}
+    ddpm = runs["ddpm", 250, False]
+    assert ddpm["evaluations_per_image"] == 500 and ddpm["speedup_vs_ddpm250"] == 1.0    # the paper's 2 x 250
+    dpm = runs["dpm++2m", 20, True]                 # [200, 700] holds 11 of its 20 steps (699, 649, ..., 200)
+    assert (dpm["guided_steps"], dpm["evaluations_per_image"]) == (11, 2 * 11 + 9)
+    for r in s["runs"]:
+        assert r["seconds_per_image"] > 0
+        assert r["hours_per_100k"] == pytest.approx(r["seconds_per_image"] * 100_000 / 3600)
+        assert r["speedup_vs_ddpm250"] == pytest.approx(ddpm["seconds_per_image"] / r["seconds_per_image"])
+    assert "h per 100K" in proc.stdout and "not run end to end" in proc.stdout
 
 
 def readme_quickstart():
