@@ -4,7 +4,8 @@
     diffusion = create_diffusion()                         # 1000 steps, for training
     diffusion = create_diffusion("250")                    # 250 respaced DDPM steps, paper §4.2
     x0 = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, model_kwargs=dict(y=y, cfg_scale=4.0))
-    x0 = create_diffusion().dpm_solver_sample_loop(model.forward_with_cfg, z.shape, z, steps=20, model_kwargs=...)
+    x0 = create_diffusion().dpm_solver_sample_loop(model.forward_with_cfg, z.shape, z, steps=20,
+                                                   model_kwargs=dict(y=y, cfg_scale=4.0))   # DPM-Solver++(2M)
 
 Paper §3.1: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the learned reverse process
 p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2). The network predicts eps and, per pixel, where log sigma_t^2
@@ -230,11 +231,12 @@ class GaussianDiffusion:
 
         With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t) and the data
         prediction x_theta(x_t, t) = (x_t - sigma_t eps_theta(x_t, t)) / alpha_t, the step from t_{i-1} to t_i is
-            x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i,   h_i = lambda_{t_i} - lambda_{t_{i-1}},
-            D_i = (1 + 1 / (2 r_i)) x_theta(t_{i-1}) - 1 / (2 r_i) x_theta(t_{i-2}),               r_i = h_{i-1} / h_i,
-        and D_i = x_theta(t_{i-1}) (first order: DDIM) on the first step, which has no earlier prediction. The last
-        step goes to sigma = 0 (lambda = +inf), where the first-order update is x_0 = x_theta: the sample is the last
-        data prediction. eps is the first C channels of the model's output; no noise is drawn.
+            x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i,
+            D_i = (1 + 1 / (2 r_i)) x_theta(t_{i-1}) - 1 / (2 r_i) x_theta(t_{i-2}),
+        with h_i = lambda_{t_i} - lambda_{t_{i-1}} and r_i = h_{i-1} / h_i; D_i = x_theta(t_{i-1}) (first order: DDIM)
+        on the first step, which has no earlier prediction. The last step goes to sigma = 0 (lambda = +inf), where
+        the first-order update is x_0 = x_theta: the sample is the last data prediction. eps is the first C
+        channels of the model's output; no noise is drawn.
         """
         if device is None:
             device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"

@@ -851,8 +851,8 @@ def toy_images(dataset):
     return torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.as_tensor(dataset.targets)
 
 
-TOY_COLUMNS = [("sub_acc", "sub acc↑", 9, ".3f"), ("super_acc", "super acc↑", 11, ".3f"), ("fid", "FID(cls)↓", 10, ".2f"),
-               ("diversity", "diversity↑", 11, ".3f")]
+TOY_COLUMNS = [("sub_acc", "sub acc↑", 9, ".3f"), ("super_acc", "super acc↑", 11, ".3f"),
+               ("fid", "FID(cls)↓", 10, ".2f"), ("diversity", "diversity↑", 11, ".3f")]   # key, header, width, format
 
 
 def print_toy_table(rows):
@@ -862,7 +862,8 @@ def print_toy_table(rows):
     for r in rows:
         groups.setdefault((r["ckpt"], r["method"], r["guidance"]), []).append(r)
     wider = 7 if any(len(g) > 1 for g in groups.values()) else 0
-    print(f"{'checkpoint':<28}{'method':<15}{'guidance':<12}" + "".join(f"{h:>{w + wider}}" for _, h, w, _ in TOY_COLUMNS))
+    headers = "".join(f"{header:>{width + wider}}" for _, header, width, _ in TOY_COLUMNS)
+    print(f"{'checkpoint':<28}{'method':<15}{'guidance':<12}{headers}")
     for (ckpt, method, guidance), group in groups.items():
         cells = ""
         for key, _, width, fmt in TOY_COLUMNS:

@@ -140,7 +140,8 @@ def describe_interval(sampler, steps, interval):
     inside = sum(lo <= t <= hi for t in timesteps)
     abar = create_diffusion().alphas_cumprod
     sigma = lambda t: math.sqrt((1 - abar[t]) / abar[t])
-    return f"guidance at {inside} of {len(timesteps)} steps: t in [{lo}, {hi}], sigma_t {sigma(lo):.3g} ... {sigma(hi):.3g}"
+    return (f"guidance at {inside} of {len(timesteps)} steps: t in [{lo}, {hi}], "
+            f"sigma_t {sigma(lo):.3g} ... {sigma(hi):.3g}")
 
 
 @torch.no_grad()

@@ -1142,7 +1142,8 @@ def test_sample_images_are_reproducible_and_guidance_changes_them(tmp_path):
 def test_sample_script_samples_with_dpm_solver_in_a_guidance_interval(tmp_path):
     write_our_checkpoint(tmp_path / "ckpt.pt")
     proc = run_script("sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--class-id", "5", "--num-samples", "2",
-                      "--sampler", "dpm++2m", "--steps", "3", "--guidance-interval", "200", "700", "--out", tmp_path / "g.png")
+                      "--sampler", "dpm++2m", "--steps", "3", "--guidance-interval", "200", "700",
+                      "--out", tmp_path / "g.png")
     assert proc.returncode == 0, proc.stderr
     assert png_size(tmp_path / "g.png") == (2 * 16 + 3 * 2, 16 + 2 * 2)
     assert "guidance at 2 of 3 steps" in proc.stderr                  # timesteps 999, 666, 333
