@@ -4,13 +4,17 @@
     python bench.py --quick            # seconds: tiny models, for the test suite
     python bench.py --device cuda --precision bf16 --model DiT-XL/2   # on a GPU: the paper's model
     python bench.py --sample-model DiT-XL/2 --sample-batches 2        # CPU seconds per DDPM step of XL
+    python bench.py --only samplers --sample-model DiT-XL/2 --repeats 3 --warmup 1   # each sampler's cost at XL
 
 It prints one table and writes JSON (--out, default results/bench.json):
   train     seconds per training step and peak training memory for full / BitFit / DiffFit / FineDiffusion,
             each method's speed-up over full fine-tuning (paper: FineDiffusion 1.56x) and memory ratio.
   data      end-to-end training images/s reading the VAE-latent cache against encoding with the VAE each step.
   sampling  seconds per DDPM step with CFG at forward batch 2, 8, 32 (batch 2 = one image and its guide),
-            and DDIM-50 against DDPM-250 wall time.
+            and DDIM-50 and DPM-Solver++(2M)-20 against DDPM-250 wall time.
+  samplers  seconds per image of DDPM-250, DDIM-50 and DPM-Solver++(2M) at 10/15/20/25 steps, with guidance at
+            every step and in --guidance-interval: DiT evaluations per image, speed-up against DDPM-250, hours
+            for Table 1's 100K images on this machine. Projected from timed steps (see bench_samplers).
   fid       FID Inception feature extraction, images/s.
 Every figure is the median of --repeats runs after --warmup runs; ratios compare figures of the same run.
 Training memory on a CPU is the peak resident set of a fresh process minus its size before the model was
@@ -33,6 +37,7 @@ import train
 from diffusion import create_diffusion
 from evaluate import FIDInceptionV3, inception_features
 from model import METHODS, ArgumentParser, AutoencoderKL, DiT_models, UserError, atomic_write, build_model, run_cli, set_trainable
+from sample import check_interval, make_sampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -149,14 +154,19 @@ def bench_data(args, vae_config):
 # Sampling and FID features
 # ----------------------------------------------------------------------------------------------------------
 
-def bench_sampling(args):
+def sampling_dit(args, K=1000, S=10):
+    """A FineDiffusion-layout DiT of --sample-model (random weights: the cost is the same) and its autocast."""
     torch.manual_seed(0)
-    device, dtype = args.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
-    K, S = 1000, 10
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
     model = DiT_models[args.sample_model](input_size=args.image_size // 8, num_classes=K, num_superclasses=S,
                                           superclass_of=[c % S for c in range(K)], null_class=False,
-                                          norm_affine=True).to(device).eval()
-    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext()
+                                          norm_affine=True).to(args.device).eval()
+    return model, torch.autocast(torch.device(args.device).type, dtype=dtype) if dtype else nullcontext()
+
+
+def bench_sampling(args):
+    device, K = args.device, 1000
+    model, autocast = sampling_dit(args, K)
     sync = cuda_sync(device)
 
     def cfg_model(x, t, **kw):
@@ -179,13 +189,56 @@ def bench_sampling(args):
         if args.loops:
             shape = (2, 4, args.image_size // 8, args.image_size // 8)
             kw = dict(y=torch.tensor([1, 10 + 1], device=device), cfg_scale=4.0)
-            ddim = create_diffusion("ddim50")
+            ddim, full = create_diffusion("ddim50"), create_diffusion()
             loops = dict(ddpm250=lambda: ddpm.p_sample_loop(cfg_model, shape, model_kwargs=kw, device=device),
-                         ddim50=lambda: ddim.ddim_sample_loop(cfg_model, shape, model_kwargs=kw, device=device))
+                         ddim50=lambda: ddim.ddim_sample_loop(cfg_model, shape, model_kwargs=kw, device=device),
+                         dpm20=lambda: full.dpm_solver_sample_loop(cfg_model, shape, steps=20, model_kwargs=kw,
+                                                                   device=device))
             for name, fn in loops.items():
                 results[f"{name}_seconds"] = median_seconds(fn, args.loop_repeats, 0, sync)
             results["ddim50_speedup"] = results["ddpm250_seconds"] / results["ddim50_seconds"]
+            results["dpm20_speedup"] = results["ddpm250_seconds"] / results["dpm20_seconds"]
     return results
+
+
+SAMPLER_RUNS = [("ddpm", 250), ("ddim", 50), ("dpm++2m", 10), ("dpm++2m", 15), ("dpm++2m", 20), ("dpm++2m", 25)]
+TABLE1_IMAGES = 100_000        # paper §4.3: the images behind each FID of Table 1
+
+
+def bench_samplers(args, vae_config):
+    """Seconds per image of each sampler, guided at every step (the paper) and in --guidance-interval.
+
+    Projected, not run end to end (DDPM-250 of DiT-XL/2 takes about 16 CPU minutes per image): the DiT on
+    [x_t; x_t] (a guided step) and on x_t alone (a step outside the interval) is timed, median of --repeats
+    runs; the sampler's own arithmetic is timed by running its loop with a network that costs nothing; the VAE
+    decode once per batch. An image costs its steps' network times plus those two."""
+    device, sync, n = args.device, cuda_sync(args.device), args.sampler_images
+    model, autocast = sampling_dit(args)
+    x = torch.randn(2 * n, 4, args.image_size // 8, args.image_size // 8, device=device)    # [x_t; x_t]
+    y = torch.randint(0, 1000, (n,), device=device)
+    y = torch.cat([y, model.y_embedder.superclass_ids(y)])
+    t = torch.full((2 * n,), 500, device=device)
+    vae = AutoencoderKL(**vae_config).to(device).eval()          # random weights: the cost is the same
+    with torch.no_grad(), autocast:
+        guided = median_seconds(lambda: model.forward_with_cfg(x, t, y, 4.0), args.repeats, args.warmup, sync)
+        conditional = median_seconds(lambda: model(x[:n], t[:n], y[:n]), args.repeats, args.warmup, sync)
+        decode = median_seconds(lambda: vae.decode(x[:n]), args.repeats, 1, sync)
+    free = lambda x, t, **kw: torch.zeros(len(x), 8, *x.shape[2:], device=x.device)  # eps and sigma channels
+    lo, hi = args.guidance_interval
+    runs = []
+    for sampler, steps in SAMPLER_RUNS:
+        loop, timesteps = make_sampler(sampler, steps)
+        arithmetic = median_seconds(lambda: loop(free, x.shape, x.clone(), device=device), 1, 0, sync)
+        for interval in (None, [lo, hi]):
+            inside = steps if interval is None else int(sum(lo <= s <= hi for s in timesteps))   # guided steps
+            seconds = (inside * guided + (steps - inside) * conditional + arithmetic + decode) / n
+            runs.append(dict(sampler=sampler, steps=steps, guidance_interval=interval, guided_steps=inside,
+                             evaluations_per_image=2 * inside + (steps - inside), seconds_per_image=seconds,
+                             speedup_vs_ddpm250=runs[0]["seconds_per_image"] / seconds if runs else 1.0,
+                             hours_per_100k=seconds * TABLE1_IMAGES / 3600))
+    return dict(model=args.sample_model, image_size=args.image_size, images_per_batch=n, guidance_interval=[lo, hi],
+                seconds_per_guided_step=guided, seconds_per_conditional_step=conditional,
+                decode_seconds_per_batch=decode, runs=runs)
 
 
 def bench_fid(args):
@@ -200,6 +253,21 @@ def bench_fid(args):
 # ----------------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------------
+
+def samplers_report(s, device):
+    lo, hi = s["guidance_interval"]
+    lines = [f"samplers: {s['model']} at {s['image_size']} px on {device}, {s['images_per_batch']} image(s) per batch "
+             f"with the guide half; projected from timed steps, not run end to end:",
+             f"  guided step {s['seconds_per_guided_step']:.3f} s, conditional-half step "
+             f"{s['seconds_per_conditional_step']:.3f} s, VAE decode {s['decode_seconds_per_batch']:.3f} s per batch",
+             f"  {'sampler':<9}{'steps':>6}  {'guided steps':<20}{'DiT evals/image':>16}{'s/image':>10}{'speed-up':>10}"
+             f"{'h per 100K':>12}"]
+    for r in s["runs"]:
+        where = "all" if r["guidance_interval"] is None else f"{r['guided_steps']}, t in [{lo}, {hi}]"
+        lines.append(f"  {r['sampler']:<9}{r['steps']:>6}  {where:<20}{r['evaluations_per_image']:>16}"
+                     f"{r['seconds_per_image']:>10.2f}{r['speedup_vs_ddpm250']:>9.1f}x{r['hours_per_100k']:>12.1f}")
+    return lines
+
 
 def report(results):
     lines = [f"device {results['device']}, precision {results['precision']}, threads {results['threads']}"
@@ -220,7 +288,10 @@ def report(results):
         lines.append(f"sampling {s['model']} s per DDPM step with CFG: {steps}")
         if "ddim50_speedup" in s:
             lines.append(f"  batch 2 wall time: DDPM-250 {s['ddpm250_seconds']:.1f} s, DDIM-50 "
-                         f"{s['ddim50_seconds']:.1f} s -> {s['ddim50_speedup']:.1f}x")
+                         f"{s['ddim50_seconds']:.1f} s -> {s['ddim50_speedup']:.1f}x, DPM++(2M)-20 "
+                         f"{s['dpm20_seconds']:.1f} s -> {s['dpm20_speedup']:.1f}x")
+    if "samplers" in results:
+        lines += samplers_report(results["samplers"], results["device"])
     if "fid" in results:
         f = results["fid"]
         lines.append(f"FID Inception features: {f['images_per_s']:.1f} images/s ({f['image_size']} px, batch {f['batch']})")
@@ -237,13 +308,18 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--sample-model", default=None, help="DiT of the sampling benchmark (default: --model)")
     p.add_argument("--sample-batches", type=int, nargs="+", default=[2, 8, 32])
-    p.add_argument("--no-loops", dest="loops", action="store_false", help="skip DDPM-250 / DDIM-50 wall times")
+    p.add_argument("--no-loops", dest="loops", action="store_false",
+                   help="skip DDPM-250 / DDIM-50 / DPM++(2M)-20 wall times")
+    p.add_argument("--sampler-images", type=int, default=1, help="images per batch of the samplers part (CPU: 1)")
+    p.add_argument("--guidance-interval", type=int, nargs=2, default=[200, 700], metavar=("LO", "HI"),
+                   help="the samplers part's guidance interval (an example: sigma_t 0.72 ... 12; what it saves "
+                        "is the share of steps outside it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT in the training benchmark")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--loop-repeats", type=int, default=3)
-    p.add_argument("--only", nargs="+", choices=["train", "data", "sampling", "fid"],
-                   default=["train", "data", "sampling", "fid"], help="run only these parts")
+    p.add_argument("--only", nargs="+", choices=["train", "data", "sampling", "samplers", "fid"],
+                   default=["train", "data", "sampling", "samplers", "fid"], help="run only these parts")
     p.add_argument("--out", default="results/bench.json")
     p.add_argument("--worker", choices=["train"], help="(internal: one training benchmark in a fresh process)")
     p.add_argument("--method", choices=METHODS, help="(internal: the method of --worker train)")
@@ -265,8 +341,10 @@ def main(argv=None):
     vae_config = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1) if args.quick else {}
     results = dict(device=args.device, precision=args.precision, threads=torch.get_num_threads(), model=args.model,
                    image_size=args.image_size, batch=args.batch, quick=args.quick, compile=args.compile)
+    check_interval(args.guidance_interval)
     run = dict(train=lambda: bench_train(args), data=lambda: bench_data(args, vae_config),
-               sampling=lambda: bench_sampling(args), fid=lambda: bench_fid(args))
+               sampling=lambda: bench_sampling(args), samplers=lambda: bench_samplers(args, vae_config),
+               fid=lambda: bench_fid(args))
     for part in args.only:
         results[part] = run[part]()
     print(report(results))

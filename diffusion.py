@@ -4,6 +4,8 @@
     diffusion = create_diffusion()                         # 1000 steps, for training
     diffusion = create_diffusion("250")                    # 250 respaced DDPM steps, paper §4.2
     x0 = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, model_kwargs=dict(y=y, cfg_scale=4.0))
+    x0 = create_diffusion().dpm_solver_sample_loop(model.forward_with_cfg, z.shape, z, steps=20,
+                                                   model_kwargs=dict(y=y, cfg_scale=4.0))   # DPM-Solver++(2M)
 
 Paper §3.1: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the learned reverse process
 p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2). The network predicts eps and, per pixel, where log sigma_t^2
@@ -12,7 +14,8 @@ eps-MSE plus the variational bound in which the mean is detached, so the bound t
 
 Numerics follow the official DiT diffusion: schedules in float64 numpy, gathered per timestep and only then
 cast to float32, and exactly one torch.randn_like(x) per sampling step, so the same model, noise and seed
-give the same samples.
+give the same samples. DPM-Solver++(2M) (Lu et al. 2022), not in the official code, solves the probability-flow
+ODE with the timesteps and updates of diffusers' DPMSolverMultistepScheduler (it draws no noise).
 """
 import math
 
@@ -210,6 +213,56 @@ class GaussianDiffusion:
 
     def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, progress=False, device=None):
         return self._loop(self.ddim_sample, model, shape, noise, model_kwargs, progress, device)
+
+    # -- DPM-Solver++(2M): the probability-flow ODE in 10-25 network evaluations ------------------------
+    def dpm_solver_timesteps(self, steps):
+        """The original steps DPM-Solver++ calls the model at, from T - 1 down: `steps` points of
+        linspace(0, T - 1, steps + 1), rounded, the 0 dropped (diffusers' "linspace" spacing; the step after the
+        last one goes to sigma = 0)."""
+        if not np.array_equal(self.timestep_map, np.arange(self.num_timesteps)):
+            raise ValueError("DPM-Solver++ chooses its own timesteps: call it on create_diffusion(\"\")")
+        if not 1 <= steps < self.num_timesteps:        # T steps would round two points onto one (h = 0)
+            raise ValueError(f"DPM-Solver++ takes 1 to {self.num_timesteps - 1} steps, got {steps}")
+        return np.linspace(0, self.num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+
+    def dpm_solver_sample_loop(self, model, shape, noise=None, steps=20, model_kwargs=None, progress=False,
+                               device=None):
+        """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep, second order, data prediction.
+
+        With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t) and the data
+        prediction x_theta(x_t, t) = (x_t - sigma_t eps_theta(x_t, t)) / alpha_t, the step from t_{i-1} to t_i is
+            x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i,
+            D_i = (1 + 1 / (2 r_i)) x_theta(t_{i-1}) - 1 / (2 r_i) x_theta(t_{i-2}),
+        with h_i = lambda_{t_i} - lambda_{t_{i-1}} and r_i = h_{i-1} / h_i; D_i = x_theta(t_{i-1}) (first order: DDIM)
+        on the first step, which has no earlier prediction. The last step goes to sigma = 0 (lambda = +inf), where
+        the first-order update is x_0 = x_theta: the sample is the last data prediction. eps is the first C
+        channels of the model's output; no noise is drawn.
+        """
+        if device is None:
+            device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
+        x = noise if noise is not None else torch.randn(*shape, device=device)
+        timesteps = self.dpm_solver_timesteps(steps)
+        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
+        lam = np.log(alpha / sigma)                                  # lambda_t at every original step t
+        x0_prev = None
+        for i in tqdm(range(steps), desc="sampling", leave=False) if progress else range(steps):
+            s = int(timesteps[i])                                    # the paper's t_{i-1}: where x is now
+            t = torch.full((shape[0],), s, device=x.device)
+            with torch.no_grad():
+                eps = self.call_model(model, x, t, model_kwargs).split(x.shape[1], dim=1)[0]
+            x0 = self.predict_xstart_from_eps(x, t, eps)             # x_theta(x_s, s)
+            if i == steps - 1:
+                return x0                                            # the step to sigma = 0
+            u = int(timesteps[i + 1])                                # the paper's t_i: where the step lands
+            h = lam[u] - lam[s]
+            if x0_prev is None:
+                D = x0
+            else:
+                r = (lam[s] - lam[int(timesteps[i - 1])]) / h
+                c = float(1 / (2 * r))
+                D = (1 + c) * x0 - c * x0_prev
+            x = float(sigma[u] / sigma[s]) * x - float(alpha[u] * np.expm1(-h)) * D
+            x0_prev = x0
 
     def _loop(self, step, model, shape, noise, model_kwargs, progress, device):
         if device is None:

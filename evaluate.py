@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 import data
 from model import ArgumentParser, UserError, atomic_write, file_sha256, find_file, load_strict, read_checkpoint, run_cli
-from sample import CFG_SCALE, STEPS, find_checkpoint, guide_labels, load_for_sampling, sample_images
+from sample import (CFG_SCALE, SAMPLERS, STEPS, check_interval, find_checkpoint, guide_labels, load_for_sampling,
+                    make_sampler, sample_images)
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
@@ -727,6 +728,8 @@ def start_folder(out, manifest, overwrite):
 def cmd_generate(args):
     if (args.num_samples is None) == (args.per_class is None):
         raise UserError("give exactly one of --num-samples and --per-class")
+    make_sampler(args.sampler, args.steps)                 # a bad --steps or interval fails before any work
+    check_interval(args.guidance_interval)
     rank, world, device = data.init_distributed(None if args.device == "auto" else args.device)
     model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae)
     if args.guidance != "none":
@@ -735,6 +738,8 @@ def cmd_generate(args):
     made_by = dict(ckpt=os.path.abspath(args.ckpt), ckpt_sha256=file_sha256(args.ckpt), guidance=args.guidance,
                    cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.steps, seed=args.seed,
                    batch_size=args.batch_size, precision=args.precision, image_size=info["config"]["image_size"])
+    if args.guidance_interval:      # recorded only when set: folders made before the option still resume
+        made_by["guidance_interval"] = list(args.guidance_interval)
     manifest = dict(made_by=made_by, hierarchy=info["hierarchy"], images=[[job_file(c, i), c] for c, i in jobs])
     verdict = [start_folder(args.out, manifest, args.overwrite) if rank == 0 else None]
     if world > 1:                   # the others wait for rank 0's verdict, and share it
@@ -750,7 +755,8 @@ def cmd_generate(args):
     for j in tqdm(mine, desc=f"generate (rank {rank})", disable=rank != 0):
         classes = [c for c, _ in batches[j]]
         images = sample_images(model, classes, args.guidance, args.cfg_scale, args.sampler, args.steps, vae,
-                               args.seed + j, device, args.precision, progress=False)   # (B, H, W, 3) uint8
+                               args.seed + j, device, args.precision, progress=False,
+                               guidance_interval=args.guidance_interval)   # (B, H, W, 3) uint8
         for (c, i), image in zip(batches[j], images.numpy()):
             atomic_write(os.path.join(args.out, job_file(c, i)), lambda f: Image.fromarray(image).save(f, format="PNG"))
     if world > 1:
@@ -845,7 +851,35 @@ def toy_images(dataset):
     return torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.as_tensor(dataset.targets)
 
 
+TOY_COLUMNS = [("sub_acc", "sub acc↑", 9, ".3f"), ("super_acc", "super acc↑", 11, ".3f"),
+               ("fid", "FID(cls)↓", 10, ".2f"), ("diversity", "diversity↑", 11, ".3f")]   # key, header, width, format
+
+
+def print_toy_table(rows):
+    """One line per checkpoint and guidance: its metrics, or over several seeds `mean±half the range` (two
+    seeds: exactly the two values), so the seed-to-seed noise stands beside every figure."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["ckpt"], r["method"], r["guidance"]), []).append(r)
+    wider = 7 if any(len(g) > 1 for g in groups.values()) else 0
+    headers = "".join(f"{header:>{width + wider}}" for _, header, width, _ in TOY_COLUMNS)
+    print(f"{'checkpoint':<28}{'method':<15}{'guidance':<12}{headers}")
+    for (ckpt, method, guidance), group in groups.items():
+        cells = ""
+        for key, _, width, fmt in TOY_COLUMNS:
+            values = [r[key] for r in group]
+            cell = f"{sum(values) / len(values):{fmt}}"
+            if len(values) > 1:
+                cell += f"±{(max(values) - min(values)) / 2:{fmt}}"
+            cells += f"{cell:>{width + wider}}"
+        print(f"{ckpt[:27]:<28}{method:<15}{guidance:<12}{cells}")
+
+
 def cmd_toy(args):
+    make_sampler(args.sampler, args.steps)                 # a bad --steps or interval fails before any work
+    check_interval(args.guidance_interval)
+    seeds = args.seeds or [args.seed]
+    settings = dict(sampler=args.sampler, steps=args.steps, guidance_interval=args.guidance_interval)
     rows = []
     for path in map(find_checkpoint, args.ckpt):
         model, info, _ = load_for_sampling(path)
@@ -863,22 +897,24 @@ def cmd_toy(args):
         y = torch.arange(real.num_classes).repeat_interleave(args.per_class)
         method = info["config"].get("method", "?")
         for guidance in args.guidance:
-            try:
-                images = sample_images(model, y, guidance, args.cfg_scale, args.sampler, args.steps, seed=args.seed,
-                                       progress=False)
-            except UserError:
-                continue                                   # this table has no row for that guide
-            x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
-            rows.append(dict(ckpt=checkpoint_label(path), method=method, guidance=guidance,
-                             **toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, args.seed)))
-    header = f"{'checkpoint':<28}{'method':<15}{'guidance':<12}{'sub acc↑':>9}{'super acc↑':>11}{'FID(cls)↓':>10}{'diversity↑':>11}"
-    print(header)
-    for r in rows:
-        print(f"{r['ckpt'][:27]:<28}{r['method']:<15}{r['guidance']:<12}{r['sub_acc']:>9.3f}{r['super_acc']:>11.3f}"
-              f"{r['fid']:>10.2f}{r['diversity']:>11.3f}")
+            if guidance != "none":
+                try:
+                    guide_labels(model, y[:1], guidance)
+                except UserError:
+                    continue                               # this table has no row for that guide
+            for seed in seeds:                             # the seed of the noise and of the diversity pairs
+                images = sample_images(model, y, guidance, args.cfg_scale, args.sampler, args.steps, seed=seed,
+                                       progress=False, guidance_interval=args.guidance_interval)
+                x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
+                rows.append(dict(ckpt=checkpoint_label(path), method=method, guidance=guidance,
+                                 **toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, seed),
+                                 seed=seed, **settings))
+    print_toy_table(rows)
+    interval = "t in [{}, {}]".format(*args.guidance_interval) if args.guidance_interval else "every step"
+    print(f"{args.sampler} {args.steps} steps, w = {args.cfg_scale}, guidance at {interval}; seeds "
+          f"{' '.join(map(str, seeds))}" + (" (mean±half the range)" if len(seeds) > 1 else ""))
     if args.out_json:
         atomic_write(args.out_json, lambda f: f.write(json.dumps(rows, indent=1).encode()))
-
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -937,8 +973,10 @@ def main(argv=None):
     p.add_argument("--per-class", type=int, help="or this many of every class")
     p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
     p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm (the paper), ddim, dpm++2m")
     p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at timesteps LO <= t <= HI of 0 ... 999 (sample.py); default: every step")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--npz", help="also pack every image into this .npz (arr_0, labels, hierarchy)")
     p.add_argument("--fid", help="reference statistics .npz: compute FID and LPIPS when done")
@@ -951,10 +989,14 @@ def main(argv=None):
     p.add_argument("--guidance", nargs="+", choices=["none", "null", "superclass"], default=["none", "null", "superclass"])
     p.add_argument("--per-class", type=int, default=16, help="samples of each class")
     p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm, ddim, dpm++2m")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at timesteps LO <= t <= HI of 0 ... 999 (sample.py); default: every step")
     p.add_argument("--pairs", type=int, default=500, help="same-class pairs for the diversity")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the real reference images (and default noise seed)")
+    p.add_argument("--seeds", type=int, nargs="+", help="noise seeds, one row each in the JSON, mean±half the "
+                                                         "range in the table (default: --seed)")
     p.add_argument("--cache-dir", default="results", help="where the toy classifier is cached")
     p.add_argument("--classifier-epochs", type=int, default=4, help="training of the toy classifier, on first use")
     p.add_argument("--out-json")

@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Selections of tests: the pins to independent implementations, and the closed-form answers.
 REFERENCE = "official or diffusers or pytorch_fid or lpips_package or authors"
 CLOSED = ("optimal_eps or output_variance or linspace or q_posterior or cos_then_sin or sincos or pos_embed "
-          "or closed_form or scatter or center_crop or q_sample")
+          "or closed_form or scatter or center_crop or q_sample or second_order")
 NUMERIC = f"{REFERENCE} or {CLOSED}"
 
 # (name, file, snippet, replacement, pytest -k expression of the tests that specify the behaviour)
@@ -128,6 +128,23 @@ MUTATIONS = [
     ("respacing forgets the skipped steps' noise", "diffusion.py",
      "        new_betas.append(1 - abar[i] / last)\n", "        new_betas.append(1 - abar[i] / abar[i - 1] if i else 1 - abar[i])\n",
      "respac or " + NUMERIC),
+    ("DPM-Solver++: lambda with the wrong sign", "diffusion.py",
+     "lam = np.log(alpha / sigma)", "lam = np.log(sigma / alpha)", "dpm_solver or " + NUMERIC),
+    ("DPM-Solver++(2M): correction 1/r where 1/(2r) belongs", "diffusion.py",
+     "c = float(1 / (2 * r))", "c = float(1 / r)", "dpm_solver or " + NUMERIC),
+    ("DPM-Solver++: first order at every step (DDIM)", "diffusion.py",
+     "            if x0_prev is None:\n", "            if True:\n", "dpm_solver or " + NUMERIC),
+    ("DPM-Solver++(2M): r = h_i / h_{i-1} inverted", "diffusion.py",
+     "r = (lam[s] - lam[int(timesteps[i - 1])]) / h", "r = h / (lam[s] - lam[int(timesteps[i - 1])])",
+     "dpm_solver or " + NUMERIC),
+    ("DPM-Solver++: sigma ratio taken from the alphas", "diffusion.py",
+     "float(sigma[u] / sigma[s]) * x", "float(alpha[u] / alpha[s]) * x", "dpm_solver or " + NUMERIC),
+    ("DPM-Solver++: stops at its last timestep, not at sigma 0", "diffusion.py",
+     "                return x0                                            # the step to sigma = 0",
+     "                return x", "dpm_solver or " + NUMERIC),
+    ("DPM-Solver++ timesteps truncated, not rounded", "diffusion.py",
+     "np.linspace(0, self.num_timesteps - 1, steps + 1).round()[::-1]", "np.linspace(0, self.num_timesteps - 1, steps + 1)[::-1]",
+     "dpm_solver or " + NUMERIC),
     # --- data.py -------------------------------------------------------------------------------------------
     ("images scaled to [0, 1], not [-1, 1]", "data.py",
      "steps += [transforms.ToTensor(), transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], inplace=True)]",
@@ -152,6 +169,15 @@ MUTATIONS = [
      "torch.manual_seed(seed)             # as DiT's sample.py", "pass  # as DiT's sample.py", "sample or reproduc"),
     ("sample.py: null guide where superclass was asked", "sample.py",
      "    if guidance == \"superclass\":\n", "    if guidance == \"never\":\n", "sample or " + REFERENCE),
+    ("guidance interval excludes its bounds", "sample.py",
+     "if lo <= int(t[0]) <= hi:", "if lo < int(t[0]) < hi:", "interval"),
+    ("outside the guidance interval the DiT still runs on the whole batch", "sample.py",
+     "out = model.forward(x[:n], t[:n], y[:n])", "out = model.forward(x, t, y)[:n]", "interval"),
+    ("outside the guidance interval the guide half's labels", "sample.py",
+     "out = model.forward(x[:n], t[:n], y[:n])", "out = model.forward(x[:n], t[:n], y[n:])", "interval"),
+    ("the guidance interval is ignored", "sample.py",
+     "net = model.forward_with_cfg if interval is None else interval_guidance(model, *interval)",
+     "net = model.forward_with_cfg", "interval"),
     # --- evaluate.py ---------------------------------------------------------------------------------------
     ("feature covariance biased", "evaluate.py",
      "return features.mean(axis=0), np.cov(features, rowvar=False)",
@@ -164,6 +190,11 @@ MUTATIONS = [
      "frechet or fid"),
     ("LPIPS pairs may pair an image with itself", "evaluate.py",
      "    other = other + (other >= rank)\n", "", "lpips"),
+    ("toy: every seed samples the same noise", "evaluate.py",
+     "args.sampler, args.steps, seed=seed,", "args.sampler, args.steps, seed=args.seed,", "toy"),
+    # --- bench.py ------------------------------------------------------------------------------------------
+    ("bench: a guided step costs one DiT evaluation per image", "bench.py",
+     "evaluations_per_image=2 * inside + (steps - inside)", "evaluations_per_image=inside + (steps - inside)", "bench"),
 ]
 
 

@@ -589,6 +589,48 @@ def test_ddim_with_optimal_eps_is_the_closed_form_affine_map_of_x_T(respacing):
         assert abs(out.double().var().item() - s2) < 0.01 * s2
 
 
+def ode_solution(mu, s2, x_T, step):
+    """The probability-flow ODE (Song et al. 2021) from x_T at step 999 to step `step` (-1: sigma = 0, abar = 1) for
+    N(mu, s2) data. It keeps q(x_t) = N(sqrt(abar_t) mu, v_t), v_t = abar_t s2 + 1 - abar_t, and is affine, so
+    x_t - sqrt(abar_t) mu = (x_T - sqrt(abar_T) mu) sqrt(v_t / v_T); at sigma = 0, x_0 = mu + (...) s / sqrt(v_T)."""
+    a_T, a = linear_abar()[999], (1.0 if step < 0 else linear_abar()[step])
+    return math.sqrt(a) * mu + (x_T.double() - math.sqrt(a_T) * mu) * math.sqrt((a * s2 + 1 - a) / (a_T * s2 + 1 - a_T))
+
+
+def test_dpm_solver_with_optimal_eps_lands_near_the_ode_solution_of_gaussian_data():
+    """DPM-Solver++(2M) at 25 steps, with the exact eps of N(mu, s2) data, ends within 3% (2.4%) of the ODE's x_0
+    (relative to x_0 - mu). DPM-Solver++(1) (= DDIM: first order at every step) misses by 11%, 1/r for the 2M
+    correction's 1/(2r) by 9%, r inverted by 6%, a constant r = 1 by 5%. Most of the 2.4% is the last step, the
+    jump from t = 40 to sigma = 0 that returns the data prediction x_theta (as diffusers' final sigma 0)."""
+    mu, s2 = 0.5, 0.25
+    x_T = exact_x_T(mu, s2, (1000, 1, 2, 2), stratified=True)
+    out = create_diffusion().dpm_solver_sample_loop(gaussian_optimal_eps(mu, s2, var_value=0.0), x_T.shape, x_T.clone(),
+                                                    steps=25)
+    expected = ode_solution(mu, s2, x_T, step=-1)
+    error = ((out.double() - expected).abs().max() / (expected - mu).abs().max()).item()
+    assert error < 0.03, error
+
+
+def test_dpm_solver_error_falls_at_second_order_as_the_steps_double():
+    """DPM-Solver++ is second order in the step h of lambda = log(alpha_t / sigma_t) (Lu et al. 2022). Linspace
+    timesteps halve every h as the steps double where lambda is smooth in t, e.g. up to t = 500 (a step of both
+    the 20- and 40-step schedules): the state the solver brings there is 3.76x closer to the ODE's (second order:
+    4x; first order 2x). (Its final sample converges less cleanly: near t = 0, lambda ~ -log(t) / 2, so the last
+    steps' h does not shrink, and the final jump to sigma = 0 errs by O(sigma_t^2) of its start.)"""
+    mu, s2 = 0.5, 0.25
+    eps, seen = gaussian_optimal_eps(mu, s2, var_value=0.0), {}
+
+    def model(x, t):
+        seen[int(t[0])] = x.double()
+        return eps(x, t)
+    x_T = exact_x_T(mu, s2, (100, 1, 2, 2), stratified=True)
+    errors = []
+    for steps in (20, 40):
+        create_diffusion().dpm_solver_sample_loop(model, x_T.shape, x_T.clone(), steps=steps)
+        errors.append((seen[500] - ode_solution(mu, s2, x_T, step=500)).abs().max().item())
+    assert 3.5 < errors[0] / errors[1] < 4.5, errors
+
+
 def test_linear_schedule_is_np_linspace_at_every_step_and_abar_its_cumprod():
     """DDPM §4: beta_t linear from 1e-4 to 0.02 over T = 1000 steps; abar_t = prod_s (1 - beta_s) (eq. 4).
     Supersedes test_linear_schedule_spans_1e4_to_002 (ends only: a squared-linear schedule passed it)."""
@@ -928,6 +970,26 @@ def test_ddim_sampling_equals_the_official_diffusion(reference):
     assert_matches(samples, r["samples"], 1e-4)
 
 
+def test_dpm_solver_timesteps_equal_diffusers(reference):
+    d = create_diffusion("")
+    for steps in (10, 15, 20, 25, 50):                  # linspace(0, 999, steps + 1), rounded, reversed, 0 dropped
+        assert torch.equal(torch.from_numpy(d.dpm_solver_timesteps(steps)), reference[f"dpm.timesteps.{steps}"]), steps
+
+
+def test_dpm_solver_equals_diffusers(reference):
+    """diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, linspace, final sigma 0) driving the official
+    small DiT's eps: 10 steps with CFG on [z; z] and 25 plain steps."""
+    d, model = create_diffusion(""), official_small_dit()
+    r = {k[len("dpm.cfg10."):]: v for k, v in reference.items() if k.startswith("dpm.cfg10.")}
+    z = torch.cat([r["z"], r["z"]])
+    samples = d.dpm_solver_sample_loop(model.forward_with_cfg, z.shape, z, steps=10,
+                                       model_kwargs=dict(y=r["y"], cfg_scale=4.0), device="cpu")
+    assert_matches(samples, r["samples"], 1e-4, msg="10 steps with CFG")
+    r = {k[len("dpm.plain25."):]: v for k, v in reference.items() if k.startswith("dpm.plain25.")}
+    samples = d.dpm_solver_sample_loop(model, r["z"].shape, r["z"], steps=25, model_kwargs=dict(y=r["y"]), device="cpu")
+    assert_matches(samples, r["samples"], 1e-4, msg="25 steps")
+
+
 # ---- Sampling: the authors' flow, end to end -----------------------------------------------------------------
 
 def test_sample_images_equal_the_authors_sampling_flow(reference, tmp_path):
@@ -1075,6 +1137,70 @@ def test_sample_images_are_reproducible_and_guidance_changes_them(tmp_path):
     c = sample_images(model, [1, 2], "none", 4.0, steps=3, seed=7, progress=False)
     assert a.shape == (2, 16, 16, 3) and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sample_script_samples_with_dpm_solver_in_a_guidance_interval(tmp_path):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    proc = run_script("sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--class-id", "5", "--num-samples", "2",
+                      "--sampler", "dpm++2m", "--steps", "3", "--guidance-interval", "200", "700",
+                      "--out", tmp_path / "g.png")
+    assert proc.returncode == 0, proc.stderr
+    assert png_size(tmp_path / "g.png") == (2 * 16 + 3 * 2, 16 + 2 * 2)
+    assert "guidance at 2 of 3 steps" in proc.stderr                  # timesteps 999, 666, 333
+
+
+def network_batches(model, run):
+    """[(t, batch size)] of every DiT forward pass while `run()` samples."""
+    calls, forward = [], model.forward
+    model.forward = lambda x, t, y: calls.append((int(t[0]), len(x))) or forward(x, t, y)
+    try:
+        run()
+    finally:
+        del model.forward
+    return calls
+
+
+def test_guidance_interval_runs_the_dit_on_the_conditional_half_outside_it(tmp_path):
+    from sample import sample_images
+    model = write_our_checkpoint(tmp_path / "c.pt").eval()
+    calls = network_batches(model, lambda: sample_images(model, [1, 2], "superclass", 4.0, "ddim", 10, progress=False,
+                                                         guidance_interval=(500, 700)))
+    assert calls == [(t, 4 if 500 <= t <= 700 else 2) for t in range(900, -1, -100)]   # both bounds included
+
+
+def test_guidance_interval_over_every_step_equals_guidance_at_every_step(tmp_path):
+    from sample import sample_images
+    model = write_our_checkpoint(tmp_path / "c.pt").eval()
+    everywhere = sample_images(model, [1, 2], "superclass", 4.0, "ddpm", 5, seed=3, progress=False)
+    interval = sample_images(model, [1, 2], "superclass", 4.0, "ddpm", 5, seed=3, progress=False,
+                             guidance_interval=(0, 999))
+    assert torch.equal(everywhere, interval)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_guidance_interval_without_a_step_equals_no_guidance_for_a_deterministic_sampler(tmp_path, sampler):
+    """Outside the interval the conditional half's eps is eps(x_t | c) exactly, so an interval that holds no step
+    (ddim10 and dpm++2m 10 step at multiples of 100, and 999) is --guidance none. (DDPM's noise is drawn over the
+    whole [x_t; x_t] batch, so there the random stream differs.)"""
+    from sample import sample_images
+    model = write_our_checkpoint(tmp_path / "c.pt").eval()
+    unguided = sample_images(model, [1, 2], "none", 4.0, sampler, 10, seed=3, progress=False)
+    empty = sample_images(model, [1, 2], "superclass", 4.0, sampler, 10, seed=3, progress=False,
+                          guidance_interval=(101, 199))
+    guided = sample_images(model, [1, 2], "superclass", 4.0, sampler, 10, seed=3, progress=False)
+    assert torch.equal(unguided, empty) and not torch.equal(unguided, guided)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--guidance-interval", "700", "200"], ["--guidance-interval 700 200", "LO <= HI"]),
+    (["--guidance-interval", "0", "1000"], ["--guidance-interval 0 1000", "999"]),
+    (["--guidance-interval", "0", "500", "--guidance", "none"], ["--guidance-interval", "guidance"]),
+    (["--sampler", "dpm++2m", "--steps", "1000"], ["--steps 1000", "1 to 999"]),
+])
+def test_sample_script_rejects_a_bad_interval_or_step_count(tmp_path, argv, words):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    proc = run_script("sample.py", "--ckpt", tmp_path / "ckpt.pt", "--class-id", "1", *argv)
+    assert_one_line_error(proc, *words)
 
 
 def test_sample_script_rejects_a_bad_class_id(tmp_path):
@@ -2434,6 +2560,14 @@ def test_generate_writes_the_requested_per_class_counts_and_resumes_without_dupl
     assert json.loads(str(packed["hierarchy"])) == TOY_HIERARCHY
 
 
+def test_generate_records_the_sampler_and_the_guidance_interval(tmp_path):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    evaluate.main(["generate", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "gen"), "--per-class", "1",
+                   "--sampler", "dpm++2m", "--steps", "2", "--guidance-interval", "0", "500", "--device", "cpu"])
+    made_by = json.loads((tmp_path / "gen" / "samples.json").read_text())["made_by"]
+    assert (made_by["sampler"], made_by["steps"], made_by["guidance_interval"]) == ("dpm++2m", 2, [0, 500])
+
+
 def toy_checkpoint(path, method, **kw):
     """A (random-weight) checkpoint of the real toy hierarchy at 16 px, as train.py writes it."""
     toy = data.ToyDataset(image_size=16, images_per_class=1)
@@ -2459,6 +2593,20 @@ def test_toy_table_has_a_row_for_every_checkpoint_and_guidance_it_supports(tmp_p
     assert os.path.isfile(tmp_path / "toy_classifier_16px.pt")          # cached for the next call
 
 
+def test_toy_table_gives_a_json_row_per_seed_and_prints_their_spread(tmp_path, capsys):
+    fd = toy_checkpoint(tmp_path / "fd.pt", "finediffusion")
+    evaluate.main(["toy", "--ckpt", fd, "--guidance", "superclass", "--sampler", "dpm++2m", "--steps", "2",
+                   "--guidance-interval", "0", "500", "--seeds", "0", "1", "--per-class", "2", "--pairs", "20",
+                   "--cache-dir", str(tmp_path), "--classifier-epochs", "1", "--out-json", str(tmp_path / "t.json")])
+    rows = json.load(open(tmp_path / "t.json"))
+    assert [(r["guidance"], r.get("seed")) for r in rows] == [("-", None), ("superclass", 0), ("superclass", 1)]
+    assert all((r["sampler"], r["steps"], r["guidance_interval"]) == ("dpm++2m", 2, [0, 500]) for r in rows[1:])
+    assert rows[1]["fid"] != rows[2]["fid"]                            # the seed moves the figures
+    line = capsys.readouterr().out.splitlines()[2]                     # header, real images, the sampled row
+    mean, half = (rows[1]["fid"] + rows[2]["fid"]) / 2, abs(rows[1]["fid"] - rows[2]["fid"]) / 2
+    assert f"{mean:.2f}±{half:.2f}" in line
+
+
 def test_toy_table_refuses_a_checkpoint_of_other_data(tmp_path):
     write_our_checkpoint(tmp_path / "other.pt")
     proc = run_script("evaluate.py", "toy", "--ckpt", str(tmp_path / "other.pt"), "--cache-dir", str(tmp_path))
@@ -2478,10 +2626,29 @@ def test_bench_quick_emits_json_with_every_figure(tmp_path):
         assert {"seconds_per_step", "peak_memory_mb", "speedup_vs_full", "memory_vs_full"} <= r.keys()
         assert r["seconds_per_step"] > 0
     assert {"cache_images_per_s", "vae_images_per_s", "cache_speedup"} <= result["data"].keys()
-    assert {"seconds_per_ddpm_step", "ddpm250_seconds", "ddim50_seconds", "ddim50_speedup"} <= result["sampling"].keys()
+    assert {"seconds_per_ddpm_step", "ddpm250_seconds", "ddim50_seconds", "ddim50_speedup", "dpm20_seconds",
+            "dpm20_speedup"} <= result["sampling"].keys()
     assert set(result["sampling"]["seconds_per_ddpm_step"]) == {"2", "4"}
     assert result["fid"]["images_per_s"] > 0
     assert "speed-up" in proc.stdout
+
+
+def test_bench_quick_projects_each_samplers_cost_with_and_without_a_guidance_interval(tmp_path):
+    proc = run_script("bench.py", "--quick", "--only", "samplers", "--out", tmp_path / "bench.json")
+    assert proc.returncode == 0, proc.stderr
+    s = json.load(open(tmp_path / "bench.json"))["samplers"]
+    runs = {(r["sampler"], r["steps"], r["guidance_interval"] is not None): r for r in s["runs"]}
+    assert set(runs) == {(name, steps, interval) for name, steps in [("ddpm", 250), ("ddim", 50), ("dpm++2m", 10),
+                         ("dpm++2m", 15), ("dpm++2m", 20), ("dpm++2m", 25)] for interval in (False, True)}
+    ddpm = runs["ddpm", 250, False]
+    assert ddpm["evaluations_per_image"] == 500 and ddpm["speedup_vs_ddpm250"] == 1.0    # the paper's 2 x 250
+    dpm = runs["dpm++2m", 20, True]                 # [200, 700] holds 11 of its 20 steps (699, 649, ..., 200)
+    assert (dpm["guided_steps"], dpm["evaluations_per_image"]) == (11, 2 * 11 + 9)
+    for r in s["runs"]:
+        assert r["seconds_per_image"] > 0
+        assert r["hours_per_100k"] == pytest.approx(r["seconds_per_image"] * 100_000 / 3600)
+        assert r["speedup_vs_ddpm250"] == pytest.approx(ddpm["seconds_per_image"] / r["seconds_per_image"])
+    assert "h per 100K" in proc.stdout and "not run end to end" in proc.stdout
 
 
 def readme_quickstart():

@@ -14,6 +14,9 @@ What is pinned, and against what
      computed by the authors' own LabelEmbedder.token_drop (their iNat21 subclass -> superclass map).
   2. Gaussian diffusion (facebookresearch/DiT, diffusion/): linear schedule, respaced timesteps, hybrid
      training loss, p_mean_variance, one DDPM step, a 10-step DDPM loop with CFG and a 10-step DDIM loop.
+     DPM-Solver++(2M), which the official code lacks: diffusers' DPMSolverMultistepScheduler (dpmsolver++,
+     order 2, "linspace" timesteps, lower_order_final, final sigma 0) driving the eps (first 4 output
+     channels) of the same small official DiT: its timesteps, a 10-step loop with CFG, a 25-step plain loop.
   3. The authors' sampling flow (their sample.py / DiT's sample.py, written out below): seed, x_T, [z; z],
      labels [c; superclass row], p_sample_loop(forward_with_cfg, clip_denoised=False), drop the guide half,
      vae.decode(z / 0.18215), then DiT's uint8 conversion clamp(127.5 x + 128, 0, 255).
@@ -252,6 +255,38 @@ def diffusion_references(diffusion, model, out):
     out.update({"diff.ddim10.z": z, "diff.ddim10.y": y, "diff.ddim10.samples": f32(samples)})
 
 
+def dpm_scheduler(steps):
+    """diffusers' DPM-Solver++(2M) on DiT's schedule (linear betas 1e-4 ... 0.02 over 1000 steps, eps prediction)."""
+    from diffusers import DPMSolverMultistepScheduler
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
+        algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace", lower_order_final=True,
+        final_sigmas_type="zero")
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def dpm_solver_references(model, out):
+    for steps in (10, 15, 20, 25, 50):
+        out[f"dpm.timesteps.{steps}"] = i64(dpm_scheduler(steps).timesteps)
+
+    def solve(net, x, steps):
+        scheduler = dpm_scheduler(steps)
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                eps = net(x, t.expand(len(x)))[:, :4]      # learned sigma: eps is the first C channels
+                x = scheduler.step(eps, t, x).prev_sample
+        return x
+
+    # 10 steps with CFG, batch [z; z], labels [c; null], as DiT's sample.py builds it
+    z, y = torch.randn(2, 4, 8, 8, generator=gen(207)), i64([1, 6, 10, 10])
+    samples = solve(lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale=4.0), torch.cat([z, z]), 10)
+    out.update({"dpm.cfg10.z": z, "dpm.cfg10.y": y, "dpm.cfg10.samples": f32(samples)})
+    z, y = torch.randn(2, 4, 8, 8, generator=gen(208)), i64([8, 3])
+    samples = solve(lambda x, t: model(x, t, y), z, 25)
+    out.update({"dpm.plain25.z": z, "dpm.plain25.y": y, "dpm.plain25.samples": f32(samples)})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. + 4. The SD VAE (diffusers) and the authors' end-to-end sampling flow
 # ----------------------------------------------------------------------------------------------------------
@@ -416,6 +451,7 @@ def main(argv=None):
     fine = fine_references(authors, out)
     print("2. diffusion")
     diffusion_references(diffusion, dit, out)
+    dpm_solver_references(dit, out)
     print("3.-4. VAE, end-to-end sampling")
     vae = vae_references(out)
     end_to_end_references(fine, vae, diffusion, out)
