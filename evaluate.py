@@ -608,8 +608,8 @@ def source_of(args, path):
     """Images from --data (a dataset, real images) or a path (a generate folder, an .npz, a folder)."""
     hierarchy = load_hierarchy(args.hierarchy) if args.hierarchy else None
     if path is None:
-        root = args.data_path or (None if args.data == "toy" else os.path.join("data", args.data))
-        size = args.image_size or (32 if args.data == "toy" else 256)
+        root = args.data_path or (None if args.data in data.TOY_SETS else os.path.join("data", args.data))
+        size = args.image_size or (32 if args.data in data.TOY_SETS else 256)
         dataset = data.build_dataset(args.data, root, size, args.split or "val", flip=False,
                                      hierarchy_csv=args.hierarchy_csv)
         return dataset_images(dataset, root or args.data)
@@ -886,7 +886,7 @@ def cmd_toy(args):
 # -------------------------------------------------------------------------------------------------------------
 
 def add_image_args(p):
-    p.add_argument("--data", choices=["inat21", "folder", "toy"], help="real images: a dataset (data.py)")
+    p.add_argument("--data", choices=data.DATASETS, help="real images: a dataset (data.py)")
     p.add_argument("--data-path", help="dataset root; default: data/<--data>")
     p.add_argument("--split", help="dataset split; default: val")
     p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder dataset")

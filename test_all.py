@@ -1570,6 +1570,30 @@ def test_toy_items_are_float_images_in_range():
     assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.5 and x.max() > 0
 
 
+def test_toy_inat_fine_tunes_on_other_families_than_the_base_split_finer_with_50_images_per_class():
+    base, fine = data.build_dataset("toy", image_size=16), data.build_dataset("toy-inat", image_size=16)
+    assert not set(fine.superclass_names) & set(base.superclass_names)          # ImageNet's classes are not iNat21's
+    assert fine.num_superclasses == 4 and fine.num_classes == 32 > base.num_classes
+    assert np.bincount(fine.targets).tolist() == [50] * 32                       # as iNat21-mini
+    assert fine.class_names[:8] == ["diamond/plain", "diamond/striped", "diamond/spotted", "diamond/eyed",
+                                    "diamond/plain2", "diamond/striped2", "diamond/spotted2", "diamond/eyed2"]
+
+
+def test_toy_inat_is_a_fixed_set_of_images_whatever_the_training_seed():
+    a, b = (data.build_dataset("toy-inat", image_size=16, flip=False, seed=s) for s in (0, 1))
+    assert np.array_equal(a.images, b.images)
+
+
+def test_toy_inat_subclasses_all_differ_and_siblings_look_alike():
+    ds = data.toy_dataset("toy-inat", image_size=32, flip=False)
+    means = ds.images.reshape(32, 50, -1).astype(np.float64).mean(1)            # class-mean image, 32 x (32*32*3)
+    dist = np.linalg.norm(means[:, None] - means[None], axis=-1)
+    same_family = np.equal.outer(np.arange(32) // 8, np.arange(32) // 8)
+    off_diag = ~np.eye(32, dtype=bool)
+    assert dist[off_diag].min() > 100
+    assert dist[same_family & off_diag].mean() < dist[~same_family].mean()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # latent cache
 # ---------------------------------------------------------------------------------------------------------------

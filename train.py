@@ -67,7 +67,7 @@ class TrainingError(UserError):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     d = p.add_argument_group("data")
-    d.add_argument("--data", choices=["inat21", "folder", "toy"], help="dataset (needed unless --latent-cache)")
+    d.add_argument("--data", choices=data.DATASETS, help="dataset (needed unless --latent-cache)")
     d.add_argument("--data-path", help="dataset root; default: data/<--data> (inat21: the folder holding train_mini/)")
     d.add_argument("--split", help="default: train_mini for inat21, else train")
     d.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder dataset")
@@ -212,7 +212,7 @@ def open_latent_cache(args):
 def image_dataset(args):
     """The images, in [-1, 1] with DiT's crop and flips: trained on as pixels, or encoded by the VAE on the fly."""
     split = args.split or ("train_mini" if args.data == "inat21" else "train")
-    path = args.data_path or (None if args.data == "toy" else os.path.join("data", args.data))
+    path = args.data_path or (None if args.data in data.TOY_SETS else os.path.join("data", args.data))
     return data.build_dataset(args.data, path, args.image_size, split, flip=True, seed=args.seed,
                               coarse=args.coarse, hierarchy_csv=args.hierarchy_csv)
 
@@ -252,7 +252,7 @@ def base_config(args, init, cache):
     """Fill --model and --image-size from the base checkpoint (they must agree) or the defaults: DiT-XL/2 at 256 px
     on VAE latents; the toy's DiT-T/4 on 32 px pixels; a latent cache's size.
     -> the build_model keyword arguments the base implies (pixel_space, learn_sigma)."""
-    toy = args.data == "toy" and cache is None
+    toy = args.data in data.TOY_SETS and cache is None
     if init is None:
         args.model = args.model or ("DiT-T/4" if toy else "DiT-XL/2")
         args.image_size = args.image_size or (cache.image_size if cache else 32 if toy else 256)
@@ -274,7 +274,7 @@ def base_config(args, init, cache):
 def choose_base(args, cache):
     """A new run's base checkpoint (--init; 'none' trains from scratch), and the DiT it fixes: fills --model,
     --image-size and --tune. -> (path, checkpoint, extra build_model kwargs), path and checkpoint None for none."""
-    args.init = args.init or ("none" if args.data == "toy" else PAPER_INIT)
+    args.init = args.init or ("none" if args.data in data.TOY_SETS else PAPER_INIT)
     init_path = None if args.init.lower() == "none" else find_init(args.init)
     init = read_checkpoint(init_path) if init_path else None
     args.tune = args.tune or ("full" if init is None else "finediffusion")
