@@ -2275,6 +2275,18 @@ def test_latent_dit_trains_from_the_vae_on_the_fly_and_from_a_latent_cache(tmp_p
     assert_one_line_error(proc, "32px")
 
 
+def test_training_time_is_logged_and_checkpointed_and_keeps_counting_across_a_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "build_dataset", toy_builder(images_per_class=1))
+    common = [*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--log-every", "1"]
+    first = run_train(*common, "--max-steps", "2", "--run-dir", tmp_path)
+    saved = torch.load(first["final_ckpt"], weights_only=True)["time_s"]
+    run_train("--resume", first["final_ckpt"], "--max-steps", "4")
+    times = [json.loads(line)["time_s"] for line in open(tmp_path / "log.jsonl")]
+    assert len(times) == 4 and times[0] > 0 and all(b > a for a, b in zip(times, times[1:]))
+    assert times[1] <= saved < times[2]                         # step 3 counts on from the checkpoint's time
+    assert torch.load(tmp_path / "checkpoints" / "0000004.pt", weights_only=True)["time_s"] >= times[3]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base_ckpt, monkeypatch):
     real, calls = diffusion_module.GaussianDiffusion.training_losses, []
 
