@@ -10,6 +10,8 @@ sample generation at scale, and the paper's tables in miniature on the built-in 
     python evaluate.py fid --real results/inat21_val.npz --fake samples/finediffusion --out-csv results/table1.csv
     # offline, on the toy: subclass/superclass accuracy, classifier FID and diversity of each checkpoint
     python evaluate.py toy --ckpt results/toy-finediffusion results/toy-full
+    # ... at several guidance scales, with the trade-off plot (FID (cls) against subclass accuracy)
+    python evaluate.py toy --ckpt results/toy-finediffusion results/toy-full --cfg-scales 1 1.5 2 3 4 6 --plot sweep.png
 
 The two numbers of Table 1:
   - FID (Heusel et al. 2017), lower is better: the Frechet distance between Gaussians fitted to the 2048-d
@@ -22,8 +24,11 @@ quirks, the published weights pt_inception-2015-12-05-6726825d.pth) and pytorch-
 files are looked up as given, under pretrained/, then $TORCH_HOME/hub/checkpoints/; nothing is downloaded.
 
 Read in this order: the metric (Inception, Frechet distance, LPIPS, Table 1's rows); image sources and
-statistics files; the stats/fid commands; generation at scale; the toy tables.
+statistics files; the stats/fid commands; generation at scale; the toy tables; the figures (drawn with Pillow,
+each FIGURE.png with its numbers beside it in FIGURE.csv / .json).
 """
+import csv
+import io
 import json
 import math
 import os
@@ -37,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from scipy import linalg
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import alexnet
@@ -771,7 +776,10 @@ def cmd_generate(args):
 # -------------------------------------------------------------------------------------------------------------
 # A small CNN classifier trained on real toy images (cached) stands in for the Inception network: it
 # says whether a sample shows the requested subclass and superclass, gives features for a Frechet distance,
-# and (unit-normalised feature maps, LPIPS-style) a distance between two samples of the same class.
+# and (unit-normalised feature maps, LPIPS-style) a distance between two samples of the same class. Each
+# checkpoint is scored by the classifier of its own toy set (toy or toy-inat, recognised by its classes).
+# --cfg-scales sweeps the guidance scale w: at w = 1, eq. 1 is eps(x_t | c) whatever the guide, so every guide's
+# curve starts at the unguided (`none`) point.
 
 class ToyClassifier(nn.Module):
     def __init__(self, num_classes, width=32):
@@ -795,10 +803,12 @@ class ToyClassifier(nn.Module):
         return self.fc(features), features
 
 
-def toy_classifier(image_size, cache_dir="results", epochs=4, seed=0):
-    """The classifier for toy images of `image_size`, trained once (a few CPU seconds) and cached."""
-    path = os.path.join(cache_dir, f"toy_classifier_{image_size}px.pt")
-    train_set = data.ToyDataset(image_size=image_size, split="train", seed=seed)
+def toy_classifier(image_size, cache_dir="results", epochs=4, seed=0, toy_set="toy"):
+    """The classifier for images of a toy set (data.TOY_SETS) at `image_size`, trained once (a few CPU seconds)
+    on 256 real images per class -- more than toy-inat's 50: it plays Inception, not a fine-tuned model -- and
+    cached."""
+    path = os.path.join(cache_dir, f"{toy_set.replace('-', '_')}_classifier_{image_size}px.pt")
+    train_set = data.toy_dataset(toy_set, image_size, "train", seed=seed, images_per_class=256)
     net = ToyClassifier(train_set.num_classes)
     if os.path.isfile(path):
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -845,40 +855,292 @@ def toy_images(dataset):
     return torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.as_tensor(dataset.targets)
 
 
+def toy_set_of(hierarchy):
+    """The name of the toy set (data.TOY_SETS) whose classes a checkpoint has, or None."""
+    for name in data.TOY_SETS:
+        if data.toy_dataset(name, image_size=8, images_per_class=1).hierarchy() == hierarchy:
+            return name
+    return None
+
+
+def toy_settings(model, guidances, scales):
+    """(guidance, w) pairs to sample: ("none", None) once, every scale for each guide the table has rows for."""
+    for guidance in guidances:
+        if guidance == "none":
+            yield guidance, None
+            continue
+        try:
+            guide_labels(model, torch.zeros(1, dtype=torch.long), guidance)
+        except UserError:
+            continue                                   # this table has no row for that guide
+        yield from ((guidance, w) for w in scales)
+
+
+def read_log(path):
+    """The records of a run's log.jsonl (a run folder or the file) in training order, each with `time_s`. A run
+    resumed from an earlier checkpoint logs its steps again: the later records replace the earlier ones. Logs
+    from before time_s was recorded get it rebuilt from each record's steps_per_s."""
+    path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
+    try:
+        with open(path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the training log {path}: {e}") from None
+    records = []
+    for r in lines:
+        while records and records[-1]["step"] >= r["step"]:
+            records.pop()
+        if r.get("time_s") is None:
+            last = records[-1] if records else dict(step=0, time_s=0.0)
+            r["time_s"] = last["time_s"] + (r["step"] - last["step"]) / r["steps_per_s"]
+        records.append(r)
+    return records
+
+
+def checkpoint_time(path, info):
+    """Training wall time (s) up to a checkpoint: recorded in it, else its run's log.jsonl at its step, else None."""
+    if info.get("time_s") is not None:
+        return info["time_s"]
+    log_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "log.jsonl")
+    if not os.path.isfile(log_path) or info.get("step") is None:
+        return None
+    return next((r["time_s"] for r in read_log(log_path) if r["step"] == info["step"]), None)
+
+
+def toy_reference(name, size, args):
+    """The classifier of a toy set, the features of its real val images (the FID reference) and a row of
+    held-out real test images: the best a sampler could score."""
+    real = data.toy_dataset(name, size, "val", flip=False, seed=args.seed)
+    net = toy_classifier(size, args.cache_dir, args.classifier_epochs, toy_set=name)
+    with torch.no_grad():
+        real_features = net(toy_images(real)[0])[1].numpy()
+    held_out = data.toy_dataset(name, size, "test", flip=False, seed=args.seed, images_per_class=args.per_class)
+    row = dict(ckpt=f"real {name} images (test)", method="-", guidance="-", cfg_scale=None, step=None,
+               train_time_s=None, **toy_metrics(net, *toy_images(held_out), real.superclass_of, real_features,
+                                                 args.pairs, args.seed))
+    return net, real, real_features, row
+
+
 def cmd_toy(args):
-    rows = []
+    rows, references = [], {}
     for path in map(find_checkpoint, args.ckpt):
         model, info, _ = load_for_sampling(path)
-        size = info["config"]["image_size"]
-        real = data.ToyDataset(image_size=size, split="val", seed=args.seed, flip=False)   # the FID reference
-        if not info["config"]["pixel_space"] or info["hierarchy"] != real.hierarchy():
-            raise UserError(f"{path} is not a fine-grained toy checkpoint (train one with --data toy)")
-        net = toy_classifier(size, args.cache_dir, args.classifier_epochs)
-        with torch.no_grad():
-            real_features = net(toy_images(real)[0])[1].numpy()
-        if not rows:   # held-out real images: the best a sampler could score
-            held_out = data.ToyDataset(image_size=size, split="test", seed=args.seed, flip=False, images_per_class=args.per_class)
-            rows.append(dict(ckpt="real toy images (test)", method="-", guidance="-",
-                             **toy_metrics(net, *toy_images(held_out), real.superclass_of, real_features, args.pairs, args.seed)))
+        size, name = info["config"]["image_size"], toy_set_of(info["hierarchy"])
+        if not info["config"]["pixel_space"] or name is None:
+            raise UserError(f"{path} is not a fine-grained toy checkpoint (train one with --data toy or toy-inat)")
+        if (name, size) not in references:
+            references[name, size] = toy_reference(name, size, args)
+            rows.append(references[name, size][3])
+        net, real, real_features, _ = references[name, size]
         y = torch.arange(real.num_classes).repeat_interleave(args.per_class)
-        method = info["config"].get("method", "?")
-        for guidance in args.guidance:
-            try:
-                images = sample_images(model, y, guidance, args.cfg_scale, args.sampler, args.steps, seed=args.seed,
-                                       progress=False)
-            except UserError:
-                continue                                   # this table has no row for that guide
-            x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
-            rows.append(dict(ckpt=checkpoint_label(path), method=method, guidance=guidance,
-                             **toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, args.seed)))
-    header = f"{'checkpoint':<28}{'method':<15}{'guidance':<12}{'sub acc↑':>9}{'super acc↑':>11}{'FID(cls)↓':>10}{'diversity↑':>11}"
-    print(header)
-    for r in rows:
-        print(f"{r['ckpt'][:27]:<28}{r['method']:<15}{r['guidance']:<12}{r['sub_acc']:>9.3f}{r['super_acc']:>11.3f}"
-              f"{r['fid']:>10.2f}{r['diversity']:>11.3f}")
+        method, done = info["config"].get("method", "?"), {}
+        for guidance, scale in toy_settings(model, args.guidance, args.cfg_scales or [args.cfg_scale]):
+            # w = 1 is the unguided sampler whatever the guide (eq. 1): sampled once, shared by those rows
+            key = ("none", 1.0) if guidance == "none" or scale == 1.0 else (guidance, scale)
+            if key not in done:
+                images = sample_images(model, y, *key, args.sampler, args.steps, seed=args.seed, progress=False)
+                x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
+                done[key] = toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, args.seed)
+            rows.append(dict(ckpt=checkpoint_label(path), method=method, guidance=guidance, cfg_scale=scale,
+                             step=info.get("step"), train_time_s=checkpoint_time(path, info), **done[key]))
+    print_toy_table(rows)
     if args.out_json:
         atomic_write(args.out_json, lambda f: f.write(json.dumps(rows, indent=1).encode()))
+    if args.out_csv:
+        write_csv(args.out_csv, rows)
+    if args.plot:
+        save_figure(args.plot, tradeoff_panel(rows).image, rows)
 
+
+def print_toy_table(rows):
+    num = lambda v, spec: "-" if v is None else format(v, spec)
+    print(f"{'checkpoint':<28}{'method':<15}{'guidance':<12}{'w':>5}{'sub acc↑':>9}{'super acc↑':>11}"
+          f"{'FID(cls)↓':>10}{'diversity↑':>11}{'train s':>9}")
+    for r in rows:
+        print(f"{r['ckpt'][:27]:<28}{r['method']:<15}{r['guidance']:<12}{num(r['cfg_scale'], 'g'):>5}"
+              f"{r['sub_acc']:>9.3f}{r['super_acc']:>11.3f}{r['fid']:>10.2f}{r['diversity']:>11.3f}"
+              f"{num(r['train_time_s'], '.0f'):>9}")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Figures, drawn with Pillow
+# -------------------------------------------------------------------------------------------------------------
+# Pillow rather than matplotlib: a few scatter and line plots need no new dependency, and the tests check every
+# figure wherever the suite runs. Panel is the one drawing helper: data -> pixels, axes, markers, lines, text, a
+# legend. Every figure command writes FIGURE.png and, beside it, the numbers it shows: FIGURE.csv (and
+# FIGURE.json where they do not fit one table).
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 128, 0)]
+BLACK = (0, 0, 0)
+PANEL_SIZE = (760, 420)
+
+
+def font(size=12):
+    try:
+        return ImageFont.load_default(size=size)           # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def put_text(draw, xy, text, size=12, anchor="lt", fill=BLACK):
+    """Text with its anchor (horizontal l/m/r, vertical t/m/b) at xy; works with any Pillow font."""
+    f = font(size)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=f)
+    x = xy[0] - {"l": left, "m": (left + right) / 2, "r": right}[anchor[0]]
+    y = xy[1] - {"t": top, "m": (top + bottom) / 2, "b": bottom}[anchor[1]]
+    draw.text((x, y), text, fill=fill, font=f)
+
+
+def nice_ticks(lo, hi, count=5):
+    """Round tick values in [lo, hi]: steps of 1, 2 or 5 times a power of ten."""
+    raw = (hi - lo) / count
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def data_limits(values):
+    """(lo, hi) covering the values with a margin, so no marker sits on the frame."""
+    values = [float(v) for v in values if v is not None and math.isfinite(v)] or [0.0, 1.0]
+    lo, hi = min(values), max(values)
+    pad = 0.06 * (hi - lo) or 0.1 * abs(lo) or 1.0
+    return lo - pad, hi + pad
+
+
+class Panel:
+    """One plot: data coordinates -> pixels inside `margin` (left, top, right, bottom), axes with ticks (or a bare
+    frame: t-SNE axes mean nothing), markers o + * s, lines, text, and a legend in the right margin."""
+
+    def __init__(self, title, xs, ys, xlabel="", ylabel="", size=PANEL_SIZE, margin=(70, 36, 220, 50), ticks=True):
+        self.image = Image.new("RGB", size, "white")
+        self.draw = ImageDraw.Draw(self.image)
+        self.xlim, self.ylim = data_limits(xs), data_limits(ys)
+        self.box = (margin[0], margin[1], size[0] - margin[2], size[1] - margin[3])
+        self.draw.rectangle(self.box, outline=BLACK)
+        put_text(self.draw, (size[0] / 2, 8), title, 14, "mt")
+        if ticks:
+            self.axes(xlabel, ylabel)
+
+    def xy(self, x, y):
+        x0, y0, x1, y1 = self.box
+        (a, b), (c, d) = self.xlim, self.ylim
+        return x0 + (x - a) / (b - a) * (x1 - x0), y1 - (y - c) / (d - c) * (y1 - y0)
+
+    def axes(self, xlabel, ylabel):
+        x0, y0, x1, y1 = self.box
+        for t in nice_ticks(*self.xlim):
+            px = self.xy(t, 0)[0]
+            self.draw.line([(px, y1), (px, y1 + 4)], fill=BLACK)
+            put_text(self.draw, (px, y1 + 6), f"{t:g}", 11, "mt")
+        for t in nice_ticks(*self.ylim):
+            py = self.xy(0, t)[1]
+            self.draw.line([(x0 - 4, py), (x0, py)], fill=BLACK)
+            put_text(self.draw, (x0 - 6, py), f"{t:g}", 11, "rm")
+        put_text(self.draw, ((x0 + x1) / 2, y1 + 26), xlabel, 12, "mt")
+        label = Image.new("RGB", (int(self.draw.textlength(ylabel, font=font(12))) + 4, 16), "white")
+        put_text(ImageDraw.Draw(label), (2, 8), ylabel, 12, "lm")
+        label = label.rotate(90, expand=True)                 # Pillow draws text horizontally only
+        self.image.paste(label, (4, int((y0 + y1 - label.height) / 2)))
+
+    def marker(self, x, y, colour, shape="o", r=4):
+        glyph(self.draw, self.xy(x, y), colour, shape, r)
+
+    def line(self, xs, ys, colour, width=2):
+        points = [self.xy(x, y) for x, y in zip(xs, ys)]
+        if len(points) > 1:
+            self.draw.line(points, fill=colour, width=width)
+
+    def text(self, x, y, text, colour=BLACK, size=11):
+        px, py = self.xy(x, y)
+        put_text(self.draw, (px + 6, py - 2), text, size, "lb", colour)
+
+    def legend(self, entries):
+        """entries: [(label, colour, shape)], right of the frame, where they hide no data."""
+        x, y = self.box[2] + 8, self.box[1] + 6
+        for i, (label, colour, shape) in enumerate(entries):
+            glyph(self.draw, (x + 8, y + 16 * i + 6), colour, shape, 4 if shape == "o" else 6)
+            put_text(self.draw, (x + 20, y + 16 * i + 6), label, 11, "lm")
+
+
+def glyph(draw, centre, colour, shape, r):
+    """A marker: o (disc), s (square), + (superclass row), * (star: subclass mean)."""
+    x, y = centre
+    if shape == "o":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    elif shape == "s":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour, outline=BLACK)
+    elif shape == "+":
+        draw.line([(x - r, y), (x + r, y)], fill=colour, width=3)
+        draw.line([(x, y - r), (x, y + r)], fill=colour, width=3)
+    elif shape == "*":
+        draw.polygon([(x + (r if k % 2 == 0 else 0.45 * r) * math.sin(k * math.pi / 5),
+                       y - (r if k % 2 == 0 else 0.45 * r) * math.cos(k * math.pi / 5)) for k in range(10)],
+                     fill=colour, outline=BLACK)
+    else:
+        raise ValueError(shape)
+
+
+def tile(images, columns):
+    """Equal-size panels in a sheet, row by row."""
+    w, h = images[0].size
+    sheet = Image.new("RGB", (w * min(columns, len(images)), h * math.ceil(len(images) / columns)), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+def figure_path(path):
+    """--out of a figure command, checked before any work: a .png, with FIGURE.csv / .json written beside it."""
+    if not path.lower().endswith(".png"):
+        raise UserError(f"--out {path}: figures are written as .png (the numbers go beside it, as .csv and .json)")
+    return path
+
+
+def write_csv(path, rows):
+    """Rows (dicts) as CSV, columns in order of first appearance; None is an empty cell."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def save_figure(path, image, rows, extra=None):
+    """FIGURE.png, and beside it FIGURE.csv (`rows`: the numbers it shows) and, with `extra`, FIGURE.json."""
+    figure_path(path)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+    stem = os.path.splitext(path)[0]
+    write_csv(stem + ".csv", rows)
+    if extra is not None:
+        atomic_write(stem + ".json", lambda f: f.write((json.dumps(extra, indent=1) + "\n").encode()))
+    print(f"wrote {path} ({image.width}x{image.height}) and {stem}.csv" + (f", {stem}.json" if extra else ""),
+          file=sys.stderr)
+
+
+# ---- the guidance sweep: FID (cls) against subclass accuracy (evaluate.py toy --plot) --------------------------
+
+def tradeoff_panel(rows):
+    """A curve over the guidance scale w per checkpoint and guide, each point labelled by w, a colour per
+    checkpoint and a marker per guide (square: unguided; black: real images). Lower right is better."""
+    panel = Panel("guidance sweep: FID (cls) against subclass accuracy", [r["sub_acc"] for r in rows],
+                  [r["fid"] for r in rows], "subclass accuracy", "FID (cls)", size=(900, 440), margin=(70, 36, 320, 50))
+    curves, colours = {}, {}
+    for r in rows:
+        curves.setdefault((r["ckpt"], r["guidance"]), []).append(r)
+        colours.setdefault(r["ckpt"], BLACK if r["guidance"] == "-" else PALETTE[len(colours) % len(PALETTE)])
+    shape = {"-": "s", "none": "s", "null": "o", "superclass": "*"}
+    for (ckpt, guidance), group in curves.items():
+        group.sort(key=lambda r: r["cfg_scale"] or 0)
+        panel.line([r["sub_acc"] for r in group], [r["fid"] for r in group], colours[ckpt])
+        for r in group:
+            panel.marker(r["sub_acc"], r["fid"], colours[ckpt], shape[guidance], 6 if guidance == "superclass" else 4)
+            if r["cfg_scale"]:
+                panel.text(r["sub_acc"], r["fid"], f"{r['cfg_scale']:g}", colours[ckpt])
+    panel.legend([(ckpt if guidance == "-" else f"{ckpt}: {guidance}", colours[ckpt], shape[guidance])
+                  for ckpt, guidance in curves])
+    return panel
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -951,6 +1213,8 @@ def main(argv=None):
     p.add_argument("--guidance", nargs="+", choices=["none", "null", "superclass"], default=["none", "null", "superclass"])
     p.add_argument("--per-class", type=int, default=16, help="samples of each class")
     p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
+    p.add_argument("--cfg-scales", nargs="+", type=float, help="a guidance sweep: every guide at each of these "
+                   "scales (e.g. 1 1.5 2 3 4 6), instead of --cfg-scale alone")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--pairs", type=int, default=500, help="same-class pairs for the diversity")
@@ -958,6 +1222,9 @@ def main(argv=None):
     p.add_argument("--cache-dir", default="results", help="where the toy classifier is cached")
     p.add_argument("--classifier-epochs", type=int, default=4, help="training of the toy classifier, on first use")
     p.add_argument("--out-json")
+    p.add_argument("--out-csv")
+    p.add_argument("--plot", help="PNG: FID (cls) against subclass accuracy, a curve per checkpoint and guide over the "
+                                  "scales (and PLOT.csv beside it)")
     p.set_defaults(func=cmd_toy)
 
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ In-process work uses one thread: on a shared 2-core machine, OpenMP threads figh
 slow small ops down by 10x or more.
 """
 import argparse
+import csv
 import glob
 import json
 import math
@@ -2499,6 +2500,55 @@ def test_toy_table_refuses_a_checkpoint_of_other_data(tmp_path):
     write_our_checkpoint(tmp_path / "other.pt")
     proc = run_script("evaluate.py", "toy", "--ckpt", str(tmp_path / "other.pt"), "--cache-dir", str(tmp_path))
     assert_one_line_error(proc, "not a fine-grained toy checkpoint")
+
+
+def test_toy_sweep_has_a_row_per_guide_and_scale_and_w1_is_the_unguided_sampler(tmp_path):
+    hybrid = toy_checkpoint(tmp_path / "fd.pt", "finediffusion", null_class=True)
+    evaluate.main(["toy", "--ckpt", hybrid, "--cfg-scales", "1", "3", "--per-class", "2", "--steps", "2",
+                   "--pairs", "20", "--cache-dir", str(tmp_path), "--classifier-epochs", "1",
+                   "--out-json", str(tmp_path / "t.json"), "--plot", str(tmp_path / "sweep.png")])
+    rows = json.load(open(tmp_path / "t.json"))
+    assert [(r["guidance"], r["cfg_scale"]) for r in rows] == [
+        ("-", None), ("none", None), ("null", 1.0), ("null", 3.0), ("superclass", 1.0), ("superclass", 3.0)]
+    metrics = lambda r: (r["sub_acc"], r["fid"], r["diversity"])
+    assert metrics(rows[2]) == metrics(rows[4]) == metrics(rows[1]) != metrics(rows[3])    # eq. 1 at w = 1
+    assert png_size(tmp_path / "sweep.png") == (900, 440) and coloured_pixels(tmp_path / "sweep.png") > 200
+    with open(tmp_path / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["fid"]) for r in table] == pytest.approx([r["fid"] for r in rows])
+
+
+def toy_inat_checkpoint(path, method="finediffusion"):
+    """A random-weight checkpoint of the toy-inat classes at 16 px, as train.py writes it."""
+    fine = data.toy_dataset("toy-inat", image_size=16, images_per_class=1)
+    config = dict(name="DiT-T/4", image_size=16, num_classes=32, num_superclasses=4, method=method, pixel_space=True)
+    model = randomize(build_model(**config, superclass_of=fine.superclass_of))
+    torch.save(dict(model=model.state_dict(), config=config, hierarchy=fine.hierarchy(), args={}, base=None), path)
+    return str(path)
+
+
+def test_toy_table_scores_toy_inat_checkpoints_with_a_classifier_of_their_classes(tmp_path):
+    ckpt = toy_inat_checkpoint(tmp_path / "fd.pt")
+    evaluate.main(["toy", "--ckpt", ckpt, "--guidance", "none", "--per-class", "2", "--steps", "2", "--pairs", "10",
+                   "--cache-dir", str(tmp_path), "--classifier-epochs", "1", "--out-json", str(tmp_path / "t.json")])
+    rows = json.load(open(tmp_path / "t.json"))
+    assert [r["ckpt"] for r in rows] == ["real toy-inat images (test)", "fd.pt"]
+    net = torch.load(tmp_path / "toy_inat_classifier_16px.pt", weights_only=True)
+    assert net["fc.weight"].shape[0] == 32
+
+
+def coloured_pixels(path, box=None):
+    """Pixels of a PNG (within box = (left, top, right, bottom)) that are clearly coloured: markers and curves,
+    not the black text and frames or the white background."""
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB").crop(box) if box else im.convert("RGB")).astype(int)
+    return int(((rgb.max(-1) - rgb.min(-1)) > 60).sum())
+
+
+def panel_boxes(path, count):
+    """The `count` equal panels of a figure tiled in one row."""
+    width, height = png_size(path)
+    return [(i * width // count, 0, (i + 1) * width // count, height) for i in range(count)]
 
 
 # ------------------------------------------------------------------------------------------------------------
