@@ -12,6 +12,8 @@ sample generation at scale, and the paper's tables in miniature on the built-in 
     python evaluate.py toy --ckpt results/toy-finediffusion results/toy-full
     # ... at several guidance scales, with the trade-off plot (FID (cls) against subclass accuracy)
     python evaluate.py toy --ckpt results/toy-finediffusion results/toy-full --cfg-scales 1 1.5 2 3 4 6 --plot sweep.png
+    # the paper's Fig. 7: t-SNE of the label tables, and how often nearest subclasses share a superclass
+    python evaluate.py embeddings --ckpt results/toy-finediffusion results/toy-full --out fig7.png
 
 The two numbers of Table 1:
   - FID (Heusel et al. 2017), lower is better: the Frechet distance between Gaussians fitted to the 2048-d
@@ -50,7 +52,9 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 from tqdm import tqdm
 
 import data
-from model import ArgumentParser, UserError, atomic_write, file_sha256, find_file, load_strict, read_checkpoint, run_cli
+from model import (KNOWN_TABLES, TABLE, ArgumentParser, UserError, atomic_write, build_model,
+                   checkpoint_tensors, dit_config_from_state, file_sha256, find_file, load_strict, read_checkpoint,
+                   run_cli)
 from sample import CFG_SCALE, STEPS, find_checkpoint, guide_labels, load_for_sampling, sample_images
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -963,7 +967,7 @@ def print_toy_table(rows):
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Figures, drawn with Pillow
+# Figures, drawn with Pillow: the guidance sweep, paper Fig. 7 (label-table t-SNE)
 # -------------------------------------------------------------------------------------------------------------
 # Pillow rather than matplotlib: a few scatter and line plots need no new dependency, and the tests check every
 # figure wherever the suite runs. Panel is the one drawing helper: data -> pixels, axes, markers, lines, text, a
@@ -1143,6 +1147,186 @@ def tradeoff_panel(rows):
     return panel
 
 
+# ---- paper Fig. 7: t-SNE of the label table ---------------------------------------------------------------------
+# t-SNE (van der Maaten & Hinton 2008), exact, in torch. High-dimensional similarities are Gaussian around each
+# point, with a bandwidth chosen per point so that its neighbourhood has a fixed perplexity; low-dimensional ones
+# are Student-t (one degree of freedom), whose heavy tail lets clusters separate; the map minimises KL(P || Q) by
+# gradient descent with momentum, per-coordinate gains and early exaggeration. Settings: those of scikit-learn's
+# TSNE(method="exact") -- perplexity 30, exaggeration 12 for the first 250 of 1000 iterations, momentum 0.5 then
+# 0.8, learning rate max(N / 48, 50) -- with the paper's start, Y ~ N(0, 1e-4 I), from a fixed seed.
+
+def squared_distances(x):
+    """||x_i - x_j||^2 for rows x [N, D] -> [N, N] (>= 0 despite round-off)."""
+    sq = (x * x).sum(1)
+    return (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)
+
+
+def conditional_affinities(sq_dist, perplexity, steps=100, tol=1e-5):
+    """p_{j|i} = exp(-beta_i d_ij^2) / sum_{k != i} exp(-beta_i d_ik^2) [N, N], beta_i (= 1 / 2 sigma_i^2) found by
+    bisection so that each row's perplexity exp(H(P_i)) (H in nats) is `perplexity`: dense regions get narrow
+    Gaussians, sparse ones wide, so every point has about `perplexity` effective neighbours."""
+    n = len(sq_dist)
+    off = ~torch.eye(n, dtype=torch.bool, device=sq_dist.device)
+    d = sq_dist - sq_dist.masked_fill(~off, math.inf).min(1, keepdim=True).values  # p is shift-free; exp() safe
+    beta = torch.ones(n, 1, dtype=d.dtype, device=d.device)
+    lo, hi = torch.zeros_like(beta), torch.full_like(beta, math.inf)
+    target = math.log(perplexity)
+    for _ in range(steps):
+        p = torch.exp(-d * beta) * off
+        total = p.sum(1, keepdim=True)
+        entropy = torch.log(total) + beta * (d * p).sum(1, keepdim=True) / total
+        if (entropy - target).abs().max() < tol:
+            break
+        too_flat = entropy > target                            # beta too small: the Gaussian is too wide
+        lo, hi = torch.where(too_flat, beta, lo), torch.where(too_flat, hi, beta)
+        beta = torch.where(torch.isinf(hi), 2 * beta, (lo + hi) / 2)
+    return p / total
+
+
+def tsne_affinities(sq_dist, perplexity):
+    """The joint P of t-SNE: p_ij = (p_{j|i} + p_{i|j}) / 2N, symmetric, summing to 1, and every point (an outlier
+    too) holds at least 1/2N of the mass, so each one has a say in the map."""
+    p = conditional_affinities(sq_dist, perplexity)
+    return (p + p.T) / (2 * len(p))
+
+
+def tsne_gradient(p, y):
+    """(dKL(P || Q) / dY, Q) for the map Y [N, 2]: q_ij = (1 + |y_i - y_j|^2)^-1 / sum_{k != l} (1 + |y_k - y_l|^2)^-1
+    (Student-t, one degree of freedom: its heavy tail lets clusters separate), and the gradient (paper eq. 5)
+    dC/dy_i = 4 sum_j (p_ij - q_ij)(y_i - y_j)(1 + |y_i - y_j|^2)^-1."""
+    num = 1 / (1 + squared_distances(y))
+    num.fill_diagonal_(0)
+    q = (num / num.sum()).clamp_min(1e-12)
+    pq = (p - q) * num
+    return 4 * (pq.sum(1, keepdim=True) * y - pq @ y), q
+
+
+def tsne(x, perplexity=30.0, iters=1000, seed=0, progress=False):
+    """2-D t-SNE of rows x [N, D] -> (Y [N, 2], KL(P || Q) at the end)."""
+    n = len(x)
+    p = tsne_affinities(squared_distances(x), min(perplexity, (n - 1) / 3)).clamp_min(1e-12)
+    g = torch.Generator().manual_seed(seed)
+    y = (1e-2 * torch.randn(n, 2, generator=g, dtype=x.dtype)).to(x.device)
+    update, gains = torch.zeros_like(y), torch.ones_like(y)
+    lr = max(n / 12 / 4, 50.0)
+    for it in tqdm(range(iters), desc="t-SNE", unit="iter", disable=not progress):
+        exaggeration, momentum = (12.0, 0.5) if it < 250 else (1.0, 0.8)   # early on: tight, movable clusters
+        grad, _ = tsne_gradient(exaggeration * p, y)
+        gains = torch.where(update * grad < 0, gains + 0.2, gains * 0.8).clamp_min(0.01)
+        update = momentum * update - lr * gains * grad
+        y = y + update
+        y = y - y.mean(0)                                        # KL is translation-free: keep the map centred
+    q = tsne_gradient(p, y)[1]
+    return y, float((p * torch.log(p / q)).sum())
+
+
+def same_superclass_neighbours(x, superclass, k=10, chunk=2048):
+    """Mean over points of the fraction of their k nearest neighbours (Euclidean, itself excluded) that share
+    its superclass. Chance is sum_s n_s (n_s - 1) / N (N - 1); the best possible is mean_i min(k, n_s(i) - 1) / k."""
+    k, hits = min(k, len(x) - 1), 0.0
+    for start in range(0, len(x), chunk):                       # N x N distances a chunk of rows at a time
+        d = torch.cdist(x[start:start + chunk].double(), x.double())
+        d[torch.arange(len(d)), torch.arange(start, start + len(d))] = math.inf
+        nearest = d.topk(k, largest=False).indices               # (chunk, k)
+        hits += (superclass[nearest] == superclass[start:start + chunk, None]).double().sum().item()
+    return hits / (len(x) * k)
+
+
+def label_table(path):
+    """(table [rows, D] of EMA weights, K, S, hierarchy, method) of a checkpoint, read from the file alone: only
+    the table is needed, so no DiT is built and no base file or VAE is needed (the authors' XL file is 2.7 GB)."""
+    ckpt = read_checkpoint(path)
+    state = checkpoint_tensors(ckpt)                            # ours (a delta too: every method tunes the table)
+    if TABLE not in state:
+        raise UserError(f"{path} holds no label table ({TABLE})")
+    if "config" in ckpt:
+        hierarchy, method = ckpt.get("hierarchy"), ckpt["config"].get("method", "?")
+        with torch.device("meta"):                              # which rows the method's table has, at no cost
+            embedder = build_model(**ckpt["config"]).y_embedder
+        K, S = embedder.num_classes, embedder.num_superclasses
+    else:                                                       # official DiT / the authors': known table layouts
+        cfg = dit_config_from_state(state)
+        K, S, _ = KNOWN_TABLES.get((cfg["rows"], cfg["norm_affine"]), (cfg["rows"] - 1, 0, True))
+        hierarchy, method = None, "finediffusion" if S else "?"
+        if (K, S) == (10000, 11):
+            hierarchy = data.inat21_hierarchy()                 # as sample.load_for_sampling: iNat21's built-in table
+    if hierarchy is None:
+        raise UserError(f"{path} carries no class hierarchy: its subclasses cannot be coloured by superclass")
+    return state[TABLE].float(), K, S, hierarchy, method
+
+
+def embed_label_table(table, K, S, superclass_of, args):
+    """Fig. 7's picture and number for one table: t-SNE of (subclass rows, at most --max-points of them; the S
+    superclass rows; the mean subclass row of each superclass), and the same-superclass share of each subclass's
+    nearest subclasses in 2-D and in the table's own space, on the same subclasses."""
+    sup = torch.as_tensor(superclass_of)
+    g = torch.Generator().manual_seed(args.seed)
+    keep = torch.arange(K)
+    if 0 < args.max_points < K:                                 # a random subset, the same for every checkpoint
+        keep = torch.randperm(K, generator=g)[:args.max_points].sort().values
+    present = sup.unique()
+    means = torch.stack([table[:K][sup == s].mean(0) for s in present])    # of every subclass, not only those kept
+    if len(keep) < 2:
+        raise UserError(f"a label table of {len(keep)} subclass rows has no neighbours to count")
+    x = torch.cat([table[keep], table[K:K + S], means]).to(args.device)
+    y, kl = tsne(x, args.perplexity, args.iters, args.seed, progress=True)
+    y, n = y.cpu(), len(keep)
+    counts = torch.bincount(sup[keep]).double()
+    k = min(args.neighbours, n - 1)
+    return dict(points=n, neighbours=k,
+                same_superclass_2d=same_superclass_neighbours(y[:n], sup[keep], k),
+                same_superclass_original=same_superclass_neighbours(table[keep], sup[keep], k),
+                chance=float((counts * (counts - 1)).sum() / (n * (n - 1))),
+                best=float(((counts[sup[keep]] - 1).clamp(max=k) / k).mean()), kl=kl,
+                subclass=[[*xy, int(c), int(sup[c])] for xy, c in zip(y[:n].tolist(), keep)],
+                superclass=[[*xy, s] for s, xy in enumerate(y[n:n + S].tolist())],
+                mean=[[*xy, int(s)] for xy, s in zip(y[n + S:].tolist(), present)])
+
+
+def embedding_panel(result, title, superclass_names):
+    """Subclass rows as dots coloured by superclass, superclass rows as +, subclass means as stars."""
+    points = result["subclass"] + result["superclass"] + result["mean"]
+    panel = Panel(title, [p[0] for p in points], [p[1] for p in points], size=(640, 460),
+                  margin=(12, 36, 190, 12), ticks=False)
+    colour = lambda s: PALETTE[s % len(PALETTE)]
+    for x, y, _, s in result["subclass"]:
+        panel.marker(x, y, colour(s), "o", 2)
+    for x, y, s in result["mean"]:
+        panel.marker(x, y, colour(s), "*", 9)
+    for x, y, s in result["superclass"]:                       # on top: a superclass row may sit on its mean
+        panel.marker(x, y, colour(s), "+", 8)
+    legend = [(name[:24], colour(s), "o") for s, name in enumerate(superclass_names)][:20]
+    panel.legend(legend + [("superclass row", BLACK, "+"), ("mean of subclasses", BLACK, "*")])
+    x0, _, _, y1 = panel.box
+    put_text(panel.draw, (x0 + 6, y1 - 6), f"same-superclass {result['neighbours']}-NN: 2-D "
+             f"{result['same_superclass_2d']:.2f}, table {result['same_superclass_original']:.2f} "
+             f"(chance {result['chance']:.2f})", 12, "lb")
+    return panel
+
+
+def cmd_embeddings(args):
+    figure_path(args.out)
+    if args.iters < 1 or args.neighbours < 1 or args.perplexity <= 1:
+        raise UserError("--iters and --neighbours must be positive and --perplexity above 1")
+    rows, results, panels = [], [], []
+    for path in map(find_checkpoint, args.ckpt):
+        table, K, S, hierarchy, method = label_table(path)
+        result = embed_label_table(table, K, S, hierarchy["superclass_of"], args)
+        row = dict(ckpt=checkpoint_label(path), method=method, classes=K, superclasses=S,
+                   **{k: v for k, v in result.items() if k not in ("subclass", "superclass", "mean")})
+        rows.append(row)
+        results.append(dict(**row, superclass_names=hierarchy["superclass_names"], subclass=result["subclass"],
+                            superclass=result["superclass"], mean=result["mean"]))
+        panels.append(embedding_panel(result, f"{row['ckpt']} ({method})", hierarchy["superclass_names"]).image)
+    print(f"{'checkpoint':<28}{'method':<15}{'points':>7}   same-superclass share of the k nearest subclasses")
+    print(f"{'':<50}{'k':>3}{'2-D':>7}{'table':>7}{'chance':>8}{'best':>6}")
+    for r in rows:
+        print(f"{r['ckpt'][:27]:<28}{r['method']:<15}{r['points']:>7}{r['neighbours']:>3}"
+              f"{r['same_superclass_2d']:>7.3f}{r['same_superclass_original']:>7.3f}{r['chance']:>8.3f}{r['best']:>6.3f}")
+    settings = dict(max_points=args.max_points, perplexity=args.perplexity, iters=args.iters, seed=args.seed)
+    save_figure(args.out, tile(panels, min(len(panels), 4)), rows, dict(settings=settings, checkpoints=results))
+
+
 # -------------------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------------------
@@ -1169,6 +1353,21 @@ def add_fid_args(p):
     p.add_argument("--seed", type=int, default=0, help="seed of the LPIPS pairs (generate: and of the noise)")
     p.add_argument("--out-csv")
     p.add_argument("--out-json")
+
+
+def add_figure_commands(sub):
+    p = sub.add_parser("embeddings", help="paper Fig. 7: t-SNE of each checkpoint's label table, and how often a "
+                                          "subclass's nearest subclasses share its superclass")
+    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints or run folders: one panel each")
+    p.add_argument("--out", required=True, help="PNG to write; OUT.csv and OUT.json beside it")
+    p.add_argument("--max-points", type=int, default=2000, help="subclass rows to embed, drawn at random (0: all; "
+                   "exact t-SNE costs N^2 memory and time: all 10,000 iNat21 rows want a GPU, --device cuda)")
+    p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--iters", type=int, default=1000)
+    p.add_argument("--neighbours", type=int, default=10, help="k of the nearest-neighbour number")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_embeddings)
 
 
 def main(argv=None):
@@ -1226,6 +1425,7 @@ def main(argv=None):
     p.add_argument("--plot", help="PNG: FID (cls) against subclass accuracy, a curve per checkpoint and guide over the "
                                   "scales (and PLOT.csv beside it)")
     p.set_defaults(func=cmd_toy)
+    add_figure_commands(sub)
 
     args = parser.parse_args(argv)
     args.func(args)

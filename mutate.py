@@ -164,6 +164,20 @@ MUTATIONS = [
      "frechet or fid"),
     ("LPIPS pairs may pair an image with itself", "evaluate.py",
      "    other = other + (other >= rank)\n", "", "lpips"),
+    # --- figures and the regime toy (issue 12) --------------------------------------------------------------
+    ("t-SNE: Gaussian Q instead of Student-t", "evaluate.py",
+     "num = 1 / (1 + squared_distances(y))", "num = torch.exp(-squared_distances(y))", "tsne"),
+    ("t-SNE: P left unsymmetrised", "evaluate.py",
+     "return (p + p.T) / (2 * len(p))", "return p / len(p)", "tsne"),
+    ("t-SNE: bisection moves beta the wrong way", "evaluate.py",
+     "too_flat = entropy > target", "too_flat = entropy < target", "tsne"),
+    ("t-SNE: climbs the gradient", "evaluate.py",
+     "update = momentum * update - lr * gains * grad", "update = momentum * update + lr * gains * grad", "tsne"),
+    ("nearest neighbours include the point itself", "evaluate.py",
+     "        d[torch.arange(len(d)), torch.arange(start, start + len(d))] = math.inf\n", "", "same_superclass"),
+    ("Fig. 7: superclass rows from the config, not the table", "evaluate.py",
+     "K, S = embedder.num_classes, embedder.num_superclasses",
+     "K, S = ckpt[\"config\"][\"num_classes\"], ckpt[\"config\"][\"num_superclasses\"]", "embeddings"),
 ]
 
 

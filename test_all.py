@@ -2552,6 +2552,89 @@ def panel_boxes(path, count):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# evaluate.py — figures: t-SNE (Fig. 7)
+# ------------------------------------------------------------------------------------------------------------
+
+def test_tsne_bandwidths_give_every_point_the_perplexity_asked_for():
+    x = torch.cat([torch.randn(40, 5, dtype=torch.float64), 5 + 3 * torch.randn(20, 5, dtype=torch.float64)])
+    p = evaluate.conditional_affinities(evaluate.squared_distances(x), perplexity=10.0)
+    assert torch.allclose(p.sum(1), torch.ones(60, dtype=torch.float64)) and torch.all(p.diagonal() == 0)
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(1)
+    assert torch.allclose(entropy.exp(), torch.full((60,), 10.0, dtype=torch.float64), rtol=1e-4)
+
+
+def test_tsne_joint_affinities_are_the_symmetrised_conditionals_over_2n():
+    x = torch.randn(30, 4, dtype=torch.float64)
+    d = evaluate.squared_distances(x)
+    cond, joint = evaluate.conditional_affinities(d, 5.0), evaluate.tsne_affinities(d, 5.0)
+    assert torch.allclose(joint, (cond + cond.T) / 60) and joint.sum().item() == pytest.approx(1.0)
+
+
+def test_tsne_gradient_is_the_autograd_gradient_of_kl_p_q_under_student_t():
+    p = evaluate.tsne_affinities(evaluate.squared_distances(torch.randn(25, 6, dtype=torch.float64)), 6.0)
+    y = torch.randn(25, 2, dtype=torch.float64, requires_grad=True)
+    num = (1 / (1 + ((y[:, None] - y[None]) ** 2).sum(-1))) * (1 - torch.eye(25, dtype=torch.float64))
+    q = num / num.sum()
+    kl = (p * torch.log(p.clamp_min(1e-12) / q.clamp_min(1e-12))).sum()
+    kl.backward()
+    grad, q_ours = evaluate.tsne_gradient(p, y.detach())
+    assert torch.allclose(grad, y.grad, atol=1e-10) and torch.allclose(q_ours, q.detach().clamp_min(1e-12))
+
+
+def test_tsne_maps_separate_clusters_to_separate_clusters_and_repeats_with_its_seed():
+    centres = 10 * torch.eye(3, 20)
+    x = torch.cat([c + torch.randn(30, 20) for c in centres])
+    labels = torch.arange(3).repeat_interleave(30)
+    y, kl = evaluate.tsne(x, perplexity=10, iters=500, seed=1)
+    assert evaluate.same_superclass_neighbours(y, labels, k=10) == 1.0 and kl < 1.0
+    assert torch.equal(y, evaluate.tsne(x, perplexity=10, iters=500, seed=1)[0])
+
+
+def test_same_superclass_neighbours_is_the_share_of_each_points_nearest_in_its_superclass():
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0], [12.0]])
+    superclass = torch.tensor([0, 1, 1, 1, 1])
+    # k=1: 0 -> 1 (other), 1 -> 0 (other), 10 -> 11, 11 -> 10 or 12, 12 -> 11: 3 of 5
+    assert evaluate.same_superclass_neighbours(x, superclass, k=1) == pytest.approx(3 / 5)
+    # k=2: 0 -> 1, 10 (0 of 2); 1 -> 0, 10 (1 of 2); 10, 11, 12 -> the other two (2 of 2 each): 7 of 10
+    assert evaluate.same_superclass_neighbours(x, superclass, k=2, chunk=2) == pytest.approx(7 / 10)
+
+
+def test_embeddings_command_draws_a_panel_per_checkpoint_and_writes_its_numbers(tmp_path):
+    fd, bitfit = toy_checkpoint(tmp_path / "fd.pt", "finediffusion"), toy_checkpoint(tmp_path / "bitfit.pt", "bitfit")
+    out = tmp_path / "fig7.png"
+    evaluate.main(["embeddings", "--ckpt", fd, bitfit, "--out", str(out), "--iters", "300", "--device", "cpu"])
+    assert png_size(out) == (2 * 640, 460)
+    assert all(coloured_pixels(out, box) > 100 for box in panel_boxes(out, 2))
+    found = json.load(open(tmp_path / "fig7.json"))["checkpoints"]
+    assert [len(c["subclass"]) for c in found] == [16, 16]
+    assert [len(c["superclass"]) for c in found] == [4, 0]      # FineDiffusion's table has superclass rows (+)
+    assert [len(c["mean"]) for c in found] == [4, 4]
+    with open(tmp_path / "fig7.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["finediffusion", "bitfit"]
+    assert all(0 <= float(r["same_superclass_2d"]) <= 1 and float(r["chance"]) == pytest.approx(3 / 15)
+               for r in table)
+
+
+def test_embeddings_read_the_authors_10011_row_table_with_the_inat21_hierarchy(tmp_path):
+    model = DiT_models["DiT-T/2"](input_size=4, num_classes=10000, num_superclasses=11, null_class=False,
+                                  norm_affine=True)
+    superclass_of = torch.tensor(data.inat21_superclass_of())
+    with torch.no_grad():                                      # subclass rows clustered around their superclass row
+        table = model.y_embedder.embedding_table.weight
+        table[10000:] = 5 * torch.randn(11, table.shape[1])
+        table[:10000] = table[10000:][superclass_of] + torch.randn(10000, table.shape[1])
+    torch.save({"model": model.state_dict()}, tmp_path / "FineDiffusion-iNat.pt")
+    evaluate.main(["embeddings", "--ckpt", str(tmp_path / "FineDiffusion-iNat.pt"), "--out", str(tmp_path / "f.png"),
+                   "--max-points", "300", "--iters", "250", "--device", "cpu"])
+    found = json.load(open(tmp_path / "f.json"))["checkpoints"][0]
+    assert found["superclass_names"] == data.INAT21_SUPERCLASSES and found["classes"] == 10000
+    assert len(found["subclass"]) == 300 and len(found["superclass"]) == 11
+    assert all(s == superclass_of[c] for _, _, c, s in found["subclass"])
+    assert found["same_superclass_original"] > 0.9 and found["same_superclass_2d"] > 0.9
+
+
+# ------------------------------------------------------------------------------------------------------------
 # bench.py and the README's quickstart
 # ------------------------------------------------------------------------------------------------------------
 
