@@ -12,8 +12,9 @@ sample generation at scale, and the paper's tables in miniature on the built-in 
     python evaluate.py toy --ckpt results/toy-finediffusion results/toy-full
     # ... at several guidance scales, with the trade-off plot (FID (cls) against subclass accuracy)
     python evaluate.py toy --ckpt results/toy-finediffusion results/toy-full --cfg-scales 1 1.5 2 3 4 6 --plot sweep.png
-    # the paper's Fig. 7: t-SNE of the label tables, and how often nearest subclasses share a superclass
+    # the paper's figures: Fig. 7 (t-SNE of the label tables), Fig. 5 (one seed across methods)
     python evaluate.py embeddings --ckpt results/toy-finediffusion results/toy-full --out fig7.png
+    python evaluate.py grid --ckpt results/toy-finediffusion results/toy-full --class-ids 0 5 9 13 --data toy --out fig5.png
 
 The two numbers of Table 1:
   - FID (Heusel et al. 2017), lower is better: the Frechet distance between Gaussians fitted to the 2048-d
@@ -55,7 +56,7 @@ import data
 from model import (KNOWN_TABLES, TABLE, ArgumentParser, UserError, atomic_write, build_model,
                    checkpoint_tensors, dit_config_from_state, file_sha256, find_file, load_strict, read_checkpoint,
                    run_cli)
-from sample import CFG_SCALE, STEPS, find_checkpoint, guide_labels, load_for_sampling, sample_images
+from sample import CFG_SCALE, STEPS, find_checkpoint, guide_labels, load_for_sampling, resolve_class, sample_images
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
@@ -967,7 +968,7 @@ def print_toy_table(rows):
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Figures, drawn with Pillow: the guidance sweep, paper Fig. 7 (label-table t-SNE)
+# Figures, drawn with Pillow: the guidance sweep, paper Fig. 7 (label-table t-SNE), Fig. 5 (same-seed grid)
 # -------------------------------------------------------------------------------------------------------------
 # Pillow rather than matplotlib: a few scatter and line plots need no new dependency, and the tests check every
 # figure wherever the suite runs. Panel is the one drawing helper: data -> pixels, axes, markers, lines, text, a
@@ -1327,6 +1328,86 @@ def cmd_embeddings(args):
     save_figure(args.out, tile(panels, min(len(panels), 4)), rows, dict(settings=settings, checkpoints=results))
 
 
+# ---- paper Fig. 5: the same classes and seed across methods ------------------------------------------------------
+
+GRID_LABEL_WIDTH, GRID_HEADER, GRID_PAD, GRID_MIN_CELL = 170, 40, 4, 96
+
+
+def grid_image(cells, row_labels, column_labels):
+    """cells[r][c]: uint8 (H, W, 3) images, shown at max(H, GRID_MIN_CELL) pixels (small toy images enlarged
+    pixel by pixel); labels: a list of lines per row, one line per column. Size: GRID_LABEL_WIDTH + columns *
+    (cell + GRID_PAD) by GRID_HEADER + rows * (cell + GRID_PAD)."""
+    cell = max(cells[0][0].shape[0], GRID_MIN_CELL)
+    sheet = Image.new("RGB", (GRID_LABEL_WIDTH + len(column_labels) * (cell + GRID_PAD),
+                              GRID_HEADER + len(cells) * (cell + GRID_PAD)), "white")
+    draw = ImageDraw.Draw(sheet)
+    fit = lambda text, width: next(text[:n] for n in range(len(text), 0, -1)
+                                   if draw.textlength(text[:n], font=font(11)) <= width)
+    for c, label in enumerate(column_labels):
+        for i, line in enumerate(label):
+            put_text(draw, (GRID_LABEL_WIDTH + c * (cell + GRID_PAD) + cell / 2, 6 + 15 * i), fit(line, cell), 11, "mt")
+    for r, (row, label) in enumerate(zip(cells, row_labels)):
+        top = GRID_HEADER + r * (cell + GRID_PAD)
+        for i, line in enumerate(label):
+            put_text(draw, (6, top + 8 + 15 * i), fit(line, GRID_LABEL_WIDTH - 10), 11, "lt")
+        for c, image in enumerate(row):
+            tile_image = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
+            sheet.paste(tile_image, (GRID_LABEL_WIDTH + c * (cell + GRID_PAD), top))
+    return sheet
+
+
+def real_row(args, num_classes, image_size):
+    """One real image of each --class-ids class (the first of its class in --split) from --data."""
+    root = args.data_path or (None if args.data in data.TOY_SETS else os.path.join("data", args.data))
+    dataset = data.build_dataset(args.data, root, image_size, args.split or "val", flip=False,
+                                 hierarchy_csv=args.hierarchy_csv)
+    if dataset.num_classes != num_classes:
+        raise UserError(f"--data {args.data} has {dataset.num_classes} classes, the checkpoints {num_classes}")
+    targets, images = np.asarray(dataset.targets), []
+    for c in args.class_ids:
+        index = np.flatnonzero(targets == c)
+        if len(index) == 0:
+            raise UserError(f"--data {args.data} (split {args.split or 'val'}) has no image of class {c}")
+        x = dataset[int(index[0])][0]                               # (3, H, W) in [-1, 1]
+        images.append(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    return images
+
+
+def cmd_grid(args):
+    figure_path(args.out)
+    cells, labels, rows = [], [], []
+    for path in map(find_checkpoint, args.ckpt):
+        model, info, vae = load_for_sampling(path, vae=args.vae)
+        if cells and (info["hierarchy"], model.y_embedder.num_classes) != (hierarchy, num_classes):
+            raise UserError(f"{path} has other classes than {args.ckpt[0]}: a grid compares methods on the same "
+                            "classes")
+        hierarchy, num_classes, size = info["hierarchy"], model.y_embedder.num_classes, info["config"]["image_size"]
+        for c in args.class_ids:
+            resolve_class(hierarchy, num_classes, class_id=c)
+        guidance = args.guidance
+        if guidance == "auto":                       # each method as it is meant to be sampled: eq. 1 or standard CFG
+            guidance = "superclass" if model.y_embedder.num_superclasses else "null"
+        images = sample_images(model, args.class_ids, guidance, args.cfg_scale, args.sampler, args.steps, vae,
+                               args.seed, args.device, progress=False)   # every row: the same seed, the same noise
+        method = info["config"].get("method", "?")
+        cells.append(list(images.numpy()))
+        labels.append([checkpoint_label(path), method,
+                       guidance if guidance == "none" else f"{guidance}, w = {args.cfg_scale:g}"])
+        rows += [dict(row=len(cells), ckpt=checkpoint_label(path), method=method, guidance=guidance,
+                      cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.steps, seed=args.seed, class_id=c)
+                 for c in args.class_ids]
+        del model, vae
+    if args.data:
+        cells.insert(0, real_row(args, num_classes, size))
+        labels.insert(0, ["real images", f"--data {args.data}"])
+        rows = [dict(row=0, ckpt="real", class_id=c) for c in args.class_ids] + rows
+    names = hierarchy["class_names"] if hierarchy else None
+    columns = [[f"class {c}", names[c] if names else ""] for c in args.class_ids]
+    for r in rows:
+        r["class_name"] = names[r["class_id"]] if names else None
+    save_figure(args.out, grid_image(cells, labels, columns), rows)
+
+
 # -------------------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------------------
@@ -1368,6 +1449,24 @@ def add_figure_commands(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_embeddings)
+
+    p = sub.add_parser("grid", help="paper Fig. 5: rows = checkpoints (methods), columns = classes, one seed")
+    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints or run folders: one row each")
+    p.add_argument("--class-ids", nargs="+", type=int, required=True)
+    p.add_argument("--out", required=True, help="PNG to write; OUT.csv beside it")
+    p.add_argument("--guidance", choices=["auto", "superclass", "null", "none"], default="auto",
+                   help="auto: superclass rows (eq. 1) where the table has them, else the null row (standard CFG)")
+    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", help="SD VAE for latent models; default: the checkpoint's, else sd-vae-ft-ema")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", choices=data.DATASETS, help="a first row of real images of each class, from this dataset")
+    p.add_argument("--data-path", help="dataset root; default: data/<--data>")
+    p.add_argument("--split", help="dataset split of the real images; default: val")
+    p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder dataset")
+    p.set_defaults(func=cmd_grid)
 
 
 def main(argv=None):

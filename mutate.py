@@ -178,6 +178,9 @@ MUTATIONS = [
     ("Fig. 7: superclass rows from the config, not the table", "evaluate.py",
      "K, S = embedder.num_classes, embedder.num_superclasses",
      "K, S = ckpt[\"config\"][\"num_classes\"], ckpt[\"config\"][\"num_superclasses\"]", "embeddings"),
+    ("Fig. 5 draws each row from another seed", "evaluate.py",
+     "                               args.seed, args.device, progress=False)",
+     "                               args.seed + len(cells), args.device, progress=False)", "grid"),
 ]
 
 

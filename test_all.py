@@ -2552,7 +2552,7 @@ def panel_boxes(path, count):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# evaluate.py — figures: t-SNE (Fig. 7)
+# evaluate.py — figures: t-SNE (Fig. 7), same-seed grids (Fig. 5)
 # ------------------------------------------------------------------------------------------------------------
 
 def test_tsne_bandwidths_give_every_point_the_perplexity_asked_for():
@@ -2632,6 +2632,35 @@ def test_embeddings_read_the_authors_10011_row_table_with_the_inat21_hierarchy(t
     assert len(found["subclass"]) == 300 and len(found["superclass"]) == 11
     assert all(s == superclass_of[c] for _, _, c, s in found["subclass"])
     assert found["same_superclass_original"] > 0.9 and found["same_superclass_2d"] > 0.9
+
+
+def test_grid_has_the_real_images_then_a_row_per_checkpoint_all_from_one_seed(tmp_path):
+    ckpt = toy_checkpoint(tmp_path / "fd.pt", "finediffusion")
+    out = tmp_path / "fig5.png"
+    evaluate.main(["grid", "--ckpt", ckpt, ckpt, "--class-ids", "0", "5", "9", "--steps", "2", "--data", "toy",
+                   "--out", str(out), "--device", "cpu"])
+    cell = evaluate.GRID_MIN_CELL                              # 16 px toy images, enlarged
+    left, top, pad = evaluate.GRID_LABEL_WIDTH, evaluate.GRID_HEADER, evaluate.GRID_PAD
+    assert png_size(out) == (left + 3 * (cell + pad), top + 3 * (cell + pad))
+    image = np.asarray(Image.open(out).convert("RGB"))
+    rows = [image[top + r * (cell + pad):top + r * (cell + pad) + cell, left:] for r in range(3)]
+    assert np.array_equal(rows[1], rows[2])                    # the same checkpoint twice: the same noise, every cell
+    real = data.build_dataset("toy", image_size=16, split="val", flip=False)
+    first = real[real.targets.index(5)][0]                     # the first real image of class 5, in its column
+    expected = ((first + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(rows[0][::cell // 16, (cell + pad):(cell + pad) + cell:cell // 16], expected)
+    with open(tmp_path / "fig5.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["row"], r["class_id"]) for r in table] == [(str(r), str(c)) for r in range(3) for c in (0, 5, 9)]
+    assert {r["guidance"] for r in table[3:]} == {"superclass"} and {r["seed"] for r in table[3:]} == {"0"}
+
+
+def test_grid_refuses_checkpoints_of_other_classes(tmp_path):
+    toy = toy_checkpoint(tmp_path / "toy.pt", "finediffusion")
+    write_our_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(UserError, match="other classes"):
+        evaluate.main(["grid", "--ckpt", toy, str(tmp_path / "other.pt"), "--class-ids", "0", "--steps", "2",
+                       "--out", str(tmp_path / "g.png"), "--device", "cpu"])
 
 
 # ------------------------------------------------------------------------------------------------------------
