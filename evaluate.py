@@ -12,9 +12,10 @@ sample generation at scale, and the paper's tables in miniature on the built-in 
     python evaluate.py toy --ckpt results/toy-finediffusion results/toy-full
     # ... at several guidance scales, with the trade-off plot (FID (cls) against subclass accuracy)
     python evaluate.py toy --ckpt results/toy-finediffusion results/toy-full --cfg-scales 1 1.5 2 3 4 6 --plot sweep.png
-    # the paper's figures: Fig. 7 (t-SNE of the label tables), Fig. 5 (one seed across methods)
+    # the paper's figures: Fig. 7 (t-SNE of the label tables), Fig. 5 (one seed across methods), Fig. 2 and losses
     python evaluate.py embeddings --ckpt results/toy-finediffusion results/toy-full --out fig7.png
     python evaluate.py grid --ckpt results/toy-finediffusion results/toy-full --class-ids 0 5 9 13 --data toy --out fig5.png
+    python evaluate.py curves --runs results/toy-finediffusion results/toy-full --toy-json toy.json --out curves.png
 
 The two numbers of Table 1:
   - FID (Heusel et al. 2017), lower is better: the Frechet distance between Gaussians fitted to the 2048-d
@@ -53,7 +54,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 from tqdm import tqdm
 
 import data
-from model import (KNOWN_TABLES, TABLE, ArgumentParser, UserError, atomic_write, build_model,
+from model import (KNOWN_TABLES, METHODS, TABLE, ArgumentParser, UserError, atomic_write, build_model,
                    checkpoint_tensors, dit_config_from_state, file_sha256, find_file, load_strict, read_checkpoint,
                    run_cli)
 from sample import CFG_SCALE, STEPS, find_checkpoint, guide_labels, load_for_sampling, resolve_class, sample_images
@@ -968,7 +969,8 @@ def print_toy_table(rows):
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Figures, drawn with Pillow: the guidance sweep, paper Fig. 7 (label-table t-SNE), Fig. 5 (same-seed grid)
+# Figures, drawn with Pillow: the guidance sweep, paper Fig. 7 (label-table t-SNE), Fig. 5 (same-seed grid),
+# training curves and Fig. 2 (FID against training time)
 # -------------------------------------------------------------------------------------------------------------
 # Pillow rather than matplotlib: a few scatter and line plots need no new dependency, and the tests check every
 # figure wherever the suite runs. Panel is the one drawing helper: data -> pixels, axes, markers, lines, text, a
@@ -1408,6 +1410,85 @@ def cmd_grid(args):
     save_figure(args.out, grid_image(cells, labels, columns), rows)
 
 
+# ---- training curves and paper Fig. 2: FID against training time --------------------------------------------------
+
+def time_unit(seconds):
+    """A readable unit for a time axis that reaches `seconds`: (divisor, name)."""
+    return (1, "s") if seconds < 300 else (60, "min") if seconds < 3 * 3600 else (3600, "h")
+
+
+def loss_panels(logs):
+    """Loss against step and against wall time, a curve per run."""
+    records = [r for log in logs.values() for r in log]
+    div, unit = time_unit(max(r["time_s"] for r in records))
+    by_step = Panel("training loss against step", [r["step"] for r in records], [r["loss"] for r in records],
+                    "step", "loss")
+    by_time = Panel("training loss against wall time", [r["time_s"] / div for r in records],
+                    [r["loss"] for r in records], f"wall time ({unit})", "loss")
+    for i, log in enumerate(logs.values()):
+        colour = PALETTE[i % len(PALETTE)]
+        by_step.line([r["step"] for r in log], [r["loss"] for r in log], colour)
+        by_time.line([r["time_s"] / div for r in log], [r["loss"] for r in log], colour)
+        if len(log) == 1:
+            by_step.marker(log[0]["step"], log[0]["loss"], colour)
+            by_time.marker(log[0]["time_s"] / div, log[0]["loss"], colour)
+    for panel in (by_step, by_time):
+        panel.legend([(name, PALETTE[i % len(PALETTE)], "o") for i, name in enumerate(logs)])
+    return [by_step, by_time]
+
+
+def fig2_panel(toy_rows, cfg_scale):
+    """FID (cls) against training time: a curve per run and guide through its checkpoints (unguided, and guided
+    at w = cfg_scale), coloured by method; marker by guide."""
+    rows = [r for r in toy_rows if r.get("train_time_s") is not None and r.get("cfg_scale") in (None, cfg_scale)]
+    if not rows:
+        raise UserError("no toy row has a training time: score checkpoints that record time_s (trained by this "
+                        "train.py) or whose run folder holds log.jsonl")
+    div, unit = time_unit(max(r["train_time_s"] for r in rows))
+    panel = Panel(f"FID (cls) against training time (w = {cfg_scale:g})", [r["train_time_s"] / div for r in rows],
+                  [r["fid"] for r in rows], f"training time ({unit})", "FID (cls)")
+    curves, legend = {}, {}
+    for r in rows:
+        curves.setdefault((r["ckpt"].split("/")[0], r["method"], r["guidance"]), []).append(r)
+    shape = dict(none="s", null="o", superclass="*")
+    for (_, method, guidance), group in curves.items():
+        colour = PALETTE[METHODS.index(method) if method in METHODS else -1]
+        group.sort(key=lambda r: r["train_time_s"])
+        panel.line([r["train_time_s"] / div for r in group], [r["fid"] for r in group], colour)
+        for r in group:
+            panel.marker(r["train_time_s"] / div, r["fid"], colour, shape.get(guidance, "o"), 6)
+        legend[f"{method} {guidance}"] = (colour, shape.get(guidance, "o"))
+    panel.legend([(label, colour, s) for label, (colour, s) in legend.items()])
+    return panel, [dict(panel="fid_vs_time", run=r["ckpt"], method=r["method"], guidance=r["guidance"],
+                        cfg_scale=r.get("cfg_scale"), step=r.get("step"), time_s=r["train_time_s"], fid=r["fid"])
+                   for r in rows]
+
+
+def cmd_curves(args):
+    figure_path(args.out)
+    logs = {}
+    for run in args.runs:
+        name = os.path.basename(os.path.normpath(run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))))
+        logs[name if name not in logs else run] = read_log(run)
+    if not all(logs.values()):
+        raise UserError(f"an empty training log among {', '.join(args.runs)}")
+    panels = loss_panels(logs)
+    rows = [dict(panel="loss", run=name, step=r["step"], time_s=r["time_s"], loss=r["loss"])
+            for name, log in logs.items() for r in log]
+    if args.toy_json:
+        toy_rows = []
+        for path in args.toy_json:
+            try:
+                with open(path) as f:
+                    toy_rows += json.load(f)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read the toy table {path}: {e}") from None
+        panel, fig2_rows = fig2_panel(toy_rows, args.cfg_scale)
+        panels.append(panel)
+        rows += fig2_rows
+    save_figure(args.out, tile([p.image for p in panels], len(panels)), rows)
+
+
 # -------------------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------------------
@@ -1467,6 +1548,14 @@ def add_figure_commands(sub):
     p.add_argument("--split", help="dataset split of the real images; default: val")
     p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder dataset")
     p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("curves", help="training loss against step and wall time; with toy tables, paper Fig. 2: "
+                                      "FID (cls) against training time")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders (or their log.jsonl)")
+    p.add_argument("--out", required=True, help="PNG to write; OUT.csv beside it")
+    p.add_argument("--toy-json", nargs="+", help="`evaluate.py toy --out-json` tables of checkpoints of these runs")
+    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="the guided rows of the toy tables to show")
+    p.set_defaults(func=cmd_curves)
 
 
 def main(argv=None):

@@ -2552,7 +2552,7 @@ def panel_boxes(path, count):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# evaluate.py — figures: t-SNE (Fig. 7), same-seed grids (Fig. 5)
+# evaluate.py — figures: t-SNE (Fig. 7), same-seed grids (Fig. 5), training curves and Fig. 2
 # ------------------------------------------------------------------------------------------------------------
 
 def test_tsne_bandwidths_give_every_point_the_perplexity_asked_for():
@@ -2661,6 +2661,52 @@ def test_grid_refuses_checkpoints_of_other_classes(tmp_path):
     with pytest.raises(UserError, match="other classes"):
         evaluate.main(["grid", "--ckpt", toy, str(tmp_path / "other.pt"), "--class-ids", "0", "--steps", "2",
                        "--out", str(tmp_path / "g.png"), "--device", "cpu"])
+
+
+def write_log(path, records):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_read_log_rebuilds_time_for_old_records_and_lets_a_resume_replace_steps_it_repeats(tmp_path):
+    write_log(tmp_path, [dict(step=10, loss=1.0, steps_per_s=2.0), dict(step=20, loss=0.9, steps_per_s=5.0),
+                         dict(step=30, loss=0.8, time_s=9.0, steps_per_s=1.0),     # resumed at 20, then:
+                         dict(step=30, loss=0.7, time_s=8.0, steps_per_s=1.0)])
+    records = evaluate.read_log(str(tmp_path))
+    assert [(r["step"], r["loss"]) for r in records] == [(10, 1.0), (20, 0.9), (30, 0.7)]
+    assert [r["time_s"] for r in records] == pytest.approx([5.0, 7.0, 8.0])
+
+
+def test_curves_plot_loss_by_step_and_by_time_and_fig2_from_toy_tables(tmp_path):
+    for i, run in enumerate(["toy-full", "toy-finediffusion"]):
+        write_log(tmp_path / run, [dict(step=s, loss=1 / s, time_s=s * (2 - i), steps_per_s=1.0) for s in (10, 20, 30)])
+    toy = [dict(ckpt="real toy images (test)", method="-", guidance="-", cfg_scale=None, fid=0.4, train_time_s=None),
+           dict(ckpt="toy-full/0000030", method="full", guidance="null", cfg_scale=4.0, fid=9.0, train_time_s=60.0),
+           dict(ckpt="toy-finediffusion/0000030", method="finediffusion", guidance="superclass", cfg_scale=4.0,
+                fid=7.0, train_time_s=30.0),
+           dict(ckpt="toy-full/0000030", method="full", guidance="null", cfg_scale=2.0, fid=5.0, train_time_s=60.0)]
+    with open(tmp_path / "toy.json", "w") as f:
+        json.dump(toy, f)
+    out = tmp_path / "curves.png"
+    evaluate.main(["curves", "--runs", str(tmp_path / "toy-full"), str(tmp_path / "toy-finediffusion"),
+                   "--toy-json", str(tmp_path / "toy.json"), "--out", str(out)])
+    assert png_size(out) == (3 * evaluate.PANEL_SIZE[0], evaluate.PANEL_SIZE[1])
+    assert all(coloured_pixels(out, box) > 200 for box in panel_boxes(out, 3))
+    with open(tmp_path / "curves.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["run"], r["step"], r["time_s"]) for r in table if r["panel"] == "loss"][:3] == [
+        ("toy-full", "10", "20"), ("toy-full", "20", "40"), ("toy-full", "30", "60")]
+    assert [(r["method"], r["fid"]) for r in table if r["panel"] == "fid_vs_time"] == [
+        ("full", "9.0"), ("finediffusion", "7.0")]                 # w = 4 only, real images have no training time
+
+
+@pytest.mark.parametrize("command", [["embeddings", "--ckpt", "nothing.pt"],
+                                     ["grid", "--ckpt", "nothing.pt", "--class-ids", "0"],
+                                     ["curves", "--runs", "nowhere"]])
+def test_figure_commands_want_a_png_before_any_work(tmp_path, command):
+    with pytest.raises(UserError, match=r"\.png"):
+        evaluate.main([*command, "--out", str(tmp_path / "figure.jpg")])
 
 
 # ------------------------------------------------------------------------------------------------------------
