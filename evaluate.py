@@ -928,6 +928,8 @@ def toy_reference(name, size, args):
 
 
 def cmd_toy(args):
+    if args.plot:
+        figure_path(args.plot)
     rows, references = [], {}
     for path in map(find_checkpoint, args.ckpt):
         model, info, _ = load_for_sampling(path)
@@ -940,7 +942,8 @@ def cmd_toy(args):
         net, real, real_features, _ = references[name, size]
         y = torch.arange(real.num_classes).repeat_interleave(args.per_class)
         method, done = info["config"].get("method", "?"), {}
-        for guidance, scale in toy_settings(model, args.guidance, args.cfg_scales or [args.cfg_scale]):
+        settings = list(toy_settings(model, args.guidance, args.cfg_scales or [args.cfg_scale]))
+        for guidance, scale in tqdm(settings, desc=f"sampling {checkpoint_label(path)}", unit="setting"):
             # w = 1 is the unguided sampler whatever the guide (eq. 1): sampled once, shared by those rows
             key = ("none", 1.0) if guidance == "none" or scale == 1.0 else (guidance, scale)
             if key not in done:
@@ -1343,7 +1346,7 @@ def grid_image(cells, row_labels, column_labels):
     sheet = Image.new("RGB", (GRID_LABEL_WIDTH + len(column_labels) * (cell + GRID_PAD),
                               GRID_HEADER + len(cells) * (cell + GRID_PAD)), "white")
     draw = ImageDraw.Draw(sheet)
-    fit = lambda text, width: next(text[:n] for n in range(len(text), 0, -1)
+    fit = lambda text, width: next(text[:n] for n in range(len(text), -1, -1)      # cut to the width
                                    if draw.textlength(text[:n], font=font(11)) <= width)
     for c, label in enumerate(column_labels):
         for i, line in enumerate(label):

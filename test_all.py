@@ -2655,6 +2655,15 @@ def test_grid_has_the_real_images_then_a_row_per_checkpoint_all_from_one_seed(tm
     assert {r["guidance"] for r in table[3:]} == {"superclass"} and {r["seed"] for r in table[3:]} == {"0"}
 
 
+def test_grid_labels_are_cut_to_their_cell_and_may_be_empty():
+    long_name = "Crabs, Lobsters & Kin / a species name far too long for one cell"
+    sheet = evaluate.grid_image([[np.zeros((16, 16, 3), np.uint8)]], [[long_name]], [["class 0", ""]])
+    assert sheet.size == (evaluate.GRID_LABEL_WIDTH + evaluate.GRID_MIN_CELL + evaluate.GRID_PAD,
+                          evaluate.GRID_HEADER + evaluate.GRID_MIN_CELL + evaluate.GRID_PAD)
+    label_column = np.asarray(sheet)[:, :evaluate.GRID_LABEL_WIDTH]
+    assert (label_column[:, -6:] == 255).all() and (label_column < 128).any()      # drawn, and kept in its column
+
+
 def test_grid_refuses_checkpoints_of_other_classes(tmp_path):
     toy = toy_checkpoint(tmp_path / "toy.pt", "finediffusion")
     write_our_checkpoint(tmp_path / "other.pt")
