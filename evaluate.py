@@ -963,10 +963,10 @@ def cmd_toy(args):
 
 def print_toy_table(rows):
     num = lambda v, spec: "-" if v is None else format(v, spec)
-    print(f"{'checkpoint':<28}{'method':<15}{'guidance':<12}{'w':>5}{'sub acc↑':>9}{'super acc↑':>11}"
+    print(f"{'checkpoint':<36}{'method':<15}{'guidance':<12}{'w':>5}{'sub acc↑':>9}{'super acc↑':>11}"
           f"{'FID(cls)↓':>10}{'diversity↑':>11}{'train s':>9}")
     for r in rows:
-        print(f"{r['ckpt'][:27]:<28}{r['method']:<15}{r['guidance']:<12}{num(r['cfg_scale'], 'g'):>5}"
+        print(f"{r['ckpt'][:35]:<36}{r['method']:<15}{r['guidance']:<12}{num(r['cfg_scale'], 'g'):>5}"
               f"{r['sub_acc']:>9.3f}{r['super_acc']:>11.3f}{r['fid']:>10.2f}{r['diversity']:>11.3f}"
               f"{num(r['train_time_s'], '.0f'):>9}")
 
@@ -1324,10 +1324,10 @@ def cmd_embeddings(args):
         results.append(dict(**row, superclass_names=hierarchy["superclass_names"], subclass=result["subclass"],
                             superclass=result["superclass"], mean=result["mean"]))
         panels.append(embedding_panel(result, f"{row['ckpt']} ({method})", hierarchy["superclass_names"]).image)
-    print(f"{'checkpoint':<28}{'method':<15}{'points':>7}   same-superclass share of the k nearest subclasses")
-    print(f"{'':<50}{'k':>3}{'2-D':>7}{'table':>7}{'chance':>8}{'best':>6}")
+    print(f"{'checkpoint':<36}{'method':<15}{'points':>7}   same-superclass share of the k nearest subclasses")
+    print(f"{'':<58}{'k':>3}{'2-D':>7}{'table':>7}{'chance':>8}{'best':>6}")
     for r in rows:
-        print(f"{r['ckpt'][:27]:<28}{r['method']:<15}{r['points']:>7}{r['neighbours']:>3}"
+        print(f"{r['ckpt'][:35]:<36}{r['method']:<15}{r['points']:>7}{r['neighbours']:>3}"
               f"{r['same_superclass_2d']:>7.3f}{r['same_superclass_original']:>7.3f}{r['chance']:>8.3f}{r['best']:>6.3f}")
     settings = dict(max_points=args.max_points, perplexity=args.perplexity, iters=args.iters, seed=args.seed)
     save_figure(args.out, tile(panels, min(len(panels), 4)), rows, dict(settings=settings, checkpoints=results))
