@@ -18,6 +18,8 @@ Datasets, `build_dataset(name, data_path, ...)` (paper §4.1):
           ImageFolder root/<class>/* plus --hierarchy-csv with `class,superclass` rows.
   toy     the embedded default: shape families (superclasses) x patterned, tinted "species" (subclasses), rendered
           on the fly at 32 px, trained in pixel space. Small enough to fine-tune on a CPU in minutes.
+  toy-inat  the toy in the paper's data regime: other shape families than the base's, 8 subclasses each, a fixed
+          50 images per class (TOY_SETS).
 
 Preprocessing is DiT's: ADM centre crop, random horizontal flip, [-1, 1]. Unreadable images are skipped with a warning.
 
@@ -448,8 +450,10 @@ def _coverage(mask, supersample):
     return mask.reshape(B, m, supersample, m, supersample).mean(axis=(2, 4), dtype=np.float32)[..., None]
 
 
-def _render_toy(class_ids, rngs, num_superclasses, subclasses_per_superclass, image_size, supersample=2):
-    """Render one image per (class id, rng): uint8 B x H x W x 3. Each image depends only on its own rng."""
+def _render_toy(class_ids, rngs, num_superclasses, subclasses_per_superclass, image_size, supersample=2,
+                first_family=0, hue_shift=0.0):
+    """Render one image per (class id, rng): uint8 B x H x W x 3. Each image depends only on its own rng.
+    Superclass f is the shape TOY_SHAPES[first_family + f] with hue f / S + hue_shift."""
     S, P, B = num_superclasses, subclasses_per_superclass, len(class_ids)
     family, sub = np.divmod(np.asarray(class_ids, dtype=np.int64), P)  # B, B
     u = np.stack([rng.random(12) for rng in rngs]).astype(np.float32)  # B x 12: the image's random look
@@ -460,7 +464,7 @@ def _render_toy(class_ids, rngs, num_superclasses, subclasses_per_superclass, im
     radius = 0.42 + 0.20 * u[:, 2]
     angle = np.deg2rad(40.0 * (u[:, 3] - 0.5))
     # colours: family hue spaced around the wheel; the subclass tints it within 60% of the family's slot
-    hue = family / S + ((sub + 0.5) / P - 0.5) * (0.6 / S)
+    hue = family / S + hue_shift + ((sub + 0.5) / P - 0.5) * (0.6 / S)
     fg = _hsv_to_rgb((hue % 1.0).astype(np.float32), 0.6 + 0.3 * u[:, 4], 0.7 + 0.3 * u[:, 5])  # B x 3
     bg = _hsv_to_rgb(u[:, 6], 0.2 * u[:, 7], 0.15 + 0.7 * u[:, 8])  # B x 3, low saturation
     dark, light = 0.35 * fg, 0.45 * fg + 0.55  # B x 3: colours of the pattern marks
@@ -479,7 +483,7 @@ def _render_toy(class_ids, rngs, num_superclasses, subclasses_per_superclass, im
     mark = np.zeros((B, n, n), dtype=bool)  # its pattern (stripes, spots, eye), where it differs from the body
     phase = u[:, 9, None, None]  # shifts stripes / spots so they are not pinned to the shape centre
     for f in np.unique(family):
-        inside[family == f] = _shape_mask(TOY_SHAPES[f], x[family == f], y[family == f])
+        inside[family == f] = _shape_mask(TOY_SHAPES[first_family + f], x[family == f], y[family == f])
     for k in np.unique(pattern):
         sel = pattern == k
         mark[sel] = _pattern_mask(TOY_PATTERNS[k], x[sel], y[sel], phase[sel])
@@ -517,20 +521,22 @@ class ToyDataset(HierarchyMixin, Dataset):
     max_prerender_bytes = 256 << 20  # pre-render the whole set when it fits; otherwise render per item
 
     def __init__(self, num_superclasses=4, subclasses_per_superclass=4, image_size=32, images_per_class=256,
-                 seed=0, coarse=False, flip=True, split="train"):
-        if not 1 <= num_superclasses <= len(TOY_SHAPES):
-            raise ValueError(f"toy dataset: num_superclasses must be 1..{len(TOY_SHAPES)}")
+                 seed=0, coarse=False, flip=True, split="train", first_family=0, hue_shift=0.0):
+        if not 1 <= num_superclasses <= len(TOY_SHAPES) - first_family:
+            raise ValueError(f"toy dataset: first_family + num_superclasses must be at most {len(TOY_SHAPES)}")
         if split not in _TOY_SPLITS:
             raise UserError(f"toy dataset: unknown split {split!r} (choose {', '.join(_TOY_SPLITS)})")
         S, P = num_superclasses, subclasses_per_superclass
         self.num_families, self.subclasses_per_superclass = S, P  # the fine set, even if coarse
+        self.first_family, self.hue_shift = first_family, hue_shift
         self.image_size, self.images_per_class, self.seed, self.flip = image_size, images_per_class, seed, flip
         self.split_id = _TOY_SPLITS[split]
         n_pat = len(TOY_PATTERNS)
         patterns = [TOY_PATTERNS[k % n_pat] + (str(k // n_pat + 1) if k >= n_pat else "")
                     for k in range(P)]  # plain, striped, spotted, eyed, plain2, ...
-        self.set_hierarchy(make_hierarchy([f"{TOY_SHAPES[f]}/{patterns[k]}" for f in range(S) for k in range(P)],
-                                          TOY_SHAPES[:S], [f for f in range(S) for _ in range(P)]))
+        shapes = TOY_SHAPES[first_family:first_family + S]
+        self.set_hierarchy(make_hierarchy([f"{shapes[f]}/{patterns[k]}" for f in range(S) for k in range(P)],
+                                          shapes, [f for f in range(S) for _ in range(P)]))
         self.fine_labels = np.repeat(np.arange(S * P), images_per_class)  # N: fine class of item i
         self.labels = self.fine_labels.copy()
         self.targets = self.labels.tolist()
@@ -550,7 +556,8 @@ class ToyDataset(HierarchyMixin, Dataset):
         classes = [int(self.fine_labels[i]) for i in indices]
         rngs = [np.random.default_rng([self.seed, self.split_id, c, i % self.images_per_class])
                 for c, i in zip(classes, indices)]
-        return _render_toy(classes, rngs, self.num_families, self.subclasses_per_superclass, self.image_size)
+        return _render_toy(classes, rngs, self.num_families, self.subclasses_per_superclass, self.image_size,
+                           first_family=self.first_family, hue_shift=self.hue_shift)
 
     def __getitem__(self, index):
         arr = self.images[index] if self.images is not None else self.raw_images([index])[0]  # H x W x 3 uint8
@@ -560,20 +567,39 @@ class ToyDataset(HierarchyMixin, Dataset):
         return x, int(self.labels[index])
 
 
+# The toy in the paper's data regime (`--data toy-inat`). The paper fine-tunes a DiT pre-trained on ImageNet,
+# whose classes are not iNat21's, on iNat21-mini: 10,000 species, a fixed 50 training images each. In
+# miniature: the base is the quickstart's, pre-trained on today's toy families (disc, square, triangle, cross);
+# fine-tuning is on the OTHER four families (diamond, hexagon, ellipse, star), their hues set between the base's,
+# each split into 8 subclasses (the 4 patterns x 2 tint halves, every one its own tint), with a fixed 50 images
+# per class: the same images whatever the training --seed, as a published dataset.
+TOY_SETS = {
+    "toy": dict(),
+    "toy-inat": dict(first_family=4, hue_shift=1 / 8, subclasses_per_superclass=8, images_per_class=50, seed=0),
+}
+DATASETS = ("inat21", "folder", *TOY_SETS)
+
+
+def toy_dataset(name, image_size=32, split="train", flip=True, seed=0, coarse=False, **override):
+    """One of TOY_SETS; `override` changes its ToyDataset arguments (e.g. images_per_class for a classifier)."""
+    return ToyDataset(**{**dict(image_size=image_size, split=split, flip=flip, seed=seed, coarse=coarse),
+                         **TOY_SETS[name], **override})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One entry point
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_dataset(name, data_path=None, image_size=256, split="train", flip=True, seed=0, coarse=False,
                   hierarchy_csv=None):
-    """'inat21' | 'folder' | 'toy' -> a Dataset of (image in [-1, 1], class id) exposing its hierarchy."""
+    """'inat21' | 'folder' | 'toy' | 'toy-inat' -> a Dataset of (image in [-1, 1], class id) exposing its hierarchy."""
     if name == "inat21":
         return inat21_dataset(data_path, split, image_size, flip, coarse)
     if name == "folder":
         return folder_dataset(data_path, split, image_size, flip, coarse, hierarchy_csv)
-    if name == "toy":
-        return ToyDataset(image_size=image_size, seed=seed, coarse=coarse, flip=flip, split=split)
-    raise UserError(f"unknown dataset {name!r}: choose inat21, folder or toy")
+    if name in TOY_SETS:
+        return toy_dataset(name, image_size, split, flip, seed, coarse)
+    raise UserError(f"unknown dataset {name!r}: choose {', '.join(DATASETS)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -767,7 +793,7 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
 
 def _dataset_from_args(args, flip):
     split = args.split or ("train_mini" if args.data == "inat21" else "train")
-    image_size = args.image_size or (32 if args.data == "toy" else 256)
+    image_size = args.image_size or (32 if args.data in TOY_SETS else 256)
     dataset = build_dataset(args.data, args.data_path, image_size, split, flip=flip, coarse=False,
                             hierarchy_csv=args.hierarchy_csv)
     return dataset, split, image_size
@@ -827,7 +853,7 @@ def main(argv=None):
     info = commands.add_parser("info", help="print image / class counts per superclass")
     preview = commands.add_parser("preview", help="save a grid of images, one row per class")
     for p in (cache, info, preview):
-        p.add_argument("--data", choices=["inat21", "folder", "toy"], default="toy" if p is preview else None,
+        p.add_argument("--data", choices=DATASETS, default="toy" if p is preview else None,
                        required=p is not preview)
         p.add_argument("--data-path", default=None)
         p.add_argument("--split", default=None, help="default: train_mini for inat21, else train")

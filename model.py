@@ -517,6 +517,8 @@ def save_checkpoint(path, **fields):
       vae         None for a pixel-space DiT, else the identity of the VAE it was trained with:
                   {"sha256" of the weights file, "config"}.
       step, args  the training step and train.py's arguments (a dict).
+      time_s      the wall time of the training loop up to `step`, summed over resumes (seconds; absent from
+                  checkpoints written before it was recorded).
       train       only in training checkpoints (absent from --export files): what --resume needs to continue
                   bit for bit: {"opt", "scaler", "rng" (one entry per rank), "world_size", "epoch", "position"}.
     The official {"model", "ema"} layout is a subset, so an exported checkpoint also loads in DiT's own code.
@@ -631,7 +633,7 @@ KNOWN_TABLES = {(1001, False): (1000, 0, True),     # official DiT, ImageNet-1k 
 
 def load_model(path, base=None, weights="ema"):
     """The DiT a checkpoint describes, with its `weights` ("ema" to sample, "model" to resume) loaded, in
-    eval mode. Returns (model, info): info has config, hierarchy (None for foreign files), args, step, vae.
+    eval mode. Returns (model, info): info has config, hierarchy (None for foreign files), args, step, time_s, vae.
 
     Ours carry `config` and the hierarchy (see save_checkpoint); the official DiT and the authors'
     FineDiffusion files carry only tensors, so their configuration comes from the tensor shapes.
@@ -647,7 +649,7 @@ def load_model(path, base=None, weights="ema"):
         else:
             load_pretrained(model, tensors)
         info = dict(config=config, hierarchy=hierarchy, args=ckpt.get("args") or {}, step=ckpt.get("step"),
-                    vae=ckpt.get("vae"))
+                    time_s=ckpt.get("time_s"), vae=ckpt.get("vae"))
         return model.eval(), info
     state = checkpoint_tensors(ckpt, weights)
     cfg = dit_config_from_state(state)
@@ -659,7 +661,7 @@ def load_model(path, base=None, weights="ema"):
     pixel = cfg["in_channels"] == 3
     config = dict(name=cfg["name"], image_size=cfg["input_size"] * (1 if pixel else 8), num_classes=K,
                   num_superclasses=S, pixel_space=pixel)
-    return model.eval(), dict(config=config, hierarchy=None, args={}, step=None, vae=None)
+    return model.eval(), dict(config=config, hierarchy=None, args={}, step=None, time_s=None, vae=None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -195,6 +195,29 @@ MUTATIONS = [
     # --- bench.py ------------------------------------------------------------------------------------------
     ("bench: a guided step costs one DiT evaluation per image", "bench.py",
      "evaluations_per_image=2 * inside + (steps - inside)", "evaluations_per_image=inside + (steps - inside)", "bench"),
+    # --- figures and the regime toy (issue 12) --------------------------------------------------------------
+    ("t-SNE: Gaussian Q instead of Student-t", "evaluate.py",
+     "num = 1 / (1 + squared_distances(y))", "num = torch.exp(-squared_distances(y))", "tsne"),
+    ("t-SNE: P left unsymmetrised", "evaluate.py",
+     "return (p + p.T) / (2 * len(p))", "return p / len(p)", "tsne"),
+    ("t-SNE: bisection moves beta the wrong way", "evaluate.py",
+     "too_flat = entropy > target", "too_flat = entropy < target", "tsne"),
+    ("t-SNE: climbs the gradient", "evaluate.py",
+     "update = momentum * update - lr * gains * grad", "update = momentum * update + lr * gains * grad", "tsne"),
+    ("nearest neighbours include the point itself", "evaluate.py",
+     "        d[torch.arange(len(d)), torch.arange(start, start + len(d))] = math.inf\n", "", "same_superclass"),
+    ("Fig. 7: superclass rows from the config, not the table", "evaluate.py",
+     "K, S = embedder.num_classes, embedder.num_superclasses",
+     "K, S = ckpt[\"config\"][\"num_classes\"], ckpt[\"config\"][\"num_superclasses\"]", "embeddings"),
+    ("Fig. 5 draws each row from another seed", "evaluate.py",
+     "                               args.seed, args.device, progress=False)",
+     "                               args.seed + len(cells), args.device, progress=False)", "grid"),
+    ("training log keeps the steps a resume repeats", "evaluate.py",
+     "        while records and records[-1][\"step\"] >= r[\"step\"]:\n            records.pop()\n", "", "read_log"),
+    ("training time restarts at every resume", "train.py",
+     "run.time_before = ckpt.get(\"time_s\") or 0.0", "run.time_before = 0.0", "training_time"),
+    ("toy-inat images change with the training seed", "data.py",
+     "images_per_class=50, seed=0)", "images_per_class=50)", "toy_inat"),
 ]
 
 

@@ -8,6 +8,7 @@ In-process work uses one thread: on a shared 2-core machine, OpenMP threads figh
 slow small ops down by 10x or more.
 """
 import argparse
+import csv
 import glob
 import json
 import math
@@ -1696,6 +1697,30 @@ def test_toy_items_are_float_images_in_range():
     assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.5 and x.max() > 0
 
 
+def test_toy_inat_fine_tunes_on_other_families_than_the_base_split_finer_with_50_images_per_class():
+    base, fine = data.build_dataset("toy", image_size=16), data.build_dataset("toy-inat", image_size=16)
+    assert not set(fine.superclass_names) & set(base.superclass_names)          # ImageNet's classes are not iNat21's
+    assert fine.num_superclasses == 4 and fine.num_classes == 32 > base.num_classes
+    assert np.bincount(fine.targets).tolist() == [50] * 32                       # as iNat21-mini
+    assert fine.class_names[:8] == ["diamond/plain", "diamond/striped", "diamond/spotted", "diamond/eyed",
+                                    "diamond/plain2", "diamond/striped2", "diamond/spotted2", "diamond/eyed2"]
+
+
+def test_toy_inat_is_a_fixed_set_of_images_whatever_the_training_seed():
+    a, b = (data.build_dataset("toy-inat", image_size=16, flip=False, seed=s) for s in (0, 1))
+    assert np.array_equal(a.images, b.images)
+
+
+def test_toy_inat_subclasses_all_differ_and_siblings_look_alike():
+    ds = data.toy_dataset("toy-inat", image_size=32, flip=False)
+    means = ds.images.reshape(32, 50, -1).astype(np.float64).mean(1)            # class-mean image, 32 x (32*32*3)
+    dist = np.linalg.norm(means[:, None] - means[None], axis=-1)
+    same_family = np.equal.outer(np.arange(32) // 8, np.arange(32) // 8)
+    off_diag = ~np.eye(32, dtype=bool)
+    assert dist[off_diag].min() > 100
+    assert dist[same_family & off_diag].mean() < dist[~same_family].mean()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # latent cache
 # ---------------------------------------------------------------------------------------------------------------
@@ -2377,6 +2402,18 @@ def test_latent_dit_trains_from_the_vae_on_the_fly_and_from_a_latent_cache(tmp_p
     assert_one_line_error(proc, "32px")
 
 
+def test_training_time_is_logged_and_checkpointed_and_keeps_counting_across_a_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "build_dataset", toy_builder(images_per_class=1))
+    common = [*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--log-every", "1"]
+    first = run_train(*common, "--max-steps", "2", "--run-dir", tmp_path)
+    saved = torch.load(first["final_ckpt"], weights_only=True)["time_s"]
+    run_train("--resume", first["final_ckpt"], "--max-steps", "4")
+    times = [json.loads(line)["time_s"] for line in open(tmp_path / "log.jsonl")]
+    assert len(times) == 4 and times[0] > 0 and all(b > a for a, b in zip(times, times[1:]))
+    assert times[1] <= saved < times[2]                         # step 3 counts on from the checkpoint's time
+    assert torch.load(tmp_path / "checkpoints" / "0000004.pt", weights_only=True)["time_s"] >= times[3]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base_ckpt, monkeypatch):
     real, calls = diffusion_module.GaussianDiffusion.training_losses, []
 
@@ -2611,6 +2648,222 @@ def test_toy_table_refuses_a_checkpoint_of_other_data(tmp_path):
     write_our_checkpoint(tmp_path / "other.pt")
     proc = run_script("evaluate.py", "toy", "--ckpt", str(tmp_path / "other.pt"), "--cache-dir", str(tmp_path))
     assert_one_line_error(proc, "not a fine-grained toy checkpoint")
+
+
+def test_toy_sweep_has_a_row_per_guide_and_scale_and_w1_is_the_unguided_sampler(tmp_path):
+    hybrid = toy_checkpoint(tmp_path / "fd.pt", "finediffusion", null_class=True)
+    evaluate.main(["toy", "--ckpt", hybrid, "--cfg-scales", "1", "3", "--per-class", "2", "--steps", "2",
+                   "--pairs", "20", "--cache-dir", str(tmp_path), "--classifier-epochs", "1",
+                   "--out-json", str(tmp_path / "t.json"), "--plot", str(tmp_path / "sweep.png")])
+    rows = json.load(open(tmp_path / "t.json"))
+    assert [(r["guidance"], r["cfg_scale"]) for r in rows] == [
+        ("-", None), ("none", None), ("null", 1.0), ("null", 3.0), ("superclass", 1.0), ("superclass", 3.0)]
+    metrics = lambda r: (r["sub_acc"], r["fid"], r["diversity"])
+    assert metrics(rows[2]) == metrics(rows[4]) == metrics(rows[1]) != metrics(rows[3])    # eq. 1 at w = 1
+    assert png_size(tmp_path / "sweep.png") == (900, 440) and coloured_pixels(tmp_path / "sweep.png") > 200
+    with open(tmp_path / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["fid"]) for r in table] == pytest.approx([r["fid"] for r in rows])
+
+
+def toy_inat_checkpoint(path, method="finediffusion"):
+    """A random-weight checkpoint of the toy-inat classes at 16 px, as train.py writes it."""
+    fine = data.toy_dataset("toy-inat", image_size=16, images_per_class=1)
+    config = dict(name="DiT-T/4", image_size=16, num_classes=32, num_superclasses=4, method=method, pixel_space=True)
+    model = randomize(build_model(**config, superclass_of=fine.superclass_of))
+    torch.save(dict(model=model.state_dict(), config=config, hierarchy=fine.hierarchy(), args={}, base=None), path)
+    return str(path)
+
+
+def test_toy_table_scores_toy_inat_checkpoints_with_a_classifier_of_their_classes(tmp_path):
+    ckpt = toy_inat_checkpoint(tmp_path / "fd.pt")
+    evaluate.main(["toy", "--ckpt", ckpt, "--guidance", "none", "--per-class", "2", "--steps", "2", "--pairs", "10",
+                   "--cache-dir", str(tmp_path), "--classifier-epochs", "1", "--out-json", str(tmp_path / "t.json")])
+    rows = json.load(open(tmp_path / "t.json"))
+    assert [r["ckpt"] for r in rows] == ["real toy-inat images (test)", "fd.pt"]
+    net = torch.load(tmp_path / "toy_inat_classifier_16px.pt", weights_only=True)
+    assert net["fc.weight"].shape[0] == 32
+
+
+def coloured_pixels(path, box=None):
+    """Pixels of a PNG (within box = (left, top, right, bottom)) that are clearly coloured: markers and curves,
+    not the black text and frames or the white background."""
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB").crop(box) if box else im.convert("RGB")).astype(int)
+    return int(((rgb.max(-1) - rgb.min(-1)) > 60).sum())
+
+
+def panel_boxes(path, count):
+    """The `count` equal panels of a figure tiled in one row."""
+    width, height = png_size(path)
+    return [(i * width // count, 0, (i + 1) * width // count, height) for i in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# evaluate.py — figures: t-SNE (Fig. 7), same-seed grids (Fig. 5), training curves and Fig. 2
+# ------------------------------------------------------------------------------------------------------------
+
+def test_tsne_bandwidths_give_every_point_the_perplexity_asked_for():
+    x = torch.cat([torch.randn(40, 5, dtype=torch.float64), 5 + 3 * torch.randn(20, 5, dtype=torch.float64)])
+    p = evaluate.conditional_affinities(evaluate.squared_distances(x), perplexity=10.0)
+    assert torch.allclose(p.sum(1), torch.ones(60, dtype=torch.float64)) and torch.all(p.diagonal() == 0)
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(1)
+    assert torch.allclose(entropy.exp(), torch.full((60,), 10.0, dtype=torch.float64), rtol=1e-4)
+
+
+def test_tsne_joint_affinities_are_the_symmetrised_conditionals_over_2n():
+    x = torch.randn(30, 4, dtype=torch.float64)
+    d = evaluate.squared_distances(x)
+    cond, joint = evaluate.conditional_affinities(d, 5.0), evaluate.tsne_affinities(d, 5.0)
+    assert torch.allclose(joint, (cond + cond.T) / 60) and joint.sum().item() == pytest.approx(1.0)
+
+
+def test_tsne_gradient_is_the_autograd_gradient_of_kl_p_q_under_student_t():
+    p = evaluate.tsne_affinities(evaluate.squared_distances(torch.randn(25, 6, dtype=torch.float64)), 6.0)
+    y = torch.randn(25, 2, dtype=torch.float64, requires_grad=True)
+    num = (1 / (1 + ((y[:, None] - y[None]) ** 2).sum(-1))) * (1 - torch.eye(25, dtype=torch.float64))
+    q = num / num.sum()
+    kl = (p * torch.log(p.clamp_min(1e-12) / q.clamp_min(1e-12))).sum()
+    kl.backward()
+    grad, q_ours = evaluate.tsne_gradient(p, y.detach())
+    assert torch.allclose(grad, y.grad, atol=1e-10) and torch.allclose(q_ours, q.detach().clamp_min(1e-12))
+
+
+def test_tsne_maps_separate_clusters_to_separate_clusters_and_repeats_with_its_seed():
+    centres = 10 * torch.eye(3, 20)
+    x = torch.cat([c + torch.randn(30, 20) for c in centres])
+    labels = torch.arange(3).repeat_interleave(30)
+    y, kl = evaluate.tsne(x, perplexity=10, iters=500, seed=1)
+    assert evaluate.same_superclass_neighbours(y, labels, k=10) == 1.0 and kl < 1.0
+    assert torch.equal(y, evaluate.tsne(x, perplexity=10, iters=500, seed=1)[0])
+
+
+def test_same_superclass_neighbours_is_the_share_of_each_points_nearest_in_its_superclass():
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0], [12.0]])
+    superclass = torch.tensor([0, 1, 1, 1, 1])
+    # k=1: 0 -> 1 (other), 1 -> 0 (other), 10 -> 11, 11 -> 10 or 12, 12 -> 11: 3 of 5
+    assert evaluate.same_superclass_neighbours(x, superclass, k=1) == pytest.approx(3 / 5)
+    # k=2: 0 -> 1, 10 (0 of 2); 1 -> 0, 10 (1 of 2); 10, 11, 12 -> the other two (2 of 2 each): 7 of 10
+    assert evaluate.same_superclass_neighbours(x, superclass, k=2, chunk=2) == pytest.approx(7 / 10)
+
+
+def test_embeddings_command_draws_a_panel_per_checkpoint_and_writes_its_numbers(tmp_path):
+    fd, bitfit = toy_checkpoint(tmp_path / "fd.pt", "finediffusion"), toy_checkpoint(tmp_path / "bitfit.pt", "bitfit")
+    out = tmp_path / "fig7.png"
+    evaluate.main(["embeddings", "--ckpt", fd, bitfit, "--out", str(out), "--iters", "300", "--device", "cpu"])
+    assert png_size(out) == (2 * 640, 460)
+    assert all(coloured_pixels(out, box) > 100 for box in panel_boxes(out, 2))
+    found = json.load(open(tmp_path / "fig7.json"))["checkpoints"]
+    assert [len(c["subclass"]) for c in found] == [16, 16]
+    assert [len(c["superclass"]) for c in found] == [4, 0]      # FineDiffusion's table has superclass rows (+)
+    assert [len(c["mean"]) for c in found] == [4, 4]
+    with open(tmp_path / "fig7.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["finediffusion", "bitfit"]
+    assert all(0 <= float(r["same_superclass_2d"]) <= 1 and float(r["chance"]) == pytest.approx(3 / 15)
+               for r in table)
+
+
+def test_embeddings_read_the_authors_10011_row_table_with_the_inat21_hierarchy(tmp_path):
+    model = DiT_models["DiT-T/2"](input_size=4, num_classes=10000, num_superclasses=11, null_class=False,
+                                  norm_affine=True)
+    superclass_of = torch.tensor(data.inat21_superclass_of())
+    with torch.no_grad():                                      # subclass rows clustered around their superclass row
+        table = model.y_embedder.embedding_table.weight
+        table[10000:] = 5 * torch.randn(11, table.shape[1])
+        table[:10000] = table[10000:][superclass_of] + torch.randn(10000, table.shape[1])
+    torch.save({"model": model.state_dict()}, tmp_path / "FineDiffusion-iNat.pt")
+    evaluate.main(["embeddings", "--ckpt", str(tmp_path / "FineDiffusion-iNat.pt"), "--out", str(tmp_path / "f.png"),
+                   "--max-points", "300", "--iters", "250", "--device", "cpu"])
+    found = json.load(open(tmp_path / "f.json"))["checkpoints"][0]
+    assert found["superclass_names"] == data.INAT21_SUPERCLASSES and found["classes"] == 10000
+    assert len(found["subclass"]) == 300 and len(found["superclass"]) == 11
+    assert all(s == superclass_of[c] for _, _, c, s in found["subclass"])
+    assert found["same_superclass_original"] > 0.9 and found["same_superclass_2d"] > 0.9
+
+
+def test_grid_has_the_real_images_then_a_row_per_checkpoint_all_from_one_seed(tmp_path):
+    ckpt = toy_checkpoint(tmp_path / "fd.pt", "finediffusion")
+    out = tmp_path / "fig5.png"
+    evaluate.main(["grid", "--ckpt", ckpt, ckpt, "--class-ids", "0", "5", "9", "--steps", "2", "--data", "toy",
+                   "--out", str(out), "--device", "cpu"])
+    cell = evaluate.GRID_MIN_CELL                              # 16 px toy images, enlarged
+    left, top, pad = evaluate.GRID_LABEL_WIDTH, evaluate.GRID_HEADER, evaluate.GRID_PAD
+    assert png_size(out) == (left + 3 * (cell + pad), top + 3 * (cell + pad))
+    image = np.asarray(Image.open(out).convert("RGB"))
+    rows = [image[top + r * (cell + pad):top + r * (cell + pad) + cell, left:] for r in range(3)]
+    assert np.array_equal(rows[1], rows[2])                    # the same checkpoint twice: the same noise, every cell
+    real = data.build_dataset("toy", image_size=16, split="val", flip=False)
+    first = real[real.targets.index(5)][0]                     # the first real image of class 5, in its column
+    expected = ((first + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(rows[0][::cell // 16, (cell + pad):(cell + pad) + cell:cell // 16], expected)
+    with open(tmp_path / "fig5.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["row"], r["class_id"]) for r in table] == [(str(r), str(c)) for r in range(3) for c in (0, 5, 9)]
+    assert {r["guidance"] for r in table[3:]} == {"superclass"} and {r["seed"] for r in table[3:]} == {"0"}
+
+
+def test_grid_labels_are_cut_to_their_cell_and_may_be_empty():
+    long_name = "Crabs, Lobsters & Kin / a species name far too long for one cell"
+    sheet = evaluate.grid_image([[np.zeros((16, 16, 3), np.uint8)]], [[long_name]], [["class 0", ""]])
+    assert sheet.size == (evaluate.GRID_LABEL_WIDTH + evaluate.GRID_MIN_CELL + evaluate.GRID_PAD,
+                          evaluate.GRID_HEADER + evaluate.GRID_MIN_CELL + evaluate.GRID_PAD)
+    label_column = np.asarray(sheet)[:, :evaluate.GRID_LABEL_WIDTH]
+    assert (label_column[:, -6:] == 255).all() and (label_column < 128).any()      # drawn, and kept in its column
+
+
+def test_grid_refuses_checkpoints_of_other_classes(tmp_path):
+    toy = toy_checkpoint(tmp_path / "toy.pt", "finediffusion")
+    write_our_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(UserError, match="other classes"):
+        evaluate.main(["grid", "--ckpt", toy, str(tmp_path / "other.pt"), "--class-ids", "0", "--steps", "2",
+                       "--out", str(tmp_path / "g.png"), "--device", "cpu"])
+
+
+def write_log(path, records):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_read_log_rebuilds_time_for_old_records_and_lets_a_resume_replace_steps_it_repeats(tmp_path):
+    write_log(tmp_path, [dict(step=10, loss=1.0, steps_per_s=2.0), dict(step=20, loss=0.9, steps_per_s=5.0),
+                         dict(step=30, loss=0.8, time_s=9.0, steps_per_s=1.0),     # resumed at 20, then:
+                         dict(step=30, loss=0.7, time_s=8.0, steps_per_s=1.0)])
+    records = evaluate.read_log(str(tmp_path))
+    assert [(r["step"], r["loss"]) for r in records] == [(10, 1.0), (20, 0.9), (30, 0.7)]
+    assert [r["time_s"] for r in records] == pytest.approx([5.0, 7.0, 8.0])
+
+
+def test_curves_plot_loss_by_step_and_by_time_and_fig2_from_toy_tables(tmp_path):
+    for i, run in enumerate(["toy-full", "toy-finediffusion"]):
+        write_log(tmp_path / run, [dict(step=s, loss=1 / s, time_s=s * (2 - i), steps_per_s=1.0) for s in (10, 20, 30)])
+    toy = [dict(ckpt="real toy images (test)", method="-", guidance="-", cfg_scale=None, fid=0.4, train_time_s=None),
+           dict(ckpt="toy-full/0000030", method="full", guidance="null", cfg_scale=4.0, fid=9.0, train_time_s=60.0),
+           dict(ckpt="toy-finediffusion/0000030", method="finediffusion", guidance="superclass", cfg_scale=4.0,
+                fid=7.0, train_time_s=30.0),
+           dict(ckpt="toy-full/0000030", method="full", guidance="null", cfg_scale=2.0, fid=5.0, train_time_s=60.0)]
+    with open(tmp_path / "toy.json", "w") as f:
+        json.dump(toy, f)
+    out = tmp_path / "curves.png"
+    evaluate.main(["curves", "--runs", str(tmp_path / "toy-full"), str(tmp_path / "toy-finediffusion"),
+                   "--toy-json", str(tmp_path / "toy.json"), "--out", str(out)])
+    assert png_size(out) == (3 * evaluate.PANEL_SIZE[0], evaluate.PANEL_SIZE[1])
+    assert all(coloured_pixels(out, box) > 200 for box in panel_boxes(out, 3))
+    with open(tmp_path / "curves.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["run"], r["step"], r["time_s"]) for r in table if r["panel"] == "loss"][:3] == [
+        ("toy-full", "10", "20"), ("toy-full", "20", "40"), ("toy-full", "30", "60")]
+    assert [(r["method"], r["fid"]) for r in table if r["panel"] == "fid_vs_time"] == [
+        ("full", "9.0"), ("finediffusion", "7.0")]                 # w = 4 only, real images have no training time
+
+
+@pytest.mark.parametrize("command", [["embeddings", "--ckpt", "nothing.pt"],
+                                     ["grid", "--ckpt", "nothing.pt", "--class-ids", "0"],
+                                     ["curves", "--runs", "nowhere"]])
+def test_figure_commands_want_a_png_before_any_work(tmp_path, command):
+    with pytest.raises(UserError, match=r"\.png"):
+        evaluate.main([*command, "--out", str(tmp_path / "figure.jpg")])
 
 
 # ------------------------------------------------------------------------------------------------------------

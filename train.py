@@ -67,7 +67,7 @@ class TrainingError(UserError):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     d = p.add_argument_group("data")
-    d.add_argument("--data", choices=["inat21", "folder", "toy"], help="dataset (needed unless --latent-cache)")
+    d.add_argument("--data", choices=data.DATASETS, help="dataset (needed unless --latent-cache)")
     d.add_argument("--data-path", help="dataset root; default: data/<--data> (inat21: the folder holding train_mini/)")
     d.add_argument("--split", help="default: train_mini for inat21, else train")
     d.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder dataset")
@@ -212,7 +212,7 @@ def open_latent_cache(args):
 def image_dataset(args):
     """The images, in [-1, 1] with DiT's crop and flips: trained on as pixels, or encoded by the VAE on the fly."""
     split = args.split or ("train_mini" if args.data == "inat21" else "train")
-    path = args.data_path or (None if args.data == "toy" else os.path.join("data", args.data))
+    path = args.data_path or (None if args.data in data.TOY_SETS else os.path.join("data", args.data))
     return data.build_dataset(args.data, path, args.image_size, split, flip=True, seed=args.seed,
                               coarse=args.coarse, hierarchy_csv=args.hierarchy_csv)
 
@@ -252,7 +252,7 @@ def base_config(args, init, cache):
     """Fill --model and --image-size from the base checkpoint (they must agree) or the defaults: DiT-XL/2 at 256 px
     on VAE latents; the toy's DiT-T/4 on 32 px pixels; a latent cache's size.
     -> the build_model keyword arguments the base implies (pixel_space, learn_sigma)."""
-    toy = args.data == "toy" and cache is None
+    toy = args.data in data.TOY_SETS and cache is None
     if init is None:
         args.model = args.model or ("DiT-T/4" if toy else "DiT-XL/2")
         args.image_size = args.image_size or (cache.image_size if cache else 32 if toy else 256)
@@ -274,7 +274,7 @@ def base_config(args, init, cache):
 def choose_base(args, cache):
     """A new run's base checkpoint (--init; 'none' trains from scratch), and the DiT it fixes: fills --model,
     --image-size and --tune. -> (path, checkpoint, extra build_model kwargs), path and checkpoint None for none."""
-    args.init = args.init or ("none" if args.data == "toy" else PAPER_INIT)
+    args.init = args.init or ("none" if args.data in data.TOY_SETS else PAPER_INIT)
     init_path = None if args.init.lower() == "none" else find_init(args.init)
     init = read_checkpoint(init_path) if init_path else None
     args.tune = args.tune or ("full" if init is None else "finediffusion")
@@ -373,9 +373,15 @@ class Run:
     position: int = 0             # batches of this epoch already trained on
     last_ckpt: str = None
     losses: list = field(default_factory=list)
+    time_before: float = 0.0      # training wall time (s) of the run before this process: from --resume
+    started: float = 0.0          # time.time() when this process's loop began
 
     def tuned(self):
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def time_s(self):
+        """Wall time spent in the training loop, summed over resumes (seconds): the cost axis of paper Fig. 2."""
+        return self.time_before + time.time() - self.started
 
 
 def save(run):
@@ -389,7 +395,7 @@ def save(run):
     model = {name: state[name] for name, _ in run.tuned()} if run.base else state
     run.last_ckpt = os.path.join(run.run_dir, "checkpoints", f"{run.step:07d}.pt")
     save_checkpoint(run.last_ckpt, model=model, ema=with_ema(model, run.ema), base=run.base, config=run.config,
-                    hierarchy=run.hierarchy, vae=run.vae, step=run.step, args=saved_args(run.args),
+                    hierarchy=run.hierarchy, vae=run.vae, step=run.step, time_s=run.time_s(), args=saved_args(run.args),
                     train=dict(opt=run.opt.state_dict(), scaler=run.scaler.state_dict() if run.scaler.is_enabled()
                                else None, rng=rngs, world_size=run.world, epoch=run.epoch, position=run.position))
 
@@ -398,7 +404,8 @@ def export(path, model, ema, info):
     """A standalone checkpoint: every tensor and its EMA, no base, no training state."""
     state = model.state_dict()
     save_checkpoint(path, model=state, ema=with_ema(state, ema), base=None, config=info["config"],
-                    hierarchy=info["hierarchy"], vae=info["vae"], step=info["step"], args=info["args"])
+                    hierarchy=info["hierarchy"], vae=info["vae"], step=info["step"], time_s=info["time_s"],
+                    args=info["args"])
 
 
 def saved_args(args):
@@ -432,7 +439,8 @@ def peak_memory_gb(device):
 def log(run, bar, window, clock):
     """One log line on the console and in <run>/log.jsonl: mean loss since the last line, speed, memory."""
     elapsed = max(time.time() - clock, 1e-9)
-    record = dict(step=run.step, epoch=run.epoch, loss=sum(window) / len(window), steps_per_s=len(window) / elapsed,
+    record = dict(step=run.step, epoch=run.epoch, time_s=run.time_s(), loss=sum(window) / len(window),
+                  steps_per_s=len(window) / elapsed,
                   images_per_s=len(window) * run.args.global_batch_size / elapsed,
                   peak_mem_gb=peak_memory_gb(run.device))
     if run.rank == 0:
@@ -508,6 +516,7 @@ def restore_training_state(run, ckpt, say):
         say(f"warning: a run of {state['world_size']} processes resumed on {run.world}: the data order and the "
             "noise will not repeat exactly")
     run.step, run.epoch, run.position = ckpt["step"], state["epoch"], state["position"]
+    run.time_before = ckpt.get("time_s") or 0.0     # checkpoints from before time_s: counted from this resume
     run.last_ckpt = run.args.resume
     say(f"resumed {run.args.resume} at step {run.step} (epoch {run.epoch}, batch {run.position})")
 
@@ -544,7 +553,7 @@ def train(args):
     if resume is not None and args.export:
         model = resumed_model(args, resume)
         info = dict(config=resume["config"], hierarchy=resume["hierarchy"], vae=resume.get("vae"),
-                    step=resume["step"], args=resume["args"])
+                    step=resume["step"], time_s=resume.get("time_s"), args=resume["args"])
         export(args.export, model, resume["ema"], info)
         print(f"exported step {resume['step']} of {args.resume} to {args.export}")
         return dict(final_ckpt=args.resume, run_dir=None, losses=[], step=resume["step"], export=args.export)
@@ -609,7 +618,7 @@ def run_training(args, resume, rank, world, device):
     loop(run, net, dataset, autocast, vae)
     if rank == 0 and args.export:
         export(args.export, model, run.ema, dict(config=config, hierarchy=run.hierarchy, vae=run.vae,
-                                                 step=run.step, args=saved_args(args)))
+                                                 step=run.step, time_s=run.time_s(), args=saved_args(args)))
         say(f"exported {args.export}")
     return dict(final_ckpt=run.last_ckpt, run_dir=run.run_dir, losses=run.losses, step=run.step, model=model,
                 ema=run.ema)
@@ -628,6 +637,7 @@ def loop(run, net, dataset, autocast, vae):
         run.epoch, run.position = run.epoch + 1, 0
     diffusion = create_diffusion(learn_sigma=run.model.learn_sigma)
     items, tuned, window, clock = SeededItems(dataset, args.seed), run.tuned(), [], time.time()
+    run.started = clock
     bar = tqdm(total=args.max_steps, initial=run.step, desc="training", disable=run.rank != 0, dynamic_ncols=True)
     with bar:
         while run.step < args.max_steps:
