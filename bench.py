@@ -36,7 +36,8 @@ import data
 import train
 from diffusion import create_diffusion
 from evaluate import FIDInceptionV3, inception_features
-from model import METHODS, ArgumentParser, AutoencoderKL, DiT_models, UserError, atomic_write, build_model, run_cli, set_trainable
+from model import (METHODS, ArgumentParser, AutoencoderKL, DiT_models, UserError, atomic_write, build_model,
+                   check_image_size, device, int_in, nonnegative_int, positive_int, run_cli, set_trainable)
 from sample import check_interval, make_sampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -301,23 +302,24 @@ def report(results):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models and few repeats (seconds; for tests)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32")
     p.add_argument("--model", default="DiT-S/2", help="DiT of the training benchmarks")
-    p.add_argument("--image-size", type=int, default=256, help="pixels (latents are 8x smaller)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--image-size", type=positive_int, default=256, help="pixels (latents are 8x smaller)")
+    p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--sample-model", default=None, help="DiT of the sampling benchmark (default: --model)")
-    p.add_argument("--sample-batches", type=int, nargs="+", default=[2, 8, 32])
+    p.add_argument("--sample-batches", type=int_in(2), nargs="+", default=[2, 8, 32],
+                   help="forward batches: half images, half their guides")
     p.add_argument("--no-loops", dest="loops", action="store_false",
                    help="skip DDPM-250 / DDIM-50 / DPM++(2M)-20 wall times")
-    p.add_argument("--sampler-images", type=int, default=1, help="images per batch of the samplers part (CPU: 1)")
+    p.add_argument("--sampler-images", type=positive_int, default=1, help="images per batch of the samplers part (CPU: 1)")
     p.add_argument("--guidance-interval", type=int, nargs=2, default=[200, 700], metavar=("LO", "HI"),
                    help="the samplers part's guidance interval (an example: sigma_t 0.72 ... 12; what it saves "
                         "is the share of steps outside it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT in the training benchmark")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--loop-repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=7)
+    p.add_argument("--warmup", type=nonnegative_int, default=3)
+    p.add_argument("--loop-repeats", type=positive_int, default=3)
     p.add_argument("--only", nargs="+", choices=["train", "data", "sampling", "samplers", "fid"],
                    default=["train", "data", "sampling", "samplers", "fid"], help="run only these parts")
     p.add_argument("--out", default="results/bench.json")
@@ -338,6 +340,8 @@ def main(argv=None):
         return train_worker(args)
     if args.model not in DiT_models or args.sample_model not in DiT_models:
         raise UserError(f"unknown model; choose one of {', '.join(DiT_models)}")
+    for name in (args.model, args.sample_model):        # both run on latents of --image-size images
+        check_image_size(name, args.image_size, pixel_space=False)
     vae_config = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1) if args.quick else {}
     results = dict(device=args.device, precision=args.precision, threads=torch.get_num_threads(), model=args.model,
                    image_size=args.image_size, batch=args.batch, quick=args.quick, compile=args.compile)

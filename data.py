@@ -51,7 +51,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from model import ArgumentParser, AutoencoderKL, UserError, atomic_write, run_cli, scaled_latent
+from model import (ArgumentParser, AutoencoderKL, UserError, atomic_write, folder, nonnegative_int, positive_int,
+                   remove_stale_temp_files, run_cli, scaled_latent)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INAT21_URL = "https://github.com/visipedia/inat_comp/tree/master/2021"
@@ -160,6 +161,25 @@ def init_distributed(device=None):
         # long barriers (a rank finishing its shard of the latent cache) must not time out
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return rank, world, device
+
+
+def on_rank0(work):
+    """work() on rank 0 alone (it creates or checks what the ranks share: a run folder, a cache, samples.json),
+    its result handed to every rank, or its error raised on every rank: under torchrun a user mistake (or a full
+    disk) then stops all ranks before any starts work, and run_cli prints it once."""
+    result = error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = work()
+        except (UserError, OSError) as e:
+            error = e
+    if dist.is_initialized():
+        shared = [result, error]
+        dist.broadcast_object_list(shared, src=0)   # the other ranks wait here for rank 0's verdict
+        result, error = shared
+    if error is not None:
+        raise error
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -628,16 +648,21 @@ def _write_json_atomic(path, obj):
 
 
 def _create_npy(path, dtype, shape):
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))  # sparse, zero-filled
-    array.flush()
-    del array
-    os.replace(tmp, path)
+    """A zero-filled .npy whose disk blocks are allocated now (posix_fallocate): a full disk fails here, at once,
+    instead of killing the run with SIGBUS when a page of a sparse memmap is first written."""
+    header = dict(descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False, shape=tuple(shape))
+
+    def write(f):
+        np.lib.format.write_array_header_1_0(f, header)
+        os.posix_fallocate(f.fileno(), 0, f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+
+    atomic_write(path, write)
 
 
 def _prepare_cache_dir(out_dir, meta):
-    """Create a new cache, or check that the one in out_dir is the same job (then it resumes). -> error or None."""
+    """Create a new cache, or check that the one in out_dir is the same job (then it resumes)."""
     meta_path = os.path.join(out_dir, "meta.json")
+    remove_stale_temp_files(out_dir)
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
@@ -645,16 +670,15 @@ def _prepare_cache_dir(out_dir, meta):
                     "vae", "files_sha256", "hierarchy"):
             if old.get(key) != meta.get(key):
                 shown = (lambda v: "(differs)" if key == "hierarchy" else repr(v))
-                return (f"{out_dir} holds another latent cache ({key}: {shown(old.get(key))} there, "
-                        f"{shown(meta.get(key))} now): choose another --out or delete that directory")
-        return None
+                raise UserError(f"{out_dir} holds another latent cache ({key}: {shown(old.get(key))} there, "
+                                f"{shown(meta.get(key))} now): choose another --out or delete that directory")
+        return
     os.makedirs(out_dir, exist_ok=True)
     n, (c, h, w) = meta["num_images"], meta["latent_shape"]
     _create_npy(os.path.join(out_dir, "moments.npy"), np.float16, (n, 2, 2 * c, h, w))
     _create_npy(os.path.join(out_dir, "labels.npy"), np.int64, (n,))
     _create_npy(os.path.join(out_dir, "done.npy"), np.bool_, (n,))
     _write_json_atomic(meta_path, meta)  # last: a cache without meta.json is simply rebuilt
-    return None
 
 
 class _Indexed(Dataset):
@@ -693,13 +717,7 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=4, meta
                 num_images=n, latent_shape=list(mean0.shape[1:]), moments_dtype="float16",
                 hierarchy=dataset.hierarchy(), files_sha256=_files_fingerprint(dataset), complete=False)
 
-    error = _prepare_cache_dir(out_dir, meta) if rank == 0 else None
-    if distributed:  # the other ranks wait for rank 0 to create (or validate) the files, and share its verdict
-        verdict = [error]
-        dist.broadcast_object_list(verdict, src=0)
-        error = verdict[0]
-    if error:
-        raise UserError(error)
+    on_rank0(lambda: _prepare_cache_dir(out_dir, meta))   # the others wait until the files exist
 
     moments = np.load(os.path.join(out_dir, "moments.npy"), mmap_mode="r+")  # N x 2 x 2C x h x w
     labels = np.load(os.path.join(out_dir, "labels.npy"), mmap_mode="r+")  # N
@@ -800,6 +818,9 @@ def _dataset_from_args(args, flip):
 
 
 def cmd_cache(args):
+    if args.image_size is not None and args.image_size % 8:   # else e.g. 36 px would store 4x4 latents
+        raise UserError(f"--image-size {args.image_size}: the SD VAE's latents are 8x smaller than the image: "
+                        "use a multiple of 8")
     _, _, device = init_distributed()
     try:
         dataset, split, image_size = _dataset_from_args(args, flip=False)
@@ -857,16 +878,16 @@ def main(argv=None):
                        required=p is not preview)
         p.add_argument("--data-path", default=None)
         p.add_argument("--split", default=None, help="default: train_mini for inat21, else train")
-        p.add_argument("--image-size", type=int, default=None, help="default: 32 for toy, else 256")
+        p.add_argument("--image-size", type=positive_int, default=None, help="default: 32 for toy, else 256")
         p.add_argument("--hierarchy-csv", default=None, help="class,superclass rows for a flat class folder")
     cache.add_argument("--vae", default="sd-vae-ft-ema", help="SD VAE folder or weights file (also looked up "
                                                               "under pretrained/)")
-    cache.add_argument("--out", required=True, help="cache directory (re-run the same command to resume)")
-    cache.add_argument("--batch-size", type=int, default=32)
-    cache.add_argument("--num-workers", type=int, default=4)
+    cache.add_argument("--out", type=folder, required=True, help="cache directory (re-run the same command to resume)")
+    cache.add_argument("--batch-size", type=positive_int, default=32)
+    cache.add_argument("--num-workers", type=nonnegative_int, default=4)
     preview.add_argument("--out", default="preview.png")
-    preview.add_argument("--per-class", type=int, default=8)
-    preview.add_argument("--max-classes", type=int, default=16)
+    preview.add_argument("--per-class", type=positive_int, default=8)
+    preview.add_argument("--max-classes", type=positive_int, default=16)
     args = parser.parse_args(argv)
     {"cache": cmd_cache, "info": cmd_info, "preview": cmd_preview}[args.command](args)
 

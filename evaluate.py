@@ -55,10 +55,11 @@ from tqdm import tqdm
 
 import data
 from model import (KNOWN_TABLES, METHODS, TABLE, ArgumentParser, UserError, atomic_write, build_model,
-                   checkpoint_tensors, dit_config_from_state, file_sha256, find_file, load_strict, read_checkpoint,
+                   checkpoint_tensors, device, dit_config_from_state, file_sha256, find_file, finite_float, folder,
+                   int_in, load_strict, nonnegative_int, positive_int, read_checkpoint, remove_stale_temp_files,
                    run_cli)
-from sample import (CFG_SCALE, SAMPLERS, STEPS, check_interval, find_checkpoint, guide_labels, load_for_sampling,
-                    make_sampler, resolve_class, sample_images)
+from sample import (CFG_SCALE, SAMPLERS, STEPS, TRAINED_STEPS, check_interval, find_checkpoint, guide_labels,
+                    load_for_sampling, make_sampler, resolve_class, sample_images)
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
@@ -720,20 +721,20 @@ def read_manifest(folder):
 
 
 def start_folder(out, manifest, overwrite):
-    """Write OUT/samples.json, or check that the one there is of the same settings (then the run resumes).
-    -> None, or the one-line reason to stop."""
+    """Write OUT/samples.json, or check that the one there is of the same settings (then the run resumes);
+    else refuse, or with `overwrite` delete the other settings' images and start over."""
+    remove_stale_temp_files(out)                          # images a killed run was writing
     old = read_manifest(out)
     if old is not None and old["made_by"] != manifest["made_by"] and not overwrite:
         changed = ", ".join(f"{k} {old['made_by'].get(k)!r} -> {v!r}" for k, v in manifest["made_by"].items()
                             if old["made_by"].get(k) != v)
-        return (f"{out} holds samples made with other settings ({changed}): choose another --out, or pass "
-                "--overwrite to start over")
+        raise UserError(f"{out} holds samples made with other settings ({changed}): choose another --out, or pass "
+                        "--overwrite to start over")
     if old is not None and old["made_by"] != manifest["made_by"]:
         for name, _ in old["images"]:
             if os.path.isfile(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
     atomic_write(os.path.join(out, MANIFEST), lambda f: f.write(json.dumps(manifest).encode()))
-    return None
 
 
 def cmd_generate(args):
@@ -741,22 +742,21 @@ def cmd_generate(args):
         raise UserError("give exactly one of --num-samples and --per-class")
     make_sampler(args.sampler, args.steps)                 # a bad --steps or interval fails before any work
     check_interval(args.guidance_interval)
-    rank, world, device = data.init_distributed(None if args.device == "auto" else args.device)
+    rank, world, device = data.init_distributed(args.device)
     model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae)
     if args.guidance != "none":
         guide_labels(model, torch.zeros(1, dtype=torch.long), args.guidance)   # the table has the guide rows?
     jobs = generation_jobs(model.y_embedder.num_classes, args.num_samples, args.per_class)
-    made_by = dict(ckpt=os.path.abspath(args.ckpt), ckpt_sha256=file_sha256(args.ckpt), guidance=args.guidance,
-                   cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                   batch_size=args.batch_size, precision=args.precision, image_size=info["config"]["image_size"])
+    # What the images depend on (the checkpoint and VAE by content, not by path): a rerun resumes only these.
+    made_by = dict(ckpt_sha256=file_sha256(args.ckpt), vae_sha256=vae.identity()["sha256"] if vae else None,
+                   guidance=args.guidance, cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.steps,
+                   seed=args.seed, batch_size=args.batch_size, precision=args.precision,
+                   image_size=info["config"]["image_size"])
     if args.guidance_interval:      # recorded only when set: folders made before the option still resume
         made_by["guidance_interval"] = list(args.guidance_interval)
-    manifest = dict(made_by=made_by, hierarchy=info["hierarchy"], images=[[job_file(c, i), c] for c, i in jobs])
-    verdict = [start_folder(args.out, manifest, args.overwrite) if rank == 0 else None]
-    if world > 1:                   # the others wait for rank 0's verdict, and share it
-        dist.broadcast_object_list(verdict, src=0)
-    if verdict[0]:
-        raise UserError(verdict[0])
+    manifest = dict(made_by=made_by, ckpt=os.path.abspath(args.ckpt), hierarchy=info["hierarchy"],
+                    images=[[job_file(c, i), c] for c, i in jobs])
+    data.on_rank0(lambda: start_folder(args.out, manifest, args.overwrite))   # the others wait for it
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
     mine = [j for j in range(rank, len(batches), world)
             if not all(os.path.isfile(os.path.join(args.out, job_file(c, i))) for c, i in batches[j])]
@@ -823,8 +823,11 @@ def toy_classifier(image_size, cache_dir="results", epochs=4, seed=0, toy_set="t
     train_set = data.toy_dataset(toy_set, image_size, "train", seed=seed, images_per_class=256)
     net = ToyClassifier(train_set.num_classes)
     if os.path.isfile(path):
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return net.eval()
+        try:
+            load_strict(net, read_checkpoint(path), path)
+            return net.eval()
+        except UserError as e:   # a cache, not an input: a damaged one is made again, not an error forever
+            print(f"note: retraining the toy classifier: {e}", file=sys.stderr)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     loader = DataLoader(train_set, batch_size=128, shuffle=True)
@@ -1534,20 +1537,22 @@ def add_image_args(p):
     p.add_argument("--split", help="dataset split; default: val")
     p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder dataset")
     p.add_argument("--hierarchy", help="'inat21' or a JSON hierarchy, for images labelled by class only")
-    p.add_argument("--image-size", type=int, help="centre-crop and resize to this (ADM preprocessing); default: "
-                                                   "datasets 256 (toy 32), generated images as they are")
+    p.add_argument("--image-size", type=positive_int, help="centre-crop and resize to this (ADM preprocessing); "
+                   "default: datasets 256 (toy 32), generated images as they are")
     p.add_argument("--inception", help=f"{FID_WEIGHTS} (default: as named, under pretrained/, in $TORCH_HOME)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=positive_int, default=50)
+    p.add_argument("--workers", type=nonnegative_int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def add_fid_args(p):
     p.add_argument("--overall-only", action="store_true", help="skip the per-superclass rows")
     p.add_argument("--lpips-alex", help=f"{ALEXNET_WEIGHTS} (default: as named, under pretrained/, in $TORCH_HOME)")
     p.add_argument("--lpips-lin", help=f"LPIPS v0.1 {LPIPS_LIN_WEIGHTS} (default: as named, under pretrained/)")
-    p.add_argument("--pairs", type=int, default=1000, help="random same-class pairs for LPIPS (0: no LPIPS)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the LPIPS pairs (generate: and of the noise)")
+    p.add_argument("--pairs", type=nonnegative_int, default=1000,
+                   help="random same-class pairs for LPIPS (0: no LPIPS)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of the LPIPS pairs (generate: and of the noise)")
     p.add_argument("--out-csv")
     p.add_argument("--out-json")
 
@@ -1615,14 +1620,14 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True)
     p.add_argument("--base", help="base checkpoint of a delta checkpoint, if it moved")
     p.add_argument("--vae", help="SD VAE for latent models; default: the checkpoint's, else sd-vae-ft-ema")
-    p.add_argument("--out", required=True, help="folder: OUT/<class>/<index>.png and OUT/samples.json")
+    p.add_argument("--out", type=folder, required=True, help="folder: OUT/<class>/<index>.png and OUT/samples.json")
     p.add_argument("--overwrite", action="store_true", help="start over when OUT holds samples of other settings")
-    p.add_argument("--num-samples", type=int, help="in all, spread evenly over the classes")
-    p.add_argument("--per-class", type=int, help="or this many of every class")
+    p.add_argument("--num-samples", type=positive_int, help="in all, spread evenly over the classes")
+    p.add_argument("--per-class", type=positive_int, help="or this many of every class")
     p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
-    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
+    p.add_argument("--cfg-scale", type=finite_float, default=CFG_SCALE)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm (the paper), ddim, dpm++2m")
-    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--steps", type=int_in(2, TRAINED_STEPS), default=STEPS)
     p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
                    help="guide only at timesteps LO <= t <= HI of 0 ... 999 (sample.py); default: every step")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
@@ -1635,20 +1640,22 @@ def main(argv=None):
     p = sub.add_parser("toy", help="offline paper Tables 1-2 in miniature: accuracy, FID, diversity on the toy data")
     p.add_argument("--ckpt", nargs="+", required=True, help="toy checkpoints or run folders (e.g. one per method)")
     p.add_argument("--guidance", nargs="+", choices=["none", "null", "superclass"], default=["none", "null", "superclass"])
-    p.add_argument("--per-class", type=int, default=16, help="samples of each class")
-    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
-    p.add_argument("--cfg-scales", nargs="+", type=float, help="a guidance sweep: every guide at each of these "
-                   "scales (e.g. 1 1.5 2 3 4 6), instead of --cfg-scale alone")
+    p.add_argument("--per-class", type=positive_int, default=16, help="samples of each class")
+    p.add_argument("--cfg-scale", type=finite_float, default=CFG_SCALE)
+    p.add_argument("--cfg-scales", nargs="+", type=finite_float, help="a guidance sweep: every guide at each of "
+                   "these scales (e.g. 1 1.5 2 3 4 6), instead of --cfg-scale alone")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm, ddim, dpm++2m")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int_in(2, TRAINED_STEPS), default=50)
     p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
                    help="guide only at timesteps LO <= t <= HI of 0 ... 999 (sample.py); default: every step")
-    p.add_argument("--pairs", type=int, default=500, help="same-class pairs for the diversity")
-    p.add_argument("--seed", type=int, default=0, help="seed of the real reference images (and default noise seed)")
-    p.add_argument("--seeds", type=int, nargs="+", help="noise seeds, one row each in the JSON, mean±half the "
-                                                         "range in the table (default: --seed)")
-    p.add_argument("--cache-dir", default="results", help="where the toy classifier is cached")
-    p.add_argument("--classifier-epochs", type=int, default=4, help="training of the toy classifier, on first use")
+    p.add_argument("--pairs", type=positive_int, default=500, help="same-class pairs for the diversity")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of the real reference images (and default noise seed)")
+    p.add_argument("--seeds", type=nonnegative_int, nargs="+", help="noise seeds, one row each in the JSON, "
+                   "mean±half the range in the table (default: --seed)")
+    p.add_argument("--cache-dir", type=folder, default="results", help="where the toy classifier is cached")
+    p.add_argument("--classifier-epochs", type=positive_int, default=4,
+                   help="training of the toy classifier, on first use")
     p.add_argument("--out-json")
     p.add_argument("--out-csv")
     p.add_argument("--plot", help="PNG: FID (cls) against subclass accuracy, a curve per checkpoint and guide over the "

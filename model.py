@@ -17,13 +17,18 @@ State-dict keys and shapes are those of the official DiT release, so `DiT-XL-2-2
 authors' `FineDiffusion-iNat.pt` load as they are.
 """
 import argparse
+import errno
 import glob
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import struct
 import sys
+import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -37,6 +42,8 @@ SUPERCLASS_PROB = 0.1
 NULL_PROB = 0.1
 # SD-VAE latents times 0.18215 have unit variance (LDM, Rombach et al. 2022); DiT trains on the scaled latents.
 LATENT_SCALE = 0.18215
+# The SD VAE's latents have 4 channels: a latent DiT's input (a pixel-space DiT's is 3, RGB).
+LATENT_CHANNELS = 4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,10 +356,19 @@ def build_model(name, image_size, num_classes, num_superclasses=0, method="fined
     kw.setdefault("null_class", not tiered)
     kw.setdefault("norm_affine", method in ("difffit", "finediffusion"))
     kw.setdefault("difffit_gates", method == "difffit")
-    input_size = image_size if pixel_space else image_size // 8
-    return DiT_models[name](input_size=input_size, in_channels=3 if pixel_space else 4, num_classes=num_classes,
+    input_size, in_channels = (image_size, 3) if pixel_space else (image_size // 8, LATENT_CHANNELS)
+    return DiT_models[name](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                             num_superclasses=num_superclasses if tiered else 0,
                             superclass_of=superclass_of if tiered else None, **kw)
+
+
+def check_image_size(name, image_size, pixel_space):
+    """A DiT cuts its input (the pixels, or VAE latents 8x smaller) into patch x patch tokens: the image side must
+    be a positive multiple of the patch (times 8 in latent space), else training fails at step 1 on shapes."""
+    unit = int(name.rsplit("/", 1)[1]) * (1 if pixel_space else 8)
+    if image_size < 1 or image_size % unit:
+        space = "pixels" if pixel_space else "VAE latents 8x smaller than the image"
+        raise UserError(f"--image-size {image_size}: {name} on {space} needs a positive multiple of {unit}")
 
 
 def is_trainable(name, method):
@@ -396,6 +412,25 @@ def count_table2(name="DiT-XL/2", image_size=256, num_classes=10000, num_supercl
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Precision (train.py and sample.py)
+# ----------------------------------------------------------------------------------------------------------
+
+def precision_context(precision, device_type):
+    """The autocast context of --precision: fp16 or bf16 activations (fp32 weights); none for fp32 / tf32.
+    fp16 is the V100s' precision; on a CPU it runs where this torch supports it, so that path is testable."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    if dtype is None:
+        return nullcontext()
+    with warnings.catch_warnings(record=True) as refused:   # an unsupported dtype: torch warns, then disables
+        warnings.simplefilter("always")
+        context = torch.autocast(device_type, dtype=dtype)
+    if refused:
+        raise UserError(f"--precision {precision}: torch {torch.__version__} has no {precision} autocast on "
+                        f"{device_type}; use fp32" + (" or bf16" if precision == "fp16" else ""))
+    return context
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Files and user errors (every script uses these)
 # ----------------------------------------------------------------------------------------------------------
 
@@ -412,19 +447,60 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def _typed(kind, holds, allowed):
+    """An argparse `type`: the flag's text as `kind`, refused at parse time unless holds(value), with one line
+    naming what is allowed ("argument --lr: '-1' is not a positive finite number")."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not holds(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
+        return value
+    return parse
+
+
+def int_in(low, high=None):
+    """An integer in [low, high] (no upper bound when high is None)."""
+    return _typed(int, lambda v: low <= v and (high is None or v <= high),
+                  f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+
+
+positive_int, nonnegative_int = int_in(1), int_in(0)
+finite_float = _typed(float, math.isfinite, "a finite number")
+positive_float = _typed(float, lambda v: 0 < v < math.inf, "a positive finite number")
+probability = _typed(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+decay = _typed(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
+folder = _typed(str, lambda v: not os.path.exists(v) or os.path.isdir(v), "a folder (it is a file)")
+device = _typed(str, lambda v: v == "cpu" or re.fullmatch(r"cuda(:\d+)?", v) and torch.cuda.is_available(),
+                "a device here: cpu, or cuda / cuda:N where a CUDA GPU is visible")
+
+# errno values of a write that found no room: a full disk, a quota, a file-size limit (ulimit -f).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def run_cli(main):
-    """Run a script's main(): a UserError becomes one `error:` line on stderr and its exit code. Under torchrun
-    every rank fails alike, so rank 0 alone prints it."""
+    """Run a script's main(): a UserError becomes one `error:` line on stderr and its exit code. So does an
+    OSError, with exit code 1: the machine failed, not the user (a full disk), and what was written stays.
+    Under torchrun every rank fails alike, so rank 0 alone prints it."""
     try:
         main()
     except UserError as e:
         # raised in a DataLoader worker, the message arrives after the worker's traceback: keep the last line
         message = str(e).strip().splitlines()[-1]
-        message = message.split("UserError: ", 1)[-1]
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {message}", file=sys.stderr)
-        return e.exit_code
+        return _fail(message.split("UserError: ", 1)[-1], e.exit_code)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            return _fail(f"disk full writing {e.filename} ({e.strerror})", 1)
+        return _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
     return 0
+
+
+def _fail(message, exit_code):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    return exit_code
 
 
 # The published files this project reads, and where to get them. None is ever downloaded by the code.
@@ -457,22 +533,67 @@ def find_file(path, also=(), published=None):
     raise UserError(f"{path} not found (looked in {', '.join(places)}){where}")
 
 
+class _WholeWrites(io.FileIO):
+    """A file whose write() writes all it is given or raises, and remembers what it raised: torch.save turns an
+    OSError of its file into a bare RuntimeError ("unexpected pos"), which would hide a full disk."""
+    error = None
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        size = len(view)
+        try:
+            while view:                      # the kernel writes what fits, then refuses the rest with ENOSPC
+                view = view[super().write(view):]
+        except OSError as e:
+            self.error = e
+            raise
+        return size
+
+
 def atomic_write(path, write):
-    """Call write(file) on a temp file beside `path`, then rename it over `path`: a crash or a full disk
-    never leaves a half-written checkpoint, image or table behind."""
+    """Call write(file) on a temp file beside `path` (`.<name>.tmp<pid>`), then rename it over `path`: a crash or
+    a full disk never leaves a half-written checkpoint, image or table behind. A failed write is an OSError
+    naming `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    f = None
     try:
-        with open(tmp, "wb") as f:
+        with _WholeWrites(tmp, "wb") as f:
             write(f)
-            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        error = f.error if f is not None and f.error is not None else e
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, str(path)) from None
         raise
+
+
+# atomic_write's temp files `.<name>.tmp<pid>`, and those of older latent caches, `<name>.tmp<pid>.npy`
+_TEMP_FILE = re.compile(r"\.tmp(\d+)(\.npy)?$")
+
+
+def remove_stale_temp_files(folder):
+    """Delete the temp files under `folder` whose writer is dead (killed mid-write: they would stay forever, up to
+    a checkpoint in size); a live process's are its own. Pids are this machine's: call it where the writers run."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            match = _TEMP_FILE.search(name)
+            if match and not _alive(int(match.group(1))):
+                os.remove(os.path.join(root, name))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)                      # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:                  # it does, as another user's
+        pass
+    return True
 
 
 def load_strict(module, state, source):
@@ -531,7 +652,10 @@ def read_checkpoint(path):
     allowed because the official and the authors' training checkpoints store their args as one."""
     path = find_file(path)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # torch's warnings (e.g. on a plain pickle) would add lines to the one below, and its hints suggest
+        # weights_only=False: exactly what must not be done with an untrusted file
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusals are UnpicklingErrors naming "GLOBAL module.Class"
         msg = str(e)
@@ -617,10 +741,15 @@ def load_pretrained(model, path_or_state):
     return report
 
 
-def base_tensors(ckpt, base=None):
+def base_tensors(ckpt, base=None, base_flag="--base"):
     """The tensors a delta checkpoint goes onto: its base file (`base`, if it moved, else the recorded path),
-    refused unless its sha256 is the one recorded at training time."""
-    path = find_file(base or ckpt["base"]["path"])
+    refused unless its sha256 is the one recorded at training time. base_flag: the flag of this script that
+    says where the base moved to (None: there is none)."""
+    try:
+        path = find_file(base or ckpt["base"]["path"])
+    except UserError as e:
+        where = f"if it moved, pass its new place with {base_flag}" if base_flag else "put it back there"
+        raise UserError(f"{e}; it is the base of this delta checkpoint: {where}") from None
     if file_sha256(path) != ckpt["base"]["sha256"]:
         raise UserError(f"base checkpoint {path} is not the one this delta was trained on (sha256 differs)")
     return checkpoint_tensors(read_checkpoint(path))
@@ -631,20 +760,21 @@ KNOWN_TABLES = {(1001, False): (1000, 0, True),     # official DiT, ImageNet-1k 
                 (10011, True): (10000, 11, False)}  # authors' FineDiffusion, iNat21: 10,000 + 11 superclasses
 
 
-def load_model(path, base=None, weights="ema"):
+def load_model(path, base=None, weights="ema", base_flag="--base"):
     """The DiT a checkpoint describes, with its `weights` ("ema" to sample, "model" to resume) loaded, in
     eval mode. Returns (model, info): info has config, hierarchy (None for foreign files), args, step, time_s, vae.
+    base, base_flag: where a delta's base moved to, and the flag that says so (see base_tensors).
 
     Ours carry `config` and the hierarchy (see save_checkpoint); the official DiT and the authors'
     FineDiffusion files carry only tensors, so their configuration comes from the tensor shapes.
     """
     ckpt = read_checkpoint(path)
     if "config" in ckpt:
-        config, hierarchy = dict(ckpt["config"]), ckpt.get("hierarchy")
+        config, hierarchy = _config_of(ckpt, path), ckpt.get("hierarchy")
         model = build_model(**config, superclass_of=hierarchy["superclass_of"] if hierarchy else None)
         tensors = checkpoint_tensors(ckpt, weights)
         if ckpt.get("base"):
-            load_pretrained(model, base_tensors(ckpt, base))
+            load_pretrained(model, base_tensors(ckpt, base, base_flag))
             model.load_state_dict(tensors, strict=False)         # the tuned tensors, over the base's
         else:
             load_pretrained(model, tensors)
@@ -662,6 +792,14 @@ def load_model(path, base=None, weights="ema"):
     config = dict(name=cfg["name"], image_size=cfg["input_size"] * (1 if pixel else 8), num_classes=K,
                   num_superclasses=S, pixel_space=pixel)
     return model.eval(), dict(config=config, hierarchy=None, args={}, step=None, time_s=None, vae=None)
+
+
+def _config_of(ckpt, path):
+    """The `config` of one of our checkpoints (save_checkpoint's schema), checked to be one."""
+    config, needed = ckpt["config"], ("name", "image_size", "num_classes", "num_superclasses", "method")
+    if not isinstance(config, dict) or not all(k in config for k in needed):
+        raise UserError(f"{path}: its 'config' is not a DiT configuration (a dict of {', '.join(needed)})")
+    return dict(config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -917,6 +1055,17 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z):                                   # B x latent x h x w (already divided by 0.18215)
         return self.decoder(self.post_quant_conv(z))       # B x 3 x 8h x 8w, roughly in [-1, 1]
+
+    def check_fits(self, in_channels, image_size):
+        """Refuse a VAE whose latents are not a latent DiT's before any step: the DiT takes `in_channels`
+        latents 8x smaller than its `image_size` px images (else: images of the wrong size, or a failure at
+        decode after all the sampling steps)."""
+        factor = 2 ** (len(self.config["block_out_channels"]) - 1)
+        channels = self.config["latent_channels"]
+        if channels != in_channels or factor != 8 or image_size % factor:
+            raise UserError(f"the VAE {self.weights_file or ''} does not fit this DiT: it makes {channels}-channel "
+                            f"latents {factor}x smaller than the image; the DiT takes {in_channels}-channel latents "
+                            f"8x smaller than its {image_size} px images")
 
     def identity(self):
         """What checkpoints and latent caches record of the VAE: its config and the sha256 of its weights."""

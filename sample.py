@@ -20,7 +20,6 @@ noise level sigma_t = sqrt((1 - abar_t) / abar_t): 0.01 at t = 0, 0.34 at 100, 0
 import math
 import os
 import sys
-from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -29,13 +28,15 @@ from torchvision.utils import make_grid
 
 from data import inat21_hierarchy
 from diffusion import create_diffusion
-from model import (LATENT_SCALE, ArgumentParser, AutoencoderKL, UserError, atomic_write, latest_checkpoint,
-                   load_model, run_cli)
+from model import (LATENT_SCALE, PUBLISHED, ArgumentParser, AutoencoderKL, UserError, atomic_write, device,
+                   finite_float, folder, int_in, latest_checkpoint, load_model, nonnegative_int, positive_int,
+                   precision_context, run_cli)
 
 AUTHORS_CHECKPOINT = "FineDiffusion-iNat.pt"
 CFG_SCALE = 4.0         # paper §4.2: the guidance scale w of every table
 STEPS = 250             # paper §4.2: DDPM sampling steps
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+TRAINED_STEPS = 1000    # the diffusion DiT is trained on: a sampler keeps 2 or more of these steps
 
 
 def find_checkpoint(path=None):
@@ -46,10 +47,12 @@ def find_checkpoint(path=None):
     found = latest_checkpoint(path or "results")
     if found is None and path is None and os.path.isfile(os.path.join("pretrained", AUTHORS_CHECKPOINT)):
         found = os.path.join("pretrained", AUTHORS_CHECKPOINT)
+    if found is None and path:
+        raise UserError(f"no checkpoint in {path} (looked for {path}/**/checkpoints/*.pt)")
     if found is None:
-        raise UserError(f"no checkpoint {'in ' + path if path else 'given and none under results/ or pretrained/'}: "
-                        "train one (python train.py --data toy, see README) or put the authors' "
-                        f"{AUTHORS_CHECKPOINT} (https://finediffusion.github.io/) in pretrained/")
+        raise UserError(f"no --ckpt given and none found (looked in results/**/checkpoints/*.pt and pretrained/"
+                        f"{AUTHORS_CHECKPOINT}): train one (python train.py --data toy, see README) or put "
+                        f"{AUTHORS_CHECKPOINT} in pretrained/; it is {PUBLISHED[AUTHORS_CHECKPOINT]}")
     return found
 
 
@@ -65,7 +68,12 @@ def load_for_sampling(ckpt, base=None, vae=None):
         info["hierarchy"] = inat21_hierarchy()
     if config["pixel_space"]:
         return model, info, None
-    return model, info, AutoencoderKL.from_pretrained(vae or info["args"].get("vae") or "sd-vae-ft-ema")
+    decoder = AutoencoderKL.from_pretrained(vae or info["args"].get("vae") or "sd-vae-ft-ema")
+    decoder.check_fits(model.in_channels, config["image_size"])
+    if info["vae"] is not None and decoder.identity() != info["vae"] and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: decoding with {decoder.weights_file}, not the VAE this DiT was trained with "
+              f"(sha256 {str(info['vae']['sha256'])[:12]}...): the images may be off", file=sys.stderr)
+    return model, info, decoder
 
 
 def resolve_class(hierarchy, num_classes, class_id=None, class_name=None):
@@ -164,17 +172,16 @@ def sample_images(model, y, guidance="superclass", cfg_scale=CFG_SCALE, sampler=
         net = model.forward_with_cfg if interval is None else interval_guidance(model, *interval)
     else:
         kwargs, net = dict(y=y), model.forward
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext()
+    low_precision = precision_context(precision, torch.device(device).type)
 
     def eps_model(x, t, **kw):
-        with autocast:
+        with low_precision:
             return net(x, t, **kw).float()                    # the diffusion math stays in fp32
 
     x = loop(eps_model, z.shape, z, model_kwargs=kwargs, progress=progress, device=device)
     x = x[: len(y)]                                            # drop the guide half
     if vae is not None:
-        with autocast:
+        with low_precision:
             x = vae.to(device).decode(x / LATENT_SCALE).float()
     return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)  # (N, H, W, 3)
 
@@ -188,40 +195,36 @@ def save_png(images, path, nrow=4):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--class-id", type=int, help="class to draw (label-table row in [0, K))")
+    who.add_argument("--class-id", type=nonnegative_int, help="class to draw (label-table row in [0, K))")
     who.add_argument("--class-name", help="class to draw, by (part of) its name in the checkpoint's hierarchy")
     p.add_argument("--ckpt", help="checkpoint (ours, official DiT or the authors') or a run folder; default: the "
                                   f"newest under results/, else pretrained/{AUTHORS_CHECKPOINT}")
     p.add_argument("--base", help="base checkpoint of a delta checkpoint, if not where training found it")
     p.add_argument("--vae", help="SD VAE folder or file for latent models; default: the training run's, else "
                                  "sd-vae-ft-ema (as given, then under pretrained/)")
-    p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
+    p.add_argument("--num-samples", type=positive_int, default=8)
+    p.add_argument("--cfg-scale", type=finite_float, default=CFG_SCALE)
     p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
     p.add_argument("--guide-all-channels", action="store_true",
                    help="guide all eps channels (the official release guides the first 3 only)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm (the paper), ddim, dpm++2m (DPM-Solver++(2M): try --steps 20)")
-    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--steps", type=int_in(2, TRAINED_STEPS), default=STEPS)
     p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
                    help="guide only at timesteps LO <= t <= HI of 0 ... 999 (default: every step, as the paper)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--out", default="samples/sample.png", help="PNG grid to write")
-    p.add_argument("--per-sample-dir", help="also write one PNG per sample into this folder")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--per-sample-dir", type=folder, help="also write one PNG per sample into this folder")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="fp16: autocast as on V100s (on a CPU too, where torch supports it)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.num_samples < 1 or args.steps < 1:
-        raise UserError("--num-samples and --steps must be positive")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA GPU here; use --device cpu")
-    if args.precision == "fp16" and not args.device.startswith("cuda"):
-        raise UserError("--precision fp16 is for CUDA GPUs; on a CPU use fp32 or bf16")
-    make_sampler(args.sampler, args.steps)                 # a bad --steps fails before the checkpoint loads
+    make_sampler(args.sampler, args.steps)                              # refused now, not after loading
+    precision_context(args.precision, torch.device(args.device).type)
     if check_interval(args.guidance_interval) and (args.guidance == "none" or args.cfg_scale == 1.0):
         raise UserError("--guidance-interval needs guidance: --guidance superclass or null, --cfg-scale other than 1")
     ckpt = find_checkpoint(args.ckpt)

@@ -8,16 +8,23 @@ In-process work uses one thread: on a shared 2-core machine, OpenMP threads figh
 slow small ops down by 10x or more.
 """
 import argparse
+import contextlib
 import csv
+import functools
 import glob
 import json
 import math
 import os
+import pickle
+import re
+import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -32,10 +39,12 @@ from torchvision.models.inception import Inception3
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import bench  # noqa: E402
 import data  # noqa: E402
 import diffusion as diffusion_module  # noqa: E402
 import evaluate  # noqa: E402
 import model as model_module  # noqa: E402
+import sample as sample_module  # noqa: E402
 import train  # noqa: E402
 from diffusion import create_diffusion, space_timesteps  # noqa: E402
 from evaluate import (FIDInceptionV3, LPIPS, compute_stats, feature_stats, fid_table, frechet_distance,  # noqa: E402
@@ -57,6 +66,15 @@ def run_script(*args, env=None, cwd=HERE, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_main(module, *argv, capsys):
+    """A script's command line run in this process, as run_cli runs it (seconds faster than run_script), reported
+    as run_script reports it."""
+    capsys.readouterr()
+    code = model_module.run_cli(lambda: module.main([str(a) for a in argv]))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
 
 
 def assert_one_line_error(proc, *words):
@@ -90,11 +108,11 @@ def save_safetensors(tensors, path, metadata=None):
         f.write(b"".join([len(head).to_bytes(8, "little"), head, *chunks]))
 
 
-def write_tiny_vae(folder):
-    """An SD-layout VAE, 8x downscale as the real one but 32 channels wide, saved as published:
-    config.json + diffusion_pytorch_model.safetensors."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+def write_tiny_vae(folder, seed=0, **config):
+    """An SD-layout VAE, 8x downscale as the real one but 32 channels wide (unless `config` says otherwise),
+    saved as published: config.json + diffusion_pytorch_model.safetensors."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**{**dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1), **config})
     os.makedirs(folder, exist_ok=True)
     save_safetensors(vae.state_dict(), os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -1192,47 +1210,12 @@ def test_guidance_interval_without_a_step_equals_no_guidance_for_a_deterministic
     assert torch.equal(unguided, empty) and not torch.equal(unguided, guided)
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--guidance-interval", "700", "200"], ["--guidance-interval 700 200", "LO <= HI"]),
-    (["--guidance-interval", "0", "1000"], ["--guidance-interval 0 1000", "999"]),
-    (["--guidance-interval", "0", "500", "--guidance", "none"], ["--guidance-interval", "guidance"]),
-    (["--sampler", "dpm++2m", "--steps", "1000"], ["--steps 1000", "1 to 999"]),
-])
-def test_sample_script_rejects_a_bad_interval_or_step_count(tmp_path, argv, words):
-    write_our_checkpoint(tmp_path / "ckpt.pt")
-    proc = run_script("sample.py", "--ckpt", tmp_path / "ckpt.pt", "--class-id", "1", *argv)
-    assert_one_line_error(proc, *words)
-
-
-def test_sample_script_rejects_a_bad_class_id(tmp_path):
-    write_our_checkpoint(tmp_path / "ckpt.pt")
-    proc = run_script("sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--class-id", "16")
-    assert_one_line_error(proc, "--class-id", "[0, 16)")
-
-
-def test_sample_script_names_a_missing_checkpoint(tmp_path):
-    proc = run_script("sample.py", "--ckpt", str(tmp_path / "FineDiffusion-iNat.pt"), "--class-id", "1")
-    assert_one_line_error(proc, "not found", "finediffusion.github.io")
-
-
-def test_sample_script_without_any_checkpoint_says_what_to_train_or_download(tmp_path):
-    proc = run_script(os.path.join(HERE, "sample.py"), "--class-id", "1", cwd=tmp_path)
-    assert_one_line_error(proc, "train.py", "FineDiffusion-iNat.pt")
-
-
 def test_sample_script_names_the_missing_vae(tmp_path):
     torch.save(DiT_models["DiT-T/4"](input_size=8, num_classes=10).state_dict(), tmp_path / "dit.pt")
     proc = run_script("sample.py", "--ckpt", str(tmp_path / "dit.pt"), "--vae", str(tmp_path / "nowhere"), "--class-id", "1")
     assert_one_line_error(proc, "sd-vae-ft-ema")
     proc = run_script(os.path.join(HERE, "sample.py"), "--ckpt", str(tmp_path / "dit.pt"), "--class-id", "1", cwd=tmp_path)
     assert_one_line_error(proc, "sd-vae-ft-ema", "pretrained/", "huggingface.co")
-
-
-def test_sample_script_rejects_fp16_on_a_cpu(tmp_path):
-    write_our_checkpoint(tmp_path / "ckpt.pt")
-    proc = run_script("sample.py", "--ckpt", tmp_path / "ckpt.pt", "--class-id", "1", "--device", "cpu",
-                      "--precision", "fp16")
-    assert_one_line_error(proc, "fp16", "bf16")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -2148,11 +2131,6 @@ def run_evaluate(*args, cwd=None, env=None):
                           text=True, cwd=cwd, env=env)
 
 
-def test_cli_on_a_missing_file_exits_2_with_one_error_line(tmp_path):
-    result = run_evaluate("fid", "--real", tmp_path / "missing.npz", "--fake", tmp_path)
-    assert_one_line_error(result, "missing.npz")
-
-
 def test_cli_without_inception_weights_names_the_file_and_exits_2(labelled_folder, tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path)}
     result = run_evaluate("stats", "--data", "folder", "--data-path", labelled_folder, "--out", tmp_path / "ref.npz",
@@ -2266,6 +2244,26 @@ def test_two_process_ddp_keeps_ranks_identical_and_frozen_tensors_equal_to_the_b
     assert info["step"] == 3 and tensors_equal(model.state_dict(), train.with_ema(rank0["model"], rank0["ema"]))
 
 
+def test_a_run_resumes_on_two_nodes_whose_ranks_stay_identical(tmp_path, base_ckpt):
+    """Two torchrun "nodes" of one process each on this machine, meeting on localhost (the README's command)."""
+    first = run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2",
+                      "--run-dir", tmp_path / "run")["final_ckpt"]
+    dump, script, port = tmp_path / "ranks", tmp_path / "rank_dump.py", free_port()
+    dump.mkdir()
+    script.write_text(RANK_DUMP.format(here=HERE))
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={n}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", script, dump,
+                               "--resume", first, "--max-steps", "3"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    for node in nodes:
+        stderr = node.communicate(timeout=300)[1]
+        assert node.returncode == 0, stderr[-3000:]
+    rank0, rank1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert tensors_equal(rank0["model"], rank1["model"]) and tensors_equal(rank0["ema"], rank1["ema"])
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)
+    assert resumed["step"] == 3 and resumed["train"]["world_size"] == 2
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Checkpoints: exact resume, deltas, export
 # ------------------------------------------------------------------------------------------------------------
@@ -2297,6 +2295,11 @@ def test_delta_checkpoint_of_dit_xl2_finediffusion_is_under_2_percent_of_the_ful
     delta = nbytes([name for name, p in model.named_parameters() if p.requires_grad])
     full = nbytes(state)
     assert full > 2.7e9 and delta / full <= 0.02, (delta, full)
+
+
+def test_init_takes_the_newest_checkpoint_of_a_run_folder_given_by_an_absolute_path(tmp_path, base_ckpt):
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(base_ckpt)))     # .../run/checkpoints/0000001.pt
+    assert train.find_init(run_dir) == os.path.abspath(base_ckpt)
 
 
 def test_checkpoint_stores_only_tuned_tensors_and_their_optimizer_state(tmp_path, base_ckpt):
@@ -2546,24 +2549,106 @@ def test_fid_table_pairs_superclasses_by_name_not_by_position():
 # User mistakes: one line, exit code 2, no traceback
 # ------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, env, words", [
-    (["--data", "inat21"], {}, ["--data-path", "inat_comp"]),
-    (["--data", "inat21", "--data-path", "nowhere"], {}, ["nowhere", "inat_comp"]),
-    (["--data", "toy", "--init", "missing.pt"], {}, ["missing.pt", "not found"]),
-    (["--data", "toy", "--init", "DiT-XL-2-256x256.pt"], {}, ["DiT-XL-2-256x256.pt", "dl.fbaipublicfiles.com"]),
-    (["--data", "toy", "--global-batch-size", "3"], {"WORLD_SIZE": "2", "RANK": "0"}, ["--global-batch-size 3", "2"]),
-    (["--data", "toy", "--precision", "fp16", "--device", "cpu"], {}, ["fp16", "bf16"]),
-    (["--resume", "nothing.pt"], {}, ["nothing.pt"]),
-])
-def test_user_mistakes_are_one_line_errors(tmp_path, argv, env, words):
-    proc = run_script(os.path.join(HERE, "train.py"), *argv, env=env, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """A working folder of files the table below names: a toy checkpoint, a latent DiT without its VAE, broken
+    checkpoints, a plain pickle, a VAE with an impossible config, FID statistics and images, a plain file."""
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    write_our_checkpoint(folder / "ckpt.pt")
+    torch.save(DiT_models["DiT-T/2"](input_size=4, num_classes=4).state_dict(), folder / "latent-base.pt")
+    torch.save([torch.zeros(1)], folder / "list.pt")
+    torch.save(dict(config="DiT-T/4", model={"x": torch.zeros(1)}), folder / "config-string.pt")
+    with open(folder / "plain.pth", "wb") as f:
+        pickle.dump({"weights": [1.0, 2.0]}, f)                   # a pickle, not a torch checkpoint
+    write_folder(folder / "bad-vae", {}, config=dict(TINY_VAE, norm_num_groups=3))
+    np.savez(folder / "real.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    np.savez(folder / "fake.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    (folder / "a-file").write_text("not a folder")
+    (folder / "results").mkdir()
+    return folder
+
+
+# (script, argv, words the one line must hold[, environment]); "{base}" is a training checkpoint at step 1
+BAD_ARGUMENTS = [
+    ("train", ["--data", "inat21"], ["--data-path", "inat_comp"]),
+    ("train", ["--data", "inat21", "--data-path", "nowhere"], ["nowhere", "inat_comp"]),
+    ("train", ["--data", "toy", "--init", "missing.pt"], ["missing.pt", "not found"]),
+    ("train", ["--data", "toy", "--init", "DiT-XL-2-256x256.pt"], ["DiT-XL-2-256x256.pt", "dl.fbaipublicfiles.com"]),
+    ("train", ["--data", "toy", "--init", "latent-base.pt"], ["sd-vae-ft-ema", "pretrained/", "huggingface.co"]),
+    ("train", ["--data", "toy", "--global-batch-size", "3"], ["--global-batch-size 3", "multiple of 2"],
+     {"WORLD_SIZE": "2", "RANK": "0"}),
+    ("train", ["--data", "toy", "--global-batch-size", "0"], ["--global-batch-size", ">= 1"]),
+    ("train", ["--data", "toy", "--lr", "-1"], ["--lr", "positive"]),
+    ("train", ["--data", "toy", "--num-workers", "-1"], ["--num-workers", ">= 0"]),
+    ("train", ["--data", "toy", "--ema-decay", "1.5"], ["--ema-decay", "[0, 1)"]),
+    ("train", ["--data", "toy", "--superclass-prob", "2"], ["--superclass-prob", "[0, 1]"]),
+    ("train", ["--data", "toy", "--sample-every", "-1"], ["--sample-every", ">= 0"]),
+    ("train", ["--data", "toy", "--device", "tpu"], ["--device", "cpu"]),
+    ("train", ["--data", "toy", "--image-size", "17"], ["--image-size 17", "multiple of 4"]),
+    ("train", ["--data", "toy", "--image-size", "0"], ["--image-size", ">= 1"]),
+    ("train", ["--data", "toy", "--image-size", "-8"], ["--image-size", ">= 1"]),
+    ("train", ["--data", "folder", "--data-path", ".", "--init", "none", "--model", "DiT-T/2", "--image-size", "40"],
+     ["--image-size 40", "multiple of 16"]),
+    ("train", ["--run-dir", "a-file", "--data", "toy"], ["--run-dir", "folder"]),
+    ("train", ["--resume", "nothing.pt"], ["nothing.pt"]),
+    ("train", ["--resume", "{base}", "--max-steps", "1", "--run-dir", "new-run"], ["--max-steps 1", "step 1"]),
+    ("train", ["--resume", "{base}", "--max-steps", "5", "--model", "DiT-S/2"], ["--model DiT-S/2", "DiT-T/4"]),
+    ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--steps", "1001"], ["--steps", "[2, 1000]"]),
+    ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--steps", "1"], ["--steps", "[2, 1000]"]),
+    ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--sampler", "ddim", "--steps", "300"], ["ddim", "300"]),
+    ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--device", "tpu"], ["--device"]),
+    ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--guidance-interval", "700", "200"],
+     ["--guidance-interval 700 200", "LO <= HI"]),
+    ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--guidance-interval", "0", "1000"],
+     ["--guidance-interval 0 1000", "999"]),
+    ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--guidance-interval", "0", "500", "--guidance", "none"],
+     ["--guidance-interval", "guidance"]),
+    ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--sampler", "dpm++2m", "--steps", "1000"],
+     ["--steps 1000", "1 to 999"]),
+    ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--cfg-scale", "nan"], ["--cfg-scale", "finite"]),
+    ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--num-samples", "0"], ["--num-samples", ">= 1"]),
+    ("sample", ["--ckpt", "ckpt.pt", "--class-id", "16"], ["--class-id", "[0, 16)"]),
+    ("sample", ["--ckpt", "FineDiffusion-iNat.pt", "--class-id", "1"], ["not found", "finediffusion.github.io"]),
+    ("sample", ["--class-id", "1"], ["train.py", "looked in results/", "pretrained/FineDiffusion-iNat.pt"]),
+    ("sample", ["--ckpt", "list.pt", "--class-id", "1"], ["list.pt", "list"]),
+    ("sample", ["--ckpt", "config-string.pt", "--class-id", "1"], ["config-string.pt", "config"]),
+    ("evaluate", ["generate", "--ckpt", "ckpt.pt", "--out", "gen", "--per-class", "1", "--batch-size", "0"],
+     ["--batch-size", ">= 1"]),
+    ("evaluate", ["generate", "--ckpt", "ckpt.pt", "--out", "gen", "--per-class", "1", "--steps", "0"],
+     ["--steps", "[2, 1000]"]),
+    ("evaluate", ["generate", "--ckpt", "ckpt.pt", "--out", "a-file", "--per-class", "1"], ["--out", "folder"]),
+    ("evaluate", ["toy", "--ckpt", "ckpt.pt", "--per-class", "0"], ["--per-class", ">= 1"]),
+    ("evaluate", ["stats", "--data", "toy", "--out", "s.npz", "--workers", "-1"], ["--workers", ">= 0"]),
+    ("evaluate", ["fid", "--real", "real.npz", "--fake", "fake.npz", "--inception", "plain.pth"], ["plain.pth"]),
+    ("evaluate", ["fid", "--real", "missing.npz", "--fake", "fake.npz"], ["missing.npz", "not found"]),
+    ("data", ["cache", "--data", "toy", "--out", "c", "--batch-size", "0"], ["--batch-size", ">= 1"]),
+    ("data", ["cache", "--data", "toy", "--out", "a-file"], ["--out", "folder"]),
+    ("data", ["cache", "--data", "toy", "--out", "c", "--image-size", "36"], ["--image-size 36", "multiple of 8"]),
+    ("data", ["cache", "--data", "toy", "--out", "c", "--vae", "bad-vae"], ["norm_num_groups 3"]),
+    ("data", ["preview", "--per-class", "0"], ["--per-class", ">= 1"]),
+    ("bench", ["--batch", "0"], ["--batch", ">= 1"]),
+    ("bench", ["--image-size", "60"], ["--image-size 60", "multiple of 16"]),
+    ("bench", ["--sample-batches", "1"], ["--sample-batches", ">= 2"]),
+    ("bench", ["--device", "tpu"], ["--device"]),
+]
+
+
+@pytest.mark.parametrize("row", BAD_ARGUMENTS, ids=lambda row: f"{row[0]} {' '.join(row[1])}")
+def test_every_cli_answers_a_bad_argument_with_one_error_line_and_does_nothing(row, bad_inputs, base_ckpt,
+                                                                              monkeypatch, capsys):
+    script, argv, words, *env = row
+    monkeypatch.chdir(bad_inputs)
+    for name, value in (env[0] if env else {}).items():
+        monkeypatch.setenv(name, value)
+    before = sorted(os.listdir("."))
+    module = dict(train=train, sample=sample_module, evaluate=evaluate, data=data, bench=bench)[script]
+    with warnings.catch_warnings(record=True) as warned:   # a warning would be one more line on stderr
+        warnings.simplefilter("always")
+        proc = run_main(module, *[a.replace("{base}", str(base_ckpt)) for a in argv], capsys=capsys)
     assert_one_line_error(proc, *words)
-
-
-def test_latent_training_without_a_vae_names_where_it_is_published(tmp_path):
-    torch.save(DiT_models["DiT-T/2"](input_size=4, num_classes=4).state_dict(), tmp_path / "latent-base.pt")
-    proc = run_script(os.path.join(HERE, "train.py"), "--data", "toy", "--init", "latent-base.pt", cwd=tmp_path)
-    assert_one_line_error(proc, "sd-vae-ft-ema", "pretrained/", "huggingface.co")
+    assert not warned, [str(w.message) for w in warned]
+    assert "multiple of 1:" not in proc.stderr and "weights_only" not in proc.stderr   # no wrong advice
+    assert sorted(os.listdir(".")) == before                                        # nothing left behind
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -2864,6 +2949,318 @@ def test_curves_plot_loss_by_step_and_by_time_and_fig2_from_toy_tables(tmp_path)
 def test_figure_commands_want_a_png_before_any_work(tmp_path, command):
     with pytest.raises(UserError, match=r"\.png"):
         evaluate.main([*command, "--out", str(tmp_path / "figure.jpg")])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Nothing silently mixed or lost: one writer per run folder, samples that know what made them, full disks, a VAE
+# that fits its DiT, no leftovers, fp16 as on V100s, the design's two commands, torchrun
+# ------------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def file_size_limit(nbytes):
+    """Files this process writes stop at `nbytes` (writes past it fail with EFBIG, as on a disk that fills up);
+    SIGXFSZ is ignored, so that the write fails instead of the process being killed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def error_lines(proc):
+    """The `error:` lines of a command whose stderr also holds progress bars and notes."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_a_run_folder_has_one_writer_until_its_run_is_killed_and_then_it_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *TINY_TRAIN, "--init", "none",
+                               "--global-batch-size", "4", "--max-steps", "100000", "--ckpt-every", "2",
+                               "--run-dir", run_dir], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):                                   # its first checkpoint: it is training
+            if glob.glob(str(run_dir / "checkpoints" / "*.pt")):
+                break
+            time.sleep(0.1)
+        with pytest.raises(UserError, match=rf"{run_dir} is in use by another training run \(pid {holder.pid} on"):
+            run_train(*TINY_TRAIN, "--global-batch-size", "4", "--max-steps", "1", "--run-dir", run_dir)
+    finally:
+        holder.kill()                                          # kill -9: no clean-up code runs
+        holder.wait()
+    newest = max(glob.glob(str(run_dir / "checkpoints" / "*.pt")))
+    step = torch.load(newest, weights_only=True)["step"]
+    assert run_train("--resume", newest, "--max-steps", step + 1)["step"] == step + 1
+
+
+def latent_dit_and_vae(folder, seed=0):
+    """An official-layout latent DiT-T/2 for 16 px images (4 classes + null) and an 8x VAE for it."""
+    torch.manual_seed(seed)
+    torch.save(randomize(DiT_models["DiT-T/2"](input_size=2, num_classes=4), seed).state_dict(), folder / "dit.pt")
+    write_tiny_vae(folder / "vae", seed)
+    return folder / "dit.pt", folder / "vae"
+
+
+def test_generate_resumes_only_the_samples_of_its_settings_and_names_what_changed(tmp_path, capsys):
+    dit, vae = latent_dit_and_vae(tmp_path)
+    (tmp_path / "other").mkdir()
+    other_dit, other_vae = latent_dit_and_vae(tmp_path / "other", seed=1)
+    argv = ["generate", "--ckpt", dit, "--vae", vae, "--out", tmp_path / "gen", "--per-class", "1", "--guidance", "null",
+            "--steps", "2", "--device", "cpu"]
+    assert run_main(evaluate, *argv, capsys=capsys).returncode == 0
+    made_by = json.loads((tmp_path / "gen" / "samples.json").read_text())["made_by"]
+    assert {"ckpt_sha256", "vae_sha256", "guidance", "cfg_scale", "sampler", "steps", "seed", "image_size"} <= set(made_by)
+    for change, named in [(["--cfg-scale", "2"], "cfg_scale 4.0 -> 2.0"), (["--steps", "3"], "steps 2 -> 3"),
+                          (["--guidance", "none"], "guidance 'null' -> 'none'"), (["--sampler", "ddim"], "sampler"),
+                          (["--seed", "1"], "seed 0 -> 1"), (["--ckpt", other_dit], "ckpt_sha256"),
+                          (["--vae", other_vae], "vae_sha256")]:
+        assert_one_line_error(run_main(evaluate, *argv, *change, capsys=capsys), named, "--overwrite")
+    assert run_main(evaluate, *argv, capsys=capsys).returncode == 0       # the same settings resume
+
+
+def test_generate_with_overwrite_starts_over_with_the_new_settings(tmp_path, capsys):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    argv = ["generate", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / "gen", "--per-class", "1", "--steps", "2",
+            "--device", "cpu"]
+    run_main(evaluate, *argv, capsys=capsys)
+    first = (tmp_path / "gen" / "00003" / "000000.png").read_bytes()
+    assert run_main(evaluate, *argv, "--cfg-scale", "1", "--overwrite", capsys=capsys).returncode == 0
+    assert json.loads((tmp_path / "gen" / "samples.json").read_text())["made_by"]["cfg_scale"] == 1.0
+    assert (tmp_path / "gen" / "00003" / "000000.png").read_bytes() != first
+
+
+def test_a_log_append_that_fails_warns_once_and_training_goes_on(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    os.symlink("/dev/full", tmp_path / "run" / "log.jsonl")            # every write: ENOSPC
+    out = run_train(*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--max-steps", "4", "--log-every", "1",
+                    "--ckpt-every", "2", "--run-dir", tmp_path / "run")
+    assert out["step"] == 4 and sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000002.pt", "0000004.pt"]
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "log.jsonl" in warned[0], warned
+
+
+def test_a_checkpoint_that_does_not_fit_ends_the_run_in_one_line_keeping_the_last_good_one(tmp_path, monkeypatch,
+                                                                                          capsys):
+    real_save, saves = torch.save, []
+
+    def second_save_finds_the_disk_full(obj, f, *args, **kwargs):
+        saves.append(f)
+        with file_size_limit(4096) if len(saves) == 2 else contextlib.nullcontext():
+            return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", second_save_finds_the_disk_full)
+    proc = run_main(train, *TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--max-steps", "6",
+                    "--ckpt-every", "2", "--run-dir", tmp_path, capsys=capsys)
+    good, full = (tmp_path / "checkpoints" / f"{step:07d}.pt" for step in (2, 4))
+    assert proc.returncode == 1 and error_lines(proc) == [
+        f"error: disk full writing {full}; last good checkpoint: {good}; nothing else lost; free some space and "
+        "resume from it"]
+    assert os.listdir(tmp_path / "checkpoints") == ["0000002.pt"]           # no half-written file
+    assert torch.load(good, weights_only=True)["step"] == 2
+
+
+def test_a_latent_cache_that_does_not_fit_fails_at_once_in_one_line(tmp_path, capsys):
+    write_tiny_vae(tmp_path / "vae")
+    with file_size_limit(64 * 1024):                 # the 4096 toy images' moments need 256 KiB
+        proc = run_main(data, "cache", "--data", "toy", "--image-size", "16", "--vae", tmp_path / "vae", "--out",
+                        tmp_path / "cache", "--num-workers", "0", capsys=capsys)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: disk full writing {tmp_path / 'cache' / 'moments.npy'} (File too large)"
+    assert os.listdir(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("script", ["sample", "generate"])
+def test_a_full_disk_while_writing_samples_is_one_error_line(script, tmp_path, capsys):
+    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "out"
+    write_our_checkpoint(ckpt)
+    command = {"sample": [sample_module, "--ckpt", ckpt, "--class-id", "1", "--num-samples", "1", "--steps", "2",
+                          "--out", out / "grid.png"],
+               "generate": [evaluate, "generate", "--ckpt", ckpt, "--out", out, "--per-class", "1", "--steps", "2",
+                            "--device", "cpu"]}[script]
+    with file_size_limit(100):
+        proc = run_main(*command, capsys=capsys)
+    errors = error_lines(proc)
+    assert proc.returncode == 1 and len(errors) == 1 and errors[0].startswith(f"error: disk full writing {out}")
+
+
+def dead_pid():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("start", ["train", "cache", "generate"])
+def test_temp_files_of_dead_writers_are_removed_at_the_next_start(start, tmp_path):
+    dead, alive = dead_pid(), os.getpid()
+    folder, names = {"train": ("run/checkpoints", [f".0000002.pt.tmp{dead}", f".0000003.pt.tmp{alive}"]),
+                     "cache": ("cache", [f"moments.npy.tmp{dead}.npy", f".labels.npy.tmp{dead}"]),
+                     "generate": ("gen/00001", [f".000000.png.tmp{dead}"])}[start]
+    os.makedirs(tmp_path / folder)
+    for name in names:
+        (tmp_path / folder / name).write_bytes(b"half a file")
+    if start == "train":
+        run_train(*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--max-steps", "1", "--run-dir",
+                  tmp_path / "run")
+    elif start == "cache":
+        data.build_latent_cache(small_toy(), StandInVAE(), str(tmp_path / "cache"), num_workers=0, progress=False)
+    else:
+        write_our_checkpoint(tmp_path / "ckpt.pt")
+        evaluate.main(["generate", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "gen"), "--per-class",
+                       "1", "--steps", "2", "--device", "cpu"])
+    left = {name for name in os.listdir(tmp_path / folder) if ".tmp" in name}
+    assert left == {name for name in names if name.endswith(f"tmp{alive}")}   # a live writer's stays
+
+
+@pytest.mark.parametrize("vae_config, says", [(dict(block_out_channels=(32, 32)), "2x smaller"),
+                                              (dict(latent_channels=8), "8-channel")])
+def test_sampling_refuses_a_vae_that_does_not_fit_the_dit_before_any_step(vae_config, says, tmp_path, capsys):
+    torch.save(DiT_models["DiT-T/4"](input_size=8, num_classes=10).state_dict(), tmp_path / "dit.pt")   # 64 px
+    write_tiny_vae(tmp_path / "vae", **vae_config)
+    proc = run_main(sample_module, "--ckpt", tmp_path / "dit.pt", "--vae", tmp_path / "vae", "--class-id", "3",
+                    "--guidance", "null", "--steps", "2", "--out", tmp_path / "s.png", capsys=capsys)
+    assert_one_line_error(proc, "does not fit", says, "64 px")
+    assert not os.path.exists(tmp_path / "s.png")
+
+
+def test_training_refuses_a_vae_that_does_not_fit_the_dit_before_any_step(tmp_path):
+    torch.save(DiT_models["DiT-T/2"](input_size=4, num_classes=4).state_dict(), tmp_path / "latent-base.pt")
+    write_tiny_vae(tmp_path / "vae", block_out_channels=(32, 32))
+    with pytest.raises(UserError, match="does not fit this DiT.*2x smaller"):
+        run_train("--data", "toy", "--init", tmp_path / "latent-base.pt", "--vae", tmp_path / "vae",
+                  "--global-batch-size", "4", "--max-steps", "1", "--num-workers", "0", "--run-dir", tmp_path / "run")
+    assert not os.path.exists(tmp_path / "run")                            # refused: no empty run folder
+
+
+def test_sampling_with_another_vae_than_the_recorded_one_warns_in_one_line(tmp_path, capsys):
+    dit, trained_with = latent_dit_and_vae(tmp_path)
+    other = tmp_path / "other-vae"
+    write_tiny_vae(other, seed=1)
+    state = torch.load(dit, weights_only=True)
+    config = dict(name="DiT-T/2", image_size=16, num_classes=4, num_superclasses=0, method="full", pixel_space=False)
+    model_module.save_checkpoint(tmp_path / "ours.pt", model=state, ema=state, base=None, config=config,
+                                 hierarchy=None, vae=AutoencoderKL.from_pretrained(trained_with).identity(), step=1,
+                                 args=dict(vae=str(trained_with)))
+    argv = ["--ckpt", tmp_path / "ours.pt", "--class-id", "1", "--guidance", "null", "--num-samples", "1", "--steps", "2",
+            "--out", tmp_path / "s.png"]
+    warned = lambda proc: [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    same, other_one = (run_main(sample_module, *argv, *vae, capsys=capsys) for vae in ([], ["--vae", other]))
+    assert same.returncode == other_one.returncode == 0 and warned(same) == []
+    assert len(warned(other_one)) == 1 and str(other) in warned(other_one)[0]
+
+
+def test_a_corrupt_cached_toy_classifier_is_trained_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "ToyDataset", functools.partial(data.ToyDataset, images_per_class=4))
+    (tmp_path / "toy_classifier_16px.pt").write_bytes(b"cut short by a full disk")
+    assert isinstance(evaluate.toy_classifier(16, str(tmp_path), epochs=1), evaluate.ToyClassifier)
+    model_module.load_strict(evaluate.ToyClassifier(16), torch.load(tmp_path / "toy_classifier_16px.pt"), "cache")
+
+
+def test_a_moved_base_is_asked_for_with_the_flag_each_script_has(tmp_path, base_ckpt, capsys):
+    base = shutil.copy(base_ckpt, tmp_path / "base.pt")
+    ckpt = run_train(*TINY_TRAIN, "--init", base, "--global-batch-size", "4", "--max-steps", "1",
+                     "--run-dir", tmp_path / "run")["final_ckpt"]
+    os.rename(base, tmp_path / "moved.pt")
+    resumed = run_main(train, "--resume", ckpt, "--max-steps", "2", capsys=capsys)
+    assert_one_line_error(resumed, "base.pt", "with --init")
+    assert "--base" not in resumed.stderr                                 # train.py has no --base
+    assert_one_line_error(run_main(sample_module, "--ckpt", ckpt, "--class-id", "1", capsys=capsys), "with --base")
+
+
+def test_the_log_holds_each_step_once_after_resuming_from_an_older_checkpoint(tmp_path):
+    run_train(*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--max-steps", "4", "--log-every", "1",
+              "--ckpt-every", "2", "--run-dir", tmp_path)
+    run_train("--resume", tmp_path / "checkpoints" / "0000002.pt", "--max-steps", "4")
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3, 4]
+
+
+def test_all_images_unreadable_with_dataloader_workers_is_one_error_line(tmp_path):
+    for k in range(4):
+        os.makedirs(tmp_path / "images" / "plants" / "oak", exist_ok=True)
+        (tmp_path / "images" / "plants" / "oak" / f"{k}.jpg").write_bytes(b"not a jpeg")
+    write_tiny_vae(tmp_path / "vae")
+    # a script of its own: in this process, the failed DataLoader's workers would take seconds to be collected
+    proc = run_script("train.py", "--data", "folder", "--data-path", tmp_path / "images", "--vae", tmp_path / "vae",
+                      "--init", "none", "--model", "DiT-T/4", "--image-size", "32", "--num-workers", "2",
+                      "--global-batch-size", "2", "--run-dir", tmp_path / "run")
+    assert proc.returncode == 2 and error_lines(proc) == [f"error: no readable image under {tmp_path / 'images'}"]
+
+
+def test_fp16_training_on_a_cpu_resumes_bit_for_bit_with_its_loss_scale(tmp_path):
+    common = [*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--precision", "fp16", "--ckpt-every", "2"]
+    straight = run_train(*common, "--max-steps", "4", "--run-dir", tmp_path / "straight")
+    first = run_train(*common, "--max-steps", "2", "--run-dir", tmp_path / "split")
+    second = run_train("--resume", first["final_ckpt"], "--max-steps", "4")
+    assert all(map(math.isfinite, straight["losses"])) and straight["losses"] == first["losses"] + second["losses"]
+    a, b = (torch.load(r["final_ckpt"], weights_only=True) for r in (straight, second))
+    assert a["train"]["scaler"] == b["train"]["scaler"] and a["train"]["scaler"]["_growth_tracker"] == 4
+    assert tensors_equal(a["model"], b["model"]) and tensors_equal(a["ema"], b["ema"])
+
+
+def test_sample_script_runs_in_fp16_on_a_cpu(tmp_path, capsys):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    proc = run_main(sample_module, "--ckpt", tmp_path / "ckpt.pt", "--class-id", "1", "--num-samples", "1", "--steps",
+                    "2", "--precision", "fp16", "--device", "cpu", "--out", tmp_path / "s.png", capsys=capsys)
+    assert proc.returncode == 0 and png_size(tmp_path / "s.png") == (16, 16)
+
+
+def test_the_designs_sample_command_runs_as_written_with_the_authors_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    authors = randomize(DiT_models["DiT-T/2"](input_size=2, num_classes=10000, num_superclasses=11, null_class=False,
+                                              norm_affine=True))         # 10,000 + 11 rows: the authors' table
+    os.makedirs("pretrained")
+    torch.save({"model": authors.state_dict(), "ema": authors.state_dict(), "opt": {},
+                "args": argparse.Namespace(model="DiT-T/2")}, "pretrained/FineDiffusion-iNat.pt")
+    write_tiny_vae("pretrained/sd-vae-ft-ema")
+    proc = run_main(sample_module, "--class-id", "4021", capsys=capsys)    # python sample.py --class-id 4021
+    assert proc.returncode == 0, proc.stderr
+    assert "class 4021 (04021), guided by superclass 2 (Birds) from pretrained/FineDiffusion-iNat.pt" in proc.stderr
+    assert png_size("samples/sample.png") == (4 * 16 + 5 * 2, 2 * 16 + 3 * 2)   # 8 samples, 4 a row
+
+
+def test_without_a_ckpt_the_newest_run_under_results_comes_before_the_authors_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in ("pretrained/FineDiffusion-iNat.pt", "results/000-run/checkpoints/0000001.pt"):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "wb").close()
+    assert sample_module.find_checkpoint() == os.path.join("results", "000-run", "checkpoints", "0000001.pt")
+
+
+def test_the_designs_train_command_names_each_missing_file_where_it_looked_and_where_it_is_published(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    command = ["--data", "inat21"]                    # torchrun --nproc_per_node=8 train.py --data inat21
+    assert_one_line_error(run_main(train, *command, capsys=capsys), "data/inat21", "github.com/visipedia/inat_comp")
+    make_inat21("data/inat21")
+    assert_one_line_error(run_main(train, *command, capsys=capsys), "looked in DiT-XL-2-256x256.pt, "
+                          "pretrained/DiT-XL-2-256x256.pt", "https://dl.fbaipublicfiles.com/DiT/models/")
+    os.makedirs("pretrained")               # a small stand-in for DiT-XL/2 under the published name
+    torch.save(DiT_models["DiT-T/2"](input_size=2, num_classes=1000).state_dict(), "pretrained/DiT-XL-2-256x256.pt")
+    assert_one_line_error(run_main(train, *command, capsys=capsys), "looked in sd-vae-ft-ema, pretrained/sd-vae-ft-ema",
+                          "https://huggingface.co/stabilityai/sd-vae-ft-ema")
+    write_tiny_vae("pretrained/sd-vae-ft-ema")
+    proc = run_main(train, *command, "--max-steps", "1", "--global-batch-size", "2", "--num-workers", "0", capsys=capsys)
+    assert proc.returncode == 0 and glob.glob("results/000-DiT-T-2-finediffusion/checkpoints/0000001.pt"), proc.stderr
+
+
+def test_under_torchrun_a_user_error_found_by_rank_0_stops_every_rank_and_is_said_once(tmp_path):
+    lock = train.lock_run_dir(str(tmp_path / "run"))       # this process holds the run folder: only rank 0 can tell
+    try:
+        proc = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                          os.path.join(HERE, "train.py"), *TINY_TRAIN, "--global-batch-size", "4", "--max-steps", "2",
+                          "--run-dir", tmp_path / "run")
+    finally:
+        lock.close()
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and f"in use by another training run (pid {os.getpid()} on" in ours[0], proc.stderr
+    # torchrun's own summary follows (its traceback, then one entry per rank): the first rank to finish exited 2,
+    # the other exited 2 as well or was stopped by the SIGTERM with which torchrun ends the group
+    codes = re.findall(r"exitcode  : (-?\d+)", proc.stderr)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, proc.stderr[-3000:]
+    assert not os.listdir(tmp_path / "run" / "checkpoints")
 
 
 # ------------------------------------------------------------------------------------------------------------

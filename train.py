@@ -20,11 +20,13 @@ global batch 256, 200K steps, EMA 0.9999, data under data/<name>/, the base and 
 `--data toy` instead defaults to a from-scratch DiT-T/4 on 32 px pixels (`--init none`, `--tune full`), so that
 the quickstart runs on a CPU.
 
-Read `train` and `run` top to bottom: set-up -> data -> model (base checkpoint, set_trainable) -> optimizer and
-EMA -> loop -> save. Checkpoints (model.save_checkpoint has the schema) hold only the tuned tensors when there is
+Read `train` and `run_training` top to bottom: set-up -> base checkpoint -> run folder (locked: one writer) ->
+data and VAE -> model (set_trainable) -> optimizer and EMA -> loop -> save. Checkpoints (model.save_checkpoint has the schema) hold only the tuned tensors when there is
 a base file ("delta", §3.2.1), plus what --resume needs to continue bit for bit (its own section below).
 """
 import argparse
+import errno
+import fcntl
 import glob
 import itertools
 import json
@@ -32,9 +34,11 @@ import math
 import os
 import random
 import resource
+import shutil
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,9 +50,11 @@ from tqdm.auto import tqdm
 
 import data
 from diffusion import create_diffusion
-from model import (METHODS, ArgumentParser, AutoencoderKL, DiT_models, SUPERCLASS_PROB, UserError, build_model,
-                   checkpoint_tensors, dit_config_from_state, file_sha256, find_file, latest_checkpoint, load_model,
-                   load_pretrained, read_checkpoint, run_cli, save_checkpoint, scaled_latent, set_trainable)
+from model import (DISK_FULL, LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, ArgumentParser, AutoencoderKL, DiT_models,
+                   UserError, build_model, check_image_size, checkpoint_tensors, decay, device,
+                   dit_config_from_state, file_sha256, find_file, folder, latest_checkpoint, load_model,
+                   load_pretrained, nonnegative_int, positive_float, positive_int, precision_context, probability,
+                   read_checkpoint, remove_stale_temp_files, run_cli, save_checkpoint, scaled_latent, set_trainable)
 from sample import CFG_SCALE, sample_images, save_png
 
 PAPER_INIT = "DiT-XL-2-256x256.pt"
@@ -56,7 +62,7 @@ VAE = "sd-vae-ft-ema"     # the paper's (DiT's) VAE, looked up as given, then un
 
 
 class TrainingError(UserError):
-    """The run itself failed (non-finite loss, out of memory): one line, exit code 1."""
+    """The run itself failed (non-finite loss, out of memory, a full disk): one line, exit code 1."""
     exit_code = 1
 
 
@@ -75,32 +81,36 @@ def parse_args(argv=None):
     d.add_argument("--latent-cache", help="train from a VAE-latent cache made by `python data.py cache`")
     d.add_argument("--vae", help=f"SD VAE folder: encodes images on the fly, decodes sample grids; default: "
                                  f"{VAE} (as given, then under pretrained/)")
-    d.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    d.add_argument("--num-workers", type=nonnegative_int, default=4, help="DataLoader workers per process")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=list(DiT_models), help="default: from --init, else DiT-XL/2 (toy: DiT-T/4)")
-    m.add_argument("--image-size", type=int, help="pixels; default: from --init, else 256 (toy: 32)")
+    m.add_argument("--image-size", type=positive_int, help="pixels, a multiple of the patch (x8 for latents); "
+                                                         "default: from --init, else 256 (toy: 32)")
     m.add_argument("--init", help=f"pre-trained DiT ({PAPER_INIT} is looked up as given, then under pretrained/), "
                                   f"one of our checkpoints or run folders, or 'none'; default: {PAPER_INIT}, toy: none")
     m.add_argument("--tune", choices=METHODS, help="what to train; default: finediffusion, full from scratch")
-    m.add_argument("--superclass-prob", type=float, default=SUPERCLASS_PROB,
+    m.add_argument("--superclass-prob", type=probability, default=SUPERCLASS_PROB,
                    help="label -> superclass substitution (§3.2.1; the authors' value)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float, default=1e-4)
-    o.add_argument("--global-batch-size", type=int, default=256, help="over all processes")
-    o.add_argument("--max-steps", type=int, default=200_000)
-    o.add_argument("--ema-decay", type=float, default=0.9999)
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--lr", type=positive_float, default=1e-4)
+    o.add_argument("--global-batch-size", type=positive_int, default=256, help="over all processes")
+    o.add_argument("--max-steps", type=positive_int, default=200_000)
+    o.add_argument("--ema-decay", type=decay, default=0.9999)
+    o.add_argument("--seed", type=nonnegative_int, default=0)
     o.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="tf32",
-                   help="tf32: fp32 weights, TF32 matmuls on Ampere+ (as DiT); fp16: autocast + loss scaling (V100)")
+                   help="tf32: fp32 weights, TF32 matmuls on Ampere+ (as DiT); fp16: autocast + loss scaling (V100; "
+                        "on a CPU too, where torch supports it)")
     o.add_argument("--compile", action="store_true", help="torch.compile the DiT")
     o.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations: less memory")
-    o.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    o.add_argument("--device", type=device,
+                   help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     r = p.add_argument_group("output")
-    r.add_argument("--results-dir", default="results")
-    r.add_argument("--run-dir", help="run folder; default: <results-dir>/NNN-<model>-<tune>")
-    r.add_argument("--ckpt-every", type=int, default=50_000)
-    r.add_argument("--log-every", type=int, default=100)
-    r.add_argument("--sample-every", type=int, default=0, help="save an EMA sample grid every N steps (0: never)")
+    r.add_argument("--results-dir", type=folder, default="results")
+    r.add_argument("--run-dir", type=folder, help="run folder; default: <results-dir>/NNN-<model>-<tune>")
+    r.add_argument("--ckpt-every", type=positive_int, default=50_000)
+    r.add_argument("--log-every", type=positive_int, default=100)
+    r.add_argument("--sample-every", type=nonnegative_int, default=0,
+                   help="save an EMA sample grid every N steps (0: never)")
     r.add_argument("--resume", help="continue a run from one of its checkpoints (its arguments are the defaults)")
     r.add_argument("--export", help="write a standalone checkpoint (every tensor, EMA): after training, or, "
                                     "with --resume, of that checkpoint without training")
@@ -114,8 +124,8 @@ def parse_args(argv=None):
 
 
 def check_args(args, world):
-    """User mistakes found before any process starts work."""
-    if args.global_batch_size < 1 or args.global_batch_size % world:
+    """User mistakes found before any process starts work (every rank finds the same ones)."""
+    if args.global_batch_size % world:
         raise UserError(f"--global-batch-size {args.global_batch_size} does not divide over {world} processes: "
                         f"use a positive multiple of {world}")
     if args.resume and args.export:
@@ -127,9 +137,6 @@ def check_args(args, world):
         if not os.path.isdir(path):
             where = f"; iNat21 is published at {data.INAT21_URL}" if args.data == "inat21" else ""
             raise UserError(f"--data {args.data}: no dataset at {path} (put it there or pass --data-path DIR){where}")
-    for flag in ("max_steps", "ckpt_every", "log_every"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,18 +144,15 @@ def check_args(args, world):
 # ----------------------------------------------------------------------------------------------------------
 
 def setup_precision(precision, device):
-    """Autocast context for the DiT's forward pass and a GradScaler (enabled for fp16 only)."""
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU (it is meant for V100s): on a CPU use fp32 or bf16")
+    """Autocast context for the DiT's forward pass and a GradScaler (enabled for fp16 only: fp16 gradients
+    underflow without loss scaling)."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU has no bf16 (e.g. a V100): use --precision fp16")
     if device.type == "cuda":
         # TF32 keeps fp32 weights and accumulation, rounds matmul inputs to 10 mantissa bits (DiT trains so).
         torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
         torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    return autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return precision_context(precision, device.type), torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def seed_everything(seed):
@@ -239,13 +243,14 @@ def encode(vae, x):
 # ----------------------------------------------------------------------------------------------------------
 
 def find_init(path):
-    """The base checkpoint file: as given (a run folder: its newest checkpoint), then under pretrained/."""
-    if os.path.isdir(path) and not os.path.isdir(os.path.join("pretrained", path)):
+    """The base checkpoint file: as given, then under pretrained/; a run folder means its newest checkpoint."""
+    path = find_file(path)
+    if os.path.isdir(path):
         found = latest_checkpoint(path)
         if found is None:
             raise UserError(f"no checkpoint in {path}: train one first, or pass a checkpoint file")
-        return os.path.abspath(found)
-    return os.path.abspath(find_file(path))
+        path = found
+    return os.path.abspath(path)
 
 
 def base_config(args, init, cache):
@@ -278,7 +283,9 @@ def choose_base(args, cache):
     init_path = None if args.init.lower() == "none" else find_init(args.init)
     init = read_checkpoint(init_path) if init_path else None
     args.tune = args.tune or ("full" if init is None else "finediffusion")
-    return init_path, init, base_config(args, init, cache)
+    extra = base_config(args, init, cache)
+    check_image_size(args.model, args.image_size, extra["pixel_space"])
+    return init_path, init, extra
 
 
 def fresh_model(args, dataset, init_path, init, extra, say):
@@ -296,7 +303,7 @@ def fresh_model(args, dataset, init_path, init, extra, say):
             say(f"warning: training from scratch with --tune {args.tune} trains only a few tensors")
         return model, config, None
     chained = bool(init.get("base"))
-    state = load_model(init_path)[0].state_dict() if chained else checkpoint_tensors(init)
+    state = load_model(init_path, base_flag=None)[0].state_dict() if chained else checkpoint_tensors(init)
     try:
         report = load_pretrained(model, state)
     except UserError as e:
@@ -375,6 +382,7 @@ class Run:
     losses: list = field(default_factory=list)
     time_before: float = 0.0      # training wall time (s) of the run before this process: from --resume
     started: float = 0.0          # time.time() when this process's loop began
+    log_failed: bool = False      # log.jsonl could not be appended to (a full disk): warned once
 
     def tuned(self):
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
@@ -393,11 +401,19 @@ def save(run):
         run.base["sha256"] = file_sha256(run.base["path"])      # a delta must only ever meet its own base
     state = run.model.state_dict()
     model = {name: state[name] for name, _ in run.tuned()} if run.base else state
-    run.last_ckpt = os.path.join(run.run_dir, "checkpoints", f"{run.step:07d}.pt")
-    save_checkpoint(run.last_ckpt, model=model, ema=with_ema(model, run.ema), base=run.base, config=run.config,
-                    hierarchy=run.hierarchy, vae=run.vae, step=run.step, time_s=run.time_s(), args=saved_args(run.args),
-                    train=dict(opt=run.opt.state_dict(), scaler=run.scaler.state_dict() if run.scaler.is_enabled()
-                               else None, rng=rngs, world_size=run.world, epoch=run.epoch, position=run.position))
+    path = os.path.join(run.run_dir, "checkpoints", f"{run.step:07d}.pt")
+    try:
+        save_checkpoint(path, model=model, ema=with_ema(model, run.ema), base=run.base, config=run.config,
+                        hierarchy=run.hierarchy, vae=run.vae, step=run.step, time_s=run.time_s(),
+                        args=saved_args(run.args),
+                        train=dict(opt=run.opt.state_dict(), scaler=run.scaler.state_dict() if run.scaler.is_enabled()
+                                   else None, rng=rngs, world_size=run.world, epoch=run.epoch, position=run.position))
+    except OSError as e:       # atomic: nothing half-written is left, and the earlier checkpoints are intact
+        if e.errno not in DISK_FULL:
+            raise
+        raise TrainingError(f"disk full writing {path}; last good checkpoint: {run.last_ckpt}; nothing else lost; "
+                            f"free some space and resume from it") from None
+    run.last_ckpt = path
 
 
 def export(path, model, ema, info):
@@ -412,22 +428,65 @@ def saved_args(args):
     return {k: v for k, v in vars(args).items() if k != "given"}
 
 
-def make_run_dir(args, rank, world):
-    """--run-dir, the run folder of --resume, or results/NNN-<model>-<tune> with NNN chosen by rank 0."""
+def run_dir_of(args):
+    """--run-dir, the run folder of --resume, or results/NNN-<model>-<tune> with the next free NNN."""
     if args.run_dir:
-        run_dir = args.run_dir
-    elif args.resume and os.path.basename(os.path.dirname(os.path.abspath(args.resume))) == "checkpoints":
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
-    else:
-        index = len(glob.glob(os.path.join(args.results_dir, "*")))
-        run_dir = all_ranks(os.path.join(args.results_dir, f"{index:03d}-{args.model.replace('/', '-')}-{args.tune}"),
-                            world)[0]                            # the ranks could count differently
-    if not args.resume and glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
-        raise UserError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}/checkpoints/"
-                        f"<step>.pt or choose another --run-dir")
-    if rank == 0:
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-    return run_dir
+        return args.run_dir
+    if args.resume and os.path.basename(os.path.dirname(os.path.abspath(args.resume))) == "checkpoints":
+        return os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+    index = len(glob.glob(os.path.join(args.results_dir, "*")))
+    return os.path.join(args.results_dir, f"{index:03d}-{args.model.replace('/', '-')}-{args.tune}")
+
+
+@contextmanager
+def run_folder(args, step):
+    """The run folder, created and locked by rank 0 for as long as the run lasts; every rank learns its name, or
+    why there is none. Leftover temp files of a killed run are removed, the log is cut back to `step` (where
+    the run starts), and a new run never writes over one that has checkpoints (it resumes instead)."""
+    held, created = [], []
+
+    def claim():
+        run_dir = run_dir_of(args)
+        if not os.path.isdir(run_dir):
+            created.append(run_dir)
+        held.append(lock_run_dir(run_dir))
+        if not args.resume and glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
+            raise UserError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}/checkpoints/"
+                            f"<step>.pt or choose another --run-dir")
+        remove_stale_temp_files(run_dir)
+        trim_log(run_dir, step)
+        return run_dir
+
+    try:
+        yield data.on_rank0(claim)
+    except BaseException:
+        for run_dir in created:            # stopped before writing anything (a user mistake): leave no empty folder
+            if set(os.listdir(run_dir)) <= {"checkpoints", ".lock"} and not os.listdir(f"{run_dir}/checkpoints"):
+                shutil.rmtree(run_dir)
+        raise
+    finally:
+        for lock in held:
+            lock.close()                   # releases it (so does the kernel when a process dies, even by kill -9)
+
+
+def lock_run_dir(run_dir):
+    """Take the exclusive lock <run_dir>/.lock, and write who holds it there. -> the open lock file.
+    A UserError naming the holder when another process has it: two runs in one folder would silently write
+    each other's checkpoints and interleave their logs."""
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    lock = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{run_dir} is in use by another training run ({holder}): wait for it to end or choose "
+                        "another --run-dir") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    return lock
 
 
 def peak_memory_gb(device):
@@ -446,8 +505,50 @@ def log(run, bar, window, clock):
     if run.rank == 0:
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        with open(os.path.join(run.run_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            append_line(os.path.join(run.run_dir, "log.jsonl"), json.dumps(record))
+        except OSError as e:   # a log line is not worth the steps since the last checkpoint: train on
+            if not run.log_failed:
+                bar.write(f"warning: cannot append to log.jsonl ({e.strerror}); training goes on, logging to the "
+                          "console only until it can")
+            run.log_failed = True
+
+
+def append_line(path, line):
+    """Append one whole line or nothing: a full disk must not leave half a JSON record in the log."""
+    with open(path, "ab", buffering=0) as f:
+        end, text = f.tell(), (line + "\n").encode()
+        try:
+            if f.write(text) != len(text):      # the disk had room for part of it
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        except OSError:
+            with suppress(OSError):
+                f.truncate(end)
+            raise
+
+
+def trim_log(run_dir, step):
+    """Cut the log after its last line of a step <= `step`: a run resumed from an older checkpoint redoes the later
+    steps, which would otherwise be logged twice (a line cut short by a crash goes too). The lines are in step
+    order, so a truncation does it, and that needs no free space."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return
+    keep = 0
+    with open(path, "rb") as f:
+        for line in f:
+            logged = _logged_step(line)
+            if logged is None or logged > step:
+                break
+            keep += len(line)
+    os.truncate(path, keep)
+
+
+def _logged_step(line):
+    try:
+        return json.loads(line)["step"] if line.endswith(b"\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 @torch.no_grad()
@@ -480,22 +581,35 @@ def sample_grid(run, vae):
 NOT_RESUMED = {"resume", "export", "run_dir", "init", "given"}   # --init on a resume: where its base moved to
 
 
+# Arguments that fix the model or its data: a resumed run cannot change them (the new value would be ignored,
+# yet recorded in its checkpoints). Paths (--data-path, --latent-cache, --vae) may move.
+FIXED_ON_RESUME = ("model", "image_size", "tune", "data", "split", "coarse")
+
+
 def read_resume(args):
     """The checkpoint of --resume; the run's saved arguments become the defaults of the ones not given."""
     ckpt = read_checkpoint(args.resume)
     if "train" not in ckpt:
         raise UserError(f"--resume {args.resume}: not a training checkpoint of this train.py "
                         "(to start from it, use --init)")
-    for k, v in ckpt["args"].items():
+    saved = ckpt["args"]
+    for k in FIXED_ON_RESUME:
+        if k in args.given and getattr(args, k) != saved.get(k):
+            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: the resumed run has {saved.get(k)} and "
+                            f"cannot change it; leave it out, or start a new run from it with --init {args.resume}")
+    for k, v in saved.items():
         if k not in NOT_RESUMED and k not in args.given and hasattr(args, k):
             setattr(args, k, v)
+    if not args.export and args.max_steps <= ckpt["step"]:
+        raise UserError(f"--max-steps {args.max_steps}: {args.resume} is already at step {ckpt['step']}; "
+                        "pass a larger --max-steps to train on")
     return ckpt
 
 
 def resumed_model(args, ckpt):
     """The run's DiT with its trained (not EMA) tensors; a delta goes onto its base (--init: if it moved)."""
     base = find_init(args.init) if args.init and args.init.lower() != "none" else None
-    model, _ = load_model(args.resume, base=base, weights="model")
+    model, _ = load_model(args.resume, base=base, weights="model", base_flag="--init")
     model.y_embedder.superclass_prob = args.superclass_prob
     return model
 
@@ -569,59 +683,69 @@ def run_training(args, resume, rank, world, device):
     say = print if rank == 0 else (lambda *a, **k: None)
     autocast, scaler = setup_precision(args.precision, device)
 
-    # --- the base checkpoint (--init) or the resumed run fixes the DiT; then the data, and the VAE --------------
+    # --- the base checkpoint (--init) or the resumed run fixes the DiT; then the run folder, locked -------------
     cache = open_latent_cache(args) if args.latent_cache else None
     if resume is None:
         init_path, init, extra = choose_base(args, cache)
         pixel, image_size = extra["pixel_space"], args.image_size
     else:
         pixel, image_size = resume["config"]["pixel_space"], resume["config"]["image_size"]
-    if cache is not None and (pixel or cache.image_size != image_size):
-        raise UserError(f"the latent cache holds {cache.image_size}px VAE latents; this DiT is for {image_size}px "
-                        f"{'pixels' if pixel else 'latents'}")
-    # A latent DiT needs the VAE to encode its images (unless they are cached) and to decode its sample grids.
+    with run_folder(args, resume["step"] if resume else 0) as run_dir:   # one writer: a second run stops here
+        dataset, vae, vae_identity = data_and_vae(args, cache, pixel, image_size)
+
+        # --- the model: the base's weights or the resumed run's; then what trains (paper Table 2) ---------
+        if resume is None:
+            model, config, base = fresh_model(args, dataset, init_path, init, extra, say)
+            del init
+        else:
+            model, config, base = resumed_model(args, resume), resume["config"], resume["base"]
+            if dataset.hierarchy() != resume["hierarchy"]:
+                raise UserError(f"the data's classes differ from those of {args.resume}: resume with the same --data")
+        trainable, total = set_trainable(model, config["method"])
+        model.to(device).train()
+        model.grad_checkpointing = args.grad_checkpointing
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+        net = torch.compile(net) if args.compile else net
+
+        # --- AdamW and the EMA, over the tuned tensors only ---------------------------------------------------
+        tuned = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([p for _, p in tuned], lr=args.lr, weight_decay=0)   # after DDP's broadcast
+        run = Run(args, config, dataset.hierarchy(), base, vae_identity, model,
+                  {name: p.detach().clone() for name, p in tuned}, opt, scaler, rank, world, device, run_dir)
+        say(f"{config['name']} {config['image_size']}px {'pixels' if pixel else 'latents'}, {config['num_classes']} "
+            f"classes / {config['num_superclasses']} superclasses, --tune {config['method']}: {trainable / 1e6:.2f}M "
+            f"of {total / 1e6:.2f}M parameters trained ({100 * trainable / total:.2f}%), {world} process(es)")
+
+        # --- from step 0, or exactly where the checkpoint left off; then the loop -------------------------
+        seed_everything(args.seed * world + rank)        # per-rank timesteps, noise and label substitutions
+        if resume is not None:
+            restore_training_state(run, resume, say)
+            del resume
+        loop(run, net, dataset, autocast, vae)
+        if rank == 0 and args.export:
+            export(args.export, model, run.ema, dict(config=config, hierarchy=run.hierarchy, vae=run.vae,
+                                                     step=run.step, time_s=run.time_s(), args=saved_args(args)))
+            say(f"exported {args.export}")
+    return dict(final_ckpt=run.last_ckpt, run_dir=run.run_dir, losses=run.losses, step=run.step, model=model,
+                ema=run.ema)
+
+
+def data_and_vae(args, cache, pixel, image_size):
+    """The training items (a latent cache, or images) and, for a latent DiT, the VAE that encodes the images
+    (unless they are cached) and decodes the sample grids, checked against the DiT before any step.
+    -> (dataset, vae or None, the VAE's identity for the checkpoints)."""
+    latents = [LATENT_CHANNELS, image_size // 8, image_size // 8]
+    if cache is not None and (pixel or cache.latent_shape != latents):
+        raise UserError(f"the latent cache holds {'x'.join(map(str, cache.latent_shape))} latents of "
+                        f"{cache.image_size}px images; this DiT takes " + (f"{image_size}px pixels" if pixel else
+                        f"{'x'.join(map(str, latents))} latents of {image_size}px images"))
     vae = None if pixel or (cache and not args.sample_every) else AutoencoderKL.from_pretrained(args.vae or VAE)
+    if vae is not None:
+        vae.check_fits(LATENT_CHANNELS, image_size)
     if cache is not None and vae is not None and cache.meta["vae"] != vae.identity():
         raise UserError(f"the latent cache {args.latent_cache} was built with another VAE than {vae.weights_file}")
     dataset = cache or image_dataset(args)
-    vae_identity = vae.identity() if vae else cache.meta["vae"] if cache else None
-
-    # --- the model: the base's weights or the resumed run's; then what trains (paper Table 2) -------------
-    if resume is None:
-        model, config, base = fresh_model(args, dataset, init_path, init, extra, say)
-        del init
-    else:
-        model, config, base = resumed_model(args, resume), resume["config"], resume["base"]
-        if dataset.hierarchy() != resume["hierarchy"]:
-            raise UserError(f"the data's classes differ from those of {args.resume}: resume with the same --data")
-    trainable, total = set_trainable(model, config["method"])
-    model.to(device).train()
-    model.grad_checkpointing = args.grad_checkpointing
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    net = torch.compile(net) if args.compile else net
-
-    # --- AdamW and the EMA, over the tuned tensors only -------------------------------------------------------
-    tuned = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in tuned], lr=args.lr, weight_decay=0)   # after DDP's broadcast
-    run = Run(args, config, dataset.hierarchy(), base, vae_identity, model,
-              {name: p.detach().clone() for name, p in tuned}, opt, scaler, rank, world, device)
-    say(f"{config['name']} {config['image_size']}px {'pixels' if pixel else 'latents'}, {config['num_classes']} "
-        f"classes / {config['num_superclasses']} superclasses, --tune {config['method']}: {trainable / 1e6:.2f}M "
-        f"of {total / 1e6:.2f}M parameters trained ({100 * trainable / total:.2f}%), {world} process(es)")
-
-    # --- from step 0, or exactly where the checkpoint left off; then the loop -----------------------------
-    seed_everything(args.seed * world + rank)        # per-rank timesteps, noise and label substitutions
-    if resume is not None:
-        restore_training_state(run, resume, say)
-        del resume
-    run.run_dir = make_run_dir(args, rank, world)
-    loop(run, net, dataset, autocast, vae)
-    if rank == 0 and args.export:
-        export(args.export, model, run.ema, dict(config=config, hierarchy=run.hierarchy, vae=run.vae,
-                                                 step=run.step, time_s=run.time_s(), args=saved_args(args)))
-        say(f"exported {args.export}")
-    return dict(final_ckpt=run.last_ckpt, run_dir=run.run_dir, losses=run.losses, step=run.step, model=model,
-                ema=run.ema)
+    return dataset, vae, vae.identity() if vae else cache.meta["vae"] if cache else None
 
 
 def loop(run, net, dataset, autocast, vae):
