@@ -56,10 +56,10 @@ from tqdm import tqdm
 import data
 from model import (KNOWN_TABLES, METHODS, TABLE, ArgumentParser, UserError, atomic_write, build_model,
                    checkpoint_tensors, device, dit_config_from_state, file_sha256, find_file, finite_float, folder,
-                   int_in, load_strict, nonnegative_int, positive_int, read_checkpoint, remove_stale_temp_files,
+                   load_strict, nonnegative_int, positive_int, read_checkpoint, remove_stale_temp_files,
                    run_cli)
-from sample import (CFG_SCALE, SAMPLERS, STEPS, TRAINED_STEPS, check_interval, find_checkpoint, guide_labels,
-                    load_for_sampling, make_sampler, resolve_class, sample_images)
+from sample import (CFG_SCALE, add_sampler_args, find_checkpoint, guide_labels, load_for_sampling, resolve_class, sample_images,
+                    steps_of)
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
@@ -740,8 +740,7 @@ def start_folder(out, manifest, overwrite):
 def cmd_generate(args):
     if (args.num_samples is None) == (args.per_class is None):
         raise UserError("give exactly one of --num-samples and --per-class")
-    make_sampler(args.sampler, args.steps)                 # a bad --steps or interval fails before any work
-    check_interval(args.guidance_interval)
+    steps_of(args)                                         # a bad --steps or interval fails before any work
     rank, world, device = data.init_distributed(args.device)
     model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae)
     if args.guidance != "none":
@@ -937,8 +936,7 @@ def toy_reference(name, size, args):
 
 
 def cmd_toy(args):
-    make_sampler(args.sampler, args.steps)                 # a bad --steps or interval fails before any work
-    check_interval(args.guidance_interval)
+    steps_of(args)                                         # a bad --steps or interval fails before any work
     if args.plot:
         figure_path(args.plot)
     seeds = args.seeds or [args.seed]
@@ -1415,6 +1413,7 @@ def real_row(args, num_classes, image_size):
 
 def cmd_grid(args):
     figure_path(args.out)
+    steps_of(args)
     cells, labels, rows, hierarchy, num_classes = [], [], [], None, None
     for path in map(find_checkpoint, args.ckpt):
         model, info, vae = load_for_sampling(path, vae=args.vae)
@@ -1428,7 +1427,8 @@ def cmd_grid(args):
         if guidance == "auto":                       # each method as it is meant to be sampled: eq. 1 or standard CFG
             guidance = "superclass" if model.y_embedder.num_superclasses else "null"
         images = sample_images(model, args.class_ids, guidance, args.cfg_scale, args.sampler, args.steps, vae,
-                               args.seed, args.device, progress=False)   # every row: the same seed, the same noise
+                               args.seed, args.device, progress=False,   # every row: the same seed, the same noise
+                               guidance_interval=args.guidance_interval)
         method = info["config"].get("method", "?")
         cells.append(list(images.numpy()))
         labels.append([checkpoint_label(path), method,
@@ -1577,10 +1577,8 @@ def add_figure_commands(sub):
     p.add_argument("--out", required=True, help="PNG to write; OUT.csv beside it")
     p.add_argument("--guidance", choices=["auto", "superclass", "null", "none"], default="auto",
                    help="auto: superclass rows (eq. 1) where the table has them, else the null row (standard CFG)")
-    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampler_args(p)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--vae", help="SD VAE for latent models; default: the checkpoint's, else sd-vae-ft-ema")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", choices=data.DATASETS, help="a first row of real images of each class, from this dataset")
@@ -1625,11 +1623,7 @@ def main(argv=None):
     p.add_argument("--num-samples", type=positive_int, help="in all, spread evenly over the classes")
     p.add_argument("--per-class", type=positive_int, help="or this many of every class")
     p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
-    p.add_argument("--cfg-scale", type=finite_float, default=CFG_SCALE)
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm (the paper), ddim, dpm++2m")
-    p.add_argument("--steps", type=int_in(2, TRAINED_STEPS), default=STEPS)
-    p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
-                   help="guide only at timesteps LO <= t <= HI of 0 ... 999 (sample.py); default: every step")
+    add_sampler_args(p)
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--npz", help="also pack every image into this .npz (arr_0, labels, hierarchy)")
     p.add_argument("--fid", help="reference statistics .npz: compute FID and LPIPS when done")
@@ -1641,13 +1635,9 @@ def main(argv=None):
     p.add_argument("--ckpt", nargs="+", required=True, help="toy checkpoints or run folders (e.g. one per method)")
     p.add_argument("--guidance", nargs="+", choices=["none", "null", "superclass"], default=["none", "null", "superclass"])
     p.add_argument("--per-class", type=positive_int, default=16, help="samples of each class")
-    p.add_argument("--cfg-scale", type=finite_float, default=CFG_SCALE)
+    add_sampler_args(p, steps=50)
     p.add_argument("--cfg-scales", nargs="+", type=finite_float, help="a guidance sweep: every guide at each of "
                    "these scales (e.g. 1 1.5 2 3 4 6), instead of --cfg-scale alone")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm, ddim, dpm++2m")
-    p.add_argument("--steps", type=int_in(2, TRAINED_STEPS), default=50)
-    p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
-                   help="guide only at timesteps LO <= t <= HI of 0 ... 999 (sample.py); default: every step")
     p.add_argument("--pairs", type=positive_int, default=500, help="same-class pairs for the diversity")
     p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="seed of the real reference images (and default noise seed)")

@@ -36,6 +36,7 @@ AUTHORS_CHECKPOINT = "FineDiffusion-iNat.pt"
 CFG_SCALE = 4.0         # paper §4.2: the guidance scale w of every table
 STEPS = 250             # paper §4.2: DDPM sampling steps
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+DEFAULT_STEPS = {"ddpm": STEPS, "ddim": 50, "dpm++2m": 20}   # --steps when not given: the paper's 250 DDPM steps, ...
 TRAINED_STEPS = 1000    # the diffusion DiT is trained on: a sampler keeps 2 or more of these steps
 
 
@@ -103,6 +104,26 @@ def guide_labels(model, y, guidance):
     if not emb.null_class:
         raise UserError("this checkpoint has no null row (FineDiffusion tables are K+S rows): use --guidance superclass")
     return torch.full_like(y, emb.null_id)
+
+
+def add_sampler_args(p, steps=None):
+    """How every command samples: --cfg-scale, --sampler, --steps (default: DEFAULT_STEPS of the sampler, unless the
+    command has its own) and --guidance-interval. Call `steps_of(args)` after parsing."""
+    p.add_argument("--cfg-scale", type=finite_float, default=CFG_SCALE, help="w of eq. 1 (the paper's: 4)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm (the paper's), ddim, dpm++2m (DPM-Solver++(2M))")
+    p.add_argument("--steps", type=int_in(2, TRAINED_STEPS), default=steps,
+                   help="sampling steps; default: " + (str(steps) if steps else "250 DDPM, 50 DDIM, 20 DPM++(2M)"))
+    p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at timesteps LO <= t <= HI of 0 ... 999 (default: every step, as the paper)")
+
+
+def steps_of(args):
+    """--steps as given, else the sampler's default; checked (with the interval) before any work."""
+    args.steps = args.steps or DEFAULT_STEPS[args.sampler]
+    make_sampler(args.sampler, args.steps)
+    check_interval(args.guidance_interval)
+    return args.steps
 
 
 def make_sampler(sampler, steps, learn_sigma=True):
@@ -203,15 +224,10 @@ def parse_args(argv=None):
     p.add_argument("--vae", help="SD VAE folder or file for latent models; default: the training run's, else "
                                  "sd-vae-ft-ema (as given, then under pretrained/)")
     p.add_argument("--num-samples", type=positive_int, default=8)
-    p.add_argument("--cfg-scale", type=finite_float, default=CFG_SCALE)
     p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
     p.add_argument("--guide-all-channels", action="store_true",
                    help="guide all eps channels (the official release guides the first 3 only)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm (the paper), ddim, dpm++2m (DPM-Solver++(2M): try --steps 20)")
-    p.add_argument("--steps", type=int_in(2, TRAINED_STEPS), default=STEPS)
-    p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
-                   help="guide only at timesteps LO <= t <= HI of 0 ... 999 (default: every step, as the paper)")
+    add_sampler_args(p)
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--out", default="samples/sample.png", help="PNG grid to write")
     p.add_argument("--per-sample-dir", type=folder, help="also write one PNG per sample into this folder")
@@ -223,7 +239,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    make_sampler(args.sampler, args.steps)                              # refused now, not after loading
+    steps_of(args)                                                      # refused now, not after loading
     precision_context(args.precision, torch.device(args.device).type)
     if check_interval(args.guidance_interval) and (args.guidance == "none" or args.cfg_scale == 1.0):
         raise UserError("--guidance-interval needs guidance: --guidance superclass or null, --cfg-scale other than 1")

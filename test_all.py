@@ -1179,6 +1179,12 @@ def network_batches(model, run):
     return calls
 
 
+def test_steps_default_to_each_samplers_own_count():
+    parse = lambda *argv: sample_module.parse_args(["--class-id", "1", *argv])
+    assert [sample_module.steps_of(parse("--sampler", s)) for s in ("ddpm", "ddim", "dpm++2m")] == [250, 50, 20]
+    assert sample_module.steps_of(parse("--sampler", "dpm++2m", "--steps", "12")) == 12
+
+
 def test_guidance_interval_runs_the_dit_on_the_conditional_half_outside_it(tmp_path):
     from sample import sample_images
     model = write_our_checkpoint(tmp_path / "c.pt").eval()
