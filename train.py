@@ -203,7 +203,9 @@ class SeededItems(Dataset):
 
     def __getitem__(self, i):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + i) % 2 ** 63)
+            # the CPU generator alone: items are made on the CPU, and torch.manual_seed, which also seeds every
+            # GPU, costs more than rendering a toy image
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + i) % 2 ** 63)
             return self.dataset[i]
 
 
