@@ -56,6 +56,9 @@ from model import (ArgumentParser, AutoencoderKL, UserError, atomic_write, folde
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INAT21_URL = "https://github.com/visipedia/inat_comp/tree/master/2021"
+# DataLoader workers per process: 4, fewer on a machine with fewer cores (PyTorch warns past its core count)
+DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
 CACHE_FORMAT = "finediffusion-latent-cache"
 CACHE_VERSION = 2
 
@@ -694,7 +697,7 @@ class _Indexed(Dataset):
         return (self.indices[k], *self.dataset[self.indices[k]])
 
 
-def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=4, meta=None, device=None, progress=True):
+def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT_WORKERS, meta=None, device=None, progress=True):
     """Encode every image of `dataset` and its mirror with `vae.encode(x) -> (mean, logvar)`; store the moments.
 
     `dataset` must not flip (both views are stored). `meta`: extra fields for meta.json (data, data_path, split,
@@ -884,7 +887,8 @@ def main(argv=None):
                                                               "under pretrained/)")
     cache.add_argument("--out", type=folder, required=True, help="cache directory (re-run the same command to resume)")
     cache.add_argument("--batch-size", type=positive_int, default=32)
-    cache.add_argument("--num-workers", type=nonnegative_int, default=4)
+    cache.add_argument("--num-workers", type=nonnegative_int, default=DEFAULT_WORKERS,
+                       help="DataLoader workers (default: 4, or the number of cores if fewer)")
     preview.add_argument("--out", default="preview.png")
     preview.add_argument("--per-class", type=positive_int, default=8)
     preview.add_argument("--max-classes", type=positive_int, default=16)

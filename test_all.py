@@ -3069,6 +3069,16 @@ def test_a_checkpoint_that_does_not_fit_ends_the_run_in_one_line_keeping_the_las
     assert torch.load(good, weights_only=True)["step"] == 2
 
 
+def test_a_first_checkpoint_that_does_not_fit_says_the_steps_are_lost(tmp_path, capsys):
+    with file_size_limit(4096):
+        proc = run_main(train, *TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--max-steps", "2",
+                        "--run-dir", tmp_path, capsys=capsys)
+    assert proc.returncode == 1 and error_lines(proc) == [
+        f"error: disk full writing {tmp_path / 'checkpoints' / '0000002.pt'}, the run's first checkpoint: its 2 "
+        "steps are lost; free some space and start again"]
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
 def test_a_latent_cache_that_does_not_fit_fails_at_once_in_one_line(tmp_path, capsys):
     write_tiny_vae(tmp_path / "vae")
     with file_size_limit(64 * 1024):                 # the 4096 toy images' moments need 256 KiB
@@ -3322,6 +3332,7 @@ def test_readme_quickstart_runs_at_reduced_size(tmp_path):
         assert words[0] == "python"
         proc = run_script(os.path.join(HERE, words[1]), *words[2:], *fewer[words[1]], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "Warning" not in proc.stderr, proc.stderr[-2000:]  # e.g. more DataLoader workers than cores
     assert len(glob.glob(str(tmp_path / "results" / "**" / "checkpoints" / "*.pt"), recursive=True)) == 2
     out = commands[2][commands[2].index("--out") + 1]
     assert png_size(tmp_path / out)[0] > 32

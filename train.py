@@ -81,7 +81,8 @@ def parse_args(argv=None):
     d.add_argument("--latent-cache", help="train from a VAE-latent cache made by `python data.py cache`")
     d.add_argument("--vae", help=f"SD VAE folder: encodes images on the fly, decodes sample grids; default: "
                                  f"{VAE} (as given, then under pretrained/)")
-    d.add_argument("--num-workers", type=nonnegative_int, default=4, help="DataLoader workers per process")
+    d.add_argument("--num-workers", type=nonnegative_int, default=data.DEFAULT_WORKERS,
+                   help="DataLoader workers per process (default: 4, or the number of cores if fewer)")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=list(DiT_models), help="default: from --init, else DiT-XL/2 (toy: DiT-T/4)")
     m.add_argument("--image-size", type=positive_int, help="pixels, a multiple of the patch (x8 for latents); "
@@ -413,8 +414,11 @@ def save(run):
     except OSError as e:       # atomic: nothing half-written is left, and the earlier checkpoints are intact
         if e.errno not in DISK_FULL:
             raise
-        raise TrainingError(f"disk full writing {path}; last good checkpoint: {run.last_ckpt}; nothing else lost; "
-                            f"free some space and resume from it") from None
+        if run.last_ckpt:
+            raise TrainingError(f"disk full writing {path}; last good checkpoint: {run.last_ckpt}; nothing else "
+                                f"lost; free some space and resume from it") from None
+        raise TrainingError(f"disk full writing {path}, the run's first checkpoint: its {run.step} steps are lost; "
+                            f"free some space and start again") from None
     run.last_ckpt = path
 
 
