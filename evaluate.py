@@ -820,22 +820,23 @@ def toy_classifier(image_size, cache_dir="results", epochs=4, seed=0, toy_set="t
     cached."""
     path = os.path.join(cache_dir, f"{toy_set.replace('-', '_')}_classifier_{image_size}px.pt")
     train_set = data.toy_dataset(toy_set, image_size, "train", seed=seed, images_per_class=256)
-    net = ToyClassifier(train_set.num_classes)
-    if os.path.isfile(path):
-        try:
-            load_strict(net, read_checkpoint(path), path)
-            return net.eval()
-        except UserError as e:   # a cache, not an input: a damaged one is made again, not an error forever
-            print(f"note: retraining the toy classifier: {e}", file=sys.stderr)
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    loader = DataLoader(train_set, batch_size=128, shuffle=True)
-    for _ in tqdm(range(epochs), desc="toy classifier (first use, cached)", unit="epoch"):
-        for x, y in loader:
-            loss = F.cross_entropy(net(x)[0], y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    with torch.random.fork_rng(devices=[]):   # the same classifier in every clone; the caller's RNG untouched
+        torch.manual_seed(seed)
+        net = ToyClassifier(train_set.num_classes)
+        if os.path.isfile(path):
+            try:
+                load_strict(net, read_checkpoint(path), path)
+                return net.eval()
+            except UserError as e:   # a cache, not an input: a damaged one is made again, not an error forever
+                print(f"note: retraining the toy classifier: {e}", file=sys.stderr)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        loader = DataLoader(train_set, batch_size=128, shuffle=True)
+        for _ in tqdm(range(epochs), desc="toy classifier (first use, cached)", unit="epoch"):
+            for x, y in loader:
+                loss = F.cross_entropy(net(x)[0], y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
     os.makedirs(cache_dir, exist_ok=True)
     atomic_write(path, lambda f: torch.save(net.state_dict(), f))
     return net.eval()

@@ -3175,6 +3175,20 @@ def test_sampling_with_another_vae_than_the_recorded_one_warns_in_one_line(tmp_p
     assert len(warned(other_one)) == 1 and str(other) in warned(other_one)[0]
 
 
+def test_the_toy_classifier_is_the_same_in_every_clone_whatever_ran_before(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "ToyDataset", functools.partial(data.ToyDataset, images_per_class=4))
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)                       # the global RNG state the caller happens to leave
+        nets.append(evaluate.toy_classifier(16, str(tmp_path / str(seed)), epochs=1).state_dict())
+    assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
+    torch.manual_seed(2)
+    expected = torch.rand(1)
+    torch.manual_seed(2)
+    evaluate.toy_classifier(16, str(tmp_path / "3"), epochs=1)
+    assert torch.equal(torch.rand(1), expected)       # and the caller's RNG stream is left as it was
+
+
 def test_a_corrupt_cached_toy_classifier_is_trained_again(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "ToyDataset", functools.partial(data.ToyDataset, images_per_class=4))
     (tmp_path / "toy_classifier_16px.pt").write_bytes(b"cut short by a full disk")
