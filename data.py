@@ -52,7 +52,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from model import (ArgumentParser, AutoencoderKL, UserError, atomic_write, folder, nonnegative_int, positive_int,
-                   remove_stale_temp_files, run_cli, scaled_latent)
+                   remove_stale_temp_files, run_cli, scaled_latent, write_json)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INAT21_URL = "https://github.com/visipedia/inat_comp/tree/master/2021"
@@ -646,10 +646,6 @@ def _files_fingerprint(dataset):
     return digest.hexdigest()
 
 
-def _write_json_atomic(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
 def _create_npy(path, dtype, shape):
     """A zero-filled .npy whose disk blocks are allocated now (posix_fallocate): a full disk fails here, at once,
     instead of killing the run with SIGBUS when a page of a sparse memmap is first written."""
@@ -681,7 +677,7 @@ def _prepare_cache_dir(out_dir, meta):
     _create_npy(os.path.join(out_dir, "moments.npy"), np.float16, (n, 2, 2 * c, h, w))
     _create_npy(os.path.join(out_dir, "labels.npy"), np.int64, (n,))
     _create_npy(os.path.join(out_dir, "done.npy"), np.bool_, (n,))
-    _write_json_atomic(meta_path, meta)  # last: a cache without meta.json is simply rebuilt
+    write_json(meta_path, meta)  # last: a cache without meta.json is simply rebuilt
 
 
 class _Indexed(Dataset):
@@ -748,7 +744,7 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT
         dist.barrier()
     if rank == 0:
         meta["complete"] = bool(np.load(os.path.join(out_dir, "done.npy"), mmap_mode="r").all())
-        _write_json_atomic(os.path.join(out_dir, "meta.json"), meta)
+        write_json(os.path.join(out_dir, "meta.json"), meta)
     return meta
 
 

@@ -57,7 +57,7 @@ import data
 from model import (KNOWN_TABLES, METHODS, TABLE, ArgumentParser, UserError, atomic_write, build_model,
                    checkpoint_tensors, device, dit_config_from_state, file_sha256, find_file, finite_float, folder,
                    load_strict, nonnegative_int, positive_int, read_checkpoint, remove_stale_temp_files,
-                   run_cli)
+                   run_cli, write_json)
 from sample import (CFG_SCALE, add_sampler_args, find_checkpoint, guide_labels, load_for_sampling, resolve_class, sample_images,
                     steps_of)
 
@@ -505,12 +505,19 @@ def write_rows(rows, csv_path=None, json_path=None, **meta):
     """Table 1 as CSV and/or JSON (NaN: an empty cell / null)."""
     clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
     if csv_path:
-        lines = ["superclass,fid,lpips,count_real,count_fake"]
-        lines += [",".join('"' + str(v).replace('"', '""') + '"' if k == "superclass" else "" if v is None else str(v)
-                           for k, v in r.items()) for r in clean]
-        atomic_write(csv_path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+        write_csv(csv_path, clean)
     if json_path:
-        atomic_write(json_path, lambda f: f.write((json.dumps({**meta, "rows": clean}, indent=2) + "\n").encode()))
+        write_json(json_path, {**meta, "rows": clean}, indent=2)
+
+
+def write_csv(path, rows):
+    """Rows (dicts) as CSV, columns in order of first appearance; None is an empty cell."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -734,7 +741,7 @@ def start_folder(out, manifest, overwrite):
         for name, _ in old["images"]:
             if os.path.isfile(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
-    atomic_write(os.path.join(out, MANIFEST), lambda f: f.write(json.dumps(manifest).encode()))
+    write_json(os.path.join(out, MANIFEST), manifest, indent=None)
 
 
 def cmd_generate(args):
@@ -972,7 +979,7 @@ def cmd_toy(args):
     print(f"{args.sampler} {args.steps} steps, guidance at {interval}; seeds {' '.join(map(str, seeds))}"
           + (" (mean±half the range)" if len(seeds) > 1 else ""))
     if args.out_json:
-        atomic_write(args.out_json, lambda f: f.write(json.dumps(rows, indent=1).encode()))
+        write_json(args.out_json, rows)
     if args.out_csv:
         write_csv(args.out_csv, rows)
     if args.plot:
@@ -1141,16 +1148,6 @@ def figure_path(path):
     return path
 
 
-def write_csv(path, rows):
-    """Rows (dicts) as CSV, columns in order of first appearance; None is an empty cell."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
 def save_figure(path, image, rows, extra=None):
     """FIGURE.png, and beside it FIGURE.csv (`rows`: the numbers it shows) and, with `extra`, FIGURE.json."""
     figure_path(path)
@@ -1158,7 +1155,7 @@ def save_figure(path, image, rows, extra=None):
     stem = os.path.splitext(path)[0]
     write_csv(stem + ".csv", rows)
     if extra is not None:
-        atomic_write(stem + ".json", lambda f: f.write((json.dumps(extra, indent=1) + "\n").encode()))
+        write_json(stem + ".json", extra)
     print(f"wrote {path} ({image.width}x{image.height}) and {stem}.csv" + (f", {stem}.json" if extra else ""),
           file=sys.stderr)
 

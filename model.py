@@ -572,6 +572,11 @@ def atomic_write(path, write):
         raise
 
 
+def write_json(path, obj, indent=1):
+    """`obj` as a JSON file, atomically (indent=None: one compact line, for large manifests)."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=indent) + "\n").encode()))
+
+
 # atomic_write's temp files `.<name>.tmp<pid>`, and those of older latent caches, `<name>.tmp<pid>.npy`
 _TEMP_FILE = re.compile(r"\.tmp(\d+)(\.npy)?$")
 
