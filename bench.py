@@ -36,9 +36,12 @@ import data
 import train
 from diffusion import create_diffusion
 from evaluate import FIDInceptionV3, inception_features
-from model import (METHODS, ArgumentParser, AutoencoderKL, DiT_models, UserError, atomic_write, build_model,
-                   check_image_size, device, int_in, nonnegative_int, positive_int, run_cli, set_trainable)
-from sample import check_interval, make_sampler
+from cli import ArgumentParser, UserError, device, int_in, nonnegative_int, positive_int, run_cli
+from files import atomic_write
+from hierarchy import make_hierarchy
+from model import METHODS, DiT_models, build_model, check_image_size, set_trainable
+from vae import AutoencoderKL
+from sample import Sampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,10 +71,15 @@ def rss_mb():
 # Training steps, one tuning method per fresh process (so each peak memory is its own)
 # ----------------------------------------------------------------------------------------------------------
 
+def dealt_hierarchy(K, S):
+    """K classes dealt round-robin into S superclasses: the cost does not depend on which class is where."""
+    return make_hierarchy(range(K), range(S), [c % S for c in range(K)])
+
+
 def trainer(model_name, image_size, batch, method, device, precision, compile=False):
     """A DiT set up for `method` and one training step as train.py runs it (train.train_step)."""
     K, S = 1000, 10
-    model = build_model(model_name, image_size, K, S, method, superclass_of=[c % S for c in range(K)]).to(device).train()
+    model = build_model(model_name, image_size, K, S, method, hierarchy=dealt_hierarchy(K, S)).to(device).train()
     set_trainable(model, method)
     net = torch.compile(model) if compile else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
@@ -160,7 +168,7 @@ def sampling_dit(args, K=1000, S=10):
     torch.manual_seed(0)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
     model = DiT_models[args.sample_model](input_size=args.image_size // 8, num_classes=K, num_superclasses=S,
-                                          superclass_of=[c % S for c in range(K)], null_class=False,
+                                          hierarchy=dealt_hierarchy(K, S), null_class=False,
                                           norm_affine=True).to(args.device).eval()
     return model, torch.autocast(torch.device(args.device).type, dtype=dtype) if dtype else nullcontext()
 
@@ -228,10 +236,10 @@ def bench_samplers(args, vae_config):
     lo, hi = args.guidance_interval
     runs = []
     for sampler, steps in SAMPLER_RUNS:
-        loop, timesteps = make_sampler(sampler, steps)
+        loop = Sampler(sampler, steps).loop()
         arithmetic = median_seconds(lambda: loop(free, x.shape, x.clone(), device=device), 1, 0, sync)
         for interval in (None, [lo, hi]):
-            inside = steps if interval is None else int(sum(lo <= s <= hi for s in timesteps))   # guided steps
+            inside = Sampler(sampler, steps, interval).guided_steps
             seconds = (inside * guided + (steps - inside) * conditional + arithmetic + decode) / n
             runs.append(dict(sampler=sampler, steps=steps, guidance_interval=interval, guided_steps=inside,
                              evaluations_per_image=2 * inside + (steps - inside), seconds_per_image=seconds,
@@ -345,7 +353,7 @@ def main(argv=None):
     vae_config = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1) if args.quick else {}
     results = dict(device=args.device, precision=args.precision, threads=torch.get_num_threads(), model=args.model,
                    image_size=args.image_size, batch=args.batch, quick=args.quick, compile=args.compile)
-    check_interval(args.guidance_interval)
+    Sampler(interval=args.guidance_interval)            # a bad interval fails before any work
     run = dict(train=lambda: bench_train(args), data=lambda: bench_data(args, vae_config),
                sampling=lambda: bench_sampling(args), samplers=lambda: bench_samplers(args, vae_config),
                fid=lambda: bench_fid(args))

@@ -51,8 +51,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from model import (ArgumentParser, AutoencoderKL, UserError, atomic_write, folder, nonnegative_int, positive_int,
-                   remove_stale_temp_files, run_cli, scaled_latent, write_json)
+from cli import ArgumentParser, UserError, folder, nonnegative_int, positive_int, run_cli
+from files import atomic_write, remove_stale_temp_files, write_json
+from hierarchy import INAT21_SUPERCLASSES, inat21_superclass_of, make_hierarchy
+from vae import AutoencoderKL, scaled_latent
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INAT21_URL = "https://github.com/visipedia/inat_comp/tree/master/2021"
@@ -64,58 +66,8 @@ CACHE_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The label hierarchy: one representation, everywhere
+# The label hierarchy of a dataset (hierarchy.py: its one representation)
 # ----------------------------------------------------------------------------------------------------------------
-
-def make_hierarchy(class_names, superclass_names, superclass_of):
-    """The one representation of a two-level label hierarchy, carried unchanged by datasets, latent caches,
-    checkpoints, FID statistics and generated samples: a plain, JSON-able dict
-
-        {"class_names": [K str], "superclass_names": [S str], "superclass_of": [K ints in [0, S)]}
-
-    Names are data, never recovered from file names (iNat21 has "Ray-finned Fishes")."""
-    if len(class_names) != len(superclass_of):
-        raise UserError(f"{len(class_names)} class names but {len(superclass_of)} superclass_of entries")
-    if any(not 0 <= s < len(superclass_names) for s in superclass_of):
-        raise UserError(f"superclass_of holds ids outside [0, {len(superclass_names)})")
-    return dict(class_names=[str(n) for n in class_names], superclass_names=[str(n) for n in superclass_names],
-                superclass_of=[int(s) for s in superclass_of])
-
-
-# Superclass ids are the row order of the authors' FineDiffusion-iNat.pt label table: do not reorder.
-INAT21_SUPERCLASSES = ["Plants", "Insects", "Birds", "Fungi", "Reptiles", "Mammals", "Ray-finned Fishes",
-                       "Amphibians", "Mollusks", "Arachnids", "Animalia"]
-
-# iNat21 sorts its 10,000 species by taxonomy, so each supercategory is a contiguous id range (inclusive).
-# Ids outside every range belong to the json's catch-all supercategory "Animalia" (worms, crustaceans, ...).
-INAT21_ID_RANGES = [
-    (4, 156, "Arachnids"),
-    (175, 2700, "Insects"),
-    (2756, 2938, "Ray-finned Fishes"),
-    (2939, 3108, "Amphibians"),
-    (3111, 4596, "Birds"),
-    (4613, 4858, "Mammals"),
-    (4859, 5171, "Reptiles"),
-    (5219, 5387, "Mollusks"),
-    (5388, 5728, "Fungi"),
-    (5729, 9999, "Plants"),
-]
-
-
-def inat21_superclass_of(num_classes=10000):
-    """superclass_of for iNat21 class ids 0..num_classes-1 from the built-in id-range table (no json needed)."""
-    superclass_of = [INAT21_SUPERCLASSES.index("Animalia")] * num_classes
-    for first, last, name in INAT21_ID_RANGES:
-        for k in range(first, min(last, num_classes - 1) + 1):
-            superclass_of[k] = INAT21_SUPERCLASSES.index(name)
-    return superclass_of
-
-
-def inat21_hierarchy():
-    """iNat21's hierarchy without its json (e.g. to sample the authors' checkpoint): classes named by their
-    5-digit id, as the dataset's folders begin (04021 is 04021_Animalia_...)."""
-    return make_hierarchy([f"{k:05d}" for k in range(10000)], INAT21_SUPERCLASSES, inat21_superclass_of())
-
 
 class HierarchyMixin:
     """A dataset's hierarchy (a make_hierarchy dict) and its views; `targets[i]` is item i's class id."""

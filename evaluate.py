@@ -31,8 +31,6 @@ Read in this order: the metric (Inception, Frechet distance, LPIPS, Table 1's ro
 statistics files; the stats/fid commands; generation at scale; the toy tables; the figures (drawn with Pillow,
 each FIGURE.png with its numbers beside it in FIGURE.csv / .json).
 """
-import csv
-import io
 import json
 import math
 import os
@@ -54,12 +52,13 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 from tqdm import tqdm
 
 import data
-from model import (KNOWN_TABLES, METHODS, TABLE, ArgumentParser, UserError, atomic_write, build_model,
-                   checkpoint_tensors, device, dit_config_from_state, file_sha256, find_file, finite_float, folder,
-                   load_strict, nonnegative_int, positive_int, read_checkpoint, remove_stale_temp_files,
-                   run_cli, write_json)
-from sample import (CFG_SCALE, add_sampler_args, find_checkpoint, guide_labels, load_for_sampling, resolve_class, sample_images,
-                    steps_of)
+from cli import ArgumentParser, UserError, device, finite_float, folder, nonnegative_int, positive_int, run_cli
+from files import atomic_write, file_sha256, find_file, remove_stale_temp_files, write_csv, write_json
+from hierarchy import inat21_hierarchy, read_hierarchy
+from model import (METHODS, TABLE, build_model, checkpoint_tensors, load_strict, published_layout, read_checkpoint,
+                   resolve_checkpoint)
+from sample import (CFG_SCALE, add_sampler_args, guide_labels, load_for_sampling, resolve_class, sample_images,
+                    sampler_of)
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
@@ -510,16 +509,6 @@ def write_rows(rows, csv_path=None, json_path=None, **meta):
         write_json(json_path, {**meta, "rows": clean}, indent=2)
 
 
-def write_csv(path, rows):
-    """Rows (dicts) as CSV, columns in order of first appearance; None is an empty cell."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
 # -------------------------------------------------------------------------------------------------------------
 # Image sources: what to score, with the classes and hierarchy known of it
 # -------------------------------------------------------------------------------------------------------------
@@ -562,11 +551,11 @@ def dataset_images(dataset, name):
 def load_hierarchy(spec):
     """--hierarchy: 'inat21' (the built-in iNat21 table) or a JSON file with the three hierarchy keys."""
     if spec == "inat21":
-        return data.inat21_hierarchy()
+        return inat21_hierarchy()
     try:
         with open(spec) as f:
-            return data.make_hierarchy(**json.load(f))
-    except (OSError, ValueError, TypeError) as e:
+            return read_hierarchy(json.load(f), spec)
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot read hierarchy {spec}: {e} (expected 'inat21' or a JSON file with class_names, "
                         "superclass_names, superclass_of)") from None
 
@@ -706,9 +695,12 @@ MANIFEST = "samples.json"
 
 
 def generation_jobs(num_classes, num_samples=None, per_class=None):
-    """[(class id, index within class)]: `per_class` each, or `num_samples` spread evenly (round-robin)."""
+    """[(class id, index within class)]: `per_class` each, or `num_samples` spread evenly: round-robin, or, with
+    fewer samples than classes, every (K / N)-th class, so that each superclass range of iNat21 gets its share."""
     if per_class is not None:
         return [(c, i) for c in range(num_classes) for i in range(per_class)]
+    if num_samples < num_classes:
+        return [(n * num_classes // num_samples, 0) for n in range(num_samples)]
     return [(n % num_classes, n // num_classes) for n in range(num_samples)]
 
 
@@ -732,12 +724,13 @@ def start_folder(out, manifest, overwrite):
     else refuse, or with `overwrite` delete the other settings' images and start over."""
     remove_stale_temp_files(out)                          # images a killed run was writing
     old = read_manifest(out)
-    if old is not None and old["made_by"] != manifest["made_by"] and not overwrite:
+    same = old is not None and (old["made_by"], old["images"]) == (manifest["made_by"], manifest["images"])
+    if old is not None and not same and not overwrite:
         changed = ", ".join(f"{k} {old['made_by'].get(k)!r} -> {v!r}" for k, v in manifest["made_by"].items()
                             if old["made_by"].get(k) != v)
         raise UserError(f"{out} holds samples made with other settings ({changed}): choose another --out, or pass "
                         "--overwrite to start over")
-    if old is not None and old["made_by"] != manifest["made_by"]:
+    if old is not None and not same:
         for name, _ in old["images"]:
             if os.path.isfile(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
@@ -747,20 +740,17 @@ def start_folder(out, manifest, overwrite):
 def cmd_generate(args):
     if (args.num_samples is None) == (args.per_class is None):
         raise UserError("give exactly one of --num-samples and --per-class")
-    steps_of(args)                                         # a bad --steps or interval fails before any work
+    sampler = sampler_of(args)                             # a bad --steps or interval fails before any work
     rank, world, device = data.init_distributed(args.device)
     model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae)
-    if args.guidance != "none":
-        guide_labels(model, torch.zeros(1, dtype=torch.long), args.guidance)   # the table has the guide rows?
+    guide_labels(model, torch.zeros(1, dtype=torch.long), args.guidance, args.cfg_scale)  # has the table the rows?
     jobs = generation_jobs(model.y_embedder.num_classes, args.num_samples, args.per_class)
-    # What the images depend on (the checkpoint and VAE by content, not by path): a rerun resumes only these.
-    made_by = dict(ckpt_sha256=file_sha256(args.ckpt), vae_sha256=vae.identity()["sha256"] if vae else None,
-                   guidance=args.guidance, cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.steps,
-                   seed=args.seed, batch_size=args.batch_size, precision=args.precision,
-                   image_size=info["config"]["image_size"])
-    if args.guidance_interval:      # recorded only when set: folders made before the option still resume
-        made_by["guidance_interval"] = list(args.guidance_interval)
-    manifest = dict(made_by=made_by, ckpt=os.path.abspath(args.ckpt), hierarchy=info["hierarchy"],
+    # What the images depend on, read from what makes them (the checkpoint file read and the VAE by content, not
+    # by path; the sampler built): a rerun resumes only these.
+    made_by = dict(ckpt_sha256=file_sha256(info["path"]), vae_sha256=vae.identity()["sha256"] if vae else None,
+                   guidance=args.guidance, cfg_scale=args.cfg_scale, **sampler.record(), seed=args.seed,
+                   batch_size=args.batch_size, precision=args.precision, image_size=info["config"]["image_size"])
+    manifest = dict(made_by=made_by, ckpt=os.path.abspath(info["path"]), hierarchy=model.hierarchy,
                     images=[[job_file(c, i), c] for c, i in jobs])
     data.on_rank0(lambda: start_folder(args.out, manifest, args.overwrite))   # the others wait for it
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
@@ -770,10 +760,10 @@ def cmd_generate(args):
         print(f"{len(jobs)} images in {len(batches)} batches over {world} process(es); rank 0 has {len(mine)} to do",
               file=sys.stderr)
     for j in tqdm(mine, desc=f"generate (rank {rank})", disable=rank != 0):
-        classes = [c for c, _ in batches[j]]
-        images = sample_images(model, classes, args.guidance, args.cfg_scale, args.sampler, args.steps, vae,
-                               args.seed + j, device, args.precision, progress=False,
-                               guidance_interval=args.guidance_interval)   # (B, H, W, 3) uint8
+        classes = torch.tensor([c for c, _ in batches[j]])
+        images = sample_images(model, classes, guide_labels(model, classes, args.guidance, args.cfg_scale),
+                               args.cfg_scale, sampler, vae, args.seed + j, device, args.precision,
+                               progress=False)   # (B, H, W, 3) uint8
         for (c, i), image in zip(batches[j], images.numpy()):
             atomic_write(os.path.join(args.out, job_file(c, i)), lambda f: Image.fromarray(image).save(f, format="PNG"))
     if world > 1:
@@ -944,14 +934,15 @@ def toy_reference(name, size, args):
 
 
 def cmd_toy(args):
-    steps_of(args)                                         # a bad --steps or interval fails before any work
+    sampler = sampler_of(args)                             # a bad --steps or interval fails before any work
     if args.plot:
         figure_path(args.plot)
     seeds = args.seeds or [args.seed]
     rows, references = [], {}
-    for path in map(find_checkpoint, args.ckpt):
-        model, info, _ = load_for_sampling(path)
-        size, name = info["config"]["image_size"], toy_set_of(info["hierarchy"])
+    for ckpt in args.ckpt:
+        model, info, _ = load_for_sampling(ckpt)
+        path = info["path"]
+        size, name = info["config"]["image_size"], toy_set_of(model.hierarchy)
         if not info["config"]["pixel_space"] or name is None:
             raise UserError(f"{path} is not a fine-grained toy checkpoint (train one with --data toy or toy-inat)")
         if (name, size) not in references:
@@ -966,17 +957,15 @@ def cmd_toy(args):
             # w = 1 is the unguided sampler whatever the guide (eq. 1): sampled once, shared by those rows
             key = ("none", 1.0, seed) if guidance == "none" or scale == 1.0 else (guidance, scale, seed)
             if key not in done:
-                images = sample_images(model, y, key[0], key[1], args.sampler, args.steps, seed=seed, progress=False,
-                                       guidance_interval=args.guidance_interval)
+                images = sample_images(model, y, guide_labels(model, y, *key[:2]), key[1], sampler, seed=seed,
+                                       progress=False)
                 x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
                 done[key] = toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, seed)
             rows.append(dict(ckpt=checkpoint_label(path), method=method, guidance=guidance, cfg_scale=scale,
                              step=info.get("step"), train_time_s=checkpoint_time(path, info), seed=seed,
-                             sampler=args.sampler, steps=args.steps, guidance_interval=args.guidance_interval,
-                             **done[key]))
+                             **sampler.record(), **done[key]))
     print_toy_table(rows)
-    interval = "t in [{}, {}]".format(*args.guidance_interval) if args.guidance_interval else "every step"
-    print(f"{args.sampler} {args.steps} steps, guidance at {interval}; seeds {' '.join(map(str, seeds))}"
+    print(f"{sampler}; seeds {' '.join(map(str, seeds))}"
           + (" (mean±half the range)" if len(seeds) > 1 else ""))
     if args.out_json:
         write_json(args.out_json, rows)
@@ -1277,16 +1266,15 @@ def label_table(path):
     if TABLE not in state:
         raise UserError(f"{path} holds no label table ({TABLE})")
     if "config" in ckpt:
-        hierarchy, method = ckpt.get("hierarchy"), ckpt["config"].get("method", "?")
+        method = ckpt["config"].get("method", "?")
+        hierarchy = None if ckpt.get("hierarchy") is None else read_hierarchy(ckpt["hierarchy"], path)
         with torch.device("meta"):                              # which rows the method's table has, at no cost
             embedder = build_model(**ckpt["config"]).y_embedder
         K, S = embedder.num_classes, embedder.num_superclasses
-    else:                                                       # official DiT / the authors': known table layouts
-        cfg = dit_config_from_state(state)
-        K, S, _ = KNOWN_TABLES.get((cfg["rows"], cfg["norm_affine"]), (cfg["rows"] - 1, 0, True))
-        hierarchy, method = None, "finediffusion" if S else "?"
-        if (K, S) == (10000, 11):
-            hierarchy = data.inat21_hierarchy()                 # as sample.load_for_sampling: iNat21's built-in table
+    else:                                                       # official DiT / the authors': as load_model reads them
+        _, config, hierarchy = published_layout(state)
+        K, S = config["num_classes"], config["num_superclasses"]
+        method = "finediffusion" if S else "?"
     if hierarchy is None:
         raise UserError(f"{path} carries no class hierarchy: its subclasses cannot be coloured by superclass")
     return state[TABLE].float(), K, S, hierarchy, method
@@ -1346,7 +1334,7 @@ def cmd_embeddings(args):
     if args.iters < 1 or args.neighbours < 1 or args.perplexity <= 1:
         raise UserError("--iters and --neighbours must be positive and --perplexity above 1")
     rows, results, panels = [], [], []
-    for path in map(find_checkpoint, args.ckpt):
+    for path in map(resolve_checkpoint, args.ckpt):
         table, K, S, hierarchy, method = label_table(path)
         result = embed_label_table(table, K, S, hierarchy["superclass_of"], args)
         row = dict(ckpt=checkpoint_label(path), method=method, classes=K, superclasses=S,
@@ -1411,29 +1399,32 @@ def real_row(args, num_classes, image_size):
 
 def cmd_grid(args):
     figure_path(args.out)
-    steps_of(args)
+    sampler = sampler_of(args)
     cells, labels, rows, hierarchy, num_classes = [], [], [], None, None
-    for path in map(find_checkpoint, args.ckpt):
-        model, info, vae = load_for_sampling(path, vae=args.vae)
-        if cells and (info["hierarchy"], model.y_embedder.num_classes) != (hierarchy, num_classes):
+    for ckpt in args.ckpt:
+        model, info, vae = load_for_sampling(ckpt, vae=args.vae)
+        path = info["path"]
+        if cells and (model.hierarchy, model.y_embedder.num_classes) != (hierarchy, num_classes):
             raise UserError(f"{path} has other classes than {args.ckpt[0]}: a grid compares methods on the same "
                             "classes")
-        hierarchy, num_classes, size = info["hierarchy"], model.y_embedder.num_classes, info["config"]["image_size"]
+        hierarchy, num_classes, size = model.hierarchy, model.y_embedder.num_classes, info["config"]["image_size"]
         for c in args.class_ids:
             resolve_class(hierarchy, num_classes, class_id=c)
         guidance = args.guidance
         if guidance == "auto":                       # each method as it is meant to be sampled: eq. 1 or standard CFG
             guidance = "superclass" if model.y_embedder.num_superclasses else "null"
-        images = sample_images(model, args.class_ids, guidance, args.cfg_scale, args.sampler, args.steps, vae,
-                               args.seed, args.device, progress=False,   # every row: the same seed, the same noise
-                               guidance_interval=args.guidance_interval)
+        y = torch.tensor(args.class_ids)
+        guide = guide_labels(model, y, guidance, args.cfg_scale)
+        images = sample_images(model, y, guide, args.cfg_scale, sampler, vae, args.seed, args.device,
+                               progress=False)   # every row: the same seed, the same noise
         method = info["config"].get("method", "?")
         cells.append(list(images.numpy()))
         labels.append([checkpoint_label(path), method,
-                       guidance if guidance == "none" else f"{guidance}, w = {args.cfg_scale:g}"])
+                       "unguided" if guide is None else f"{guidance}, w = {args.cfg_scale:g}"])
         rows += [dict(row=len(cells), ckpt=checkpoint_label(path), method=method, guidance=guidance,
-                      cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.steps, seed=args.seed, class_id=c)
-                 for c in args.class_ids]
+                      guide_row=None if guide is None else int(guide[i]), cfg_scale=args.cfg_scale,
+                      **sampler.record(), seed=args.seed, class_id=c)
+                 for i, c in enumerate(args.class_ids)]
         del model, vae
     if args.data:
         cells.insert(0, real_row(args, num_classes, size))

@@ -1,5 +1,5 @@
 """The FineDiffusion model: a Diffusion Transformer (DiT) with a TieredEmbedder, the four tuning methods of
-paper Table 2, checkpoints, and the Stable Diffusion VAE that DiT works in.
+paper Table 2, and its checkpoints.
 
     python model.py          # prints paper Table 2 (parameter counts) for DiT-XL/2, 256 px, iNat21
 
@@ -10,38 +10,32 @@ Read it in this order:
           row with probability SUPERCLASS_PROB, which trains eps(x_t | c_p), the guide of eq. 1.
   §3.2.2  DiT.forward_with_cfg: fine-grained classifier-free guidance, eq. 1.
   Table 2 is_trainable / set_trainable: which tensors `full`, `bitfit`, `difffit` and `finediffusion` train.
-Then, in bounded sections: checkpoints (one schema, one writer, one loader), files and user errors, and
-the SD VAE (AutoencoderKL) with its .safetensors reader.
+Then the checkpoints: one schema, one writer, one resolver of what a user names, one loader (which puts the
+hierarchy inside the DiT it builds). The SD VAE is in vae.py; files and user errors in files.py and cli.py.
 
 State-dict keys and shapes are those of the official DiT release, so `DiT-XL-2-256x256.pt` and the
 authors' `FineDiffusion-iNat.pt` load as they are.
 """
 import argparse
-import errno
 import glob
-import hashlib
-import io
-import json
 import math
 import os
-import re
-import struct
-import sys
 import warnings
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import UserError
+from files import PUBLISHED, atomic_write, file_sha256, find_file
+from hierarchy import inat21_hierarchy, read_hierarchy
+
 # Label substitution while training (§3.2.1). The paper gives no number: 0.1 is the authors' code's
 # `class_dropout_prob`, which there swaps a label for its superclass row.
 SUPERCLASS_PROB = 0.1
 # Standard CFG's label dropout to the null row: the official DiT's `class_dropout_prob`.
 NULL_PROB = 0.1
-# SD-VAE latents times 0.18215 have unit variance (LDM, Rombach et al. 2022); DiT trains on the scaled latents.
-LATENT_SCALE = 0.18215
 # The SD VAE's latents have 4 channels: a latent DiT's input (a pixel-space DiT's is 3, RGB).
 LATENT_CHANNELS = 4
 
@@ -88,16 +82,38 @@ class TieredEmbedder(nn.Module):
     (standard CFG's eps(x_t | ∅)). In eval mode labels pass through untouched.
     """
 
-    def __init__(self, num_classes, hidden_size, num_superclasses=0, superclass_of=None, null_class=True,
+    def __init__(self, num_classes, hidden_size, num_superclasses=0, hierarchy=None, null_class=True,
                  superclass_prob=0.0, null_prob=0.0):
         super().__init__()
         self.num_classes, self.num_superclasses, self.null_class = num_classes, num_superclasses, null_class
         self.superclass_prob, self.null_prob = superclass_prob, null_prob
         rows = num_classes + num_superclasses + int(null_class)
         self.embedding_table = nn.Embedding(rows, hidden_size)
-        # superclass_of[c] in [0, S): a buffer so it moves with the model; not saved (the hierarchy is data).
-        sc = torch.as_tensor(superclass_of if superclass_of is not None else [0] * num_classes, dtype=torch.long)
-        self.register_buffer("superclass_of", sc, persistent=False)
+        # The hierarchy lives here and nowhere else in a built DiT: the superclass_of buffer that picks the rows of
+        # eq. 1 is what `hierarchy` reports, so a run can only name the superclass it guides with. A buffer, so it
+        # moves with the model; not in the state dict (published checkpoints carry no hierarchy).
+        self.class_names = self.superclass_names = None
+        self.register_buffer("superclass_of", torch.zeros(num_classes, dtype=torch.long), persistent=False)
+        if hierarchy is not None:
+            self._set_hierarchy(hierarchy)
+
+    def _set_hierarchy(self, hierarchy):
+        names, supers = hierarchy["class_names"], hierarchy["superclass_names"]
+        if len(names) != self.num_classes or (self.num_superclasses and len(supers) != self.num_superclasses):
+            raise UserError(f"a hierarchy of {len(names)} classes in {len(supers)} superclasses does not fit a label "
+                            f"table of {self.num_classes} subclass and {self.num_superclasses} superclass rows")
+        self.class_names, self.superclass_names = list(names), list(supers)
+        with torch.no_grad():
+            self.superclass_of.copy_(torch.as_tensor(hierarchy["superclass_of"], dtype=torch.long))
+
+    @property
+    def hierarchy(self):
+        """The hierarchy (hierarchy.py) this table is used with, its superclass_of read back from the buffer that
+        chooses the guide rows; None when none is known (the official DiT's ImageNet classes)."""
+        if self.class_names is None:
+            return None
+        return dict(class_names=list(self.class_names), superclass_names=list(self.superclass_names),
+                    superclass_of=self.superclass_of.tolist())
 
     @property
     def null_id(self):
@@ -105,6 +121,9 @@ class TieredEmbedder(nn.Module):
 
     def superclass_ids(self, y):
         """Table rows of the superclasses of subclass labels y (the c_p of eq. 1)."""
+        if self.class_names is None:       # rows K + 0 for every class: silently the wrong guide (issue 17)
+            raise UserError(f"this DiT's label table has {self.num_superclasses} superclass rows but no hierarchy "
+                            "says which subclass belongs to which")
         return self.num_classes + self.superclass_of[y]
 
     def substitute(self, y):
@@ -215,7 +234,7 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 num_classes=1000, num_superclasses=0, superclass_of=None, null_class=True, superclass_prob=None,
+                 num_classes=1000, num_superclasses=0, hierarchy=None, null_class=True, superclass_prob=None,
                  null_prob=None, learn_sigma=True, norm_affine=False, difffit_gates=False):
         super().__init__()
         # Substitution defaults follow from which rows exist (a table with both trains both guides).
@@ -230,7 +249,7 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = TieredEmbedder(num_classes, hidden_size, num_superclasses, superclass_of, null_class,
+        self.y_embedder = TieredEmbedder(num_classes, hidden_size, num_superclasses, hierarchy, null_class,
                                          superclass_prob, null_prob)
         num_patches = (input_size // patch_size) ** 2
         # Fixed sin-cos positions: a Parameter (for the official key `pos_embed`) that is never trained.
@@ -239,6 +258,10 @@ class DiT(nn.Module):
                                      for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm_affine)
         self.initialize_weights()
+
+    @property
+    def hierarchy(self):
+        return self.y_embedder.hierarchy
 
     @property
     def input_size(self):
@@ -339,14 +362,15 @@ METHODS = ("full", "bitfit", "difffit", "finediffusion")
 TABLE = "y_embedder.embedding_table.weight"
 
 
-def build_model(name, image_size, num_classes, num_superclasses=0, method="finediffusion", superclass_of=None,
+def build_model(name, image_size, num_classes, num_superclasses=0, method="finediffusion", hierarchy=None,
                 pixel_space=False, **kw):
     """A fresh DiT laid out for a tuning method.
 
     `finediffusion`: K+S label rows (no null row, as the authors' checkpoints) and LayerNorm affine.
     `full`, `bitfit`: the standard K+1 table with null dropout 0.1. `difffit`: that, plus LayerNorm affine
     and one scalar gate per branch. `image_size` is in pixels: the DiT sees 8x smaller VAE latents, or the
-    pixels themselves (3 channels) with `pixel_space=True` (the built-in toy data).
+    pixels themselves (3 channels) with `pixel_space=True` (the built-in toy data). `hierarchy` (hierarchy.py)
+    names the classes; the baselines keep it too, though their tables have no superclass rows.
     """
     if name not in DiT_models:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(DiT_models)}")
@@ -358,8 +382,7 @@ def build_model(name, image_size, num_classes, num_superclasses=0, method="fined
     kw.setdefault("difffit_gates", method == "difffit")
     input_size, in_channels = (image_size, 3) if pixel_space else (image_size // 8, LATENT_CHANNELS)
     return DiT_models[name](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                            num_superclasses=num_superclasses if tiered else 0,
-                            superclass_of=superclass_of if tiered else None, **kw)
+                            num_superclasses=num_superclasses if tiered else 0, hierarchy=hierarchy, **kw)
 
 
 def check_image_size(name, image_size, pixel_space):
@@ -411,196 +434,6 @@ def count_table2(name="DiT-XL/2", image_size=256, num_classes=10000, num_supercl
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Precision (train.py and sample.py)
-# ----------------------------------------------------------------------------------------------------------
-
-def precision_context(precision, device_type):
-    """The autocast context of --precision: fp16 or bf16 activations (fp32 weights); none for fp32 / tf32.
-    fp16 is the V100s' precision; on a CPU it runs where this torch supports it, so that path is testable."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    if dtype is None:
-        return nullcontext()
-    with warnings.catch_warnings(record=True) as refused:   # an unsupported dtype: torch warns, then disables
-        warnings.simplefilter("always")
-        context = torch.autocast(device_type, dtype=dtype)
-    if refused:
-        raise UserError(f"--precision {precision}: torch {torch.__version__} has no {precision} autocast on "
-                        f"{device_type}; use fp32" + (" or bf16" if precision == "fp16" else ""))
-    return context
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Files and user errors (every script uses these)
-# ----------------------------------------------------------------------------------------------------------
-
-class UserError(Exception):
-    """A mistake the user can fix: a bad argument, a missing or mismatched file. Every script prints it as one
-    line `error: ...` and exits with `exit_code`, never with a traceback (see run_cli)."""
-    exit_code = 2
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is a UserError (one line) instead of a usage block."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
-def _typed(kind, holds, allowed):
-    """An argparse `type`: the flag's text as `kind`, refused at parse time unless holds(value), with one line
-    naming what is allowed ("argument --lr: '-1' is not a positive finite number")."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not holds(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
-        return value
-    return parse
-
-
-def int_in(low, high=None):
-    """An integer in [low, high] (no upper bound when high is None)."""
-    return _typed(int, lambda v: low <= v and (high is None or v <= high),
-                  f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
-
-
-positive_int, nonnegative_int = int_in(1), int_in(0)
-finite_float = _typed(float, math.isfinite, "a finite number")
-positive_float = _typed(float, lambda v: 0 < v < math.inf, "a positive finite number")
-probability = _typed(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-decay = _typed(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
-folder = _typed(str, lambda v: not os.path.exists(v) or os.path.isdir(v), "a folder (it is a file)")
-device = _typed(str, lambda v: v == "cpu" or re.fullmatch(r"cuda(:\d+)?", v) and torch.cuda.is_available(),
-                "a device here: cpu, or cuda / cuda:N where a CUDA GPU is visible")
-
-# errno values of a write that found no room: a full disk, a quota, a file-size limit (ulimit -f).
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def run_cli(main):
-    """Run a script's main(): a UserError becomes one `error:` line on stderr and its exit code. So does an
-    OSError, with exit code 1: the machine failed, not the user (a full disk), and what was written stays.
-    Under torchrun every rank fails alike, so rank 0 alone prints it."""
-    try:
-        main()
-    except UserError as e:
-        # raised in a DataLoader worker, the message arrives after the worker's traceback: keep the last line
-        message = str(e).strip().splitlines()[-1]
-        return _fail(message.split("UserError: ", 1)[-1], e.exit_code)
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            return _fail(f"disk full writing {e.filename} ({e.strerror})", 1)
-        return _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
-    return 0
-
-
-def _fail(message, exit_code):
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {message}", file=sys.stderr)
-    return exit_code
-
-
-# The published files this project reads, and where to get them. None is ever downloaded by the code.
-PUBLISHED = {
-    "DiT-XL-2-256x256.pt": "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt",
-    "DiT-XL-2-512x512.pt": "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt",
-    "FineDiffusion-iNat.pt": "the authors' release, linked from https://finediffusion.github.io/",
-    "sd-vae-ft-ema": "https://huggingface.co/stabilityai/sd-vae-ft-ema (config.json and "
-                     "diffusion_pytorch_model.safetensors, in a folder of that name)",
-    "sd-vae-ft-mse": "https://huggingface.co/stabilityai/sd-vae-ft-mse",
-    "pt_inception-2015-12-05-6726825d.pth":
-        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
-    "alexnet-owt-7be5be79.pth": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-    "alex.pth": "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth",
-}
-
-
-def find_file(path, also=(), published=None):
-    """A file or folder the user names: as given, else pretrained/<its name>, else the places in `also`.
-    Missing: a UserError naming every place looked and, for a published file (`published`: its name, when the
-    user's may differ), where it is published."""
-    path = os.fspath(path)
-    name = os.path.basename(os.path.normpath(path))
-    places = list(dict.fromkeys([path, os.path.join("pretrained", name), *also]))
-    for place in places:
-        if os.path.exists(place):
-            return place
-    published = published or name
-    where = f"; {published} is published at {PUBLISHED[published]}: put it in pretrained/" if published in PUBLISHED else ""
-    raise UserError(f"{path} not found (looked in {', '.join(places)}){where}")
-
-
-class _WholeWrites(io.FileIO):
-    """A file whose write() writes all it is given or raises, and remembers what it raised: torch.save turns an
-    OSError of its file into a bare RuntimeError ("unexpected pos"), which would hide a full disk."""
-    error = None
-
-    def write(self, data):
-        view = memoryview(data).cast("B")
-        size = len(view)
-        try:
-            while view:                      # the kernel writes what fits, then refuses the rest with ENOSPC
-                view = view[super().write(view):]
-        except OSError as e:
-            self.error = e
-            raise
-        return size
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temp file beside `path` (`.<name>.tmp<pid>`), then rename it over `path`: a crash or
-    a full disk never leaves a half-written checkpoint, image or table behind. A failed write is an OSError
-    naming `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    f = None
-    try:
-        with _WholeWrites(tmp, "wb") as f:
-            write(f)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        error = f.error if f is not None and f.error is not None else e
-        if isinstance(error, OSError):
-            raise OSError(error.errno, error.strerror, str(path)) from None
-        raise
-
-
-def write_json(path, obj, indent=1):
-    """`obj` as a JSON file, atomically (indent=None: one compact line, for large manifests)."""
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=indent) + "\n").encode()))
-
-
-# atomic_write's temp files `.<name>.tmp<pid>`, and those of older latent caches, `<name>.tmp<pid>.npy`
-_TEMP_FILE = re.compile(r"\.tmp(\d+)(\.npy)?$")
-
-
-def remove_stale_temp_files(folder):
-    """Delete the temp files under `folder` whose writer is dead (killed mid-write: they would stay forever, up to
-    a checkpoint in size); a live process's are its own. Pids are this machine's: call it where the writers run."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            match = _TEMP_FILE.search(name)
-            if match and not _alive(int(match.group(1))):
-                os.remove(os.path.join(root, name))
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)                      # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:                  # it does, as another user's
-        pass
-    return True
-
-
 def load_strict(module, state, source):
     """module.load_state_dict(state, strict=True), but a mismatch is one line naming the first odd tensor."""
     own = module.state_dict()
@@ -613,15 +446,6 @@ def load_strict(module, state, source):
         if key not in own:
             raise UserError(f"{source}: unexpected tensor '{key}'")
     module.load_state_dict(state, strict=True)
-
-
-def file_sha256(path):
-    """Hex sha256 of a file's bytes: the identity of a base checkpoint or a VAE under any name or path."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -654,8 +478,10 @@ def save_checkpoint(path, **fields):
 
 def read_checkpoint(path):
     """torch.load with weights_only=True (checkpoints are untrusted: a pickle is code); argparse.Namespace is
-    allowed because the official and the authors' training checkpoints store their args as one."""
-    path = find_file(path)
+    allowed because the official and the authors' training checkpoints store their args as one. `path` is read as
+    given (resolve_checkpoint and find_file say which file a user means)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not a file")
     try:
         # torch's warnings (e.g. on a plain pickle) would add lines to the one below, and its hints suggest
         # weights_only=False: exactly what must not be done with an untrusted file
@@ -693,6 +519,32 @@ def latest_checkpoint(folder):
     return max(found, key=os.path.getmtime) if found else None
 
 
+AUTHORS_CHECKPOINT = "FineDiffusion-iNat.pt"
+
+
+def resolve_checkpoint(path=None):
+    """The checkpoint file a user means: every command resolves --ckpt, --init and --resume here, and reads and
+    hashes the file it returns. A file as given, else under pretrained/ by its name; a run folder means its newest
+    training checkpoint; no path means the newest under results/, else pretrained/FineDiffusion-iNat.pt."""
+    if path is None:
+        found = latest_checkpoint("results")
+        if found is None and os.path.isfile(os.path.join("pretrained", AUTHORS_CHECKPOINT)):
+            found = os.path.join("pretrained", AUTHORS_CHECKPOINT)
+        if found is None:
+            raise UserError(f"no --ckpt given and none found (looked in results/**/checkpoints/*.pt and pretrained/"
+                            f"{AUTHORS_CHECKPOINT}): train one (python train.py --data toy, see README) or put "
+                            f"{AUTHORS_CHECKPOINT} in pretrained/; it is {PUBLISHED[AUTHORS_CHECKPOINT]}")
+        return found
+    path = find_file(path)
+    if os.path.isdir(path):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise UserError(f"no checkpoint in {path} (looked for {path}/**/checkpoints/*.pt): train one first, or "
+                            "pass a checkpoint file")
+        return found
+    return path
+
+
 def dit_config_from_state(state):
     """The DiT configuration from tensor shapes alone (all that the official files carry)."""
     try:
@@ -720,7 +572,8 @@ def load_pretrained(model, path_or_state):
     affine or DiffFit gates absent from the checkpoint start at the identity. Anything else that does not
     fit is a UserError naming the tensor and both shapes.
     """
-    ckpt = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, os.PathLike)) else path_or_state
+    ckpt = read_checkpoint(resolve_checkpoint(path_or_state)) if isinstance(path_or_state, (str, os.PathLike)) \
+        else path_or_state
     state = checkpoint_tensors(ckpt)
     own = model.state_dict()
     report = dict(loaded=[], reinitialised=[], identity=[])
@@ -760,43 +613,56 @@ def base_tensors(ckpt, base=None, base_flag="--base"):
     return checkpoint_tensors(read_checkpoint(path))
 
 
-# Foreign checkpoints carry no hierarchy: known label-table layouts (rows, LayerNorm affine) -> (K, S, null).
-KNOWN_TABLES = {(1001, False): (1000, 0, True),     # official DiT, ImageNet-1k + null
-                (10011, True): (10000, 11, False)}  # authors' FineDiffusion, iNat21: 10,000 + 11 superclasses
+# Published checkpoints carry tensors only. Their label-table layout (rows, LayerNorm affine) says whose they are:
+# -> (K subclass rows, S superclass rows, null row, the hierarchy that goes with the rows, or None).
+PUBLISHED_TABLES = {
+    (1001, False): (1000, 0, True, None),                    # official DiT: ImageNet-1k + null row
+    (10011, True): (10000, 11, False, inat21_hierarchy()),   # the authors' FineDiffusion-iNat.pt: iNat21's rows
+}
+
+
+def published_layout(state):
+    """The DiT a published checkpoint (official DiT, the authors' FineDiffusion) holds, from its tensors alone
+    -> (DiT_models keyword arguments, config as save_checkpoint's, hierarchy or None)."""
+    cfg = dit_config_from_state(state)
+    K, S, null, hierarchy = PUBLISHED_TABLES.get((cfg["rows"], cfg["norm_affine"]), (cfg["rows"] - 1, 0, True, None))
+    kwargs = dict(input_size=cfg["input_size"], in_channels=cfg["in_channels"], num_classes=K, num_superclasses=S,
+                  null_class=null, learn_sigma=cfg["learn_sigma"], norm_affine=cfg["norm_affine"],
+                  difffit_gates=cfg["difffit_gates"])
+    pixel = cfg["in_channels"] == 3
+    config = dict(name=cfg["name"], image_size=cfg["input_size"] * (1 if pixel else 8), num_classes=K,
+                  num_superclasses=S, pixel_space=pixel, **({} if cfg["learn_sigma"] else dict(learn_sigma=False)))
+    return kwargs, config, hierarchy
 
 
 def load_model(path, base=None, weights="ema", base_flag="--base"):
-    """The DiT a checkpoint describes, with its `weights` ("ema" to sample, "model" to resume) loaded, in
-    eval mode. Returns (model, info): info has config, hierarchy (None for foreign files), args, step, time_s, vae.
+    """The DiT a checkpoint describes, with its `weights` ("ema" to sample, "model" to resume) loaded, in eval
+    mode, and its hierarchy inside (model.hierarchy: the one the guide rows are read from). `path` goes through
+    resolve_checkpoint. Returns (model, info): info has path (the file read), config, args, step, time_s, vae.
     base, base_flag: where a delta's base moved to, and the flag that says so (see base_tensors).
 
     Ours carry `config` and the hierarchy (see save_checkpoint); the official DiT and the authors'
-    FineDiffusion files carry only tensors, so their configuration comes from the tensor shapes.
+    FineDiffusion files carry only tensors, so their configuration and hierarchy come from the tensor shapes.
     """
+    path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
-    if "config" in ckpt:
-        config, hierarchy = _config_of(ckpt, path), ckpt.get("hierarchy")
-        model = build_model(**config, superclass_of=hierarchy["superclass_of"] if hierarchy else None)
-        tensors = checkpoint_tensors(ckpt, weights)
-        if ckpt.get("base"):
-            load_pretrained(model, base_tensors(ckpt, base, base_flag))
-            model.load_state_dict(tensors, strict=False)         # the tuned tensors, over the base's
-        else:
-            load_pretrained(model, tensors)
-        info = dict(config=config, hierarchy=hierarchy, args=ckpt.get("args") or {}, step=ckpt.get("step"),
-                    time_s=ckpt.get("time_s"), vae=ckpt.get("vae"))
-        return model.eval(), info
-    state = checkpoint_tensors(ckpt, weights)
-    cfg = dit_config_from_state(state)
-    K, S, null = KNOWN_TABLES.get((cfg["rows"], cfg["norm_affine"]), (cfg["rows"] - 1, 0, True))
-    model = DiT_models[cfg["name"]](input_size=cfg["input_size"], in_channels=cfg["in_channels"], num_classes=K,
-                                    num_superclasses=S, null_class=null, learn_sigma=cfg["learn_sigma"],
-                                    norm_affine=cfg["norm_affine"], difffit_gates=cfg["difffit_gates"])
-    load_pretrained(model, state)
-    pixel = cfg["in_channels"] == 3
-    config = dict(name=cfg["name"], image_size=cfg["input_size"] * (1 if pixel else 8), num_classes=K,
-                  num_superclasses=S, pixel_space=pixel)
-    return model.eval(), dict(config=config, hierarchy=None, args={}, step=None, time_s=None, vae=None)
+    if "config" not in ckpt:
+        kwargs, config, hierarchy = published_layout(checkpoint_tensors(ckpt, weights))
+        model = DiT_models[config["name"]](**kwargs, hierarchy=hierarchy)
+        load_pretrained(model, checkpoint_tensors(ckpt, weights))
+        return model.eval(), dict(path=path, config=config, args={}, step=None, time_s=None, vae=None)
+    config = _config_of(ckpt, path)
+    hierarchy = None if ckpt.get("hierarchy") is None else read_hierarchy(ckpt["hierarchy"], path)
+    model = build_model(**config, hierarchy=hierarchy)
+    tensors = checkpoint_tensors(ckpt, weights)
+    if ckpt.get("base"):
+        load_pretrained(model, base_tensors(ckpt, base, base_flag))
+        model.load_state_dict(tensors, strict=False)             # the tuned tensors, over the base's
+    else:
+        load_pretrained(model, tensors)
+    info = dict(path=path, config=config, args=ckpt.get("args") or {}, step=ckpt.get("step"),
+                time_s=ckpt.get("time_s"), vae=ckpt.get("vae"))
+    return model.eval(), info
 
 
 def _config_of(ckpt, path):
@@ -805,325 +671,6 @@ def _config_of(ckpt, path):
     if not isinstance(config, dict) or not all(k in config for k in needed):
         raise UserError(f"{path}: its 'config' is not a DiT configuration (a dict of {', '.join(needed)})")
     return dict(config)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# .safetensors, read with the standard library: u64 header length, JSON header, raw little-endian bytes
-# ----------------------------------------------------------------------------------------------------------
-
-# safetensors dtype tag -> (numpy little-endian dtype, torch dtype). BF16 has no numpy type: its bytes are
-# read as int16 and reinterpreted, which is exact (same 16 bits).
-_ST_DTYPES = {
-    "F64": ("<f8", torch.float64), "F32": ("<f4", torch.float32), "F16": ("<f2", torch.float16),
-    "BF16": ("<i2", torch.bfloat16), "I64": ("<i8", torch.int64), "I32": ("<i4", torch.int32),
-    "I16": ("<i2", torch.int16), "I8": ("i1", torch.int8), "U8": ("u1", torch.uint8), "BOOL": ("?", torch.bool),
-}
-
-
-def load_safetensors(path):
-    """Read a .safetensors file -> {name: tensor}."""
-    with open(path, "rb") as f:
-        buf = f.read()
-    try:
-        (n,) = struct.unpack("<Q", buf[:8])
-        header = json.loads(buf[8:8 + n])
-    except Exception as e:
-        raise UserError(f"{path}: not a valid .safetensors file ({e})") from None
-    base, out = 8 + n, {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise UserError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
-        np_dt, t_dt = _ST_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        shape, count = info["shape"], math.prod(info["shape"])
-        if end - begin != count * np.dtype(np_dt).itemsize or base + end > len(buf):
-            raise UserError(f"{path}: tensor '{name}' has data_offsets that do not fit its shape {shape}")
-        arr = np.frombuffer(buf, dtype=np_dt, count=count, offset=base + begin)
-        arr = arr.astype(arr.dtype.newbyteorder("="))     # an aligned, writable copy in native byte order
-        out[name] = torch.from_numpy(arr).view(t_dt).reshape(shape)  # view: int16 bits -> bfloat16
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The Stable Diffusion VAE (AutoencoderKL), key for key the diffusers layout of sd-vae-ft-ema / -mse
-# ----------------------------------------------------------------------------------------------------------
-# Module and attribute names follow diffusers exactly, so published state dicts load without renaming.
-
-class VAEResnetBlock(nn.Module):
-    """GroupNorm-SiLU-conv3x3 twice, plus a residual (1x1 conv when the width changes). No time embedding."""
-    def __init__(self, cin, cout, groups=32, eps=1e-6):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=eps, affine=True)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=eps, affine=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x):                                  # B x cin x H x W
-        h = self.conv1(F.silu(self.norm1(x)))              # B x cout x H x W
-        h = self.conv2(F.silu(self.norm2(h)))              # (dropout is 0 in the SD VAE)
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h                                       # output_scale_factor 1
-
-
-class VAEAttention(nn.Module):
-    """Single-head self-attention over the H*W positions, with linear q/k/v/out projections over channels."""
-    def __init__(self, c, groups=32, eps=1e-6):
-        super().__init__()
-        self.group_norm = nn.GroupNorm(groups, c, eps=eps, affine=True)
-        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
-        self.to_out = nn.ModuleList([nn.Linear(c, c)])    # a list so that the key is 'to_out.0' as in diffusers
-
-    def forward(self, x):                                  # B x C x H x W
-        B, C, H, W = x.shape
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)          # B x HW x C
-        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)                # B x HW x C each
-        h = F.scaled_dot_product_attention(q, k, v)                       # softmax(q k^T / sqrt(C)) v
-        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)         # B x C x H x W
-        return x + h                                                      # residual, rescale factor 1
-
-
-class VAEMidBlock(nn.Module):
-    """resnet -> attention -> resnet at the lowest resolution."""
-    def __init__(self, c, groups):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(c, c, groups), VAEResnetBlock(c, c, groups)])
-        self.attentions = nn.ModuleList([VAEAttention(c, groups)])
-
-    def forward(self, x):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
-
-
-class VAEDownsample(nn.Module):
-    """Asymmetric zero pad (right and bottom only) then a stride-2 3x3 conv: H x W -> H/2 x W/2 exactly."""
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
-
-
-class VAEUpsample(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 conv."""
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class VAEDownBlock(nn.Module):
-    """diffusers' DownEncoderBlock2D: `n` resnets, then (except in the last block) a downsampler."""
-    def __init__(self, cin, cout, n, groups, downsample):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
-        if downsample:  # the last block has no 'downsamplers' keys at all
-            self.downsamplers = nn.ModuleList([VAEDownsample(cout)])
-
-    def forward(self, x):
-        for r in self.resnets:
-            x = r(x)
-        return self.downsamplers[0](x) if hasattr(self, "downsamplers") else x
-
-
-class VAEUpBlock(nn.Module):
-    """diffusers' UpDecoderBlock2D: `n` resnets, then (except in the last block) an upsampler."""
-    def __init__(self, cin, cout, n, groups, upsample):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
-        if upsample:
-            self.upsamplers = nn.ModuleList([VAEUpsample(cout)])
-
-    def forward(self, x):
-        for r in self.resnets:
-            x = r(x)
-        return self.upsamplers[0](x) if hasattr(self, "upsamplers") else x
-
-
-class VAEEncoder(nn.Module):
-    def __init__(self, in_channels, out_channels, block_out_channels, layers_per_block, groups):
-        super().__init__()
-        chs = list(block_out_channels)
-        self.conv_in = nn.Conv2d(in_channels, chs[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([
-            VAEDownBlock(chs[max(i - 1, 0)], c, layers_per_block, groups, downsample=i < len(chs) - 1)
-            for i, c in enumerate(chs)])
-        self.mid_block = VAEMidBlock(chs[-1], groups)
-        self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(chs[-1], out_channels, 3, padding=1)
-
-    def forward(self, x):                                  # B x 3 x H x W
-        x = self.conv_in(x)
-        for b in self.down_blocks:
-            x = b(x)                                       # halves H, W in all blocks but the last
-        x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # B x 2*latent x H/f x W/f
-
-
-class VAEDecoder(nn.Module):
-    def __init__(self, in_channels, out_channels, block_out_channels, layers_per_block, groups):
-        super().__init__()
-        rev = list(reversed(block_out_channels))           # the decoder walks the widths back up: 512, 512, 256, 128
-        self.conv_in = nn.Conv2d(in_channels, rev[0], 3, padding=1)
-        self.mid_block = VAEMidBlock(rev[0], groups)
-        self.up_blocks = nn.ModuleList([
-            VAEUpBlock(rev[max(i - 1, 0)], c, layers_per_block + 1, groups, upsample=i < len(rev) - 1)
-            for i, c in enumerate(rev)])
-        self.conv_norm_out = nn.GroupNorm(groups, rev[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(rev[-1], out_channels, 3, padding=1)
-
-    def forward(self, z):                                  # B x latent x h x w
-        x = self.mid_block(self.conv_in(z))
-        for b in self.up_blocks:
-            x = b(x)                                       # doubles H, W in all blocks but the last
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # B x 3 x H x W
-
-
-# Old diffusers uploads (e.g. the .bin files) name the mid-block attention with its deprecated names.
-_VAE_OLD_ATTN_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_VAE_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-_VAE_HELP = f"the SD VAE is published at {PUBLISHED['sd-vae-ft-ema']}"
-
-
-def convert_vae_state_dict(sd):
-    """Map deprecated attention names (query/key/value/proj_attn) to to_q/to_k/to_v/to_out.0, squeeze
-    1x1-conv-shaped [C, C, 1, 1] projection weights to Linear [C, C], and cast floating tensors to float32."""
-    out = {}
-    for k, v in sd.items():
-        parts = k.split(".")
-        if ".attentions." in k and len(parts) >= 2 and parts[-2] in _VAE_OLD_ATTN_NAMES:
-            k = ".".join(parts[:-2] + [_VAE_OLD_ATTN_NAMES[parts[-2]], parts[-1]])
-        if ".attentions." in k and k.endswith(".weight") and v.dim() == 4 and v.shape[2:] == (1, 1) \
-                and any(f".{n}." in k for n in ("to_q", "to_k", "to_v", "to_out.0")):
-            v = v[:, :, 0, 0]                              # conv1x1 weight == Linear weight
-        out[k] = v.float() if v.is_floating_point() else v
-    return out
-
-
-def vae_weights_file(path):
-    """The weights file of a VAE given as a file, a diffusers folder, or a pipeline folder with vae/."""
-    path = find_file(path, published="sd-vae-ft-ema")
-    if os.path.isfile(path):
-        return path
-    for folder in (path, os.path.join(path, "vae")):
-        for name in _VAE_FILES:
-            if os.path.isfile(os.path.join(folder, name)):
-                return os.path.join(folder, name)
-    raise UserError(f"no {' or '.join(_VAE_FILES)} in {path}; {_VAE_HELP}")
-
-
-class AutoencoderKL(nn.Module):
-    """The Stable Diffusion VAE: 3 x H x W images in [-1, 1] <-> latent x H/8 x W/8 diagonal Gaussians.
-
-    Latent scaling is the caller's job, as in Stable Diffusion and DiT:
-        z = scaled_latent(*vae.encode(x))          # 0.18215 * (mean + sigma * eps)
-        x = vae.decode(z / LATENT_SCALE)
-    """
-    def __init__(self, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                 layers_per_block=2, norm_num_groups=32):
-        super().__init__()
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, latent_channels=latent_channels,
-                           block_out_channels=list(block_out_channels), layers_per_block=layers_per_block,
-                           norm_num_groups=norm_num_groups)
-        self.weights_file = None                           # set by from_pretrained: the VAE's identity
-        # the encoder predicts mean and log-variance, hence 2 * latent channels
-        self.encoder = VAEEncoder(in_channels, 2 * latent_channels, block_out_channels, layers_per_block,
-                                  norm_num_groups)
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
-        self.decoder = VAEDecoder(latent_channels, out_channels, block_out_channels, layers_per_block,
-                                  norm_num_groups)
-
-    @classmethod
-    def from_config(cls, config):
-        """Build from a diffusers config.json dict; keys other than the constructor's are ignored."""
-        keys = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
-                "norm_num_groups")
-        kw = {k: config[k] for k in keys if config.get(k) is not None}
-        if "block_out_channels" in kw:
-            kw["block_out_channels"] = tuple(kw["block_out_channels"])
-        if kw.get("norm_num_groups", 32) < 1 or any(c % kw.get("norm_num_groups", 32) for c in
-                                                    kw.get("block_out_channels", (128,))):
-            raise UserError(f"VAE config: norm_num_groups {kw.get('norm_num_groups', 32)} does not divide "
-                            f"block_out_channels {list(kw.get('block_out_channels', []))}")
-        return cls(**kw)
-
-    def encode(self, x):                                   # B x 3 x H x W, in [-1, 1]
-        moments = self.quant_conv(self.encoder(x))         # B x 2*latent x H/8 x W/8
-        mean, logvar = moments.chunk(2, dim=1)             # B x latent x H/8 x W/8 each
-        return mean, logvar.clamp(-30.0, 20.0)             # clamp as diffusers/LDM, so exp() stays finite
-
-    def decode(self, z):                                   # B x latent x h x w (already divided by 0.18215)
-        return self.decoder(self.post_quant_conv(z))       # B x 3 x 8h x 8w, roughly in [-1, 1]
-
-    def check_fits(self, in_channels, image_size):
-        """Refuse a VAE whose latents are not a latent DiT's before any step: the DiT takes `in_channels`
-        latents 8x smaller than its `image_size` px images (else: images of the wrong size, or a failure at
-        decode after all the sampling steps)."""
-        factor = 2 ** (len(self.config["block_out_channels"]) - 1)
-        channels = self.config["latent_channels"]
-        if channels != in_channels or factor != 8 or image_size % factor:
-            raise UserError(f"the VAE {self.weights_file or ''} does not fit this DiT: it makes {channels}-channel "
-                            f"latents {factor}x smaller than the image; the DiT takes {in_channels}-channel latents "
-                            f"8x smaller than its {image_size} px images")
-
-    def identity(self):
-        """What checkpoints and latent caches record of the VAE: its config and the sha256 of its weights."""
-        return dict(sha256=file_sha256(self.weights_file) if self.weights_file else None, config=self.config)
-
-    def load_vae_state_dict(self, sd, source="checkpoint"):
-        """Strict load (old attention names accepted) with one-line errors naming the tensor."""
-        sd = convert_vae_state_dict(sd)
-        if any(k.startswith(("first_stage_model.", "encoder.down.", "decoder.up.")) for k in sd):
-            raise UserError(f"{source}: this is an original CompVis/LDM-layout VAE, not the diffusers layout; "
-                            + _VAE_HELP)
-        try:
-            load_strict(self, sd, source)
-        except UserError as e:
-            raise UserError(f"{e} - is this an SD VAE in the diffusers layout, with its config.json?") from None
-        return self
-
-    @classmethod
-    def from_pretrained(cls, path="sd-vae-ft-ema"):
-        """The one VAE loader. `path`: a diffusers folder (config.json + diffusion_pytorch_model.safetensors or
-        .bin; a pipeline folder's vae/ works too) or a weights file (a diffusers config.json beside it is used;
-        none: the SD defaults), looked up as given, then under pretrained/. Never downloads."""
-        file = vae_weights_file(path)
-        config, cfg_path = {}, os.path.join(os.path.dirname(file), "config.json")
-        if os.path.isfile(cfg_path):
-            try:
-                with open(cfg_path) as f:
-                    cfg = json.load(f)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read {cfg_path}: {e}") from None
-            # beside a bare file, only take a config that is a VAE's (not, say, a training run's)
-            if os.path.basename(file) in _VAE_FILES or cfg.get("_class_name") == "AutoencoderKL" \
-                    or "latent_channels" in cfg:
-                config = cfg
-        sd = load_safetensors(file) if file.endswith(".safetensors") else _torch_load_tensors(file)
-        vae = cls.from_config(config).load_vae_state_dict(sd, source=file).eval()
-        vae.weights_file = file
-        return vae
-
-
-def _torch_load_tensors(path):
-    """A flat {name: tensor} state dict from a .bin / .pt file (read as untrusted input)."""
-    obj = read_checkpoint(path)
-    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # Lightning-style wrapper
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path}: expected a flat {{name: tensor}} state dict")
-    return obj
-
-
-def scaled_latent(mean, logvar):
-    """z = 0.18215 * (mean + exp(logvar / 2) * eps): one draw from the VAE posterior, scaled as DiT trains on it."""
-    return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
 
 
 if __name__ == "__main__":

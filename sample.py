@@ -16,6 +16,9 @@ Faster than the paper: `--sampler dpm++2m --steps 20` (DPM-Solver++(2M), diffusi
 trained 0 ... 999 scale; the others run the DiT on the conditional half alone, so they cost half. Step t has
 noise level sigma_t = sqrt((1 - abar_t) / abar_t): 0.01 at t = 0, 0.34 at 100, 0.72 at 200, 1.24 at 300,
 2.04 at 400, 3.44 at 500, 6.17 at 600, 12.0 at 700, 25.7 at 800, 60.8 at 900, 157 at 999.
+
+What the console says the run uses (class, guide row, sampler, checkpoint, VAE) is read back from the objects the
+run samples with, never from the flags.
 """
 import math
 import os
@@ -26,13 +29,13 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from data import inat21_hierarchy
+from cli import (ArgumentParser, UserError, device, finite_float, folder, int_in, nonnegative_int, positive_int,
+                 precision_context, run_cli)
 from diffusion import create_diffusion
-from model import (LATENT_SCALE, PUBLISHED, ArgumentParser, AutoencoderKL, UserError, atomic_write, device,
-                   finite_float, folder, int_in, latest_checkpoint, load_model, nonnegative_int, positive_int,
-                   precision_context, run_cli)
+from files import atomic_write
+from model import AUTHORS_CHECKPOINT, load_model
+from vae import LATENT_SCALE, AutoencoderKL
 
-AUTHORS_CHECKPOINT = "FineDiffusion-iNat.pt"
 CFG_SCALE = 4.0         # paper §4.2: the guidance scale w of every table
 STEPS = 250             # paper §4.2: DDPM sampling steps
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
@@ -40,37 +43,171 @@ DEFAULT_STEPS = {"ddpm": STEPS, "ddim": 50, "dpm++2m": 20}   # --steps when not 
 TRAINED_STEPS = 1000    # the diffusion DiT is trained on: a sampler keeps 2 or more of these steps
 
 
-def find_checkpoint(path=None):
-    """--ckpt as given (a run folder means its newest checkpoint); without one, the newest under results/,
-    else the authors' FineDiffusion-iNat.pt under pretrained/."""
-    if path and not os.path.isdir(path):
-        return path
-    found = latest_checkpoint(path or "results")
-    if found is None and path is None and os.path.isfile(os.path.join("pretrained", AUTHORS_CHECKPOINT)):
-        found = os.path.join("pretrained", AUTHORS_CHECKPOINT)
-    if found is None and path:
-        raise UserError(f"no checkpoint in {path} (looked for {path}/**/checkpoints/*.pt)")
-    if found is None:
-        raise UserError(f"no --ckpt given and none found (looked in results/**/checkpoints/*.pt and pretrained/"
-                        f"{AUTHORS_CHECKPOINT}): train one (python train.py --data toy, see README) or put "
-                        f"{AUTHORS_CHECKPOINT} in pretrained/; it is {PUBLISHED[AUTHORS_CHECKPOINT]}")
-    return found
+# ----------------------------------------------------------------------------------------------------------
+# Sampling one class: x_T -> the sampler's steps, each guided by eq. 1 -> VAE decode -> uint8
+# ----------------------------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def sample_images(model, y, guide=None, cfg_scale=CFG_SCALE, sampler=None, vae=None, seed=0, device="cpu",
+                  precision="fp32", guide_all_channels=False, progress=True):
+    """Images of classes y (N,) as uint8 (N, H, W, 3), as the official DiT samples them.
+
+    guide: (N,) label-table rows of the guide half (guide_labels), or None to sample unguided.
+    sampler: a Sampler (default: the paper's 250 DDPM steps, eq. 1 at every step)."""
+    sampler = sampler or Sampler()
+    model = model.to(device).eval()
+    y = torch.as_tensor(y, device=device)
+    torch.manual_seed(seed)             # as DiT's sample.py: x_T, then each step's noise, from one stream
+    z = torch.randn(len(y), model.in_channels, model.input_size, model.input_size, device=device)  # (N, C, h, w)
+    if guide is not None:
+        z = torch.cat([z, z], dim=0)                          # (2N, C, h, w): [conditional; guide]
+        kwargs = dict(y=torch.cat([y, torch.as_tensor(guide, device=device)]), cfg_scale=cfg_scale,
+                      guide_channels=None if guide_all_channels else 3)
+        net = model.forward_with_cfg if sampler.interval is None else interval_guidance(model, *sampler.interval)
+    else:
+        kwargs, net = dict(y=y), model.forward
+    low_precision = precision_context(precision, torch.device(device).type)
+
+    def eps_model(x, t, **kw):
+        with low_precision:
+            return net(x, t, **kw).float()                    # the diffusion math stays in fp32
+
+    x = sampler.loop(model.learn_sigma)(eps_model, z.shape, z, model_kwargs=kwargs, progress=progress, device=device)
+    x = x[: len(y)]                                            # drop the guide half
+    if vae is not None:
+        with low_precision:
+            x = vae.to(device).decode(x / LATENT_SCALE).float()
+    return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)  # (N, H, W, 3)
+
+
+def guide_labels(model, y, guidance, cfg_scale=CFG_SCALE):
+    """Label-table rows (N,) of the guide half for classes y (N,): their superclass rows (eq. 1) or the null row
+    (standard CFG); None when nothing guides (--guidance none, or w = 1, where eq. 1 is eps(x_t | c) alone)."""
+    emb = model.y_embedder
+    y = torch.as_tensor(y)
+    if guidance == "none" or cfg_scale == 1.0:
+        return None
+    if guidance == "superclass":
+        if not emb.num_superclasses:
+            raise UserError("this checkpoint has no superclass rows: use --guidance null")
+        return emb.superclass_ids(y.to(emb.superclass_of.device)).cpu()
+    if not emb.null_class:
+        raise UserError("this checkpoint has no null row (FineDiffusion tables are K+S rows): use --guidance superclass")
+    return torch.full_like(y, emb.null_id)
+
+
+def describe_guide(model, row):
+    """'superclass row 10002 (Birds)' for a guide row, named from the hierarchy of the model that uses it."""
+    emb = model.y_embedder
+    if row == emb.null_id and emb.null_class:
+        return f"the null row {row} (standard CFG)"
+    hierarchy = model.hierarchy
+    return f"superclass row {row} ({hierarchy['superclass_names'][row - emb.num_classes]})"
+
+
+def interval_guidance(model, lo, hi):
+    """forward_with_cfg with guidance only at steps lo <= t <= hi (Kynkäänniemi et al. 2024).
+
+    Outside the interval the guide half is not computed: the DiT runs on the conditional half alone and its
+    output stands for both halves, so the sampler's batch [x_t; x_t], and its random draws, keep their layout."""
+    def net(x, t, y, cfg_scale, guide_channels=3):
+        if lo <= int(t[0]) <= hi:                  # samplers call the network with one t for the whole batch
+            return model.forward_with_cfg(x, t, y, cfg_scale, guide_channels)
+        n = len(x) // 2
+        out = model.forward(x[:n], t[:n], y[:n])   # eps(x_t | c) alone: no guidance at this noise level
+        return torch.cat([out, out], dim=0)
+    return net
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Samplers: which steps, and where eq. 1 applies
+# ----------------------------------------------------------------------------------------------------------
+
+class Sampler:
+    """How every command draws images: `kind` (ddpm, ddim, dpm++2m) with `steps` DiT evaluations at the trained
+    timesteps `timesteps` (0 ... 999, in sampling order), and eq. 1 at the steps inside `interval` (lo, hi, both
+    included; None: at every step, the paper's). Built before any work, so bad settings fail at once."""
+
+    def __init__(self, kind="ddpm", steps=None, interval=None):
+        self.kind, self.steps = kind, steps or DEFAULT_STEPS[kind]
+        if interval is not None and not 0 <= interval[0] <= interval[1] <= TRAINED_STEPS - 1:
+            raise UserError(f"--guidance-interval {interval[0]} {interval[1]}: need 0 <= LO <= HI <= {TRAINED_STEPS - 1}")
+        self.interval = None if interval is None else tuple(interval)
+        self.timesteps = self._diffusion(learn_sigma=True)[1]
+
+    def _diffusion(self, learn_sigma):
+        """(the sampling loop of this kind, its timesteps) for a DiT with or without the learned variance."""
+        try:
+            if self.kind == "dpm++2m":
+                diffusion = create_diffusion("", learn_sigma=learn_sigma)
+                return (partial(diffusion.dpm_solver_sample_loop, steps=self.steps),
+                        diffusion.dpm_solver_timesteps(self.steps))
+            spacing = f"ddim{self.steps}" if self.kind == "ddim" else str(self.steps)
+            diffusion = create_diffusion(spacing, learn_sigma=learn_sigma)
+        except ValueError as e:
+            raise UserError(f"--sampler {self.kind} --steps {self.steps}: {e}") from None
+        loop = diffusion.ddim_sample_loop if self.kind == "ddim" else diffusion.p_sample_loop
+        return loop, diffusion.timestep_map[::-1]
+
+    def loop(self, learn_sigma=True):
+        return self._diffusion(learn_sigma)[0]
+
+    @property
+    def guided_steps(self):
+        """How many of the steps apply eq. 1."""
+        if self.interval is None:
+            return len(self.timesteps)
+        return int(sum(self.interval[0] <= t <= self.interval[1] for t in self.timesteps))
+
+    def record(self):
+        """The settings a table or manifest records of this sampler."""
+        return dict(sampler=self.kind, steps=len(self.timesteps),
+                    guidance_interval=None if self.interval is None else list(self.interval))
+
+    def __str__(self):
+        """'dpm++2m, 20 steps, eq. 1 at 11 of them: t in [200, 700], sigma_t 0.72 ... 12' for the log."""
+        text = f"{self.kind}, {len(self.timesteps)} steps"
+        if self.interval is None:
+            return text
+        abar = create_diffusion().alphas_cumprod
+        sigma = lambda t: math.sqrt((1 - abar[t]) / abar[t])
+        lo, hi = self.interval
+        return (f"{text}, eq. 1 at {self.guided_steps} of them: t in [{lo}, {hi}], "
+                f"sigma_t {sigma(lo):.3g} ... {sigma(hi):.3g}")
+
+
+def add_sampler_args(p, steps=None):
+    """How every command samples: --cfg-scale, --sampler, --steps (default: DEFAULT_STEPS of the sampler, unless the
+    command has its own) and --guidance-interval. Call `sampler_of(args)` after parsing."""
+    p.add_argument("--cfg-scale", type=finite_float, default=CFG_SCALE, help="w of eq. 1 (the paper's: 4)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm (the paper's), ddim, dpm++2m (DPM-Solver++(2M))")
+    p.add_argument("--steps", type=int_in(2, TRAINED_STEPS), default=steps,
+                   help="sampling steps; default: " + (str(steps) if steps else "250 DDPM, 50 DDIM, 20 DPM++(2M)"))
+    p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at timesteps LO <= t <= HI of 0 ... 999 (default: every step, as the paper)")
+
+
+def sampler_of(args):
+    """The Sampler of the sampler flags, checked before any work."""
+    return Sampler(args.sampler, args.steps, args.guidance_interval)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, and the command line
+# ----------------------------------------------------------------------------------------------------------
 
 def load_for_sampling(ckpt, base=None, vae=None):
-    """The one way to load a model to sample or evaluate: the DiT of a checkpoint (EMA weights), its hierarchy
-    and, for a latent DiT, the VAE that decodes it. -> (model, info, vae or None)
+    """The one way to load a model to sample or evaluate: the DiT of a checkpoint (EMA weights, its hierarchy
+    inside) and, for a latent DiT, the VAE that decodes it. -> (model, info, vae or None)
 
-    The authors' FineDiffusion-iNat.pt carries no hierarchy: its 10,000 + 11 label rows get iNat21's built-in
-    one. The VAE: `vae` if given, else the one the checkpoint was trained with, else sd-vae-ft-ema."""
+    `ckpt` goes through model.resolve_checkpoint (info["path"]: the file read). The VAE: `vae` if given, else the
+    one the checkpoint was trained with, else sd-vae-ft-ema."""
     model, info = load_model(ckpt, base=base)
-    config = info["config"]
-    if info["hierarchy"] is None and (config["num_classes"], config["num_superclasses"]) == (10000, 11):
-        info["hierarchy"] = inat21_hierarchy()
-    if config["pixel_space"]:
+    if info["config"]["pixel_space"]:
         return model, info, None
     decoder = AutoencoderKL.from_pretrained(vae or info["args"].get("vae") or "sd-vae-ft-ema")
-    decoder.check_fits(model.in_channels, config["image_size"])
+    decoder.check_fits(model.in_channels, info["config"]["image_size"])
     if info["vae"] is not None and decoder.identity() != info["vae"] and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: decoding with {decoder.weights_file}, not the VAE this DiT was trained with "
               f"(sha256 {str(info['vae']['sha256'])[:12]}...): the images may be off", file=sys.stderr)
@@ -92,119 +229,6 @@ def resolve_class(hierarchy, num_classes, class_id=None, class_name=None):
     if class_id is None or not 0 <= class_id < num_classes:
         raise UserError(f"--class-id must be in [0, {num_classes}) for this checkpoint, got {class_id}")
     return class_id
-
-
-def guide_labels(model, y, guidance):
-    """Label-table rows of the guide half: superclass rows (eq. 1) or the null row (standard CFG)."""
-    emb = model.y_embedder
-    if guidance == "superclass":
-        if not emb.num_superclasses:
-            raise UserError("this checkpoint has no superclass rows: use --guidance null")
-        return emb.superclass_ids(y)
-    if not emb.null_class:
-        raise UserError("this checkpoint has no null row (FineDiffusion tables are K+S rows): use --guidance superclass")
-    return torch.full_like(y, emb.null_id)
-
-
-def add_sampler_args(p, steps=None):
-    """How every command samples: --cfg-scale, --sampler, --steps (default: DEFAULT_STEPS of the sampler, unless the
-    command has its own) and --guidance-interval. Call `steps_of(args)` after parsing."""
-    p.add_argument("--cfg-scale", type=finite_float, default=CFG_SCALE, help="w of eq. 1 (the paper's: 4)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm (the paper's), ddim, dpm++2m (DPM-Solver++(2M))")
-    p.add_argument("--steps", type=int_in(2, TRAINED_STEPS), default=steps,
-                   help="sampling steps; default: " + (str(steps) if steps else "250 DDPM, 50 DDIM, 20 DPM++(2M)"))
-    p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
-                   help="guide only at timesteps LO <= t <= HI of 0 ... 999 (default: every step, as the paper)")
-
-
-def steps_of(args):
-    """--steps as given, else the sampler's default; checked (with the interval) before any work."""
-    args.steps = args.steps or DEFAULT_STEPS[args.sampler]
-    make_sampler(args.sampler, args.steps)
-    check_interval(args.guidance_interval)
-    return args.steps
-
-
-def make_sampler(sampler, steps, learn_sigma=True):
-    """(loop, timesteps): the sampling loop of `sampler` ("ddpm", "ddim", "dpm++2m") with `steps` network
-    evaluations, and the original steps (0 ... 999) it evaluates the network at, in order."""
-    try:
-        if sampler == "dpm++2m":
-            diffusion = create_diffusion("", learn_sigma=learn_sigma)
-            timesteps = diffusion.dpm_solver_timesteps(steps)
-            return partial(diffusion.dpm_solver_sample_loop, steps=steps), timesteps
-        diffusion = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), learn_sigma=learn_sigma)
-    except ValueError as e:
-        raise UserError(f"--sampler {sampler} --steps {steps}: {e}") from None
-    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
-    return loop, diffusion.timestep_map[::-1]
-
-
-def check_interval(interval, num_timesteps=1000):
-    """A guidance interval (lo, hi) of timesteps, both included; None means guidance at every step (the paper)."""
-    if interval is not None and not 0 <= interval[0] <= interval[1] <= num_timesteps - 1:
-        raise UserError(f"--guidance-interval {interval[0]} {interval[1]}: need 0 <= LO <= HI <= {num_timesteps - 1}")
-    return interval
-
-
-def interval_guidance(model, lo, hi):
-    """forward_with_cfg with guidance only at steps lo <= t <= hi (Kynkäänniemi et al. 2024).
-
-    Outside the interval the guide half is not computed: the DiT runs on the conditional half alone and its
-    output stands for both halves, so the sampler's batch [x_t; x_t], and its random draws, keep their layout."""
-    def net(x, t, y, cfg_scale, guide_channels=3):
-        if lo <= int(t[0]) <= hi:                  # samplers call the network with one t for the whole batch
-            return model.forward_with_cfg(x, t, y, cfg_scale, guide_channels)
-        n = len(x) // 2
-        out = model.forward(x[:n], t[:n], y[:n])   # eps(x_t | c) alone: no guidance at this noise level
-        return torch.cat([out, out], dim=0)
-    return net
-
-
-def describe_interval(sampler, steps, interval):
-    """'guidance at 9 of 20 steps: t in [200, 700], sigma_t 0.72 ... 12.0' for the log."""
-    _, timesteps = make_sampler(sampler, steps)
-    lo, hi = interval
-    inside = sum(lo <= t <= hi for t in timesteps)
-    abar = create_diffusion().alphas_cumprod
-    sigma = lambda t: math.sqrt((1 - abar[t]) / abar[t])
-    return (f"guidance at {inside} of {len(timesteps)} steps: t in [{lo}, {hi}], "
-            f"sigma_t {sigma(lo):.3g} ... {sigma(hi):.3g}")
-
-
-@torch.no_grad()
-def sample_images(model, y, guidance="superclass", cfg_scale=CFG_SCALE, sampler="ddpm", steps=STEPS, vae=None,
-                  seed=0, device="cpu", precision="fp32", guide_all_channels=False, progress=True,
-                  guidance_interval=None):
-    """Images of classes y (N,) as uint8 (N, H, W, 3). The noise comes from `seed`, as DiT's sampler.
-    `guidance_interval` (lo, hi): eq. 1 only at steps lo <= t <= hi; None: at every step, as the paper."""
-    model = model.to(device).eval()
-    y = torch.as_tensor(y, device=device)
-    loop, _ = make_sampler(sampler, steps, model.learn_sigma)
-    interval = check_interval(guidance_interval)
-    torch.manual_seed(seed)             # as DiT's sample.py: x_T, then each step's noise, from one stream
-    z = torch.randn(len(y), model.in_channels, model.input_size, model.input_size, device=device)  # (n, C, h, w)
-    guided = guidance != "none" and cfg_scale != 1.0
-    if guided:
-        z = torch.cat([z, z], dim=0)                          # (2n, C, h, w): [conditional; guide]
-        kwargs = dict(y=torch.cat([y, guide_labels(model, y, guidance)]), cfg_scale=cfg_scale,
-                      guide_channels=None if guide_all_channels else 3)
-        net = model.forward_with_cfg if interval is None else interval_guidance(model, *interval)
-    else:
-        kwargs, net = dict(y=y), model.forward
-    low_precision = precision_context(precision, torch.device(device).type)
-
-    def eps_model(x, t, **kw):
-        with low_precision:
-            return net(x, t, **kw).float()                    # the diffusion math stays in fp32
-
-    x = loop(eps_model, z.shape, z, model_kwargs=kwargs, progress=progress, device=device)
-    x = x[: len(y)]                                            # drop the guide half
-    if vae is not None:
-        with low_precision:
-            x = vae.to(device).decode(x / LATENT_SCALE).float()
-    return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)  # (N, H, W, 3)
 
 
 def save_png(images, path, nrow=4):
@@ -239,24 +263,21 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    steps_of(args)                                                      # refused now, not after loading
+    sampler = sampler_of(args)                                          # refused now, not after loading
     precision_context(args.precision, torch.device(args.device).type)
-    if check_interval(args.guidance_interval) and (args.guidance == "none" or args.cfg_scale == 1.0):
+    if sampler.interval and (args.guidance == "none" or args.cfg_scale == 1.0):
         raise UserError("--guidance-interval needs guidance: --guidance superclass or null, --cfg-scale other than 1")
-    ckpt = find_checkpoint(args.ckpt)
-    model, info, vae = load_for_sampling(ckpt, args.base, args.vae)
-    hierarchy = info["hierarchy"]
+    model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae)
+    hierarchy = model.hierarchy
     cls = resolve_class(hierarchy, model.y_embedder.num_classes, args.class_id, args.class_name)
+    y = torch.full((args.num_samples,), cls)
+    guide = guide_labels(model, y, args.guidance, args.cfg_scale)
     what = f"class {cls}" + (f" ({hierarchy['class_names'][cls]})" if hierarchy else "")
-    if hierarchy and args.guidance == "superclass":
-        s = hierarchy["superclass_of"][cls]
-        what += f", guided by superclass {s} ({hierarchy['superclass_names'][s]})"
-    print(f"sampling {args.num_samples} x {what} from {ckpt}", file=sys.stderr)
-    if args.guidance_interval:
-        print(describe_interval(args.sampler, args.steps, args.guidance_interval), file=sys.stderr)
-    images = sample_images(model, [cls] * args.num_samples, args.guidance, args.cfg_scale, args.sampler, args.steps,
-                           vae, args.seed, args.device, args.precision, args.guide_all_channels,
-                           guidance_interval=args.guidance_interval)
+    how = "unguided" if guide is None else f"guided by {describe_guide(model, int(guide[0]))}, w = {args.cfg_scale:g}"
+    decoded = f", decoded by {vae.weights_file}" if vae is not None else ""
+    print(f"sampling {args.num_samples} x {what}, {how}; {sampler}; from {info['path']}{decoded}", file=sys.stderr)
+    images = sample_images(model, y, guide, args.cfg_scale, sampler, vae, args.seed, args.device, args.precision,
+                           args.guide_all_channels)
     save_png(images, args.out)
     if args.per_sample_dir:
         for i, img in enumerate(images):

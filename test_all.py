@@ -40,17 +40,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import diffusion as diffusion_module  # noqa: E402
 import evaluate  # noqa: E402
+import hierarchy as hierarchy_module  # noqa: E402
 import model as model_module  # noqa: E402
 import sample as sample_module  # noqa: E402
 import train  # noqa: E402
+import vae as vae_module  # noqa: E402
 from diffusion import create_diffusion, space_timesteps  # noqa: E402
 from evaluate import (FIDInceptionV3, LPIPS, compute_stats, feature_stats, fid_table, frechet_distance,  # noqa: E402
                       inception_features, load_inception, lpips_diversity, open_images, sample_pairs)
-from model import (AutoencoderKL, DiT_models, UserError, build_model, count_table2, dit_config_from_state,  # noqa: E402
-                   is_trainable, load_model, load_pretrained, load_safetensors, set_trainable)
+from cli import UserError  # noqa: E402
+from model import (DiT_models, build_model, count_table2, dit_config_from_state, is_trainable, load_model,  # noqa: E402
+                   load_pretrained, set_trainable)
+from vae import AutoencoderKL, load_safetensors  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +77,7 @@ def run_main(module, *argv, capsys):
     """A script's command line run in this process, as run_cli runs it (seconds faster than run_script), reported
     as run_script reports it."""
     capsys.readouterr()
-    code = model_module.run_cli(lambda: module.main([str(a) for a in argv]))
+    code = cli.run_cli(lambda: module.main([str(a) for a in argv]))
     out = capsys.readouterr()
     return subprocess.CompletedProcess(argv, code, out.out, out.err)
 
@@ -123,9 +128,15 @@ def write_tiny_vae(folder, seed=0, **config):
 def tiny_dit(**kw):
     """A DiT-T/2 over 16x16 pixels: 16 classes in 4 superclasses."""
     kw = {**dict(input_size=16, in_channels=3, num_classes=16, num_superclasses=4,
-                 superclass_of=[c // 4 for c in range(16)], null_class=False, norm_affine=True), **kw}
+                 hierarchy=TOY_HIERARCHY, null_class=False, norm_affine=True), **kw}
     torch.manual_seed(0)
     return DiT_models["DiT-T/2"](**kw)
+
+
+def hierarchy_of(superclass_of):
+    """A hierarchy with made-up names over the given superclass_of."""
+    return hierarchy_module.make_hierarchy([f"class{k}" for k in range(len(superclass_of))],
+                                           [f"super{s}" for s in range(max(superclass_of) + 1)], superclass_of)
 
 
 def randomize(model, seed=1):
@@ -174,9 +185,10 @@ def seeded_state(template, skip=("pos_embed",)):
 # The layout of the code
 # ------------------------------------------------------------------------------------------------------------
 
-def test_the_imports_form_a_tree_with_model_and_diffusion_at_the_bottom():
+def test_the_imports_form_a_tree_with_the_helpers_then_model_and_diffusion_at_the_bottom():
     import ast
-    layer = {"model": 0, "diffusion": 0, "data": 1, "sample": 2, "train": 3, "evaluate": 3, "bench": 4}
+    layer = {"cli": 0, "files": 1, "hierarchy": 1, "model": 2, "diffusion": 0, "vae": 3, "data": 4, "sample": 5,
+             "train": 6, "evaluate": 6, "bench": 7}
     for name, level in layer.items():
         tree = ast.parse(open(os.path.join(HERE, f"{name}.py")).read())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
@@ -303,7 +315,7 @@ def test_superclass_substitution_rate_matches_superclass_prob():
 
 
 def test_null_substitution_rate_matches_null_prob():
-    emb = tiny_dit(num_superclasses=0, superclass_of=None, null_class=True, null_prob=0.2).y_embedder
+    emb = tiny_dit(num_superclasses=0, hierarchy=None, null_class=True, null_prob=0.2).y_embedder
     torch.manual_seed(0)
     out = emb.substitute(torch.randint(0, 16, (100_000,)))
     assert abs((out == 16).float().mean().item() - 0.2) < 0.005
@@ -347,7 +359,8 @@ def official_like(tmp_path, name="DiT-T/2", layout="official"):
 def test_loads_official_layout_into_a_finediffusion_model_reinitialising_the_table(tmp_path):
     base, path = official_like(tmp_path)
     model = DiT_models["DiT-T/2"](input_size=16, num_classes=30, num_superclasses=3,
-                                  superclass_of=[c % 3 for c in range(30)], null_class=False, norm_affine=True)
+                                  hierarchy=hierarchy_of([c % 3 for c in range(30)]), null_class=False,
+                                  norm_affine=True)
     report = load_pretrained(model, str(path))
     assert report["reinitialised"] and "y_embedder.embedding_table.weight" in report["reinitialised"][0]
     assert "blocks.0.norm1.weight" in report["identity"]
@@ -878,7 +891,7 @@ def official_small_dit():
 
 def authors_fine_dit():
     """The authors' FineDiffusion layout: 10,000 iNat21 subclass rows + 11 superclass rows, LayerNorm affine."""
-    return seeded_dit(num_classes=10000, num_superclasses=11, superclass_of=data.inat21_superclass_of(),
+    return seeded_dit(num_classes=10000, num_superclasses=11, hierarchy=hierarchy_module.inat21_hierarchy(),
                       null_class=False, norm_affine=True)
 
 
@@ -1017,8 +1030,9 @@ def test_sample_images_equal_the_authors_sampling_flow(reference, tmp_path):
     vae, decoded_by_vae = seeded_vae(tmp_path / "vae"), []
     decode = vae.decode                            # keep what the VAE is given and returns (the floats before uint8)
     vae.decode = lambda z: decoded_by_vae.append((z, decode(z))) or decoded_by_vae[-1][1]
-    images = sample.sample_images(authors_fine_dit(), r["classes"], "superclass", 4.0, "ddpm", 10, vae=vae,
-                                  seed=int(r["seed"]), progress=False)
+    model = authors_fine_dit()
+    images = sample.sample_images(model, r["classes"], sample.guide_labels(model, r["classes"], "superclass"), 4.0,
+                                  sample.Sampler("ddpm", 10), vae=vae, seed=int(r["seed"]), progress=False)
     (z, decoded), = decoded_by_vae
     assert_matches(z, r["latents"] / 0.18215, 1e-4)   # the conditional half, scaled
     assert_matches(decoded, r["decoded"], 1e-4)
@@ -1106,7 +1120,7 @@ def write_our_checkpoint(path, hierarchy=TOY_HIERARCHY):
     """A checkpoint in train.py's format (full tensors), pixel-space FineDiffusion DiT-T/4 at 16 px."""
     config = dict(name="DiT-T/4", image_size=16, num_classes=len(hierarchy["class_names"]),
                   num_superclasses=len(hierarchy["superclass_names"]), method="finediffusion", pixel_space=True)
-    model = randomize(build_model(**config, superclass_of=hierarchy["superclass_of"]))
+    model = randomize(build_model(**config, hierarchy=hierarchy))
     torch.save(dict(model=model.state_dict(), ema=model.state_dict(), config=config, hierarchy=hierarchy,
                     args=dict(data="toy"), step=1, base=None), path)
     return model
@@ -1126,7 +1140,7 @@ def test_sample_script_writes_a_grid_from_our_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert png_size(out) == (2 * 16 + 3 * 2, 16 + 2 * 2)           # make_grid: 2 per row, 2 px padding
     assert sorted(os.listdir(tmp_path / "each")) == ["00005_0000.png", "00005_0001.png"]
-    assert "superclass 1 (shape1)" in proc.stderr
+    assert "superclass row 17 (shape1)" in proc.stderr
 
 
 def test_sample_script_decodes_latents_with_a_published_layout_vae(tmp_path):
@@ -1149,11 +1163,12 @@ def test_class_name_resolves_through_the_checkpoint_hierarchy():
 
 
 def test_sample_images_are_reproducible_and_guidance_changes_them(tmp_path):
-    from sample import sample_images
+    from sample import Sampler, guide_labels, sample_images
     model = write_our_checkpoint(tmp_path / "c.pt").eval()
-    a = sample_images(model, [1, 2], "superclass", 4.0, steps=3, seed=7, progress=False)
-    b = sample_images(model, [1, 2], "superclass", 4.0, steps=3, seed=7, progress=False)
-    c = sample_images(model, [1, 2], "none", 4.0, steps=3, seed=7, progress=False)
+    guide = guide_labels(model, [1, 2], "superclass")
+    a = sample_images(model, [1, 2], guide, 4.0, Sampler("ddpm", 3), seed=7, progress=False)
+    b = sample_images(model, [1, 2], guide, 4.0, Sampler("ddpm", 3), seed=7, progress=False)
+    c = sample_images(model, [1, 2], None, 4.0, Sampler("ddpm", 3), seed=7, progress=False)
     assert a.shape == (2, 16, 16, 3) and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, c)
 
@@ -1165,7 +1180,7 @@ def test_sample_script_samples_with_dpm_solver_in_a_guidance_interval(tmp_path):
                       "--out", tmp_path / "g.png")
     assert proc.returncode == 0, proc.stderr
     assert png_size(tmp_path / "g.png") == (2 * 16 + 3 * 2, 16 + 2 * 2)
-    assert "guidance at 2 of 3 steps" in proc.stderr                  # timesteps 999, 666, 333
+    assert "eq. 1 at 2 of them" in proc.stderr                        # timesteps 999, 666, 333
 
 
 def network_batches(model, run):
@@ -1180,25 +1195,26 @@ def network_batches(model, run):
 
 
 def test_steps_default_to_each_samplers_own_count():
-    parse = lambda *argv: sample_module.parse_args(["--class-id", "1", *argv])
-    assert [sample_module.steps_of(parse("--sampler", s)) for s in ("ddpm", "ddim", "dpm++2m")] == [250, 50, 20]
-    assert sample_module.steps_of(parse("--sampler", "dpm++2m", "--steps", "12")) == 12
+    parse = lambda *argv: sample_module.sampler_of(sample_module.parse_args(["--class-id", "1", *argv]))
+    assert [len(parse("--sampler", s).timesteps) for s in ("ddpm", "ddim", "dpm++2m")] == [250, 50, 20]
+    assert len(parse("--sampler", "dpm++2m", "--steps", "12").timesteps) == 12
 
 
 def test_guidance_interval_runs_the_dit_on_the_conditional_half_outside_it(tmp_path):
-    from sample import sample_images
+    from sample import Sampler, guide_labels, sample_images
     model = write_our_checkpoint(tmp_path / "c.pt").eval()
-    calls = network_batches(model, lambda: sample_images(model, [1, 2], "superclass", 4.0, "ddim", 10, progress=False,
-                                                         guidance_interval=(500, 700)))
+    guide = guide_labels(model, [1, 2], "superclass")
+    calls = network_batches(model, lambda: sample_images(model, [1, 2], guide, 4.0, Sampler("ddim", 10, (500, 700)),
+                                                         progress=False))
     assert calls == [(t, 4 if 500 <= t <= 700 else 2) for t in range(900, -1, -100)]   # both bounds included
 
 
 def test_guidance_interval_over_every_step_equals_guidance_at_every_step(tmp_path):
-    from sample import sample_images
+    from sample import Sampler, guide_labels, sample_images
     model = write_our_checkpoint(tmp_path / "c.pt").eval()
-    everywhere = sample_images(model, [1, 2], "superclass", 4.0, "ddpm", 5, seed=3, progress=False)
-    interval = sample_images(model, [1, 2], "superclass", 4.0, "ddpm", 5, seed=3, progress=False,
-                             guidance_interval=(0, 999))
+    guide = guide_labels(model, [1, 2], "superclass")
+    everywhere = sample_images(model, [1, 2], guide, 4.0, Sampler("ddpm", 5), seed=3, progress=False)
+    interval = sample_images(model, [1, 2], guide, 4.0, Sampler("ddpm", 5, (0, 999)), seed=3, progress=False)
     assert torch.equal(everywhere, interval)
 
 
@@ -1207,12 +1223,12 @@ def test_guidance_interval_without_a_step_equals_no_guidance_for_a_deterministic
     """Outside the interval the conditional half's eps is eps(x_t | c) exactly, so an interval that holds no step
     (ddim10 and dpm++2m 10 step at multiples of 100, and 999) is --guidance none. (DDPM's noise is drawn over the
     whole [x_t; x_t] batch, so there the random stream differs.)"""
-    from sample import sample_images
+    from sample import Sampler, guide_labels, sample_images
     model = write_our_checkpoint(tmp_path / "c.pt").eval()
-    unguided = sample_images(model, [1, 2], "none", 4.0, sampler, 10, seed=3, progress=False)
-    empty = sample_images(model, [1, 2], "superclass", 4.0, sampler, 10, seed=3, progress=False,
-                          guidance_interval=(101, 199))
-    guided = sample_images(model, [1, 2], "superclass", 4.0, sampler, 10, seed=3, progress=False)
+    guide = guide_labels(model, [1, 2], "superclass")
+    unguided = sample_images(model, [1, 2], None, 4.0, Sampler(sampler, 10), seed=3, progress=False)
+    empty = sample_images(model, [1, 2], guide, 4.0, Sampler(sampler, 10, (101, 199)), seed=3, progress=False)
+    guided = sample_images(model, [1, 2], guide, 4.0, Sampler(sampler, 10), seed=3, progress=False)
     assert torch.equal(unguided, empty) and not torch.equal(unguided, guided)
 
 
@@ -1260,7 +1276,7 @@ def test_vae_tiny_encode_decode_shapes():
         mean, logvar = vae.encode(x)
         assert mean.shape == logvar.shape == (1, 4, 16, 16)  # downscale 2^(len(blocks)-1) = 2
         assert logvar.min() >= -30 and logvar.max() <= 20
-        z = model_module.scaled_latent(mean, logvar) / model_module.LATENT_SCALE
+        z = vae_module.scaled_latent(mean, logvar) / vae_module.LATENT_SCALE
         assert z.shape == mean.shape
         assert vae.decode(z).shape == (1, 3, 32, 32)
 
@@ -1783,8 +1799,8 @@ def test_latent_dataset_samples_the_scaled_posterior(toy_cache):
     assert ds.hierarchy() == dataset.hierarchy() and ds.targets == dataset.targets
     torch.manual_seed(0)
     z = torch.stack([ds[5][0] for _ in range(4000)])  # 4000 x 4 x 2 x 2
-    std = model_module.LATENT_SCALE * torch.exp(0.5 * logvar)
-    assert torch.allclose(z.mean(0), model_module.LATENT_SCALE * mean, atol=0.03)
+    std = vae_module.LATENT_SCALE * torch.exp(0.5 * logvar)
+    assert torch.allclose(z.mean(0), vae_module.LATENT_SCALE * mean, atol=0.03)
     assert torch.allclose(z.std(0), std, rtol=0.1)
 
 
@@ -1794,7 +1810,7 @@ def test_latent_dataset_draws_both_views_when_flipping(toy_cache):
     ds = data.LatentCacheDataset(out, flip=True)
     torch.manual_seed(0)
     z = torch.stack([ds[2][0] for _ in range(4000)])
-    assert torch.allclose(z.mean(0), model_module.LATENT_SCALE * moments[:, :4].mean(0), atol=0.03)
+    assert torch.allclose(z.mean(0), vae_module.LATENT_SCALE * moments[:, :4].mean(0), atol=0.03)
 
 
 def test_vae_identity_is_its_config_and_the_sha256_of_its_weights_file(tmp_path):
@@ -2150,7 +2166,7 @@ def test_cli_unreadable_image_in_a_worker_is_one_error_line(tmp_path, monkeypatc
     (tmp_path / "gen").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "gen" / "0.png")
     (tmp_path / "gen" / "9.png").write_bytes(b"not a png")
-    code = model_module.run_cli(lambda: evaluate.main(["fid", "--real", str(tmp_path / "x.npz"), "--fake",
+    code = cli.run_cli(lambda: evaluate.main(["fid", "--real", str(tmp_path / "x.npz"), "--fake",
                                                        str(tmp_path / "gen"), "--workers", "1", "--pairs", "0"]))
     stderr = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and stderr[-1].startswith("error: cannot read image") and "9.png" in stderr[-1]
@@ -2305,13 +2321,13 @@ def test_delta_checkpoint_of_dit_xl2_finediffusion_is_under_2_percent_of_the_ful
 
 def test_init_takes_the_newest_checkpoint_of_a_run_folder_given_by_an_absolute_path(tmp_path, base_ckpt):
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(base_ckpt)))     # .../run/checkpoints/0000001.pt
-    assert train.find_init(run_dir) == os.path.abspath(base_ckpt)
+    assert model_module.resolve_checkpoint(run_dir) == os.path.abspath(base_ckpt)
 
 
 def test_checkpoint_stores_only_tuned_tensors_and_their_optimizer_state(tmp_path, base_ckpt):
     out = run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "1", "--run-dir", tmp_path)
     ckpt = torch.load(out["final_ckpt"], weights_only=True)          # plain tensors and containers only
-    model = build_model(**ckpt["config"], superclass_of=ckpt["hierarchy"]["superclass_of"])
+    model = build_model(**ckpt["config"], hierarchy=ckpt["hierarchy"])
     set_trainable(model, "finediffusion")
     tuned = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(ckpt["model"]) == set(ckpt["ema"]) == tuned
@@ -2360,7 +2376,7 @@ def test_export_loads_with_load_model_and_gives_the_trained_outputs(tmp_path, ba
         want = trained(x, t, y)
         for path in (tmp_path / "end.pt", tmp_path / "resumed.pt"):
             model, info = load_model(path)
-            assert not model.training and info["hierarchy"]["superclass_of"][12] == 3
+            assert not model.training and model.hierarchy["superclass_of"][12] == 3
             assert torch.equal(model(x, t, y), want)
 
 
@@ -2707,7 +2723,7 @@ def toy_checkpoint(path, method, **kw):
     """A (random-weight) checkpoint of the real toy hierarchy at 16 px, as train.py writes it."""
     toy = data.ToyDataset(image_size=16, images_per_class=1)
     config = dict(name="DiT-T/4", image_size=16, num_classes=16, num_superclasses=4, method=method, pixel_space=True, **kw)
-    model = randomize(build_model(**config, superclass_of=toy.superclass_of))
+    model = randomize(build_model(**config, hierarchy=toy.hierarchy()))
     torch.save(dict(model=model.state_dict(), config=config, hierarchy=toy.hierarchy(), args={}, base=None), path)
     return str(path)
 
@@ -2768,7 +2784,7 @@ def toy_inat_checkpoint(path, method="finediffusion"):
     """A random-weight checkpoint of the toy-inat classes at 16 px, as train.py writes it."""
     fine = data.toy_dataset("toy-inat", image_size=16, images_per_class=1)
     config = dict(name="DiT-T/4", image_size=16, num_classes=32, num_superclasses=4, method=method, pixel_space=True)
-    model = randomize(build_model(**config, superclass_of=fine.superclass_of))
+    model = randomize(build_model(**config, hierarchy=fine.hierarchy()))
     torch.save(dict(model=model.state_dict(), config=config, hierarchy=fine.hierarchy(), args={}, base=None), path)
     return str(path)
 
@@ -3254,7 +3270,8 @@ def test_the_designs_sample_command_runs_as_written_with_the_authors_checkpoint(
     write_tiny_vae("pretrained/sd-vae-ft-ema")
     proc = run_main(sample_module, "--class-id", "4021", capsys=capsys)    # python sample.py --class-id 4021
     assert proc.returncode == 0, proc.stderr
-    assert "class 4021 (04021), guided by superclass 2 (Birds) from pretrained/FineDiffusion-iNat.pt" in proc.stderr
+    assert "class 4021 (04021), guided by superclass row 10002 (Birds)" in proc.stderr
+    assert "from pretrained/FineDiffusion-iNat.pt" in proc.stderr
     assert png_size("samples/sample.png") == (4 * 16 + 5 * 2, 2 * 16 + 3 * 2)   # 8 samples, 4 a row
 
 
@@ -3263,7 +3280,7 @@ def test_without_a_ckpt_the_newest_run_under_results_comes_before_the_authors_ch
     for path in ("pretrained/FineDiffusion-iNat.pt", "results/000-run/checkpoints/0000001.pt"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "wb").close()
-    assert sample_module.find_checkpoint() == os.path.join("results", "000-run", "checkpoints", "0000001.pt")
+    assert model_module.resolve_checkpoint() == os.path.join("results", "000-run", "checkpoints", "0000001.pt")
 
 
 def test_the_designs_train_command_names_each_missing_file_where_it_looked_and_where_it_is_published(

@@ -45,17 +45,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 import data
 from diffusion import create_diffusion
-from model import (DISK_FULL, LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, ArgumentParser, AutoencoderKL, DiT_models,
-                   UserError, build_model, check_image_size, checkpoint_tensors, decay, device,
-                   dit_config_from_state, file_sha256, find_file, folder, latest_checkpoint, load_model,
-                   load_pretrained, nonnegative_int, positive_float, positive_int, precision_context, probability,
-                   read_checkpoint, remove_stale_temp_files, run_cli, save_checkpoint, scaled_latent, set_trainable)
-from sample import CFG_SCALE, sample_images, save_png
+from cli import (DISK_FULL, ArgumentParser, UserError, decay, device, folder, nonnegative_int, positive_float,
+                 positive_int, precision_context, probability, run_cli)
+from files import file_sha256, remove_stale_temp_files
+from model import (LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, DiT_models, build_model, check_image_size,
+                   checkpoint_tensors, load_model, load_pretrained, published_layout, read_checkpoint,
+                   resolve_checkpoint, save_checkpoint, set_trainable)
+from vae import AutoencoderKL, scaled_latent
+from sample import CFG_SCALE, Sampler, guide_labels, sample_images, save_png
 
 PAPER_INIT = "DiT-XL-2-256x256.pt"
 VAE = "sd-vae-ft-ema"     # the paper's (DiT's) VAE, looked up as given, then under pretrained/
@@ -175,7 +177,7 @@ def all_ranks(obj, world):
 # Data
 # ----------------------------------------------------------------------------------------------------------
 
-class SkipSampler(Sampler):
+class SkipSampler(torch.utils.data.Sampler):
     """The indices of `sampler` after the first `skip`: resuming mid-epoch reproduces the rest of the
     epoch's order without loading the batches already used."""
 
@@ -245,17 +247,6 @@ def encode(vae, x):
 # The model to train: its base checkpoint (--init), its configuration, its starting weights
 # ----------------------------------------------------------------------------------------------------------
 
-def find_init(path):
-    """The base checkpoint file: as given, then under pretrained/; a run folder means its newest checkpoint."""
-    path = find_file(path)
-    if os.path.isdir(path):
-        found = latest_checkpoint(path)
-        if found is None:
-            raise UserError(f"no checkpoint in {path}: train one first, or pass a checkpoint file")
-        path = found
-    return os.path.abspath(path)
-
-
 def base_config(args, init, cache):
     """Fill --model and --image-size from the base checkpoint (they must agree) or the defaults: DiT-XL/2 at 256 px
     on VAE latents; the toy's DiT-T/4 on 32 px pixels; a latent cache's size.
@@ -265,13 +256,9 @@ def base_config(args, init, cache):
         args.model = args.model or ("DiT-T/4" if toy else "DiT-XL/2")
         args.image_size = args.image_size or (cache.image_size if cache else 32 if toy else 256)
         return dict(pixel_space=toy)
-    if "config" in init:                                              # ours: it says what it is
-        c = init["config"]
-        name, size, pixel, learn_sigma = c["name"], c["image_size"], c["pixel_space"], c.get("learn_sigma", True)
-    else:                                                             # official / authors': tensor shapes
-        c = dit_config_from_state(checkpoint_tensors(init))
-        pixel, learn_sigma = c["in_channels"] == 3, c["learn_sigma"]
-        name, size = c["name"], c["input_size"] * (1 if pixel else 8)
+    # ours say what they are; the official and the authors' files, their tensor shapes
+    c = init["config"] if "config" in init else published_layout(checkpoint_tensors(init))[1]
+    name, size, pixel, learn_sigma = c["name"], c["image_size"], c["pixel_space"], c.get("learn_sigma", True)
     for flag, given, found in (("--model", args.model, name), ("--image-size", args.image_size, size)):
         if given is not None and given != found:
             raise UserError(f"{flag} {given} does not match the --init checkpoint ({found}): leave it out")
@@ -283,7 +270,7 @@ def choose_base(args, cache):
     """A new run's base checkpoint (--init; 'none' trains from scratch), and the DiT it fixes: fills --model,
     --image-size and --tune. -> (path, checkpoint, extra build_model kwargs), path and checkpoint None for none."""
     args.init = args.init or ("none" if args.data in data.TOY_SETS else PAPER_INIT)
-    init_path = None if args.init.lower() == "none" else find_init(args.init)
+    init_path = None if args.init.lower() == "none" else os.path.abspath(resolve_checkpoint(args.init))
     init = read_checkpoint(init_path) if init_path else None
     args.tune = args.tune or ("full" if init is None else "finediffusion")
     extra = base_config(args, init, cache)
@@ -300,7 +287,7 @@ def fresh_model(args, dataset, init_path, init, extra, say):
     config = dict(name=args.model, image_size=args.image_size, num_classes=dataset.num_classes,
                   num_superclasses=dataset.num_superclasses, method=args.tune, **extra)
     seed_everything(args.seed)   # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(**config, superclass_of=dataset.superclass_of, superclass_prob=args.superclass_prob)
+    model = build_model(**config, hierarchy=dataset.hierarchy(), superclass_prob=args.superclass_prob)
     if init is None:
         if args.tune != "full":
             say(f"warning: training from scratch with --tune {args.tune} trains only a few tensors")
@@ -367,7 +354,6 @@ class Run:
     """What a training run holds between steps; a checkpoint saves it (model.save_checkpoint's schema)."""
     args: argparse.Namespace
     config: dict
-    hierarchy: dict
     base: dict                    # None: save every tensor; else {"path", "sha256"}: save the tuned ones only
     vae: dict                     # the VAE's identity (None in pixel space)
     model: torch.nn.Module
@@ -407,7 +393,7 @@ def save(run):
     path = os.path.join(run.run_dir, "checkpoints", f"{run.step:07d}.pt")
     try:
         save_checkpoint(path, model=model, ema=with_ema(model, run.ema), base=run.base, config=run.config,
-                        hierarchy=run.hierarchy, vae=run.vae, step=run.step, time_s=run.time_s(),
+                        hierarchy=run.model.hierarchy, vae=run.vae, step=run.step, time_s=run.time_s(),
                         args=saved_args(run.args),
                         train=dict(opt=run.opt.state_dict(), scaler=run.scaler.state_dict() if run.scaler.is_enabled()
                                    else None, rng=rngs, world_size=run.world, epoch=run.epoch, position=run.position))
@@ -426,7 +412,7 @@ def export(path, model, ema, info):
     """A standalone checkpoint: every tensor and its EMA, no base, no training state."""
     state = model.state_dict()
     save_checkpoint(path, model=state, ema=with_ema(state, ema), base=None, config=info["config"],
-                    hierarchy=info["hierarchy"], vae=info["vae"], step=info["step"], time_s=info["time_s"],
+                    hierarchy=model.hierarchy, vae=info["vae"], step=info["step"], time_s=info["time_s"],
                     args=info["args"])
 
 
@@ -565,11 +551,11 @@ def sample_grid(run, vae):
     backup = {name: p.detach().clone() for name, p in tuned}
     K = model.y_embedder.num_classes
     y = torch.linspace(0, K - 1, min(8, K)).round().long()
-    guidance = "superclass" if model.y_embedder.num_superclasses else "null"
+    guide = guide_labels(model, y, "superclass" if model.y_embedder.num_superclasses else "null")
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         for name, p in tuned:
             p.copy_(run.ema[name])
-        images = sample_images(model, y, guidance, CFG_SCALE, steps=50, vae=vae, seed=run.args.seed, device=run.device,
+        images = sample_images(model, y, guide, CFG_SCALE, Sampler("ddpm", 50), vae, run.args.seed, run.device,
                                progress=False)
         for name, p in tuned:
             p.copy_(backup[name])
@@ -593,7 +579,9 @@ FIXED_ON_RESUME = ("model", "image_size", "tune", "data", "split", "coarse")
 
 
 def read_resume(args):
-    """The checkpoint of --resume; the run's saved arguments become the defaults of the ones not given."""
+    """The checkpoint of --resume (a run folder: its newest); the run's saved arguments become the defaults of the
+    ones not given."""
+    args.resume = resolve_checkpoint(args.resume)
     ckpt = read_checkpoint(args.resume)
     if "train" not in ckpt:
         raise UserError(f"--resume {args.resume}: not a training checkpoint of this train.py "
@@ -614,7 +602,7 @@ def read_resume(args):
 
 def resumed_model(args, ckpt):
     """The run's DiT with its trained (not EMA) tensors; a delta goes onto its base (--init: if it moved)."""
-    base = find_init(args.init) if args.init and args.init.lower() != "none" else None
+    base = os.path.abspath(resolve_checkpoint(args.init)) if args.init and args.init.lower() != "none" else None
     model, _ = load_model(args.resume, base=base, weights="model", base_flag="--init")
     model.y_embedder.superclass_prob = args.superclass_prob
     return model
@@ -672,8 +660,8 @@ def train(args):
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     if resume is not None and args.export:
         model = resumed_model(args, resume)
-        info = dict(config=resume["config"], hierarchy=resume["hierarchy"], vae=resume.get("vae"),
-                    step=resume["step"], time_s=resume.get("time_s"), args=resume["args"])
+        info = dict(config=resume["config"], vae=resume.get("vae"), step=resume["step"], time_s=resume.get("time_s"),
+                    args=resume["args"])
         export(args.export, model, resume["ema"], info)
         print(f"exported step {resume['step']} of {args.resume} to {args.export}")
         return dict(final_ckpt=args.resume, run_dir=None, losses=[], step=resume["step"], export=args.export)
@@ -705,7 +693,7 @@ def run_training(args, resume, rank, world, device):
             del init
         else:
             model, config, base = resumed_model(args, resume), resume["config"], resume["base"]
-            if dataset.hierarchy() != resume["hierarchy"]:
+            if dataset.hierarchy() != model.hierarchy:
                 raise UserError(f"the data's classes differ from those of {args.resume}: resume with the same --data")
         trainable, total = set_trainable(model, config["method"])
         model.to(device).train()
@@ -716,7 +704,7 @@ def run_training(args, resume, rank, world, device):
         # --- AdamW and the EMA, over the tuned tensors only ---------------------------------------------------
         tuned = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         opt = torch.optim.AdamW([p for _, p in tuned], lr=args.lr, weight_decay=0)   # after DDP's broadcast
-        run = Run(args, config, dataset.hierarchy(), base, vae_identity, model,
+        run = Run(args, config, base, vae_identity, model,
                   {name: p.detach().clone() for name, p in tuned}, opt, scaler, rank, world, device, run_dir)
         say(f"{config['name']} {config['image_size']}px {'pixels' if pixel else 'latents'}, {config['num_classes']} "
             f"classes / {config['num_superclasses']} superclasses, --tune {config['method']}: {trainable / 1e6:.2f}M "
@@ -729,8 +717,8 @@ def run_training(args, resume, rank, world, device):
             del resume
         loop(run, net, dataset, autocast, vae)
         if rank == 0 and args.export:
-            export(args.export, model, run.ema, dict(config=config, hierarchy=run.hierarchy, vae=run.vae,
-                                                     step=run.step, time_s=run.time_s(), args=saved_args(args)))
+            export(args.export, model, run.ema, dict(config=config, vae=run.vae, step=run.step, time_s=run.time_s(),
+                                                     args=saved_args(args)))
             say(f"exported {args.export}")
     return dict(final_ckpt=run.last_ckpt, run_dir=run.run_dir, losses=run.losses, step=run.step, model=model,
                 ema=run.ema)

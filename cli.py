@@ -1,0 +1,102 @@
+"""The command-line plumbing every script shares: user errors as one line, typed flags, precision.
+
+A mistake the user can fix (a bad flag, a missing or mismatched file) is a `UserError`: `run_cli` prints it as one
+line `error: ...` and exits with code 2, never with a traceback. Flags are parsed by `ArgumentParser` with the
+typed validators below, so a bad number is refused before any work starts.
+"""
+import argparse
+import errno
+import math
+import os
+import re
+import sys
+import warnings
+from contextlib import nullcontext
+
+import torch
+
+
+
+class UserError(Exception):
+    """A mistake the user can fix: a bad argument, a missing or mismatched file. Every script prints it as one
+    line `error: ...` and exits with `exit_code`, never with a traceback (see run_cli)."""
+    exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a UserError (one line) instead of a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def _typed(kind, holds, allowed):
+    """An argparse `type`: the flag's text as `kind`, refused at parse time unless holds(value), with one line
+    naming what is allowed ("argument --lr: '-1' is not a positive finite number")."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not holds(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
+        return value
+    return parse
+
+
+def int_in(low, high=None):
+    """An integer in [low, high] (no upper bound when high is None)."""
+    return _typed(int, lambda v: low <= v and (high is None or v <= high),
+                  f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+
+
+positive_int, nonnegative_int = int_in(1), int_in(0)
+finite_float = _typed(float, math.isfinite, "a finite number")
+positive_float = _typed(float, lambda v: 0 < v < math.inf, "a positive finite number")
+probability = _typed(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+decay = _typed(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
+folder = _typed(str, lambda v: not os.path.exists(v) or os.path.isdir(v), "a folder (it is a file)")
+device = _typed(str, lambda v: v == "cpu" or re.fullmatch(r"cuda(:\d+)?", v) and torch.cuda.is_available(),
+                "a device here: cpu, or cuda / cuda:N where a CUDA GPU is visible")
+
+# errno values of a write that found no room: a full disk, a quota, a file-size limit (ulimit -f).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def run_cli(main):
+    """Run a script's main(): a UserError becomes one `error:` line on stderr and its exit code. So does an
+    OSError, with exit code 1: the machine failed, not the user (a full disk), and what was written stays.
+    Under torchrun every rank fails alike, so rank 0 alone prints it."""
+    try:
+        main()
+    except UserError as e:
+        # raised in a DataLoader worker, the message arrives after the worker's traceback: keep the last line
+        message = str(e).strip().splitlines()[-1]
+        return _fail(message.split("UserError: ", 1)[-1], e.exit_code)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            return _fail(f"disk full writing {e.filename} ({e.strerror})", 1)
+        return _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
+    return 0
+
+
+def _fail(message, exit_code):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    return exit_code
+
+
+
+def precision_context(precision, device_type):
+    """The autocast context of --precision: fp16 or bf16 activations (fp32 weights); none for fp32 / tf32.
+    fp16 is the V100s' precision; on a CPU it runs where this torch supports it, so that path is testable."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    if dtype is None:
+        return nullcontext()
+    with warnings.catch_warnings(record=True) as refused:   # an unsupported dtype: torch warns, then disables
+        warnings.simplefilter("always")
+        context = torch.autocast(device_type, dtype=dtype)
+    if refused:
+        raise UserError(f"--precision {precision}: torch {torch.__version__} has no {precision} autocast on "
+                        f"{device_type}; use fp32" + (" or bf16" if precision == "fp16" else ""))
+    return context

@@ -1,0 +1,131 @@
+"""Files: where published weights are looked up, atomic writes, JSON and CSV, temp files, content hashes.
+
+Every file this project writes goes through `atomic_write` (a temp file beside the target, then a rename), so a
+crash or a full disk never leaves a half-written checkpoint, image or table. Nothing is ever downloaded:
+`find_file` names where a missing published file is published.
+"""
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+
+from cli import UserError
+
+
+# The published files this project reads, and where to get them. None is ever downloaded by the code.
+PUBLISHED = {
+    "DiT-XL-2-256x256.pt": "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt",
+    "DiT-XL-2-512x512.pt": "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt",
+    "FineDiffusion-iNat.pt": "the authors' release, linked from https://finediffusion.github.io/",
+    "sd-vae-ft-ema": "https://huggingface.co/stabilityai/sd-vae-ft-ema (config.json and "
+                     "diffusion_pytorch_model.safetensors, in a folder of that name)",
+    "sd-vae-ft-mse": "https://huggingface.co/stabilityai/sd-vae-ft-mse",
+    "pt_inception-2015-12-05-6726825d.pth":
+        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+    "alexnet-owt-7be5be79.pth": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    "alex.pth": "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth",
+}
+
+
+def find_file(path, also=(), published=None):
+    """A file or folder the user names: as given, else pretrained/<its name>, else the places in `also`.
+    Missing: a UserError naming every place looked and, for a published file (`published`: its name, when the
+    user's may differ), where it is published."""
+    path = os.fspath(path)
+    name = os.path.basename(os.path.normpath(path))
+    places = list(dict.fromkeys([path, os.path.join("pretrained", name), *also]))
+    for place in places:
+        if os.path.exists(place):
+            return place
+    published = published or name
+    where = f"; {published} is published at {PUBLISHED[published]}: put it in pretrained/" if published in PUBLISHED else ""
+    raise UserError(f"{path} not found (looked in {', '.join(places)}){where}")
+
+
+class _WholeWrites(io.FileIO):
+    """A file whose write() writes all it is given or raises, and remembers what it raised: torch.save turns an
+    OSError of its file into a bare RuntimeError ("unexpected pos"), which would hide a full disk."""
+    error = None
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        size = len(view)
+        try:
+            while view:                      # the kernel writes what fits, then refuses the rest with ENOSPC
+                view = view[super().write(view):]
+        except OSError as e:
+            self.error = e
+            raise
+        return size
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temp file beside `path` (`.<name>.tmp<pid>`), then rename it over `path`: a crash or
+    a full disk never leaves a half-written checkpoint, image or table behind. A failed write is an OSError
+    naming `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    f = None
+    try:
+        with _WholeWrites(tmp, "wb") as f:
+            write(f)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        error = f.error if f is not None and f.error is not None else e
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
+
+
+def write_json(path, obj, indent=1):
+    """`obj` as a JSON file, atomically (indent=None: one compact line, for large manifests)."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=indent) + "\n").encode()))
+
+
+def write_csv(path, rows):
+    """Rows (dicts) as CSV, columns in order of first appearance; None is an empty cell."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+# atomic_write's temp files `.<name>.tmp<pid>`, and those of older latent caches, `<name>.tmp<pid>.npy`
+_TEMP_FILE = re.compile(r"\.tmp(\d+)(\.npy)?$")
+
+
+def remove_stale_temp_files(folder):
+    """Delete the temp files under `folder` whose writer is dead (killed mid-write: they would stay forever, up to
+    a checkpoint in size); a live process's are its own. Pids are this machine's: call it where the writers run."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            match = _TEMP_FILE.search(name)
+            if match and not _alive(int(match.group(1))):
+                os.remove(os.path.join(root, name))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)                      # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:                  # it does, as another user's
+        pass
+    return True
+
+
+def file_sha256(path):
+    """Hex sha256 of a file's bytes: the identity of a base checkpoint or a VAE under any name or path."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()

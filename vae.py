@@ -1,0 +1,343 @@
+"""The Stable Diffusion VAE (AutoencoderKL) that latent DiTs work in, and the .safetensors reader it loads with.
+
+DiT trains and samples on SD-VAE latents (LDM, Rombach et al. 2022): `sd-vae-ft-ema` (or `-mse`) maps 3 x H x W
+images in [-1, 1] to 4 x H/8 x W/8 diagonal Gaussians, and latents are scaled by 0.18215 to unit variance. This
+is a port, module for module and key for key, of diffusers' AutoencoderKL, so the published
+`diffusion_pytorch_model.safetensors` (or `.bin`) loads without renaming. It is a separate published model, as
+LDM keeps its autoencoder apart from the diffusion model.
+"""
+import json
+import math
+import os
+import struct
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cli import UserError
+from files import PUBLISHED, file_sha256, find_file
+from model import load_strict, read_checkpoint
+
+# SD-VAE latents times 0.18215 have unit variance (LDM, Rombach et al. 2022); DiT trains on the scaled latents.
+LATENT_SCALE = 0.18215
+
+
+# ----------------------------------------------------------------------------------------------------------
+# .safetensors, read with the standard library: u64 header length, JSON header, raw little-endian bytes
+# ----------------------------------------------------------------------------------------------------------
+
+# safetensors dtype tag -> (numpy little-endian dtype, torch dtype). BF16 has no numpy type: its bytes are
+# read as int16 and reinterpreted, which is exact (same 16 bits).
+_ST_DTYPES = {
+    "F64": ("<f8", torch.float64), "F32": ("<f4", torch.float32), "F16": ("<f2", torch.float16),
+    "BF16": ("<i2", torch.bfloat16), "I64": ("<i8", torch.int64), "I32": ("<i4", torch.int32),
+    "I16": ("<i2", torch.int16), "I8": ("i1", torch.int8), "U8": ("u1", torch.uint8), "BOOL": ("?", torch.bool),
+}
+
+
+def load_safetensors(path):
+    """Read a .safetensors file -> {name: tensor}."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    try:
+        (n,) = struct.unpack("<Q", buf[:8])
+        header = json.loads(buf[8:8 + n])
+    except Exception as e:
+        raise UserError(f"{path}: not a valid .safetensors file ({e})") from None
+    base, out = 8 + n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise UserError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
+        np_dt, t_dt = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        shape, count = info["shape"], math.prod(info["shape"])
+        if end - begin != count * np.dtype(np_dt).itemsize or base + end > len(buf):
+            raise UserError(f"{path}: tensor '{name}' has data_offsets that do not fit its shape {shape}")
+        arr = np.frombuffer(buf, dtype=np_dt, count=count, offset=base + begin)
+        arr = arr.astype(arr.dtype.newbyteorder("="))     # an aligned, writable copy in native byte order
+        out[name] = torch.from_numpy(arr).view(t_dt).reshape(shape)  # view: int16 bits -> bfloat16
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Stable Diffusion VAE (AutoencoderKL), key for key the diffusers layout of sd-vae-ft-ema / -mse
+# ----------------------------------------------------------------------------------------------------------
+# Module and attribute names follow diffusers exactly, so published state dicts load without renaming.
+
+class VAEResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv3x3 twice, plus a residual (1x1 conv when the width changes). No time embedding."""
+    def __init__(self, cin, cout, groups=32, eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps, affine=True)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps, affine=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):                                  # B x cin x H x W
+        h = self.conv1(F.silu(self.norm1(x)))              # B x cout x H x W
+        h = self.conv2(F.silu(self.norm2(h)))              # (dropout is 0 in the SD VAE)
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h                                       # output_scale_factor 1
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over the H*W positions, with linear q/k/v/out projections over channels."""
+    def __init__(self, c, groups=32, eps=1e-6):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, c, eps=eps, affine=True)
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])    # a list so that the key is 'to_out.0' as in diffusers
+
+    def forward(self, x):                                  # B x C x H x W
+        B, C, H, W = x.shape
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)          # B x HW x C
+        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)                # B x HW x C each
+        h = F.scaled_dot_product_attention(q, k, v)                       # softmax(q k^T / sqrt(C)) v
+        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)         # B x C x H x W
+        return x + h                                                      # residual, rescale factor 1
+
+
+class VAEMidBlock(nn.Module):
+    """resnet -> attention -> resnet at the lowest resolution."""
+    def __init__(self, c, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(c, c, groups), VAEResnetBlock(c, c, groups)])
+        self.attentions = nn.ModuleList([VAEAttention(c, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class VAEDownsample(nn.Module):
+    """Asymmetric zero pad (right and bottom only) then a stride-2 3x3 conv: H x W -> H/2 x W/2 exactly."""
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class VAEUpsample(nn.Module):
+    """Nearest-neighbour 2x, then a 3x3 conv."""
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class VAEDownBlock(nn.Module):
+    """diffusers' DownEncoderBlock2D: `n` resnets, then (except in the last block) a downsampler."""
+    def __init__(self, cin, cout, n, groups, downsample):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        if downsample:  # the last block has no 'downsamplers' keys at all
+            self.downsamplers = nn.ModuleList([VAEDownsample(cout)])
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        return self.downsamplers[0](x) if hasattr(self, "downsamplers") else x
+
+
+class VAEUpBlock(nn.Module):
+    """diffusers' UpDecoderBlock2D: `n` resnets, then (except in the last block) an upsampler."""
+    def __init__(self, cin, cout, n, groups, upsample):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        if upsample:
+            self.upsamplers = nn.ModuleList([VAEUpsample(cout)])
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        return self.upsamplers[0](x) if hasattr(self, "upsamplers") else x
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, in_channels, out_channels, block_out_channels, layers_per_block, groups):
+        super().__init__()
+        chs = list(block_out_channels)
+        self.conv_in = nn.Conv2d(in_channels, chs[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            VAEDownBlock(chs[max(i - 1, 0)], c, layers_per_block, groups, downsample=i < len(chs) - 1)
+            for i, c in enumerate(chs)])
+        self.mid_block = VAEMidBlock(chs[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(chs[-1], out_channels, 3, padding=1)
+
+    def forward(self, x):                                  # B x 3 x H x W
+        x = self.conv_in(x)
+        for b in self.down_blocks:
+            x = b(x)                                       # halves H, W in all blocks but the last
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # B x 2*latent x H/f x W/f
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, in_channels, out_channels, block_out_channels, layers_per_block, groups):
+        super().__init__()
+        rev = list(reversed(block_out_channels))           # the decoder walks the widths back up: 512, 512, 256, 128
+        self.conv_in = nn.Conv2d(in_channels, rev[0], 3, padding=1)
+        self.mid_block = VAEMidBlock(rev[0], groups)
+        self.up_blocks = nn.ModuleList([
+            VAEUpBlock(rev[max(i - 1, 0)], c, layers_per_block + 1, groups, upsample=i < len(rev) - 1)
+            for i, c in enumerate(rev)])
+        self.conv_norm_out = nn.GroupNorm(groups, rev[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(rev[-1], out_channels, 3, padding=1)
+
+    def forward(self, z):                                  # B x latent x h x w
+        x = self.mid_block(self.conv_in(z))
+        for b in self.up_blocks:
+            x = b(x)                                       # doubles H, W in all blocks but the last
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # B x 3 x H x W
+
+
+# Old diffusers uploads (e.g. the .bin files) name the mid-block attention with its deprecated names.
+_VAE_OLD_ATTN_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_VAE_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_VAE_HELP = f"the SD VAE is published at {PUBLISHED['sd-vae-ft-ema']}"
+
+
+def convert_vae_state_dict(sd):
+    """Map deprecated attention names (query/key/value/proj_attn) to to_q/to_k/to_v/to_out.0, squeeze
+    1x1-conv-shaped [C, C, 1, 1] projection weights to Linear [C, C], and cast floating tensors to float32."""
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if ".attentions." in k and len(parts) >= 2 and parts[-2] in _VAE_OLD_ATTN_NAMES:
+            k = ".".join(parts[:-2] + [_VAE_OLD_ATTN_NAMES[parts[-2]], parts[-1]])
+        if ".attentions." in k and k.endswith(".weight") and v.dim() == 4 and v.shape[2:] == (1, 1) \
+                and any(f".{n}." in k for n in ("to_q", "to_k", "to_v", "to_out.0")):
+            v = v[:, :, 0, 0]                              # conv1x1 weight == Linear weight
+        out[k] = v.float() if v.is_floating_point() else v
+    return out
+
+
+def vae_weights_file(path):
+    """The weights file of a VAE given as a file, a diffusers folder, or a pipeline folder with vae/."""
+    path = find_file(path, published="sd-vae-ft-ema")
+    if os.path.isfile(path):
+        return path
+    for folder in (path, os.path.join(path, "vae")):
+        for name in _VAE_FILES:
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+    raise UserError(f"no {' or '.join(_VAE_FILES)} in {path}; {_VAE_HELP}")
+
+
+class AutoencoderKL(nn.Module):
+    """The Stable Diffusion VAE: 3 x H x W images in [-1, 1] <-> latent x H/8 x W/8 diagonal Gaussians.
+
+    Latent scaling is the caller's job, as in Stable Diffusion and DiT:
+        z = scaled_latent(*vae.encode(x))          # 0.18215 * (mean + sigma * eps)
+        x = vae.decode(z / LATENT_SCALE)
+    """
+    def __init__(self, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                 layers_per_block=2, norm_num_groups=32):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, latent_channels=latent_channels,
+                           block_out_channels=list(block_out_channels), layers_per_block=layers_per_block,
+                           norm_num_groups=norm_num_groups)
+        self.weights_file = None                           # set by from_pretrained: the VAE's identity
+        # the encoder predicts mean and log-variance, hence 2 * latent channels
+        self.encoder = VAEEncoder(in_channels, 2 * latent_channels, block_out_channels, layers_per_block,
+                                  norm_num_groups)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.decoder = VAEDecoder(latent_channels, out_channels, block_out_channels, layers_per_block,
+                                  norm_num_groups)
+
+    @classmethod
+    def from_config(cls, config):
+        """Build from a diffusers config.json dict; keys other than the constructor's are ignored."""
+        keys = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
+                "norm_num_groups")
+        kw = {k: config[k] for k in keys if config.get(k) is not None}
+        if "block_out_channels" in kw:
+            kw["block_out_channels"] = tuple(kw["block_out_channels"])
+        if kw.get("norm_num_groups", 32) < 1 or any(c % kw.get("norm_num_groups", 32) for c in
+                                                    kw.get("block_out_channels", (128,))):
+            raise UserError(f"VAE config: norm_num_groups {kw.get('norm_num_groups', 32)} does not divide "
+                            f"block_out_channels {list(kw.get('block_out_channels', []))}")
+        return cls(**kw)
+
+    def encode(self, x):                                   # B x 3 x H x W, in [-1, 1]
+        moments = self.quant_conv(self.encoder(x))         # B x 2*latent x H/8 x W/8
+        mean, logvar = moments.chunk(2, dim=1)             # B x latent x H/8 x W/8 each
+        return mean, logvar.clamp(-30.0, 20.0)             # clamp as diffusers/LDM, so exp() stays finite
+
+    def decode(self, z):                                   # B x latent x h x w (already divided by 0.18215)
+        return self.decoder(self.post_quant_conv(z))       # B x 3 x 8h x 8w, roughly in [-1, 1]
+
+    def check_fits(self, in_channels, image_size):
+        """Refuse a VAE whose latents are not a latent DiT's before any step: the DiT takes `in_channels`
+        latents 8x smaller than its `image_size` px images (else: images of the wrong size, or a failure at
+        decode after all the sampling steps)."""
+        factor = 2 ** (len(self.config["block_out_channels"]) - 1)
+        channels = self.config["latent_channels"]
+        if channels != in_channels or factor != 8 or image_size % factor:
+            raise UserError(f"the VAE {self.weights_file or ''} does not fit this DiT: it makes {channels}-channel "
+                            f"latents {factor}x smaller than the image; the DiT takes {in_channels}-channel latents "
+                            f"8x smaller than its {image_size} px images")
+
+    def identity(self):
+        """What checkpoints and latent caches record of the VAE: its config and the sha256 of its weights."""
+        return dict(sha256=file_sha256(self.weights_file) if self.weights_file else None, config=self.config)
+
+    def load_vae_state_dict(self, sd, source="checkpoint"):
+        """Strict load (old attention names accepted) with one-line errors naming the tensor."""
+        sd = convert_vae_state_dict(sd)
+        if any(k.startswith(("first_stage_model.", "encoder.down.", "decoder.up.")) for k in sd):
+            raise UserError(f"{source}: this is an original CompVis/LDM-layout VAE, not the diffusers layout; "
+                            + _VAE_HELP)
+        try:
+            load_strict(self, sd, source)
+        except UserError as e:
+            raise UserError(f"{e} - is this an SD VAE in the diffusers layout, with its config.json?") from None
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path="sd-vae-ft-ema"):
+        """The one VAE loader. `path`: a diffusers folder (config.json + diffusion_pytorch_model.safetensors or
+        .bin; a pipeline folder's vae/ works too) or a weights file (a diffusers config.json beside it is used;
+        none: the SD defaults), looked up as given, then under pretrained/. Never downloads."""
+        file = vae_weights_file(path)
+        config, cfg_path = {}, os.path.join(os.path.dirname(file), "config.json")
+        if os.path.isfile(cfg_path):
+            try:
+                with open(cfg_path) as f:
+                    cfg = json.load(f)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read {cfg_path}: {e}") from None
+            # beside a bare file, only take a config that is a VAE's (not, say, a training run's)
+            if os.path.basename(file) in _VAE_FILES or cfg.get("_class_name") == "AutoencoderKL" \
+                    or "latent_channels" in cfg:
+                config = cfg
+        sd = load_safetensors(file) if file.endswith(".safetensors") else _torch_load_tensors(file)
+        vae = cls.from_config(config).load_vae_state_dict(sd, source=file).eval()
+        vae.weights_file = file
+        return vae
+
+
+def _torch_load_tensors(path):
+    """A flat {name: tensor} state dict from a .bin / .pt file (read as untrusted input)."""
+    obj = read_checkpoint(path)
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # Lightning-style wrapper
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: expected a flat {{name: tensor}} state dict")
+    return obj
+
+
+def scaled_latent(mean, logvar):
+    """z = 0.18215 * (mean + exp(logvar / 2) * eps): one draw from the VAE posterior, scaled as DiT trains on it."""
+    return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
