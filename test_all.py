@@ -1241,6 +1241,170 @@ def test_sample_script_names_the_missing_vae(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Wiring, end to end: published checkpoint files through the commands users run, asserting on what reaches the DiT
+# ------------------------------------------------------------------------------------------------------------
+# Each file is saved as its publisher saves it: the authors' FineDiffusion-iNat.pt ({"model", "ema", "opt", "args"},
+# 10,000 + 11 label rows, LayerNorm affine, no hierarchy inside), the official DiT-XL-2-256x256.pt (a bare state dict,
+# 1,000 + 1 rows) and ours (a delta checkpoint of train.py). The expected guide rows come from the authors' own
+# subclass -> superclass table (AUTHORS_INAT21_RANGES, data transcribed from their sample.py), never from the code.
+
+# The authors' superclass rows, in the order of their label table.
+AUTHORS_SUPERCLASS_NAMES = ["Plants", "Insects", "Birds", "Fungi", "Reptiles", "Mammals", "Ray-finned Fishes",
+                            "Amphibians", "Mollusks", "Arachnids", "Animalia"]
+# One iNat21 class inside each of the 11 superclass ranges (Animalia: an id outside every range).
+CLASS_OF_EACH_SUPERCLASS = [7000, 1908, 4021, 5476, 5000, 4700, 2800, 3000, 5300, 100, 170]
+
+
+def authors_superclass(c):
+    """The authors' superclass of iNat21 class c: the range that holds it, else Animalia (10)."""
+    return next((s for s, (first, last) in AUTHORS_INAT21_RANGES.items() if first <= c <= last), 10)
+
+
+def test_one_class_of_each_superclass_range_is_listed():
+    assert sorted(authors_superclass(c) for c in CLASS_OF_EACH_SUPERCLASS) == list(range(11))
+
+
+@pytest.fixture(scope="module")
+def published_files(tmp_path_factory):
+    """pretrained/ as users fill it: FineDiffusion-iNat.pt in the authors' layout, DiT-XL-2-256x256.pt in the
+    official one (both DiT-T/2 on 8x8 latents, random weights) and an 8x SD-layout VAE, sd-vae-ft-ema/."""
+    root = tmp_path_factory.mktemp("published")
+    os.makedirs(root / "pretrained")
+    authors = randomize(DiT_models["DiT-T/2"](input_size=8, num_classes=10000, num_superclasses=11,
+                                              null_class=False, norm_affine=True))
+    torch.save({"model": authors.state_dict(), "ema": authors.state_dict(), "opt": {},
+                "args": argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=10000)},
+               root / "pretrained" / "FineDiffusion-iNat.pt")
+    official = randomize(DiT_models["DiT-T/2"](input_size=8, num_classes=1000))
+    torch.save(official.state_dict(), root / "pretrained" / "DiT-XL-2-256x256.pt")
+    write_tiny_vae(root / "pretrained" / "sd-vae-ft-ema")
+    return root
+
+
+def guide_halves(label_lookups):
+    """(conditional labels, guide rows) of every guided DiT call: the table rows of each half of its batch."""
+    halves = [rows.chunk(2) for _, rows in label_lookups]
+    return torch.cat([c for c, _ in halves]), torch.cat([g for _, g in halves])
+
+
+def test_the_authors_file_loads_with_each_class_mapped_to_the_authors_superclass_row(published_files):
+    model, info = load_model(str(published_files / "pretrained" / "FineDiffusion-iNat.pt"))
+    classes = torch.tensor([4021, 100, 2800, 170, 9999] + CLASS_OF_EACH_SUPERCLASS)
+    expected = [10000 + authors_superclass(c) for c in classes.tolist()]
+    assert model.y_embedder.superclass_ids(classes).tolist() == expected
+    assert model.hierarchy["superclass_names"] == AUTHORS_SUPERCLASS_NAMES
+
+
+def test_sample_py_guides_a_class_of_every_superclass_of_the_authors_file_from_its_row_and_says_which(
+        published_files, monkeypatch, capsys, label_lookups):
+    monkeypatch.chdir(published_files)
+    for c in CLASS_OF_EACH_SUPERCLASS:
+        label_lookups.clear()
+        proc = run_main(sample_module, "--class-id", c, "--ckpt", "FineDiffusion-iNat.pt", "--num-samples", 2,
+                        "--steps", 2, "--out", "samples/s.png", capsys=capsys)   # found under pretrained/
+        assert proc.returncode == 0, proc.stderr
+        conditional, guide = guide_halves(label_lookups)
+        row = 10000 + authors_superclass(c)
+        assert len(label_lookups) == 2 and (conditional == c).all() and (guide == row).all()
+        name = AUTHORS_SUPERCLASS_NAMES[authors_superclass(c)]
+        assert f"class {c} ({c:05d}), guided by superclass row {row} ({name}), w = 4" in proc.stderr
+        assert "from pretrained/FineDiffusion-iNat.pt, decoded by pretrained/sd-vae-ft-ema" in proc.stderr
+
+
+def test_grid_guides_a_class_of_every_superclass_of_the_authors_file_from_its_row(published_files, monkeypatch,
+                                                                                    capsys, label_lookups):
+    monkeypatch.chdir(published_files)
+    proc = run_main(evaluate, "grid", "--ckpt", "FineDiffusion-iNat.pt", "--class-ids", *CLASS_OF_EACH_SUPERCLASS,
+                    "--steps", 2, "--out", "fig5.png", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    conditional, guide = guide_halves(label_lookups)
+    rows = torch.tensor([10000 + authors_superclass(c) for c in CLASS_OF_EACH_SUPERCLASS])
+    assert torch.equal(conditional, torch.tensor(CLASS_OF_EACH_SUPERCLASS).repeat(2))
+    assert torch.equal(guide, rows.repeat(2))
+    with open("fig5.csv") as f:
+        recorded = [int(r["guide_row"]) for r in csv.DictReader(f)]
+    assert recorded == rows.tolist()
+
+
+def test_generate_guides_every_class_it_draws_from_the_authors_file_from_its_row_and_hashes_that_file(
+        published_files, monkeypatch, capsys, label_lookups):
+    import hashlib
+    monkeypatch.chdir(published_files)
+    proc = run_main(evaluate, "generate", "--ckpt", "FineDiffusion-iNat.pt", "--num-samples", 100, "--steps", 2,
+                    "--batch-size", 50, "--out", "gen", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    conditional, guide = guide_halves(label_lookups)
+    assert {authors_superclass(c) for c in conditional.tolist()} == set(range(11))   # 100 classes, every range
+    assert guide.tolist() == [10000 + authors_superclass(c) for c in conditional.tolist()]
+    with open("gen/samples.json") as f:
+        manifest = json.load(f)
+    with open("pretrained/FineDiffusion-iNat.pt", "rb") as f:
+        assert manifest["made_by"]["ckpt_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert manifest["hierarchy"]["superclass_names"] == AUTHORS_SUPERCLASS_NAMES
+
+
+def test_generate_decodes_the_latents_of_the_authors_file_with_the_vae_to_its_image_size(published_files, monkeypatch,
+                                                                                           capsys):
+    monkeypatch.chdir(published_files)
+    proc = run_main(evaluate, "generate", "--ckpt", "FineDiffusion-iNat.pt", "--num-samples", 2, "--steps", 2,
+                    "--out", "gen-size", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    with open("gen-size/samples.json") as f:
+        names = [name for name, _ in json.load(f)["images"]]
+    assert {png_size(os.path.join("gen-size", name)) for name in names} == {(64, 64)}   # 8x8 latents, 8x VAE
+
+
+@pytest.mark.parametrize("command", ["sample", "grid", "generate"])
+def test_the_official_file_is_guided_from_its_null_row(published_files, monkeypatch, capsys, label_lookups, command):
+    monkeypatch.chdir(published_files)
+    argv = dict(sample=(sample_module, "--class-id", 7, "--num-samples", 2, "--out", "s.png"),
+                grid=(evaluate, "grid", "--class-ids", 7, 8, "--out", "g.png"),
+                generate=(evaluate, "generate", "--num-samples", 2, "--out", "gen-official"))[command]
+    proc = run_main(*argv, "--ckpt", "DiT-XL-2-256x256.pt", "--guidance", "null", "--steps", 2, capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    _, guide = guide_halves(label_lookups)
+    assert len(guide) and (guide == 1000).all()
+
+
+@pytest.fixture(scope="module")
+def our_delta(tmp_path_factory):
+    """A FineDiffusion run of train.py on the toy data from a coarse base: a delta checkpoint (its tuned tensors, the
+    base's path and sha256, the hierarchy it was trained with)."""
+    root = tmp_path_factory.mktemp("ours")
+    base = run_train(*TINY_TRAIN, "--coarse", "--init", "none", "--global-batch-size", "4", "--max-steps", "1",
+                     "--run-dir", root / "base")["final_ckpt"]
+    run_train(*TINY_TRAIN, "--init", base, "--tune", "finediffusion", "--global-batch-size", "4", "--max-steps", "1",
+              "--run-dir", root / "fine")
+    return root / "fine"
+
+
+@pytest.mark.parametrize("command", ["sample", "grid", "generate"])
+def test_our_delta_checkpoint_is_guided_from_the_superclass_rows_of_the_hierarchy_it_was_trained_with(
+        our_delta, tmp_path, capsys, label_lookups, command):
+    superclass_of = data.ToyDataset(images_per_class=1).superclass_of      # the toy data's own hierarchy
+    argv = dict(sample=(sample_module, "--class-id", 9, "--num-samples", 2, "--out", tmp_path / "s.png"),
+                grid=(evaluate, "grid", "--class-ids", 0, 5, 10, 15, "--out", tmp_path / "g.png"),
+                generate=(evaluate, "generate", "--per-class", 1, "--out", tmp_path / "gen"))[command]
+    proc = run_main(*argv, "--ckpt", our_delta, "--steps", 2, capsys=capsys)          # a run folder: its newest
+    assert proc.returncode == 0, proc.stderr
+    conditional, guide = guide_halves(label_lookups)
+    assert guide.tolist() == [16 + superclass_of[c] for c in conditional.tolist()]
+    assert len(set(guide.tolist())) == (1 if command == "sample" else 4)
+
+
+def test_the_console_names_the_guide_row_the_dit_receives_even_when_it_is_not_the_intended_one(
+        published_files, monkeypatch, capsys, label_lookups):
+    """Whatever picks the rows, the line reports the row used: here a (deliberately) wrong superclass map."""
+    monkeypatch.chdir(published_files)
+    monkeypatch.setattr(model_module.TieredEmbedder, "superclass_ids", lambda self, y: self.num_classes + 3 + 0 * y)
+    proc = run_main(sample_module, "--class-id", 4021, "--ckpt", "FineDiffusion-iNat.pt", "--num-samples", 1,
+                    "--steps", 2, "--out", "s.png", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    _, guide = guide_halves(label_lookups)
+    assert (guide == 10003).all() and "guided by superclass row 10003 (Fungi)" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
 # model.py — the SD VAE and .safetensors
 # ------------------------------------------------------------------------------------------------------------
 
@@ -2490,6 +2654,24 @@ def test_training_swaps_labels_for_their_superclass_row_at_the_configured_rate(t
     assert torch.equal(rows[swapped], 16 + superclass_of[y[swapped]])     # to the row of its own superclass
     n, p = len(y), 0.3
     assert abs(swapped.sum().item() - n * p) < 4 * math.sqrt(n * p * (1 - p))
+
+
+def test_a_resume_trains_with_every_setting_the_run_was_started_with(tmp_path, base_ckpt, monkeypatch):
+    """Read from what the resumed run uses: the embedder's substitution rate, the optimizer's rate, the EMA's decay."""
+    used = []
+    substitute, update_ema = model_module.TieredEmbedder.substitute, train.update_ema
+    monkeypatch.setattr(model_module.TieredEmbedder, "substitute",
+                        lambda self, y: used.append(("superclass_prob", self.superclass_prob)) or substitute(self, y))
+    monkeypatch.setattr(train, "update_ema",
+                        lambda ema, named, decay: used.append(("ema_decay", decay)) or update_ema(ema, named, decay))
+    out = run_train(*TINY_TRAIN, "--init", base_ckpt, "--superclass-prob", "0.3", "--ema-decay", "0.5", "--lr", "3e-3",
+                    "--global-batch-size", "4", "--max-steps", "1", "--run-dir", tmp_path)
+    used.clear()
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda net, diffusion, opt, *a: used.append(
+        ("lr", opt.param_groups[0]["lr"])) or step(net, diffusion, opt, *a))
+    run_train("--resume", out["final_ckpt"], "--max-steps", "2")
+    assert sorted(set(used)) == [("ema_decay", 0.5), ("lr", 3e-3), ("superclass_prob", 0.3)]
 
 
 def test_training_draws_timesteps_uniformly_over_all_1000_steps(tmp_path, base_ckpt, monkeypatch):
