@@ -36,7 +36,7 @@ import data
 import train
 from diffusion import create_diffusion
 from evaluate import FIDInceptionV3, inception_features
-from cli import ArgumentParser, UserError, device, int_in, nonnegative_int, positive_int, run_cli
+from cli import ArgumentParser, UserError, device, int_in, nonnegative_int, out_file, positive_int, run_cli
 from files import atomic_write
 from hierarchy import make_hierarchy
 from model import METHODS, DiT_models, build_model, check_image_size, set_trainable
@@ -87,7 +87,7 @@ def trainer(model_name, image_size, batch, method, device, precision, compile=Fa
     diffusion = create_diffusion()
     x = torch.randn(batch, model.in_channels, image_size // 8, image_size // 8, device=device)
     y = torch.randint(0, K, (batch,), device=device)
-    return lambda x=x, y=y: train.train_step(net, diffusion, opt, scaler, x, y, autocast, world=1)
+    return lambda x=x, y=y: train.train_step(net, diffusion, opt, scaler, x, y, autocast)
 
 
 def train_worker(args):
@@ -330,7 +330,7 @@ def parse_args(argv=None):
     p.add_argument("--loop-repeats", type=positive_int, default=3)
     p.add_argument("--only", nargs="+", choices=["train", "data", "sampling", "samplers", "fid"],
                    default=["train", "data", "sampling", "samplers", "fid"], help="run only these parts")
-    p.add_argument("--out", default="results/bench.json")
+    p.add_argument("--out", type=out_file, default="results/bench.json")
     p.add_argument("--worker", choices=["train"], help="(internal: one training benchmark in a fresh process)")
     p.add_argument("--method", choices=METHODS, help="(internal: the method of --worker train)")
     args = p.parse_args(argv)

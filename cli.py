@@ -23,6 +23,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+class Stopped(Exception):
+    """A run that stopped because it was asked to (a cluster scheduler's SIGTERM or SIGUSR1 before it pre-empts the
+    job) and saved what a resume needs first: run_cli prints it as one `stopped:` line and exits with code 75
+    (EX_TEMPFAIL, "try again"), which a requeue script reads as: resume me."""
+    exit_code = 75
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad command line is a UserError (one line) instead of a usage block."""
 
@@ -56,19 +63,29 @@ positive_float = _typed(float, lambda v: 0 < v < math.inf, "a positive finite nu
 probability = _typed(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 decay = _typed(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
 folder = _typed(str, lambda v: not os.path.exists(v) or os.path.isdir(v), "a folder (it is a file)")
+out_file = _typed(str, lambda v: not os.path.isdir(v), "a file to write (it is a folder)")
 device = _typed(str, lambda v: v == "cpu" or re.fullmatch(r"cuda(:\d+)?", v) and torch.cuda.is_available(),
                 "a device here: cpu, or cuda / cuda:N where a CUDA GPU is visible")
 
 # errno values of a write that found no room: a full disk, a quota, a file-size limit (ulimit -f).
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# errno values of a path that cannot be used as named: a folder for a file or the other way round, a missing or
+# read-only place, no permission, a name too long.
+UNUSABLE_PATH = (errno.EISDIR, errno.ENOTDIR, errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST,
+                 errno.ENAMETOOLONG)
 
 
 def run_cli(main):
     """Run a script's main(): a UserError becomes one `error:` line on stderr and its exit code. So does an
-    OSError, with exit code 1: the machine failed, not the user (a full disk), and what was written stays.
+    OSError: exit code 2 for a path that cannot be used as the user named it (a folder where a file belongs, a
+    missing or read-only place: their mistake), else 1 (the machine failed: a full disk); what was written stays.
     Under torchrun every rank fails alike, so rank 0 alone prints it."""
     try:
         main()
+    except Stopped as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         # raised in a DataLoader worker, the message arrives after the worker's traceback: keep the last line
         message = str(e).strip().splitlines()[-1]
@@ -76,7 +93,8 @@ def run_cli(main):
     except OSError as e:
         if e.errno in DISK_FULL:
             return _fail(f"disk full writing {e.filename} ({e.strerror})", 1)
-        return _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
+        code = UserError.exit_code if e.errno in UNUSABLE_PATH and e.filename else 1
+        return _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", code)
     return 0
 
 

@@ -51,9 +51,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, folder, nonnegative_int, positive_int, run_cli
+from cli import ArgumentParser, UserError, folder, nonnegative_int, out_file, positive_int, run_cli
 from files import atomic_write, remove_stale_temp_files, write_json
-from hierarchy import INAT21_SUPERCLASSES, inat21_superclass_of, make_hierarchy
+from hierarchy import INAT21_SUPERCLASSES, inat21_superclass_of, make_hierarchy, read_hierarchy
 from vae import AutoencoderKL, scaled_latent
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -345,17 +345,21 @@ def _read_hierarchy_csv(path):
     """`class,superclass` rows (an optional header row `class,superclass`) -> {class: superclass}."""
     if not os.path.isfile(path):
         raise UserError(f"hierarchy CSV {path} not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:     # a byte-order mark (as Excel saves) is no name
+        try:
+            rows = list(csv.reader(f))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"hierarchy CSV {path} is not UTF-8 text with `class,superclass` rows ({e})") from None
     pairs = {}
-    with open(path, newline="") as f:
-        for line_no, row in enumerate(csv.reader(f), 1):
-            row = [cell.strip() for cell in row]
-            if not any(row) or (line_no == 1 and [c.lower() for c in row] == ["class", "superclass"]):
-                continue
-            if len(row) != 2 or not all(row):
-                raise UserError(f"{path}:{line_no}: expected `class,superclass`, got {','.join(row)!r}")
-            name, superclass = row
-            if pairs.setdefault(name, superclass) != superclass:
-                raise UserError(f"{path}:{line_no}: class {name!r} listed under {pairs[name]!r} and {superclass!r}")
+    for line_no, row in enumerate(rows, 1):
+        row = [cell.strip() for cell in row]
+        if not any(row) or (line_no == 1 and [c.lower() for c in row] == ["class", "superclass"]):
+            continue
+        if len(row) != 2 or not all(row):
+            raise UserError(f"{path}:{line_no}: expected `class,superclass`, got {','.join(row)!r}")
+        name, superclass = row
+        if pairs.setdefault(name, superclass) != superclass:
+            raise UserError(f"{path}:{line_no}: class {name!r} listed under {pairs[name]!r} and {superclass!r}")
     if not pairs:
         raise UserError(f"hierarchy CSV {path} has no class,superclass rows")
     return pairs
@@ -610,25 +614,65 @@ def _create_npy(path, dtype, shape):
     atomic_write(path, write)
 
 
+# The cache's arrays and their dtypes; their shapes follow from meta.json (cache_shapes).
+CACHE_ARRAYS = {"moments.npy": np.float16, "labels.npy": np.int64, "done.npy": np.bool_}
+
+
+def cache_shapes(meta):
+    n, (c, h, w) = meta["num_images"], meta["latent_shape"]
+    return {"moments.npy": (n, 2, 2 * c, h, w), "labels.npy": (n,), "done.npy": (n,)}
+
+
+def open_cache_arrays(path, meta, mode="r"):
+    """{file name: memmap} of a cache's arrays, each checked against meta.json (its dtype and shape), so that a file
+    cut short or of another cache is refused before done.npy is trusted."""
+    arrays = {}
+    for name, shape in cache_shapes(meta).items():
+        file = os.path.join(path, name)
+        try:
+            array = np.load(file, mmap_mode=mode)
+        except (OSError, ValueError) as e:            # missing, or shorter than its header says (cut short)
+            raise UserError(f"latent cache file {file} cannot be read ({e}): delete {path} and build it again") from None
+        if array.shape != tuple(shape) or array.dtype != CACHE_ARRAYS[name]:
+            raise UserError(f"latent cache file {file} holds {array.dtype} {list(array.shape)} where meta.json says "
+                            f"{np.dtype(CACHE_ARRAYS[name])} {list(shape)}: delete {path} and build it again")
+        arrays[name] = array
+    return arrays
+
+
+def read_cache_meta(path):
+    """<path>/meta.json, checked to describe a cache: one line naming the file otherwise."""
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        n, shape = meta["num_images"], meta["latent_shape"]
+        ok = isinstance(n, int) and n >= 0 and isinstance(shape, list) and len(shape) == 3 and \
+            all(isinstance(s, int) and s > 0 for s in shape)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"cannot read the latent cache's {meta_path}: {e}") from None
+    if not ok:
+        raise UserError(f"{meta_path}: num_images {n!r} and latent_shape {shape!r} are not a count and [C, h, w]")
+    return meta
+
+
 def _prepare_cache_dir(out_dir, meta):
     """Create a new cache, or check that the one in out_dir is the same job (then it resumes)."""
     meta_path = os.path.join(out_dir, "meta.json")
     remove_stale_temp_files(out_dir)
     if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
+        old = read_cache_meta(out_dir)
         for key in ("format", "version", "data", "data_path", "split", "image_size", "num_images", "latent_shape",
                     "vae", "files_sha256", "hierarchy"):
             if old.get(key) != meta.get(key):
                 shown = (lambda v: "(differs)" if key == "hierarchy" else repr(v))
                 raise UserError(f"{out_dir} holds another latent cache ({key}: {shown(old.get(key))} there, "
                                 f"{shown(meta.get(key))} now): choose another --out or delete that directory")
+        open_cache_arrays(out_dir, old)               # the rows done.npy marks are really there
         return
     os.makedirs(out_dir, exist_ok=True)
-    n, (c, h, w) = meta["num_images"], meta["latent_shape"]
-    _create_npy(os.path.join(out_dir, "moments.npy"), np.float16, (n, 2, 2 * c, h, w))
-    _create_npy(os.path.join(out_dir, "labels.npy"), np.int64, (n,))
-    _create_npy(os.path.join(out_dir, "done.npy"), np.bool_, (n,))
+    for name, shape in cache_shapes(meta).items():
+        _create_npy(os.path.join(out_dir, name), CACHE_ARRAYS[name], shape)
     write_json(meta_path, meta)  # last: a cache without meta.json is simply rebuilt
 
 
@@ -670,9 +714,8 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT
 
     on_rank0(lambda: _prepare_cache_dir(out_dir, meta))   # the others wait until the files exist
 
-    moments = np.load(os.path.join(out_dir, "moments.npy"), mmap_mode="r+")  # N x 2 x 2C x h x w
-    labels = np.load(os.path.join(out_dir, "labels.npy"), mmap_mode="r+")  # N
-    done = np.load(os.path.join(out_dir, "done.npy"), mmap_mode="r+")  # N
+    arrays = open_cache_arrays(out_dir, meta, mode="r+")
+    moments, labels, done = arrays["moments.npy"], arrays["labels.npy"], arrays["done.npy"]  # (N, 2, 2C, h, w), (N,)
     shard = range(rank * n // world, (rank + 1) * n // world)
     todo = [i for i in shard if not done[i]]
     loader = DataLoader(_Indexed(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -695,7 +738,7 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT
     if distributed:
         dist.barrier()
     if rank == 0:
-        meta["complete"] = bool(np.load(os.path.join(out_dir, "done.npy"), mmap_mode="r").all())
+        meta["complete"] = bool(done.all())                # every rank's rows: one file, flushed by each
         write_json(os.path.join(out_dir, "meta.json"), meta)
     return meta
 
@@ -711,12 +754,10 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
 
     def __init__(self, path, expect=None, flip=True, coarse=False):
         self.path, self.flip = path, flip
-        meta_path = os.path.join(path, "meta.json")
-        if not os.path.isfile(meta_path):
+        if not os.path.isfile(os.path.join(path, "meta.json")):
             raise UserError(f"no latent cache at {path} (no meta.json): build it with `python data.py cache "
                             f"--data ... --data-path ... --vae ... --out {path}`")
-        with open(meta_path) as f:
-            self.meta = meta = json.load(f)
+        self.meta = meta = read_cache_meta(path)
         rebuild = meta.get("command") or f"python data.py cache ... --out {path}"
         if (meta.get("format"), meta.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
             raise UserError(f"{path} is not a version-{CACHE_VERSION} latent cache: rebuild it with `{rebuild}`")
@@ -727,16 +768,19 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
             if want is not None and have != want:
                 raise UserError(f"latent cache {path} was built with {key}={have!r} but this run has {key}={want!r}: "
                                 f"rebuild it with `python data.py cache ...` (was: `{rebuild}`) into another --out")
-        missing = [f for f in ("moments.npy", "labels.npy", "done.npy") if not os.path.isfile(os.path.join(path, f))]
+        missing = [f for f in CACHE_ARRAYS if not os.path.isfile(os.path.join(path, f))]
         if missing:
             raise UserError(f"latent cache {path} lacks {', '.join(missing)}: rebuild it with `{rebuild}`")
-        done = np.load(os.path.join(path, "done.npy"), mmap_mode="r")
+        arrays = open_cache_arrays(path, meta)
+        done = arrays["done.npy"]
         if not meta.get("complete") or not done.all():
             raise UserError(f"latent cache {path} is incomplete ({int(done.sum())} of {len(done)} images encoded): "
                             f"re-run `{rebuild}` to resume it")
-        self.labels = np.load(os.path.join(path, "labels.npy"))  # N
+        self.set_hierarchy(read_hierarchy(meta.get("hierarchy"), os.path.join(path, "meta.json")))
+        self.labels = np.array(arrays["labels.npy"])  # (N,)
+        if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < self.num_classes:
+            raise UserError(f"latent cache {path}: labels.npy holds class ids outside [0, {self.num_classes})")
         self.targets = self.labels.tolist()
-        self.set_hierarchy(make_hierarchy(**meta["hierarchy"]))
         if coarse:
             self.make_coarse()
         self.image_size, self.latent_shape = meta["image_size"], meta["latent_shape"]
@@ -837,7 +881,7 @@ def main(argv=None):
     cache.add_argument("--batch-size", type=positive_int, default=32)
     cache.add_argument("--num-workers", type=nonnegative_int, default=DEFAULT_WORKERS,
                        help="DataLoader workers (default: 4, or the number of cores if fewer)")
-    preview.add_argument("--out", default="preview.png")
+    preview.add_argument("--out", type=out_file, default="preview.png")
     preview.add_argument("--per-class", type=positive_int, default=8)
     preview.add_argument("--max-classes", type=positive_int, default=16)
     args = parser.parse_args(argv)

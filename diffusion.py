@@ -222,7 +222,7 @@ class GaussianDiffusion:
         if not np.array_equal(self.timestep_map, np.arange(self.num_timesteps)):
             raise ValueError("DPM-Solver++ chooses its own timesteps: call it on create_diffusion(\"\")")
         if not 1 <= steps < self.num_timesteps:        # T steps would round two points onto one (h = 0)
-            raise ValueError(f"DPM-Solver++ takes 1 to {self.num_timesteps - 1} steps, got {steps}")
+            raise ValueError(f"DPM-Solver++ takes at most {self.num_timesteps - 1} steps (and at least 1)")
         return np.linspace(0, self.num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
 
     def dpm_solver_sample_loop(self, model, shape, noise=None, steps=20, model_kwargs=None, progress=False,

@@ -37,6 +37,7 @@ import os
 import re
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 import scipy
@@ -52,7 +53,8 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 from tqdm import tqdm
 
 import data
-from cli import ArgumentParser, UserError, device, finite_float, folder, nonnegative_int, positive_int, run_cli
+from cli import (ArgumentParser, UserError, device, finite_float, folder, nonnegative_int, out_file, positive_int,
+                 run_cli)
 from files import atomic_write, file_sha256, find_file, remove_stale_temp_files, write_csv, write_json
 from hierarchy import inat21_hierarchy, read_hierarchy
 from model import (METHODS, TABLE, build_model, checkpoint_tensors, load_strict, published_layout, read_checkpoint,
@@ -449,8 +451,14 @@ def superclasses_of(labels, hierarchy):
     return superclass_of[labels]
 
 
-def stats_hierarchy(stats):
-    return json.loads(str(stats["hierarchy"])) if "hierarchy" in stats else None
+def stats_hierarchy(stats, source="the statistics"):
+    """The hierarchy a statistics file carries (as JSON), checked; None when it carries none."""
+    if "hierarchy" not in stats:
+        return None
+    try:
+        return read_hierarchy(json.loads(str(stats["hierarchy"])), source)
+    except ValueError as e:
+        raise UserError(f"{source}: its hierarchy is not JSON ({e})") from None
 
 
 def fid_table(real, fake, lpips=None, overall_only=False):
@@ -461,7 +469,8 @@ def fid_table(real, fake, lpips=None, overall_only=False):
     Returns [{"superclass", "fid", "lpips", "count_real", "count_fake"}].
     """
     rows = []
-    fake_h = None if overall_only else stats_hierarchy(fake)
+    foreign = "count" not in real                  # another tool's reference statistics: the overall row alone
+    fake_h = None if overall_only or foreign else stats_hierarchy(fake)
     if fake_h is not None:
         real_h = stats_hierarchy(real)
         if real_h is None:
@@ -485,18 +494,19 @@ def fid_table(real, fake, lpips=None, overall_only=False):
     rows.append({"superclass": "Overall",
                  "fid": frechet_distance(real["mu"], real["sigma"], fake["mu"], fake["sigma"]),
                  "lpips": lpips["overall"] if lpips else math.nan,
-                 "count_real": int(real["count"]), "count_fake": int(fake["count"])})
+                 "count_real": None if foreign else int(real["count"]), "count_fake": int(fake["count"])})
     return rows
 
 
 def format_table(rows):
     def num(v):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+    count = lambda v: "-" if v is None else v
     width = max(12, *(len(r["superclass"]) for r in rows))
     lines = [f"{'':<{width}}  {'FID↓':>9}  {'LPIPS↑':>7}  {'n real':>7}  {'n fake':>7}"]
     for r in rows:
         lines.append(f"{r['superclass']:<{width}}  {num(r['fid']):>9}  {num(r['lpips']):>7}  "
-                     f"{r['count_real']:>7}  {r['count_fake']:>7}")
+                     f"{count(r['count_real']):>7}  {count(r['count_fake']):>7}")
     return "\n".join(lines)
 
 
@@ -582,16 +592,30 @@ def open_images(path, image_size=0, hierarchy=None):
     if images is None or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise UserError(f"{path}: expected images arr_0 [N, H, W, 3] uint8")
     labels = arrays["labels"] if "labels" in arrays else np.full(len(images), -1)
-    return ImageSource(path, lambda i: images[i], labels, hierarchy or stats_hierarchy(arrays))
+    return ImageSource(path, lambda i: images[i], labels, hierarchy or stats_hierarchy(arrays, path))
 
 
 def read_npz(path):
     """All arrays of an .npz (no pickles), or a clear error."""
     try:
-        with np.load(find_file(path), allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        with open(find_file(path), "rb") as f, np.load(f, allow_pickle=False) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read {path}: {e} (a damaged or cut-short .npz?)") from None
+
+
+def statistics_file(arrays, path):
+    """Feature statistics read from a file: ours (image_stats), pytorch-fid's --save-stats (mu, sigma) or ADM's
+    reference batches (arr_0, mu, sigma: what DiT's FIDs are computed against). The other tools' files give the
+    overall FID only: they hold no per-superclass parts and no image count, which is said once."""
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not the mean and covariance "
+                        "of feature vectors")
+    if "count" not in arrays:
+        print(f"note: {path} holds mu and sigma only (another tool's statistics): the overall FID only, no "
+              "per-superclass rows, image count unknown", file=sys.stderr)
+    return arrays
 
 
 def _collate(batch):
@@ -631,7 +655,7 @@ def stats_of(args, path, cache):
     if path is not None and not os.path.isdir(path):
         arrays = read_npz(path)
         if "mu" in arrays and "sigma" in arrays:
-            return arrays, None
+            return statistics_file(arrays, path), None
     source = source_of(args, path)
     if source.hierarchy is None and (source.labels >= 0).any():
         print(f"note: {source.name} has class labels but no hierarchy (--hierarchy): overall statistics only",
@@ -658,6 +682,10 @@ def lpips_for(source, args):
         return None
     if source is None or not (source.labels >= 0).any():
         print("note: LPIPS skipped: it needs generated images with their classes", file=sys.stderr)
+        return None
+    if not (np.bincount(source.labels[source.labels >= 0]) >= 2).any():   # a metric that cannot be computed
+        print("note: LPIPS skipped (its column is left empty): it needs at least two generated images of one class",
+              file=sys.stderr)
         return None
     try:
         model = LPIPS.from_pretrained(args.lpips_alex, args.lpips_lin)
@@ -709,14 +737,31 @@ def job_file(class_id, index):
 
 
 def read_manifest(folder):
+    """OUT/samples.json, checked; None when there is none. Its image names must stay inside OUT: a name such as
+    ../x or /x would have `generate --overwrite` delete, and `fid` read, a file of somebody else's."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+            manifest = json.load(f)
+        made_by, images = manifest["made_by"], manifest["images"]
+        hierarchy = None if manifest.get("hierarchy") is None else read_hierarchy(manifest["hierarchy"], path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"cannot read {path}: {e!r}") from None
+    if not isinstance(made_by, dict) or not isinstance(images, list):
+        raise UserError(f"{path}: 'made_by' and 'images' are not a dict and a list")
+    for entry in images:
+        name, label = entry if isinstance(entry, list) and len(entry) == 2 else (None, None)
+        if not isinstance(name, str) or not isinstance(label, int) or not inside(name):
+            raise UserError(f"{path}: the entry {entry!r} is not [a file name inside {folder}, its class]")
+    return dict(manifest, hierarchy=hierarchy)
+
+
+def inside(name):
+    """Is the relative path `name` inside its folder (not absolute, no way up)?"""
+    norm = os.path.normpath(name)
+    return not os.path.isabs(name) and norm != ".." and not norm.startswith(".." + os.sep) and norm != "."
 
 
 def start_folder(out, manifest, overwrite):
@@ -1409,7 +1454,7 @@ def cmd_grid(args):
                             "classes")
         hierarchy, num_classes, size = model.hierarchy, model.y_embedder.num_classes, info["config"]["image_size"]
         for c in args.class_ids:
-            resolve_class(hierarchy, num_classes, class_id=c)
+            resolve_class(hierarchy, num_classes, class_id=c, flag="--class-ids")
         guidance = args.guidance
         if guidance == "auto":                       # each method as it is meant to be sampled: eq. 1 or standard CFG
             guidance = "superclass" if model.y_embedder.num_superclasses else "null"
@@ -1542,15 +1587,15 @@ def add_fid_args(p):
                    help="random same-class pairs for LPIPS (0: no LPIPS)")
     p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="seed of the LPIPS pairs (generate: and of the noise)")
-    p.add_argument("--out-csv")
-    p.add_argument("--out-json")
+    p.add_argument("--out-csv", type=out_file)
+    p.add_argument("--out-json", type=out_file)
 
 
 def add_figure_commands(sub):
     p = sub.add_parser("embeddings", help="paper Fig. 7: t-SNE of each checkpoint's label table, and how often a "
                                           "subclass's nearest subclasses share its superclass")
     p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints or run folders: one panel each")
-    p.add_argument("--out", required=True, help="PNG to write; OUT.csv and OUT.json beside it")
+    p.add_argument("--out", type=out_file, required=True, help="PNG to write; OUT.csv and OUT.json beside it")
     p.add_argument("--max-points", type=int, default=2000, help="subclass rows to embed, drawn at random (0: all; "
                    "exact t-SNE costs N^2 memory and time: all 10,000 iNat21 rows want a GPU, --device cuda)")
     p.add_argument("--perplexity", type=float, default=30.0)
@@ -1563,7 +1608,7 @@ def add_figure_commands(sub):
     p = sub.add_parser("grid", help="paper Fig. 5: rows = checkpoints (methods), columns = classes, one seed")
     p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints or run folders: one row each")
     p.add_argument("--class-ids", nargs="+", type=int, required=True)
-    p.add_argument("--out", required=True, help="PNG to write; OUT.csv beside it")
+    p.add_argument("--out", type=out_file, required=True, help="PNG to write; OUT.csv beside it")
     p.add_argument("--guidance", choices=["auto", "superclass", "null", "none"], default="auto",
                    help="auto: superclass rows (eq. 1) where the table has them, else the null row (standard CFG)")
     add_sampler_args(p)
@@ -1579,7 +1624,7 @@ def add_figure_commands(sub):
     p = sub.add_parser("curves", help="training loss against step and wall time; with toy tables, paper Fig. 2: "
                                       "FID (cls) against training time")
     p.add_argument("--runs", nargs="+", required=True, help="run folders (or their log.jsonl)")
-    p.add_argument("--out", required=True, help="PNG to write; OUT.csv beside it")
+    p.add_argument("--out", type=out_file, required=True, help="PNG to write; OUT.csv beside it")
     p.add_argument("--toy-json", nargs="+", help="`evaluate.py toy --out-json` tables of checkpoints of these runs")
     p.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="the guided rows of the toy tables to show")
     p.set_defaults(func=cmd_curves)
@@ -1592,7 +1637,7 @@ def main(argv=None):
 
     p = sub.add_parser("stats", help="reference Inception statistics (per superclass) of real or generated images")
     p.add_argument("--images", help="a generate folder, an .npz (arr_0 [N,H,W,3] uint8) or a folder of images")
-    p.add_argument("--out", required=True, help="statistics .npz to write")
+    p.add_argument("--out", type=out_file, required=True, help="statistics .npz to write")
     add_image_args(p)
     p.set_defaults(func=cmd_stats)
 
@@ -1614,7 +1659,7 @@ def main(argv=None):
     p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
     add_sampler_args(p)
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--npz", help="also pack every image into this .npz (arr_0, labels, hierarchy)")
+    p.add_argument("--npz", type=out_file, help="also pack every image into this .npz (arr_0, labels, hierarchy)")
     p.add_argument("--fid", help="reference statistics .npz: compute FID and LPIPS when done")
     add_image_args(p)
     add_fid_args(p)
@@ -1635,9 +1680,9 @@ def main(argv=None):
     p.add_argument("--cache-dir", type=folder, default="results", help="where the toy classifier is cached")
     p.add_argument("--classifier-epochs", type=positive_int, default=4,
                    help="training of the toy classifier, on first use")
-    p.add_argument("--out-json")
-    p.add_argument("--out-csv")
-    p.add_argument("--plot", help="PNG: FID (cls) against subclass accuracy, a curve per checkpoint and guide over the "
+    p.add_argument("--out-json", type=out_file)
+    p.add_argument("--out-csv", type=out_file)
+    p.add_argument("--plot", type=out_file, help="PNG: FID (cls) against subclass accuracy, a curve per checkpoint and guide over the "
                                   "scales (and PLOT.csv beside it)")
     p.set_defaults(func=cmd_toy)
     add_figure_commands(sub)

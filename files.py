@@ -61,13 +61,19 @@ class _WholeWrites(io.FileIO):
         return size
 
 
+# atomic_write's temp files `.<name>.finediffusion-tmp<pid>`: a name no user file has by accident, so the clean-up
+# below can only ever remove what this program wrote.
+TEMP_TAG = ".finediffusion-tmp"
+_TEMP_FILE = re.compile(r"^\..+" + re.escape(TEMP_TAG) + r"(\d+)$")
+
+
 def atomic_write(path, write):
-    """Call write(file) on a temp file beside `path` (`.<name>.tmp<pid>`), then rename it over `path`: a crash or
-    a full disk never leaves a half-written checkpoint, image or table behind. A failed write is an OSError
-    naming `path`."""
+    """Call write(file) on a temp file beside `path` (`.<name>.finediffusion-tmp<pid>`), then rename it over `path`:
+    a crash or a full disk never leaves a half-written checkpoint, image or table behind. A failed write is an
+    OSError naming `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}{TEMP_TAG}{os.getpid()}")
     f = None
     try:
         with _WholeWrites(tmp, "wb") as f:
@@ -96,10 +102,6 @@ def write_csv(path, rows):
     writer.writeheader()
     writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
-# atomic_write's temp files `.<name>.tmp<pid>`, and those of older latent caches, `<name>.tmp<pid>.npy`
-_TEMP_FILE = re.compile(r"\.tmp(\d+)(\.npy)?$")
 
 
 def remove_stale_temp_files(folder):

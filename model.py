@@ -20,7 +20,10 @@ import argparse
 import glob
 import math
 import os
+import sys
 import warnings
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -482,6 +485,7 @@ def read_checkpoint(path):
     given (resolve_checkpoint and find_file say which file a user means)."""
     if not os.path.isfile(path):
         raise UserError(f"{path} is not a file")
+    check_zip_crc(path)
     try:
         # torch's warnings (e.g. on a plain pickle) would add lines to the one below, and its hints suggest
         # weights_only=False: exactly what must not be done with an untrusted file
@@ -498,7 +502,42 @@ def read_checkpoint(path):
         raise UserError(f"cannot read {path}: not a readable torch checkpoint ({first})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a checkpoint: it holds a {type(ckpt).__name__}, not a dict of tensors")
+    return _unwrapped(ckpt, path)
+
+
+# Wrappers that put a prefix on every tensor name of the model they wrap: DistributedDataParallel and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _unwrapped(ckpt, path):
+    """The checkpoint with a wrapper's prefix taken off the tensor names, where every name carries it (said once)."""
+    taken = set()
+    for key in [k for k in ("model", "ema") if k in ckpt] or [None]:
+        state = ckpt if key is None else ckpt[key]
+        while isinstance(state, dict) and state and (prefix := next(
+                (p for p in WRAPPER_PREFIXES if all(isinstance(k, str) and k.startswith(p) for k in state)), None)):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+            taken.add(prefix)
+        ckpt = state if key is None else {**ckpt, key: state}
+    if taken and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {path}: every tensor name starts with {' / '.join(sorted(taken))} (a model saved inside "
+              "DistributedDataParallel or torch.compile): the prefix is taken off", file=sys.stderr)
     return ckpt
+
+
+def check_zip_crc(path):
+    """torch.save writes a zip archive, which stores a CRC-32 of every entry: a file damaged on a disk or in a copy
+    fails it, and is refused here instead of loading weights that are silently wrong. (Legacy non-zip files carry no
+    checksum.)"""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        damaged = str(e)
+    if damaged is not None:
+        raise UserError(f"{path} is damaged ({damaged} fails its CRC-32 check): copy or download it again")
 
 
 def checkpoint_tensors(ckpt, weights="ema"):

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from cli import (ArgumentParser, UserError, device, finite_float, folder, int_in, nonnegative_int, positive_int,
-                 precision_context, run_cli)
+from cli import (ArgumentParser, UserError, device, finite_float, folder, int_in, nonnegative_int, out_file,
+                 positive_int, precision_context, run_cli)
 from diffusion import create_diffusion
 from files import atomic_write
 from model import AUTHORS_CHECKPOINT, load_model
@@ -214,8 +214,9 @@ def load_for_sampling(ckpt, base=None, vae=None):
     return model, info, decoder
 
 
-def resolve_class(hierarchy, num_classes, class_id=None, class_name=None):
-    """A class id from --class-id or --class-name, checked against the checkpoint's classes."""
+def resolve_class(hierarchy, num_classes, class_id=None, class_name=None, flag="--class-id"):
+    """A class id from --class-id (or the command's `flag`) or --class-name, checked against the checkpoint's
+    classes."""
     if class_name is not None:
         if hierarchy is None:
             raise UserError("this checkpoint carries no class names: use --class-id")
@@ -227,7 +228,7 @@ def resolve_class(hierarchy, num_classes, class_id=None, class_name=None):
             raise UserError(f"--class-name {class_name!r} matches {len(matches)} classes{': ' + some if some else ''}")
         return matches[0]
     if class_id is None or not 0 <= class_id < num_classes:
-        raise UserError(f"--class-id must be in [0, {num_classes}) for this checkpoint, got {class_id}")
+        raise UserError(f"{flag} must be in [0, {num_classes}) for this checkpoint, got {class_id}")
     return class_id
 
 
@@ -253,7 +254,7 @@ def parse_args(argv=None):
                    help="guide all eps channels (the official release guides the first 3 only)")
     add_sampler_args(p)
     p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--out", default="samples/sample.png", help="PNG grid to write")
+    p.add_argument("--out", type=out_file, default="samples/sample.png", help="PNG grid to write")
     p.add_argument("--per-sample-dir", type=folder, help="also write one PNG per sample into this folder")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",

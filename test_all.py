@@ -10,6 +10,7 @@ slow small ops down by 10x or more.
 import argparse
 import contextlib
 import csv
+import errno
 import functools
 import glob
 import json
@@ -2406,8 +2407,12 @@ def base_ckpt(tmp_path_factory):
 RANK_DUMP = """import os, sys, torch
 sys.path.insert(0, {here!r})
 import train
-out = train.train(train.parse_args(sys.argv[2:]))
-torch.save(dict(model=out["model"].state_dict(), ema=out["ema"]), os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".pt"))
+save = train.save
+def save_and_dump(run):   # each rank's own weights and EMA, as it saves
+    save(run)
+    torch.save(dict(model=run.model.state_dict(), ema=run.ema), os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".pt"))
+train.save = save_and_dump
+train.train(train.parse_args(sys.argv[2:]))
 """
 
 
@@ -2601,6 +2606,67 @@ def test_training_time_is_logged_and_checkpointed_and_keeps_counting_across_a_re
     assert len(times) == 4 and times[0] > 0 and all(b > a for a, b in zip(times, times[1:]))
     assert times[1] <= saved < times[2]                         # step 3 counts on from the checkpoint's time
     assert torch.load(tmp_path / "checkpoints" / "0000004.pt", weights_only=True)["time_s"] >= times[3]
+
+
+def signal_at_step(monkeypatch, step, signum=signal.SIGTERM):
+    """A scheduler's pre-emption signal to this process while it trains step `step` (sent from inside the loop, so
+    that the step it lands on is known)."""
+    update, steps = train.update_ema, []
+
+    def update_and_signal(*args):
+        update(*args)
+        steps.append(1)
+        if len(steps) == step:
+            os.kill(os.getpid(), signum)
+    monkeypatch.setattr(train, "update_ema", update_and_signal)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_pre_empted_run_saves_its_step_exits_75_and_resumes_bit_for_bit(tmp_path, base_ckpt, monkeypatch, capsys,
+                                                                           signum):
+    common = [*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--ckpt-every", "100"]
+    straight = run_train(*common, "--max-steps", "5", "--run-dir", tmp_path / "straight")
+    signal_at_step(monkeypatch, 3, signum)
+    proc = run_main(train, *common, "--max-steps", "5", "--run-dir", tmp_path / "split", capsys=capsys)
+    assert proc.returncode == 75 and proc.stderr.strip().splitlines()[-1].startswith("stopped: ")
+    assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["0000003.pt"]        # the step it was on
+    monkeypatch.undo()
+    resumed = run_train("--resume", tmp_path / "split", "--max-steps", "5")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL                        # the handlers are put back
+    a, b = (torch.load(r["final_ckpt"], weights_only=True) for r in (straight, resumed))
+    assert tensors_equal(a["model"], b["model"]) and tensors_equal(a["ema"], b["ema"])
+    assert resumed["losses"] == straight["losses"][3:]
+
+
+PRE_EMPTED_RANK = """import os, signal, sys
+sys.path.insert(0, {here!r})
+import train
+update, steps = train.update_ema, []
+def update_and_signal(*args):   # only rank 1 is signalled, during step 2: both ranks must stop after the same step
+    update(*args)
+    steps.append(1)
+    if os.environ["RANK"] == "1" and len(steps) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+train.update_ema = update_and_signal
+sys.exit(train.run_cli(lambda: train.main(sys.argv[1:])))
+"""
+
+
+def test_a_pre_empted_two_process_run_stops_both_ranks_after_one_step_and_resumes_bit_for_bit(tmp_path, base_ckpt):
+    (tmp_path / "pre_empted.py").write_text(PRE_EMPTED_RANK.format(here=HERE))
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node=2"]
+    common = [*TINY_TRAIN, "--init", base_ckpt, "--tune", "finediffusion", "--global-batch-size", "4", "--max-steps",
+              "4", "--ckpt-every", "100"]
+    proc = run_script(*launch, f"--master_port={free_port()}", tmp_path / "pre_empted.py", *common,
+                      "--run-dir", tmp_path / "split")
+    assert "exitcode: 75" in proc.stderr or "exitcode  : 75" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["0000002.pt"]
+    for run_dir, argv in (("split", ["--resume", tmp_path / "split", "--max-steps", "4"]),
+                          ("straight", [*common, "--run-dir", tmp_path / "straight"])):
+        proc = run_script(*launch, f"--master_port={free_port()}", "train.py", *argv)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "0000004.pt", weights_only=True) for r in ("straight", "split"))
+    assert tensors_equal(a["model"], b["model"]) and tensors_equal(a["ema"], b["ema"])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base_ckpt, monkeypatch):
@@ -2808,7 +2874,7 @@ BAD_ARGUMENTS = [
     ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--guidance-interval", "0", "500", "--guidance", "none"],
      ["--guidance-interval", "guidance"]),
     ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--sampler", "dpm++2m", "--steps", "1000"],
-     ["--steps 1000", "1 to 999"]),
+     ["--steps 1000", "at most 999 steps"]),
     ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--cfg-scale", "nan"], ["--cfg-scale", "finite"]),
     ("sample", ["--ckpt", "ckpt.pt", "--class-id", "1", "--num-samples", "0"], ["--num-samples", ">= 1"]),
     ("sample", ["--ckpt", "ckpt.pt", "--class-id", "16"], ["--class-id", "[0, 16)"]),
@@ -3315,13 +3381,15 @@ def dead_pid():
 
 
 @pytest.mark.parametrize("start", ["train", "cache", "generate"])
-def test_temp_files_of_dead_writers_are_removed_at_the_next_start(start, tmp_path):
+def test_temp_files_of_dead_writers_are_removed_at_the_next_start_and_nothing_else(start, tmp_path):
     dead, alive = dead_pid(), os.getpid()
-    folder, names = {"train": ("run/checkpoints", [f".0000002.pt.tmp{dead}", f".0000003.pt.tmp{alive}"]),
-                     "cache": ("cache", [f"moments.npy.tmp{dead}.npy", f".labels.npy.tmp{dead}"]),
-                     "generate": ("gen/00001", [f".000000.png.tmp{dead}"])}[start]
+    folder, names = {"train": ("run/checkpoints", [f".0000002.pt.finediffusion-tmp{dead}",
+                                                   f".0000003.pt.finediffusion-tmp{alive}"]),
+                     "cache": ("cache", [f".labels.npy.finediffusion-tmp{dead}"]),
+                     "generate": ("gen/00001", [f".000000.png.finediffusion-tmp{dead}"])}[start]
+    users = ["experiment.tmp4000000", "results.tmp4000001.npy", f".notes.tmp{dead}"]   # a user's, whatever they look like
     os.makedirs(tmp_path / folder)
-    for name in names:
+    for name in names + users:
         (tmp_path / folder / name).write_bytes(b"half a file")
     if start == "train":
         run_train(*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--max-steps", "1", "--run-dir",
@@ -3332,8 +3400,8 @@ def test_temp_files_of_dead_writers_are_removed_at_the_next_start(start, tmp_pat
         write_our_checkpoint(tmp_path / "ckpt.pt")
         evaluate.main(["generate", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "gen"), "--per-class",
                        "1", "--steps", "2", "--device", "cpu"])
-    left = {name for name in os.listdir(tmp_path / folder) if ".tmp" in name}
-    assert left == {name for name in names if name.endswith(f"tmp{alive}")}   # a live writer's stays
+    left = {name for name in os.listdir(tmp_path / folder) if "tmp" in name}
+    assert left == {name for name in names if name.endswith(f"tmp{alive}")} | set(users)   # a live writer's stays
 
 
 @pytest.mark.parametrize("vae_config, says", [(dict(block_out_channels=(32, 32)), "2x smaller"),
@@ -3556,3 +3624,331 @@ def test_readme_quickstart_runs_at_reduced_size(tmp_path):
     assert len(glob.glob(str(tmp_path / "results" / "**" / "checkpoints" / "*.pt"), recursive=True)) == 2
     out = commands[2][commands[2].index("--out") + 1]
     assert png_size(tmp_path / out)[0] > 32
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Inputs from the field: hostile and damaged files, races, the formats users bring
+# ------------------------------------------------------------------------------------------------------------
+
+def edited_safetensors(path, edit):
+    """Rewrite a .safetensors file's JSON header with edit(header) (the data bytes stay as they are)."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = edit(json.loads(raw[8:8 + n]))
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + raw[8 + n:])
+
+
+def entries(header):
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def shifted(header, by):
+    for info in entries(header).values():
+        info["data_offsets"] = [o + by for o in info["data_offsets"]]
+    return header
+
+
+def all_on_the_first_bytes(header):
+    spans = [info["data_offsets"] for info in entries(header).values()]
+    first = {}
+    for info in entries(header).values():   # every tensor of one size onto the first tensor of that size
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        info["data_offsets"] = first.setdefault(size, info["data_offsets"])
+    assert len(set(map(tuple, spans))) > len(set(map(tuple, (i["data_offsets"] for i in entries(header).values()))))
+    return header
+
+
+def first_entry(change):
+    def edit(header):
+        name = sorted(entries(header))[0]
+        change(header[name])
+        return header
+    return edit
+
+
+HOSTILE_HEADERS = {
+    "offsets into the header": first_entry(lambda info: info.update(data_offsets=[-3464, -8])),
+    "same-size tensors on the same bytes": all_on_the_first_bytes,
+    "offsets shifted by one byte": lambda header: shifted(header, 1),
+    "no dtype": first_entry(lambda info: info.pop("dtype")),
+    "float offsets": first_entry(lambda info: info.update(data_offsets=[float(o) for o in info["data_offsets"]])),
+    "three offsets": first_entry(lambda info: info.update(data_offsets=info["data_offsets"] + [0])),
+    "a negative shape": first_entry(lambda info: info.update(shape=[-1] + info["shape"][1:])),
+    "a string shape": first_entry(lambda info: info.update(shape=[str(s) for s in info["shape"]])),
+    "a header that is a list": lambda header: [header],
+}
+
+
+def sample_with_vae(vae_folder):
+    """python sample.py on an official-layout latent DiT, decoded by the given VAE."""
+    torch.save(DiT_models["DiT-T/4"](input_size=8, num_classes=10).state_dict(), "dit.pt")
+    return sample_module, ["--ckpt", "dit.pt", "--vae", vae_folder, "--class-id", "3", "--guidance", "null",
+                           "--steps", "2", "--out", "s.png"]
+
+
+def hostile_vae(edit):
+    def make():
+        write_tiny_vae("vae")
+        edited_safetensors("vae/diffusion_pytorch_model.safetensors", edit)
+        return sample_with_vae("vae")
+    return make
+
+
+def damaged_bytes(path):
+    """4 KB of a checkpoint's tensor data overwritten, as a bad disk or an interrupted copy leaves it."""
+    raw = bytearray(open(path, "rb").read())
+    middle = len(raw) // 2
+    raw[middle:middle + 4096] = bytes(4096)[:len(raw[middle:middle + 4096])]
+    raw[middle:middle + 4096] = bytes((b + 1) % 256 for b in raw[middle:middle + 4096])
+    open(path, "wb").write(bytes(raw))
+
+
+def damaged_checkpoint(flag):
+    def make():
+        if flag == "--ckpt":
+            write_our_checkpoint("ckpt.pt")
+            damaged_bytes("ckpt.pt")
+            return sample_module, ["--ckpt", "ckpt.pt", "--class-id", "1", "--steps", "2", "--out", "s.png"]
+        out = run_train(*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--max-steps", "1",
+                        "--run-dir", "run")
+        damaged_bytes(out["final_ckpt"])
+        more = ["--data", "toy", "--init", out["final_ckpt"]] if flag == "--init" else ["--resume", "run"]
+        return train, [*more, "--max-steps", "2", "--run-dir", "run" if flag == "--resume" else "run2"]
+    return make
+
+
+def escaping_manifest(name):
+    def make():
+        os.makedirs("gen")
+        open("victim.txt", "w").write("somebody else's file")
+        with open("gen/samples.json", "w") as f:
+            json.dump(dict(made_by=dict(seed=-1), hierarchy=None, images=[[name, 0]]), f)
+        write_our_checkpoint("ckpt.pt")
+        return evaluate, ["generate", "--ckpt", "ckpt.pt", "--out", "gen", "--per-class", "1", "--steps", "2",
+                          "--overwrite"]
+    return make
+
+
+def cache_then(damage):
+    """A latent cache of the toy data built by `data.py cache`, then damaged; then `data.py cache` again (resume)
+    or `train.py --latent-cache` reads it."""
+    def make():
+        write_tiny_vae("vae")
+        argv = ["cache", "--data", "toy", "--image-size", "32", "--vae", "vae", "--out", "cache", "--num-workers", "0"]
+        assert run_main(data, *argv, capsys=NoCapture()).returncode == 0
+        command = damage()
+        if command == "cache":
+            return data, argv
+        return train, [*TINY_TRAIN[:2], "--latent-cache", "cache", "--vae", "vae", "--init", "none", "--model",
+                       "DiT-T/2", "--image-size", "32", "--max-steps", "1", "--num-workers", "0", "--run-dir", "run"]
+    return make
+
+
+class NoCapture:
+    """Stands in for capsys where a fixture's own command output does not matter."""
+    def readouterr(self):
+        return argparse.Namespace(out="", err="")
+
+
+def truncate(path, fraction=0.5):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(int(size * fraction))
+
+
+def edit_json(path, edit):
+    with open(path) as f:
+        obj = json.load(f)
+    with open(path, "w") as f:
+        json.dump(edit(obj), f)
+
+
+def cut_stats():
+    np.savez("ref.npz", mu=np.zeros(8), sigma=np.eye(8), count=np.int64(3))
+    truncate("ref.npz", 1000 / os.path.getsize("ref.npz"))
+    np.savez("fake.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    return evaluate, ["fid", "--real", "ref.npz", "--fake", "fake.npz"]
+
+
+def unreadable_manifest():
+    os.makedirs("gen")
+    open("gen/samples.json", "w").write('{"made_by": {}, "images": [["00000/000000.png", 0]')   # cut short
+    np.savez("ref.npz", mu=np.zeros(8), sigma=np.eye(8), count=np.int64(3))
+    return evaluate, ["fid", "--real", "ref.npz", "--fake", "gen"]
+
+
+# (what, make() -> (module, argv) after writing the damaged input into the working folder, words of the one line)
+DAMAGED_INPUTS = [
+    *[(f"safetensors: {what}", hostile_vae(edit), ["diffusion_pytorch_model.safetensors"])
+      for what, edit in HOSTILE_HEADERS.items()],
+    ("checkpoint bytes damaged: sample --ckpt", damaged_checkpoint("--ckpt"), ["ckpt.pt", "damaged", "CRC-32"]),
+    ("checkpoint bytes damaged: train --init", damaged_checkpoint("--init"), ["0000001.pt", "damaged", "CRC-32"]),
+    ("checkpoint bytes damaged: train --resume", damaged_checkpoint("--resume"), ["0000001.pt", "damaged", "CRC-32"]),
+    ("samples.json names ../victim.txt", escaping_manifest("../victim.txt"), ["samples.json", "../victim.txt"]),
+    ("samples.json names an absolute path", escaping_manifest(os.path.abspath(os.sep + "victim.txt")),
+     ["samples.json", "victim.txt"]),
+    ("samples.json cut short", unreadable_manifest, ["samples.json"]),
+    ("latent cache: moments.npy cut to half, cache resumed",
+     cache_then(lambda: truncate("cache/moments.npy") or "cache"), ["moments.npy", "delete cache"]),
+    ("latent cache: labels.npy cut short, trained on",
+     cache_then(lambda: truncate("cache/labels.npy", 0.9) or "train"), ["labels.npy"]),
+    ("latent cache: meta.json's latent_shape disagrees",
+     cache_then(lambda: edit_json("cache/meta.json", lambda m: dict(m, latent_shape=[4, 8, 8])) or "train"),
+     ["moments.npy", "meta.json says"]),
+    ("FID statistics cut to 1,000 bytes", cut_stats, ["ref.npz"]),
+]
+
+
+def file_contents(root):
+    """{relative path: bytes} of every file under root."""
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            found[os.path.relpath(path, root)] = open(path, "rb").read()
+    return found
+
+
+@pytest.mark.parametrize("row", DAMAGED_INPUTS, ids=lambda row: row[0])
+def test_a_damaged_or_hostile_input_is_one_error_line_and_nothing_is_run_deleted_or_lost(row, tmp_path, monkeypatch,
+                                                                                         capsys):
+    what, make, words = row
+    monkeypatch.chdir(tmp_path)
+    module, argv = make()
+    before = file_contents(tmp_path)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        proc = run_main(module, *argv, capsys=capsys)
+    assert_one_line_error(proc, *words)
+    assert not warned, [str(w.message) for w in warned]
+    assert file_contents(tmp_path) == before                        # nothing written, deleted or changed
+
+
+def test_a_valid_safetensors_file_still_loads_after_the_header_checks(tmp_path):
+    vae = write_tiny_vae(tmp_path / "vae")
+    loaded = load_safetensors(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert tensors_equal(loaded, vae.state_dict())
+
+
+def racing_mkdir(monkeypatch, name):
+    """Another run takes folder `name` (and its lock) between this run's look at the folder and its mkdir."""
+    mkdir, held = os.mkdir, []
+
+    def mkdir_after_the_other_run(path, *args):
+        if os.path.basename(path) == name and not os.path.exists(path) and not held:
+            mkdir(path)
+            held.append(train.lock_run_dir(path))           # the other run holds it from now on
+        return mkdir(path, *args)
+    monkeypatch.setattr(os, "mkdir", mkdir_after_the_other_run)
+    return held
+
+
+def test_two_auto_numbered_runs_started_together_get_two_folders_and_the_other_runs_lock_stays(tmp_path,
+                                                                                                monkeypatch):
+    held = racing_mkdir(monkeypatch, "000-DiT-T-4-full")
+    out = run_train(*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--max-steps", "1",
+                    "--results-dir", tmp_path)
+    assert held and os.path.basename(out["run_dir"]) == "001-DiT-T-4-full"
+    with pytest.raises(UserError, match="in use by another training run"):      # the other run's lock is intact
+        train.lock_run_dir(tmp_path / "000-DiT-T-4-full")
+
+
+def test_a_run_refused_a_folder_another_run_just_took_leaves_that_folder_alone(tmp_path, monkeypatch):
+    held = racing_mkdir(monkeypatch, "run")
+    with pytest.raises(UserError, match="in use by another training run"):
+        run_train(*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--max-steps", "1",
+                  "--run-dir", tmp_path / "run")
+    assert held and sorted(os.listdir(tmp_path / "run")) == [".lock", "checkpoints"]
+    with pytest.raises(UserError, match="in use by another training run"):
+        train.lock_run_dir(tmp_path / "run")
+
+
+def test_statistics_of_pytorch_fid_and_of_adm_give_the_overall_fid_and_say_what_they_lack(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(40, 6))
+    mu, sigma = features.mean(0), np.cov(features, rowvar=False)
+    np.savez(tmp_path / "ours.npz", **evaluate.image_stats(features))
+    np.savez(tmp_path / "pytorch_fid.npz", mu=mu, sigma=sigma)                    # fid_score.py --save-stats
+    np.savez(tmp_path / "adm.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8), mu=mu, sigma=sigma,  # ADM's ref batches
+             mu_s=np.zeros(3), sigma_s=np.eye(3))
+    for reference in ("pytorch_fid.npz", "adm.npz"):
+        proc = run_main(evaluate, "fid", "--real", tmp_path / reference, "--fake", tmp_path / "ours.npz",
+                        "--out-csv", tmp_path / "t.csv", capsys=capsys)
+        assert proc.returncode == 0, proc.stderr
+        assert "no per-superclass rows, image count unknown" in proc.stderr
+        with open(tmp_path / "t.csv") as f:
+            (row,) = list(csv.DictReader(f))
+        assert row["superclass"] == "Overall" and row["count_real"] == "" and abs(float(row["fid"])) < 1e-6
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_a_checkpoint_of_a_wrapped_model_loads_with_the_prefix_taken_off_and_says_so(prefix, tmp_path, capsys):
+    model = write_our_checkpoint(tmp_path / "plain.pt")
+    ckpt = torch.load(tmp_path / "plain.pt", weights_only=True)
+    for key in ("model", "ema"):
+        ckpt[key] = {prefix + k: v for k, v in ckpt[key].items()}
+    torch.save(ckpt, tmp_path / "wrapped.pt")
+    loaded, _ = load_model(str(tmp_path / "wrapped.pt"))
+    assert tensors_equal(loaded.state_dict(), model.state_dict())
+    assert "the prefix is taken off" in capsys.readouterr().err
+
+
+def test_a_hierarchy_csv_saved_with_a_byte_order_mark_and_crlf_names_no_phantom_class(tmp_path):
+    for name, sup in (("a", "S1"), ("b", "S1"), ("c", "S2")):
+        os.makedirs(tmp_path / "flat" / name)
+        Image.new("RGB", (8, 8)).save(tmp_path / "flat" / name / "0.png")
+    (tmp_path / "h.csv").write_bytes("\ufeffclass,superclass\r\na,S1\r\nb,S1\r\nc,S2\r\n".encode("utf-8"))
+    ds = data.build_dataset("folder", str(tmp_path / "flat"), image_size=8, hierarchy_csv=str(tmp_path / "h.csv"))
+    assert ds.class_names == ["a", "b", "c"] and ds.superclass_names == ["S1", "S2"]
+
+
+def test_a_metric_that_cannot_be_computed_leaves_its_column_empty_and_the_table_is_written(tmp_path, lpips_files,
+                                                                                            monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    write_our_checkpoint(tmp_path / "ckpt.pt")                       # 16 classes: 5 samples, one of each of 5
+    real = np.random.default_rng(0).normal(size=(50, 3))
+    np.savez(tmp_path / "ref.npz", **evaluate.image_stats(real, np.arange(50) % 16, TOY_HIERARCHY))
+    proc = run_main(evaluate, "generate", "--ckpt", tmp_path / "ckpt.pt", "--num-samples", 5, "--steps", 2,
+                    "--out", tmp_path / "gen", "--fid", tmp_path / "ref.npz", "--out-csv", tmp_path / "t1.csv",
+                    "--lpips-alex", lpips_files[0], "--lpips-lin", lpips_files[1], "--workers", 0, capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert "LPIPS skipped (its column is left empty)" in proc.stderr
+    with open(tmp_path / "t1.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[-1]["superclass"] == "Overall" and rows[-1]["fid"] != "" and all(r["lpips"] == "" for r in rows)
+
+
+def test_out_naming_an_existing_folder_is_a_user_mistake(tmp_path, capsys):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    (tmp_path / "a-folder").mkdir()
+    proc = run_main(sample_module, "--ckpt", tmp_path / "ckpt.pt", "--class-id", 1, "--steps", 2, "--out",
+                    tmp_path / "a-folder", capsys=capsys)
+    assert_one_line_error(proc, "--out", "a-folder", "it is a folder")
+    assert not os.listdir(tmp_path / "a-folder")
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_last_good_one(tmp_path, base_ckpt, monkeypatch):
+    save, calls = train.save_checkpoint, []
+
+    def read_only_the_second_time(path, **fields):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.EACCES, "Permission denied", path)
+        save(path, **fields)
+    monkeypatch.setattr(train, "save_checkpoint", read_only_the_second_time)
+    with pytest.raises(train.TrainingError, match=r"Permission denied writing .*0000002\.pt; last good checkpoint: "
+                                                  r".*0000001\.pt.*make the folder writable"):
+        run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every",
+                  "1", "--run-dir", tmp_path)
+
+
+def test_a_non_finite_loss_before_any_checkpoint_says_to_start_again(tmp_path, base_ckpt, monkeypatch):
+    real = diffusion_module.GaussianDiffusion.training_losses
+    def poisoned(self, *a, **k):
+        terms = real(self, *a, **k)
+        return {**terms, "loss": terms["loss"] * float("nan")}
+    monkeypatch.setattr(diffusion_module.GaussianDiffusion, "training_losses", poisoned)
+    with pytest.raises(train.TrainingError, match="nan at step 1: stopped; no checkpoint was written yet: start again"):
+        run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2", "--run-dir", tmp_path)

@@ -34,7 +34,7 @@ import math
 import os
 import random
 import resource
-import shutil
+import signal
 import socket
 import sys
 import time
@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 
 import data
 from diffusion import create_diffusion
-from cli import (DISK_FULL, ArgumentParser, UserError, decay, device, folder, nonnegative_int, positive_float,
-                 positive_int, precision_context, probability, run_cli)
+from cli import (DISK_FULL, ArgumentParser, Stopped, UserError, decay, device, folder, nonnegative_int, out_file,
+                 positive_float, positive_int, precision_context, probability, run_cli)
 from files import file_sha256, remove_stale_temp_files
 from model import (LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, DiT_models, build_model, check_image_size,
                    checkpoint_tensors, load_model, load_pretrained, published_layout, read_checkpoint,
@@ -115,7 +115,7 @@ def parse_args(argv=None):
     r.add_argument("--sample-every", type=nonnegative_int, default=0,
                    help="save an EMA sample grid every N steps (0: never)")
     r.add_argument("--resume", help="continue a run from one of its checkpoints (its arguments are the defaults)")
-    r.add_argument("--export", help="write a standalone checkpoint (every tensor, EMA): after training, or, "
+    r.add_argument("--export", type=out_file, help="write a standalone checkpoint (every tensor, EMA): after training, or, "
                                     "with --resume, of that checkpoint without training")
     args = p.parse_args(argv)
     # Which flags the command line gives: argparse cannot tell a default from a value equal to it, so parse
@@ -307,11 +307,10 @@ def fresh_model(args, dataset, init_path, init, extra, say):
 # One training step, and the EMA
 # ----------------------------------------------------------------------------------------------------------
 
-def train_step(net, diffusion, opt, scaler, x, y, autocast, world):
-    """Forward, hybrid loss, backward, AdamW. Returns the mean loss over all processes (a float).
-
-    A non-finite loss raises FloatingPointError before the optimizer step, so the weights stay the last good ones.
-    """
+def train_step(net, diffusion, opt, scaler, x, y, autocast):
+    """Forward, hybrid loss (IDDPM: eps-MSE + VB), backward, AdamW. Returns the loss as a 0-dim tensor on the device:
+    reading it (.item()) would make the CPU wait for the GPU every step, so the loop reads losses only when it logs
+    or saves (check_losses)."""
     t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
 
     def eps_model(x_t, t, y):
@@ -321,16 +320,9 @@ def train_step(net, diffusion, opt, scaler, x, y, autocast, world):
     loss = diffusion.training_losses(eps_model, x, t, model_kwargs=dict(y=y))["loss"].mean()
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()                     # DDP all-reduces the gradients of tuned tensors only
-    mean_loss = loss.detach().clone()
-    if world > 1:
-        dist.all_reduce(mean_loss)                    # every rank sees the same value: all stop together
-        mean_loss /= world
-    mean_loss = mean_loss.item()
-    if not math.isfinite(mean_loss):
-        raise FloatingPointError(mean_loss)
     scaler.step(opt)
     scaler.update()
-    return mean_loss
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -368,7 +360,9 @@ class Run:
     epoch: int = 0
     position: int = 0             # batches of this epoch already trained on
     last_ckpt: str = None
-    losses: list = field(default_factory=list)
+    window: list = field(default_factory=list)   # the losses (device tensors) of the steps not yet read
+    losses: list = field(default_factory=list)   # every step's loss this process trained, once read (floats)
+    logged: int = 0                               # how many of `losses` the log has averaged
     time_before: float = 0.0      # training wall time (s) of the run before this process: from --resume
     started: float = 0.0          # time.time() when this process's loop began
     log_failed: bool = False      # log.jsonl could not be appended to (a full disk): warned once
@@ -382,7 +376,9 @@ class Run:
 
 
 def save(run):
-    """<run>/checkpoints/<step>.pt, written by rank 0; every rank contributes its random streams."""
+    """<run>/checkpoints/<step>.pt, written by rank 0; every rank contributes its random streams. Only weights whose
+    every loss was finite are saved (check_losses)."""
+    check_losses(run)
     rngs = all_ranks(rng_state(run.device), run.world)
     if run.rank != 0:
         return
@@ -398,13 +394,14 @@ def save(run):
                         train=dict(opt=run.opt.state_dict(), scaler=run.scaler.state_dict() if run.scaler.is_enabled()
                                    else None, rng=rngs, world_size=run.world, epoch=run.epoch, position=run.position))
     except OSError as e:       # atomic: nothing half-written is left, and the earlier checkpoints are intact
-        if e.errno not in DISK_FULL:
-            raise
+        why, fix = ("disk full", "free some space") if e.errno in DISK_FULL else (
+            e.strerror, "make the folder writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
+            "check the disk")
         if run.last_ckpt:
-            raise TrainingError(f"disk full writing {path}; last good checkpoint: {run.last_ckpt}; nothing else "
-                                f"lost; free some space and resume from it") from None
-        raise TrainingError(f"disk full writing {path}, the run's first checkpoint: its {run.step} steps are lost; "
-                            f"free some space and start again") from None
+            raise TrainingError(f"{why} writing {path}; last good checkpoint: {run.last_ckpt}; nothing else lost; "
+                                f"{fix} and resume from it") from None
+        raise TrainingError(f"{why} writing {path}, the run's first checkpoint: its {run.step} steps are lost; "
+                            f"{fix} and start again") from None
     run.last_ckpt = path
 
 
@@ -420,14 +417,27 @@ def saved_args(args):
     return {k: v for k, v in vars(args).items() if k != "given"}
 
 
-def run_dir_of(args):
-    """--run-dir, the run folder of --resume, or results/NNN-<model>-<tune> with the next free NNN."""
-    if args.run_dir:
-        return args.run_dir
-    if args.resume and os.path.basename(os.path.dirname(os.path.abspath(args.resume))) == "checkpoints":
-        return os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
-    index = len(glob.glob(os.path.join(args.results_dir, "*")))
-    return os.path.join(args.results_dir, f"{index:03d}-{args.model.replace('/', '-')}-{args.tune}")
+def make_run_dir(args):
+    """The run folder -> (path, whether this process created it): --run-dir, the run folder of --resume, or
+    results/NNN-<model>-<tune> with the next free NNN. Folders are created exclusively (mkdir fails on a name that
+    another process took first, even a microsecond earlier), so two runs started together never share one."""
+    if args.run_dir or args.resume and os.path.basename(os.path.dirname(os.path.abspath(args.resume))) == "checkpoints":
+        path = args.run_dir or os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            os.mkdir(path)
+            return path, True
+        except FileExistsError:
+            return path, False
+    os.makedirs(args.results_dir, exist_ok=True)
+    index = len(os.listdir(args.results_dir))
+    while True:
+        path = os.path.join(args.results_dir, f"{index:03d}-{args.model.replace('/', '-')}-{args.tune}")
+        try:
+            os.mkdir(path)
+            return path, True
+        except FileExistsError:
+            index += 1
 
 
 @contextmanager
@@ -435,16 +445,15 @@ def run_folder(args, step):
     """The run folder, created and locked by rank 0 for as long as the run lasts; every rank learns its name, or
     why there is none. Leftover temp files of a killed run are removed, the log is cut back to `step` (where
     the run starts), and a new run never writes over one that has checkpoints (it resumes instead)."""
-    held, created = [], []
+    held, made = [], []
 
     def claim():
-        run_dir = run_dir_of(args)
-        if not os.path.isdir(run_dir):
-            created.append(run_dir)
+        run_dir, created = make_run_dir(args)
         held.append(lock_run_dir(run_dir))
+        made.extend([run_dir] if created else [])     # ours to remove, and only now that we hold its lock
         if not args.resume and glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
-            raise UserError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}/checkpoints/"
-                            f"<step>.pt or choose another --run-dir")
+            raise UserError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir} "
+                            "or choose another --run-dir")
         remove_stale_temp_files(run_dir)
         trim_log(run_dir, step)
         return run_dir
@@ -452,9 +461,12 @@ def run_folder(args, step):
     try:
         yield data.on_rank0(claim)
     except BaseException:
-        for run_dir in created:            # stopped before writing anything (a user mistake): leave no empty folder
-            if set(os.listdir(run_dir)) <= {"checkpoints", ".lock"} and not os.listdir(f"{run_dir}/checkpoints"):
-                shutil.rmtree(run_dir)
+        for run_dir in made:     # stopped before writing anything (a user mistake): take back what we made, no more
+            checkpoints = os.path.join(run_dir, "checkpoints")
+            if set(os.listdir(run_dir)) <= {".lock", "checkpoints"} and not os.listdir(checkpoints):
+                os.rmdir(checkpoints)
+                os.remove(os.path.join(run_dir, ".lock"))
+                os.rmdir(run_dir)
         raise
     finally:
         for lock in held:
@@ -487,8 +499,10 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux reports KiB
 
 
-def log(run, bar, window, clock):
+def log(run, bar, clock):
     """One log line on the console and in <run>/log.jsonl: mean loss since the last line, speed, memory."""
+    check_losses(run)
+    window, run.logged = run.losses[run.logged:], len(run.losses)
     elapsed = max(time.time() - clock, 1e-9)
     record = dict(step=run.step, epoch=run.epoch, time_s=run.time_s(), loss=sum(window) / len(window),
                   steps_per_s=len(window) / elapsed,
@@ -504,6 +518,26 @@ def log(run, bar, window, clock):
                 bar.write(f"warning: cannot append to log.jsonl ({e.strerror}); training goes on, logging to the "
                           "console only until it can")
             run.log_failed = True
+
+
+def check_losses(run):
+    """Read the losses of the steps since the last check, averaged over the processes: the loop's only wait for the
+    GPU, at log and checkpoint steps. A non-finite one stops the run before anything is saved, so the last
+    checkpoint stays the last good state."""
+    if not run.window:
+        return
+    losses = torch.stack(run.window).float()                   # (k,) one per step
+    if run.world > 1:
+        dist.all_reduce(losses)                               # every rank sees the same values: all stop together
+        losses /= run.world
+    losses, run.window = losses.tolist(), []
+    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    if bad is not None:
+        kept = (f"the last good checkpoint is {run.last_ckpt}: resume from it" if run.last_ckpt else
+                "no checkpoint was written yet: start again")
+        raise TrainingError(f"loss is {losses[bad]} at step {run.step - len(losses) + bad + 1}: stopped; {kept} with "
+                            "a lower --lr or --precision fp32")
+    run.losses += losses
 
 
 def append_line(path, line):
@@ -654,8 +688,8 @@ def set_rng_state(state, device):
 # ----------------------------------------------------------------------------------------------------------
 
 def train(args):
-    """Train (or, with --resume and --export, only export). Returns dict(final_ckpt, run_dir, losses, step,
-    model, ema): the last two are this process's, for tools that compare ranks."""
+    """Train (or, with --resume and --export, only export). Returns dict(final_ckpt, run_dir, losses, step): losses
+    are the mean over the processes of every step this process trained."""
     resume = read_resume(args) if args.resume else None
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     if resume is not None and args.export:
@@ -720,8 +754,7 @@ def run_training(args, resume, rank, world, device):
             export(args.export, model, run.ema, dict(config=config, vae=run.vae, step=run.step, time_s=run.time_s(),
                                                      args=saved_args(args)))
             say(f"exported {args.export}")
-    return dict(final_ckpt=run.last_ckpt, run_dir=run.run_dir, losses=run.losses, step=run.step, model=model,
-                ema=run.ema)
+    return dict(final_ckpt=run.last_ckpt, run_dir=run.run_dir, losses=run.losses, step=run.step)
 
 
 def data_and_vae(args, cache, pixel, image_size):
@@ -754,41 +787,74 @@ def loop(run, net, dataset, autocast, vae):
     if run.position >= batches_per_epoch:
         run.epoch, run.position = run.epoch + 1, 0
     diffusion = create_diffusion(learn_sigma=run.model.learn_sigma)
-    items, tuned, window, clock = SeededItems(dataset, args.seed), run.tuned(), [], time.time()
+    items, tuned, clock = SeededItems(dataset, args.seed), run.tuned(), time.time()
     run.started = clock
     bar = tqdm(total=args.max_steps, initial=run.step, desc="training", disable=run.rank != 0, dynamic_ncols=True)
-    with bar:
+    with bar, stop_signals(world) as stop:
         while run.step < args.max_steps:
             for x, y in epoch_loader(items, sampler, run.epoch, run.position, local_batch, args, run.device):
                 x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
                 x = encode(vae, x) if vae is not None and not args.latent_cache else x   # (N, 4, H/8, W/8)
-                window.append(guarded_step(run, net, diffusion, x, y, autocast))
+                run.window.append(guarded_step(run, net, diffusion, x, y, autocast))
                 update_ema(run.ema, tuned, args.ema_decay)
                 run.step, run.position = run.step + 1, run.position + 1
                 if run.position == batches_per_epoch:
                     run.epoch, run.position = run.epoch + 1, 0
-                run.losses.append(window[-1])
                 bar.update(1)
-                if run.step % args.log_every == 0 or run.step == args.max_steps:
-                    log(run, bar, window, clock)
-                    window, clock = [], time.time()
-                if run.step % args.ckpt_every == 0 or run.step == args.max_steps:
+                last = run.step == args.max_steps or stop.agreed()
+                if run.step % args.log_every == 0 or last:
+                    log(run, bar, clock)
+                    clock = time.time()
+                if run.step % args.ckpt_every == 0 or last:
                     save(run)
                 if run.rank == 0 and args.sample_every and run.step % args.sample_every == 0:
                     bar.write(f"samples: {sample_grid(run, vae)}")
-                if run.step >= args.max_steps:
+                if stop.signal:
+                    raise Stopped(f"{signal.Signals(stop.signal).name} after step {run.step}: {run.last_ckpt} is "
+                                  f"saved; continue with --resume {run.run_dir}")
+                if last:
                     break
 
 
-def guarded_step(run, net, diffusion, x, y, autocast):
-    """train_step, with a failed run said in one line: a NaN loss (the weights stay the last good ones) or
-    CUDA running out of memory."""
+class StopRequest:
+    """A scheduler's request to stop (SIGTERM, or a chosen SIGUSR1, sent before it pre-empts a job), caught while
+    `stop_signals` is active. `agreed()` after each step: has any process been asked? All answer alike after the
+    same step, so that all save one checkpoint together; the question goes over the CPU (gloo), which never waits
+    for the GPU."""
+
+    def __init__(self, world):
+        self.signal = None
+        self.group = None
+        if world > 1:
+            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def agreed(self):
+        asked = torch.tensor([self.signal or 0])
+        if self.group is not None:
+            dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=self.group)
+        self.signal = int(asked) or None
+        return self.signal is not None
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextmanager
+def stop_signals(world):
+    """Catch STOP_SIGNALS for the length of the loop (the handlers before are put back after)."""
+    stop = StopRequest(world)
+    before = {s: signal.signal(s, lambda signum, frame: setattr(stop, "signal", signum)) for s in STOP_SIGNALS}
     try:
-        return train_step(net, diffusion, run.opt, run.scaler, x, y, autocast, run.world)
-    except FloatingPointError as e:
-        kept = f"the last good checkpoint is {run.last_ckpt}" if run.last_ckpt else "no checkpoint was written"
-        raise TrainingError(f"loss is {e} at step {run.step + 1}: stopped; {kept} (resume from it with a "
-                            "lower --lr or --precision fp32)") from None
+        yield stop
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def guarded_step(run, net, diffusion, x, y, autocast):
+    """train_step, with CUDA running out of memory said in one line, with the batch size to try."""
+    try:
+        return train_step(net, diffusion, run.opt, run.scaler, x, y, autocast)
     except torch.OutOfMemoryError:
         world, batch = run.world, run.args.global_batch_size
         half = max(world, batch // 2 // world * world)

@@ -38,29 +38,60 @@ _ST_DTYPES = {
 
 
 def load_safetensors(path):
-    """Read a .safetensors file -> {name: tensor}."""
+    """Read a .safetensors file -> {name: tensor}.
+
+    The format: an 8-byte little-endian header length n, a JSON object of n bytes ({name: {"dtype", "shape",
+    "data_offsets": [begin, end]}}, and an optional "__metadata__"), then the data buffer, whose bytes the tensors'
+    [begin, end) ranges must tile exactly: no gap, no overlap. The file is untrusted input: every entry is checked
+    before anything sized by the file is read, and any fault is one line naming the file."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise UserError(f"{path}: not a valid .safetensors file (its header length does not fit the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not a valid .safetensors file (its header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{path}: not a valid .safetensors file (its header is not a JSON object)")
+        entries = sorted(_safetensors_entry(path, name, info) for name, info in header.items() if name != "__metadata__")
+        position = 0
+        for begin, end, name, _, _ in entries:              # by begin: each must start where the last one ended
+            if begin != position:
+                raise UserError(f"{path}: tensor '{name}' starts at byte {begin} of the data, not at {position}: its "
+                                "bytes " + ("overlap another tensor's" if begin < position else "leave a gap"))
+            position = end
+        if position != size - 8 - n:
+            raise UserError(f"{path}: the tensors cover {position} bytes of a {size - 8 - n}-byte data buffer")
         buf = f.read()
-    try:
-        (n,) = struct.unpack("<Q", buf[:8])
-        header = json.loads(buf[8:8 + n])
-    except Exception as e:
-        raise UserError(f"{path}: not a valid .safetensors file ({e})") from None
-    base, out = 8 + n, {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise UserError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
-        np_dt, t_dt = _ST_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        shape, count = info["shape"], math.prod(info["shape"])
-        if end - begin != count * np.dtype(np_dt).itemsize or base + end > len(buf):
-            raise UserError(f"{path}: tensor '{name}' has data_offsets that do not fit its shape {shape}")
-        arr = np.frombuffer(buf, dtype=np_dt, count=count, offset=base + begin)
+    out = {}
+    for begin, end, name, dtype, shape in entries:
+        np_dt, t_dt = _ST_DTYPES[dtype]
+        arr = np.frombuffer(buf, dtype=np_dt, count=math.prod(shape), offset=begin)
         arr = arr.astype(arr.dtype.newbyteorder("="))     # an aligned, writable copy in native byte order
         out[name] = torch.from_numpy(arr).view(t_dt).reshape(shape)  # view: int16 bits -> bfloat16
     return out
+
+
+def _safetensors_entry(path, name, info):
+    """One header entry, checked -> (begin, end, name, dtype, shape)."""
+    def is_count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: tensor '{name}' has no dtype/shape/data_offsets entry")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise UserError(f"{path}: tensor '{name}' has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(map(is_count, shape)):
+        raise UserError(f"{path}: tensor '{name}' has shape {shape!r}, not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_count, offsets)) or offsets[0] > offsets[1]:
+        raise UserError(f"{path}: tensor '{name}' has data_offsets {offsets!r}, not [begin, end] byte offsets")
+    if offsets[1] - offsets[0] != math.prod(shape) * np.dtype(_ST_DTYPES[dtype][0]).itemsize:
+        raise UserError(f"{path}: tensor '{name}' spans {offsets[1] - offsets[0]} bytes, its {dtype} shape {shape} "
+                        "needs another count")
+    return offsets[0], offsets[1], name, dtype, shape
 
 
 # ----------------------------------------------------------------------------------------------------------
