@@ -21,7 +21,8 @@ Datasets, `build_dataset(name, data_path, ...)` (paper §4.1):
   toy-inat  the toy in the paper's data regime: other shape families than the base's, 8 subclasses each, a fixed
           50 images per class (TOY_SETS).
 
-Preprocessing is DiT's: ADM centre crop, random horizontal flip, [-1, 1]. Unreadable images are skipped with a warning.
+Images are read by read_rgb, right for every Pillow mode (16-bit ones are scaled, not clipped). Preprocessing is
+DiT's: ADM centre crop, random horizontal flip, [-1, 1]. Unreadable images are skipped with a warning.
 
 Latent cache (DiT trains on SD-VAE latents; encoding 500K images every epoch is the main cost otherwise):
     python data.py cache --data inat21 --data-path data/inat21 --vae pretrained/sd-vae-ft-ema --out cache/inat21-256
@@ -167,6 +168,52 @@ def dit_transform(image_size, flip=True):
 # Image files on disk (iNat21 and folder trees)
 # ----------------------------------------------------------------------------------------------------------------
 
+# Pillow's convert("RGB") is right for 8-bit modes only: it clips wider ones (a 16-bit grayscale PNG reads as white).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def read_rgb(path):
+    """The one image reader (training, the latent cache, statistics, evaluation): the image file at `path` as a PIL
+    RGB image, or a UserError naming the file and why it cannot be read. By Pillow mode:
+
+      1, L, RGB, RGBA, RGBX, LA, CMYK, YCbCr, LAB, HSV  as Pillow converts them (alpha dropped: the colour under it)
+      P, PA                  through RGBA, so a palette's transparency is read without Pillow's warning
+      I;16, I;16L, I;16B     16-bit integers (16-bit PNG and TIFF grayscale), scaled by 255/65535 and rounded
+      I                      32-bit integers, read as 16-bit too (older Pillows open 16-bit PNGs as I); values
+                             outside [0, 65535] are refused: their scale cannot be known
+      F                      32-bit floats taken as [0, 1] and scaled by 255, rounded; values outside [0, 1] (a float
+                             image in [0, 255], say) are refused rather than guessed at
+    16-bit RGB files open as RGB (Pillow keeps the high byte of each channel). Pillow's warnings while reading
+    (EXIF data, a very large image) are about metadata, not the pixels read, and are not shown.
+    """
+    try:
+        with warnings.catch_warnings(action="ignore"), Image.open(path) as image:
+            image.load()  # decodes: a corrupt or truncated file fails here
+            return _rgb_of(image)
+    except Exception as err:  # whatever Pillow raises (OSError, SyntaxError, ValueError, zlib.error, ...): unusable
+        raise UserError(f"cannot read image {path}: {err}") from None
+
+
+def _rgb_of(image):
+    """A decoded image of any Pillow mode as RGB (read_rgb says how); ValueError naming a mode it cannot read."""
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "F":
+        values = np.asarray(image)  # H x W: uint16 of either byte order, int32 or float32
+        top = 1.0 if mode == "F" else 65535
+        low, high = float(values.min()), float(values.max())
+        if not 0 <= low <= high <= top:  # NaN fails here too
+            raise ValueError(f"Pillow mode {mode} holds values in [{low:g}, {high:g}], outside the [0, {top:g}] it "
+                             f"is read as: the scale of this file is unknown")
+        gray = np.rint(values * (255 / top)).astype(np.uint8)  # H x W
+        return Image.fromarray(gray).convert("RGB")
+    if mode in ("P", "PA"):
+        return image.convert("RGBA").convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        raise ValueError(f"Pillow mode {mode} has no conversion to RGB") from None
+
+
 class ImageListDataset(HierarchyMixin, Dataset):
     """Image files under `root` with class ids; decoded with PIL, preprocessed as DiT; unreadable files skipped."""
 
@@ -192,20 +239,22 @@ class ImageListDataset(HierarchyMixin, Dataset):
     def path(self, index):
         return os.path.join(self.root, os.fsdecode(self.files[index]))
 
+    def read(self, i):
+        """Item i itself, (image, class id), or a UserError naming its file when that cannot be read."""
+        return self.transform(read_rgb(self.path(i))), int(self.labels[i])
+
     def __getitem__(self, index):
-        # A bad file must not end an epoch (or a 500K-image cache run): return the next readable item instead.
+        # A bad file must not end an epoch (or a 500K-image cache run): the next readable item stands in, with its
+        # own label.
         for step in range(len(self)):
             i = (index + step) % len(self)
             if i in self._unreadable:
                 continue
             try:
-                with open(self.path(i), "rb") as f:
-                    image = Image.open(f).convert("RGB")  # convert() decodes: corrupt/truncated files fail here
-            except Exception as err:  # whatever the decoder raises, the file is unusable
+                return self.read(i)
+            except UserError as err:
                 self._unreadable.add(i)
-                warnings.warn(f"skipping unreadable image {self.path(i)}: {err}", stacklevel=2)
-                continue
-            return self.transform(image), int(self.labels[i])
+                warnings.warn(f"{err} (skipped: the next readable image stands in)", stacklevel=2)
         raise UserError(f"no readable image under {self.root}")
 
 

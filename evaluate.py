@@ -534,12 +534,8 @@ class ImageSource(Dataset):
 
 
 def read_png(path, image_size=0):
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            return np.array(data.center_crop_arr(image, image_size) if image_size else image)  # [H, W, 3]
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+    image = data.read_rgb(path)  # any format and Pillow mode; a file it cannot read is a UserError naming it
+    return np.array(data.center_crop_arr(image, image_size) if image_size else image)  # [H, W, 3]
 
 
 def dataset_images(dataset, name):
