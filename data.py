@@ -38,6 +38,7 @@ import csv
 import datetime
 import functools
 import hashlib
+import itertools
 import json
 import os
 import shlex
@@ -245,7 +246,7 @@ class ImageListDataset(HierarchyMixin, Dataset):
 
     def __getitem__(self, index):
         # A bad file must not end an epoch (or a 500K-image cache run): the next readable item stands in, with its
-        # own label.
+        # own label. Statistics and previews must not count or show that item twice: they use exact_item.
         for step in range(len(self)):
             i = (index + step) % len(self)
             if i in self._unreadable:
@@ -256,6 +257,27 @@ class ImageListDataset(HierarchyMixin, Dataset):
                 self._unreadable.add(i)
                 warnings.warn(f"{err} (skipped: the next readable image stands in)", stacklevel=2)
         raise UserError(f"no readable image under {self.root}")
+
+
+def exact_item(dataset, index):
+    """Item `index` of a dataset itself, (image, class id), or None with a warning when its file cannot be read.
+    For statistics and previews: dataset[index] gives training's stand-in instead (the next readable item), which
+    would be counted or shown twice, and across a class boundary under another class."""
+    if not isinstance(dataset, ImageListDataset):
+        return dataset[index]  # rendered items (toy) are never unreadable
+    try:
+        return dataset.read(index)
+    except UserError as err:
+        warnings.warn(f"{err} (left out)", stacklevel=2)
+        return None
+
+
+def readable_items(dataset, indices):
+    """exact_item of each index in turn, those left out skipped (say, the first n readable images of a class)."""
+    for i in indices:
+        item = exact_item(dataset, int(i))
+        if item is not None:
+            yield item
 
 
 def _list_dirs(folder):
@@ -857,10 +879,9 @@ def cmd_preview(args):
     targets = np.asarray(dataset.targets)
     rows = []
     for k in range(min(dataset.num_classes, args.max_classes)):
-        items = np.flatnonzero(targets == k)[:args.per_class]
+        items = itertools.islice(readable_items(dataset, np.flatnonzero(targets == k)), args.per_class)
         row = np.zeros((image_size, image_size * args.per_class, 3), dtype=np.uint8)
-        for j, i in enumerate(items):
-            x = dataset[int(i)][0]  # 3 x H x W in [-1, 1]
+        for j, (x, _) in enumerate(items):  # x: 3 x H x W in [-1, 1]
             row[:, j * image_size:(j + 1) * image_size] = ((x + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 0)
         rows.append(row)
     atomic_write(args.out, lambda f: Image.fromarray(np.concatenate(rows)).save(f, format="PNG"))

@@ -1912,6 +1912,22 @@ def test_a_16bit_png_reads_as_its_8bit_original_in_training_statistics_and_evalu
     assert np.array_equal(evaluate.read_png(str(folder / "a_8bit.png")), evaluate.read_png(str(folder / "b_16bit.png")))
 
 
+def test_preview_rows_show_each_readable_image_of_their_class_once(tmp_path, capsys):
+    """A broken file is left out of its row: training's stand-in (the next readable item) would show twice."""
+    reds = [(120 + 40 * i, 10, 10) for i in range(3)]
+    (tmp_path / "A" / "a1").mkdir(parents=True)
+    (tmp_path / "A" / "a1" / "0_broken.png").write_bytes(b"not a png")
+    for i, colour in enumerate(reds):
+        write_image(str(tmp_path / "A" / "a1" / f"{i + 1}.png"), colour, (8, 8), fmt="PNG")
+    for i in range(3):
+        write_image(str(tmp_path / "B" / "b1" / f"{i}.png"), (10, 10, 120 + 40 * i), (8, 8), fmt="PNG")
+    with pytest.warns(UserWarning, match="0_broken.png"):
+        proc = run_main(data, "preview", "--data", "folder", "--data-path", tmp_path, "--image-size", "8",
+                        "--per-class", "3", "--out", tmp_path / "preview.png", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    sheet = np.asarray(Image.open(tmp_path / "preview.png"))  # 2 rows x 3 images of 8 x 8
+    assert [tuple(sheet[4, 8 * j + 4]) for j in range(3)] == reds
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # toy
@@ -2353,6 +2369,29 @@ def test_inception_statistics_of_16bit_png_copies_equal_those_of_their_8bit_orig
     eight, sixteen = (compute_stats(open_images(str(tmp_path / f)), model, progress=False) for f in ("eight", "sixteen"))
     assert np.array_equal(eight["mu"], sixteen["mu"]) and np.array_equal(eight["sigma"], sixteen["sigma"])
 
+
+def test_stats_of_a_tree_with_a_broken_file_count_each_image_once_under_its_own_superclass(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """The broken file is left out, with a warning naming it: neither its neighbour of another superclass in its
+    place (counted under its superclass) nor a second copy of that neighbour."""
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    colours = {"A": [(150 + 30 * i, 20, 10 * i) for i in range(3)], "B": [(10 * i, 20, 150 + 30 * i) for i in range(3)]}
+    for superclass, shades in colours.items():
+        for i, colour in enumerate(shades):
+            write_image(str(tmp_path / "tree" / superclass / f"{superclass.lower()}1" / f"{i}.png"), colour, (16, 16),
+                        fmt="PNG")
+            write_image(str(tmp_path / superclass / f"{i}.png"), colour, (16, 16), fmt="PNG")  # the same, alone
+    (tmp_path / "tree" / "A" / "a1" / "9_broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="9_broken.png"):
+        proc = run_main(evaluate, "stats", "--data", "folder", "--data-path", tmp_path / "tree", "--image-size", "16",
+                        "--out", tmp_path / "x.npz", "--workers", "0", "--device", "cpu", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    stats = np.load(tmp_path / "x.npz")
+    assert evaluate.stats_hierarchy(stats)["superclass_names"] == ["A", "B"]
+    assert (int(stats["count"]), int(stats["count_0"]), int(stats["count_1"])) == (6, 3, 3)
+    for s, superclass in enumerate(colours):
+        alone = compute_stats(open_images(str(tmp_path / superclass)), MeanColour(), progress=False)
+        assert np.allclose(stats[f"mu_{s}"], alone["mu"]) and np.allclose(stats[f"sigma_{s}"], alone["sigma"])
 
 
 # Superclass names as iNat21 has them, or worse: spaces, hyphens, commas, an ampersand, non-ASCII.
