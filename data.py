@@ -21,7 +21,8 @@ Datasets, `build_dataset(name, data_path, ...)` (paper §4.1):
   toy-inat  the toy in the paper's data regime: other shape families than the base's, 8 subclasses each, a fixed
           50 images per class (TOY_SETS).
 
-Preprocessing is DiT's: ADM centre crop, random horizontal flip, [-1, 1]. Unreadable images are skipped with a warning.
+Images are read by read_rgb, right for every Pillow mode (16-bit ones are scaled, not clipped). Preprocessing is
+DiT's: ADM centre crop, random horizontal flip, [-1, 1]. Unreadable images are skipped with a warning.
 
 Latent cache (DiT trains on SD-VAE latents; encoding 500K images every epoch is the main cost otherwise):
     python data.py cache --data inat21 --data-path data/inat21 --vae pretrained/sd-vae-ft-ema --out cache/inat21-256
@@ -37,6 +38,7 @@ import csv
 import datetime
 import functools
 import hashlib
+import itertools
 import json
 import os
 import shlex
@@ -167,6 +169,52 @@ def dit_transform(image_size, flip=True):
 # Image files on disk (iNat21 and folder trees)
 # ----------------------------------------------------------------------------------------------------------------
 
+# Pillow's convert("RGB") is right for 8-bit modes only: it clips wider ones (a 16-bit grayscale PNG reads as white).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def read_rgb(path):
+    """The one image reader (training, the latent cache, statistics, evaluation): the image file at `path` as a PIL
+    RGB image, or a UserError naming the file and why it cannot be read. By Pillow mode:
+
+      1, L, RGB, RGBA, RGBX, LA, CMYK, YCbCr, LAB, HSV  as Pillow converts them (alpha dropped: the colour under it)
+      P, PA                  through RGBA, so a palette's transparency is read without Pillow's warning
+      I;16, I;16L, I;16B     16-bit integers (16-bit PNG and TIFF grayscale), scaled by 255/65535 and rounded
+      I                      32-bit integers, read as 16-bit too (older Pillows open 16-bit PNGs as I); values
+                             outside [0, 65535] are refused: their scale cannot be known
+      F                      32-bit floats taken as [0, 1] and scaled by 255, rounded; values outside [0, 1] (a float
+                             image in [0, 255], say) are refused rather than guessed at
+    16-bit RGB files open as RGB (Pillow keeps the high byte of each channel). Pillow's warnings while reading
+    (EXIF data, a very large image) are about metadata, not the pixels read, and are not shown.
+    """
+    try:
+        with warnings.catch_warnings(action="ignore"), Image.open(path) as image:
+            image.load()  # decodes: a corrupt or truncated file fails here
+            return _rgb_of(image)
+    except Exception as err:  # whatever Pillow raises (OSError, SyntaxError, ValueError, zlib.error, ...): unusable
+        raise UserError(f"cannot read image {path}: {err}") from None
+
+
+def _rgb_of(image):
+    """A decoded image of any Pillow mode as RGB (read_rgb says how); ValueError naming a mode it cannot read."""
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "F":
+        values = np.asarray(image)  # H x W: uint16 of either byte order, int32 or float32
+        top = 1.0 if mode == "F" else 65535
+        low, high = float(values.min()), float(values.max())
+        if not 0 <= low <= high <= top:  # NaN fails here too
+            raise ValueError(f"Pillow mode {mode} holds values in [{low:g}, {high:g}], outside the [0, {top:g}] it "
+                             f"is read as: the scale of this file is unknown")
+        gray = np.rint(values * (255 / top)).astype(np.uint8)  # H x W
+        return Image.fromarray(gray).convert("RGB")
+    if mode in ("P", "PA"):
+        return image.convert("RGBA").convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        raise ValueError(f"Pillow mode {mode} has no conversion to RGB") from None
+
+
 class ImageListDataset(HierarchyMixin, Dataset):
     """Image files under `root` with class ids; decoded with PIL, preprocessed as DiT; unreadable files skipped."""
 
@@ -192,21 +240,44 @@ class ImageListDataset(HierarchyMixin, Dataset):
     def path(self, index):
         return os.path.join(self.root, os.fsdecode(self.files[index]))
 
+    def read(self, i):
+        """Item i itself, (image, class id), or a UserError naming its file when that cannot be read."""
+        return self.transform(read_rgb(self.path(i))), int(self.labels[i])
+
     def __getitem__(self, index):
-        # A bad file must not end an epoch (or a 500K-image cache run): return the next readable item instead.
+        # A bad file must not end an epoch (or a 500K-image cache run): the next readable item stands in, with its
+        # own label. Statistics and previews must not count or show that item twice: they use exact_item.
         for step in range(len(self)):
             i = (index + step) % len(self)
             if i in self._unreadable:
                 continue
             try:
-                with open(self.path(i), "rb") as f:
-                    image = Image.open(f).convert("RGB")  # convert() decodes: corrupt/truncated files fail here
-            except Exception as err:  # whatever the decoder raises, the file is unusable
+                return self.read(i)
+            except UserError as err:
                 self._unreadable.add(i)
-                warnings.warn(f"skipping unreadable image {self.path(i)}: {err}", stacklevel=2)
-                continue
-            return self.transform(image), int(self.labels[i])
+                warnings.warn(f"{err} (skipped: the next readable image stands in)", stacklevel=2)
         raise UserError(f"no readable image under {self.root}")
+
+
+def exact_item(dataset, index):
+    """Item `index` of a dataset itself, (image, class id), or None with a warning when its file cannot be read.
+    For statistics and previews: dataset[index] gives training's stand-in instead (the next readable item), which
+    would be counted or shown twice, and across a class boundary under another class."""
+    if not isinstance(dataset, ImageListDataset):
+        return dataset[index]  # rendered items (toy) are never unreadable
+    try:
+        return dataset.read(index)
+    except UserError as err:
+        warnings.warn(f"{err} (left out)", stacklevel=2)
+        return None
+
+
+def readable_items(dataset, indices):
+    """exact_item of each index in turn, those left out skipped (say, the first n readable images of a class)."""
+    for i in indices:
+        item = exact_item(dataset, int(i))
+        if item is not None:
+            yield item
 
 
 def _list_dirs(folder):
@@ -852,10 +923,9 @@ def cmd_preview(args):
     targets = np.asarray(dataset.targets)
     rows = []
     for k in range(min(dataset.num_classes, args.max_classes)):
-        items = np.flatnonzero(targets == k)[:args.per_class]
+        items = itertools.islice(readable_items(dataset, np.flatnonzero(targets == k)), args.per_class)
         row = np.zeros((image_size, image_size * args.per_class, 3), dtype=np.uint8)
-        for j, i in enumerate(items):
-            x = dataset[int(i)][0]  # 3 x H x W in [-1, 1]
+        for j, (x, _) in enumerate(items):  # x: 3 x H x W in [-1, 1]
             row[:, j * image_size:(j + 1) * image_size] = ((x + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 0)
         rows.append(row)
     atomic_write(args.out, lambda f: Image.fromarray(np.concatenate(rows)).save(f, format="PNG"))

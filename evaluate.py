@@ -524,10 +524,11 @@ def write_rows(rows, csv_path=None, json_path=None, **meta):
 # -------------------------------------------------------------------------------------------------------------
 
 class ImageSource(Dataset):
-    """Images to score. item i -> (uint8 [3, H, W], class id or -1); `labels` [N]; `hierarchy` or None.
+    """Images to score. item i -> (uint8 [3, H, W], class id or -1), or None for a real image left out (its file
+    cannot be read; _collate drops it, its label with it); `labels` [N]; `hierarchy` or None.
 
-    `read(i)` gives image i as uint8 [H, W, 3]: a file (a generate folder's, or an unlabelled folder's, centre-
-    cropped to image_size when given), a row of an .npz, or an item of a data.py dataset (real images)."""
+    `read(i)` gives image i as uint8 [H, W, 3] (or None): a file (a generate folder's, or an unlabelled folder's,
+    centre-cropped to image_size when given), a row of an .npz, or an item of a data.py dataset (real images)."""
 
     def __init__(self, name, read, labels, hierarchy=None):
         self.name, self.read, self.hierarchy = name, read, hierarchy
@@ -540,21 +541,23 @@ class ImageSource(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.ascontiguousarray(self.read(i))).permute(2, 0, 1), int(self.labels[i])
+        image = self.read(i)  # [H, W, 3]
+        if image is None:
+            return None
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), int(self.labels[i])
 
 
 def read_png(path, image_size=0):
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            return np.array(data.center_crop_arr(image, image_size) if image_size else image)  # [H, W, 3]
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+    image = data.read_rgb(path)  # any format and Pillow mode; a file it cannot read is a UserError naming it
+    return np.array(data.center_crop_arr(image, image_size) if image_size else image)  # [H, W, 3]
 
 
 def dataset_images(dataset, name):
-    """Real images of a data.py dataset (no flips), as uint8 with its labels and hierarchy."""
-    read = lambda i: ((dataset[i][0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    """Real images of a data.py dataset (no flips), as uint8 with its labels and hierarchy. Each is the item itself
+    (data.exact_item), so labels[i] is its class; a file that cannot be read is left out, with a warning."""
+    def read(i):
+        item = data.exact_item(dataset, i)  # ([3, H, W] in [-1, 1], class id) or None
+        return None if item is None else ((item[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     return ImageSource(name, read, dataset.targets, dataset.hierarchy())
 
 
@@ -619,6 +622,10 @@ def statistics_file(arrays, path):
 
 
 def _collate(batch):
+    """ImageSource items -> ([B, 3, H, W] uint8, [B] labels), less the images left out (None); B may be 0."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return torch.zeros(0, 3, 0, 0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)  # [0, 3, 0, 0], [0]
     images, labels = zip(*batch)
     if len({tuple(x.shape) for x in images}) > 1:
         raise UserError("images differ in size; pass --image-size to centre-crop and resize them")
@@ -626,11 +633,20 @@ def _collate(batch):
 
 
 def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progress=True):
-    """Feature statistics of an ImageSource (overall and per superclass)."""
+    """Feature statistics of an ImageSource (overall and per superclass), each image counted under the label it
+    came with: an image left out takes its label with it."""
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
                         pin_memory=torch.device(device).type == "cuda")
-    features = inception_features(model, loader, device, progress=progress)  # [N, 2048], source order
-    return image_stats(features, source.labels, source.hierarchy)
+    labels = []  # [B] per batch, in step with the features of its images
+
+    def images():
+        for x, y in tqdm(loader, desc="inception features", unit="batch", disable=not progress):
+            if len(y):
+                labels.append(y)
+                yield x, y  # [B, 3, H, W], [B]
+
+    features = inception_features(model, images(), device, progress=False)  # [N, 2048], source order
+    return image_stats(features, torch.cat(labels).numpy(), source.hierarchy)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -1426,7 +1442,7 @@ def grid_image(cells, row_labels, column_labels):
 
 
 def real_row(args, num_classes, image_size):
-    """One real image of each --class-ids class (the first of its class in --split) from --data."""
+    """One real image of each --class-ids class (the first readable one of its class in --split) from --data."""
     root = args.data_path or (None if args.data in data.TOY_SETS else os.path.join("data", args.data))
     dataset = data.build_dataset(args.data, root, image_size, args.split or "val", flip=False,
                                  hierarchy_csv=args.hierarchy_csv)
@@ -1434,10 +1450,9 @@ def real_row(args, num_classes, image_size):
         raise UserError(f"--data {args.data} has {dataset.num_classes} classes, the checkpoints {num_classes}")
     targets, images = np.asarray(dataset.targets), []
     for c in args.class_ids:
-        index = np.flatnonzero(targets == c)
-        if len(index) == 0:
-            raise UserError(f"--data {args.data} (split {args.split or 'val'}) has no image of class {c}")
-        x = dataset[int(index[0])][0]                               # (3, H, W) in [-1, 1]
+        x, _ = next(data.readable_items(dataset, np.flatnonzero(targets == c)), (None, None))  # (3, H, W) in [-1, 1]
+        if x is None:
+            raise UserError(f"--data {args.data} (split {args.split or 'val'}) has no readable image of class {c}")
         images.append(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
     return images
 

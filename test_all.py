@@ -1814,6 +1814,123 @@ def test_center_crop_arr_gives_a_square_of_image_size():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# image files in every Pillow mode: data.read_rgb, the one reader
+# ---------------------------------------------------------------------------------------------------------------
+# Each row saves an image in one Pillow mode, made from 8-bit values drawn first, and the 8-bit RGB values it
+# must read as. Wider modes carry those values scaled up (16-bit: x 257, plus noise that rounding must remove;
+# float: / 255); alpha, whatever it is, must be dropped; a palette's colours are read through its transparency.
+
+RGB8 = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)  # H x W x 3
+GRAY8 = RGB8[..., 1]  # H x W
+ALPHA8 = np.random.default_rng(1).integers(0, 256, (6, 5), dtype=np.uint8)  # H x W
+PALETTE = np.random.default_rng(2).integers(0, 256, (4, 3), dtype=np.uint8)  # 4 colours x RGB
+INDICES = np.random.default_rng(3).integers(0, 4, (6, 5)).astype(np.uint8)  # H x W, into PALETTE
+GRAY16 = (GRAY8.astype(np.int64) * 257 + np.random.default_rng(4).integers(-128, 129, (6, 5))).clip(0, 65535)  # rounds to GRAY8
+
+
+def gray_rgb(gray):
+    return np.repeat(np.asarray(gray)[..., None], 3, axis=-1)  # H x W -> H x W x 3
+
+
+def palette_image(mode, **info):
+    image = Image.fromarray(INDICES, "P") if mode == "P" else Image.merge("PA", [Image.fromarray(INDICES),
+                                                                                Image.fromarray(ALPHA8)])
+    image.putpalette(PALETTE.tobytes())
+    image.info.update(info)
+    return image
+
+
+def jfif_ycbcr():
+    """RGB8 as full-range YCbCr (JPEG's equations, rounded to 8 bits) and the RGB those 8-bit values decode to."""
+    r, g, b = np.moveaxis(RGB8.astype(np.float64), -1, 0)  # H x W each
+    ycc = np.rint(np.stack([0.299 * r + 0.587 * g + 0.114 * b, 128 - 0.168736 * r - 0.331264 * g + 0.5 * b,
+                            128 + 0.5 * r - 0.418688 * g - 0.081312 * b], axis=-1)).clip(0, 255)  # H x W x 3
+    y, cb, cr = ycc[..., 0], ycc[..., 1] - 128, ycc[..., 2] - 128
+    rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
+    return Image.fromarray(ycc.astype(np.uint8), "YCbCr"), np.rint(rgb).clip(0, 255)
+
+
+MODE_FILES = {  # row: (mode Pillow opens the file in, file suffix, () -> (image to save, RGB it must read as))
+    "1": ("1", "png", lambda: (Image.fromarray(GRAY8 >= 128), gray_rgb(np.where(GRAY8 >= 128, 255, 0)))),
+    "L": ("L", "png", lambda: (Image.fromarray(GRAY8), gray_rgb(GRAY8))),
+    "LA": ("LA", "png", lambda: (Image.fromarray(np.dstack([GRAY8, ALPHA8]), "LA"), gray_rgb(GRAY8))),
+    "RGB": ("RGB", "png", lambda: (Image.fromarray(RGB8), RGB8)),
+    "RGBA": ("RGBA", "png", lambda: (Image.fromarray(np.dstack([RGB8, ALPHA8]), "RGBA"), RGB8)),
+    "P with a transparent colour": ("P", "png", lambda: (palette_image("P", transparency=2), PALETTE[INDICES])),
+    "P with alpha per colour": ("P", "png", lambda: (palette_image("P", transparency=bytes([0, 128, 255, 64])),
+                                                     PALETTE[INDICES])),
+    "PA": ("PA", "tif", lambda: (palette_image("PA"), PALETTE[INDICES])),
+    "CMYK": ("CMYK", "tif", lambda: (Image.fromarray(np.dstack([255 - RGB8, np.zeros_like(GRAY8)]), "CMYK"), RGB8)),
+    "YCbCr": ("YCbCr", "tif", jfif_ycbcr),
+    "I;16 PNG": ("I;16", "png", lambda: (Image.fromarray(GRAY16.astype(np.uint16)), gray_rgb(GRAY8))),
+    "I;16 TIFF": ("I;16", "tif", lambda: (Image.frombytes("I;16L", (5, 6), GRAY16.astype("<u2").tobytes()),
+                                          gray_rgb(GRAY8))),
+    "I;16B": ("I;16B", "tif", lambda: (Image.frombytes("I;16B", (5, 6), GRAY16.astype(">u2").tobytes()),
+                                       gray_rgb(GRAY8))),
+    "I": ("I", "tif", lambda: (Image.fromarray(GRAY16.astype(np.int32)), gray_rgb(GRAY8))),
+    "F": ("F", "tif", lambda: (Image.fromarray((GRAY8 / 255).astype(np.float32)), gray_rgb(GRAY8))),
+}
+
+
+@pytest.mark.parametrize("row", MODE_FILES)
+def test_an_image_in_any_pillow_mode_reads_as_its_8bit_rgb_values_without_a_warning(tmp_path, row):
+    mode, suffix, make = MODE_FILES[row]
+    image, expected = make()
+    path = tmp_path / f"image.{suffix}"
+    image.save(path)
+    with Image.open(path) as on_disk:
+        assert on_disk.mode == mode  # the row tests the mode it names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Pillow warning would be one more line on the user's stderr
+        rgb = data.read_rgb(str(path))
+    assert rgb.mode == "RGB" and rgb.size == (5, 6)
+    assert np.abs(np.asarray(rgb, dtype=np.int64) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("mode, values", [("F", (GRAY8 * 1.0).astype(np.float32)), ("I", -GRAY16.astype(np.int32))])
+def test_an_image_whose_values_have_no_known_scale_is_one_error_naming_the_file_and_its_mode(tmp_path, mode, values):
+    """F is read as [0, 1] and I as 16-bit: a float image in [0, 255] or negative integers are refused, not guessed."""
+    path = tmp_path / "image.tif"
+    Image.fromarray(values).save(path)
+    with pytest.raises(UserError) as refused:
+        data.read_rgb(str(path))
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and str(path) in message and f"mode {mode}" in message
+
+
+def test_a_16bit_png_reads_as_its_8bit_original_in_training_statistics_and_evaluation(tmp_path):
+    """One reader everywhere: a dataset item (training, the latent cache), dataset_images (reference statistics)
+    and read_png (generate folders, unlabelled folders)."""
+    gray = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    folder = tmp_path / "plants" / "oak"
+    folder.mkdir(parents=True)
+    Image.fromarray(gray).save(folder / "a_8bit.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "b_16bit.png")
+    dataset = data.build_dataset("folder", str(tmp_path), image_size=8, flip=False)
+    assert torch.equal(dataset[0][0], dataset[1][0])
+    source = evaluate.dataset_images(dataset, "real")
+    assert torch.equal(source[0][0], source[1][0])
+    assert np.array_equal(evaluate.read_png(str(folder / "a_8bit.png")), evaluate.read_png(str(folder / "b_16bit.png")))
+
+
+def test_preview_rows_show_each_readable_image_of_their_class_once(tmp_path, capsys):
+    """A broken file is left out of its row: training's stand-in (the next readable item) would show twice."""
+    reds = [(120 + 40 * i, 10, 10) for i in range(3)]
+    (tmp_path / "A" / "a1").mkdir(parents=True)
+    (tmp_path / "A" / "a1" / "0_broken.png").write_bytes(b"not a png")
+    for i, colour in enumerate(reds):
+        write_image(str(tmp_path / "A" / "a1" / f"{i + 1}.png"), colour, (8, 8), fmt="PNG")
+    for i in range(3):
+        write_image(str(tmp_path / "B" / "b1" / f"{i}.png"), (10, 10, 120 + 40 * i), (8, 8), fmt="PNG")
+    with pytest.warns(UserWarning, match="0_broken.png"):
+        proc = run_main(data, "preview", "--data", "folder", "--data-path", tmp_path, "--image-size", "8",
+                        "--per-class", "3", "--out", tmp_path / "preview.png", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    sheet = np.asarray(Image.open(tmp_path / "preview.png"))  # 2 rows x 3 images of 8 x 8
+    assert [tuple(sheet[4, 8 * j + 4]) for j in range(3)] == reds
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # toy
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -2236,6 +2353,46 @@ def test_npz_images_carry_labels_and_hierarchy(tmp_path):
     assert list(evaluate.superclasses_of(source.labels, hierarchy)) == [1, 1, 0, 0, 1, 1]
     image, label = source[2]
     assert image.shape == (3, 8, 8) and image.dtype == torch.uint8 and label == 1
+
+
+def test_inception_statistics_of_16bit_png_copies_equal_those_of_their_8bit_originals(inception_file, tmp_path):
+    """16-bit PNGs are scaled to 8 bits, not clipped to white: the two sets have the same Inception mean and
+    covariance, so their FID is that of a set against itself."""
+    rng = np.random.default_rng(0)
+    for folder in ("eight", "sixteen"):
+        (tmp_path / folder).mkdir()
+    for i in range(4):
+        gray = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+        Image.fromarray(gray).save(tmp_path / "eight" / f"{i}.png")
+        sixteen = gray.astype(np.int64) * 257 + rng.integers(-128, 129, gray.shape)  # rounds back to gray
+        Image.fromarray(sixteen.clip(0, 65535).astype(np.uint16)).save(tmp_path / "sixteen" / f"{i}.png")
+    model = load_inception(str(inception_file[0]))
+    eight, sixteen = (compute_stats(open_images(str(tmp_path / f)), model, progress=False) for f in ("eight", "sixteen"))
+    assert np.array_equal(eight["mu"], sixteen["mu"]) and np.array_equal(eight["sigma"], sixteen["sigma"])
+
+
+def test_stats_of_a_tree_with_a_broken_file_count_each_image_once_under_its_own_superclass(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """The broken file is left out, with a warning naming it: neither its neighbour of another superclass in its
+    place (counted under its superclass) nor a second copy of that neighbour."""
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    colours = {"A": [(150 + 30 * i, 20, 10 * i) for i in range(3)], "B": [(10 * i, 20, 150 + 30 * i) for i in range(3)]}
+    for superclass, shades in colours.items():
+        for i, colour in enumerate(shades):
+            write_image(str(tmp_path / "tree" / superclass / f"{superclass.lower()}1" / f"{i}.png"), colour, (16, 16),
+                        fmt="PNG")
+            write_image(str(tmp_path / superclass / f"{i}.png"), colour, (16, 16), fmt="PNG")  # the same, alone
+    (tmp_path / "tree" / "A" / "a1" / "9_broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="9_broken.png"):
+        proc = run_main(evaluate, "stats", "--data", "folder", "--data-path", tmp_path / "tree", "--image-size", "16",
+                        "--out", tmp_path / "x.npz", "--workers", "0", "--device", "cpu", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    stats = np.load(tmp_path / "x.npz")
+    assert evaluate.stats_hierarchy(stats)["superclass_names"] == ["A", "B"]
+    assert (int(stats["count"]), int(stats["count_0"]), int(stats["count_1"])) == (6, 3, 3)
+    for s, superclass in enumerate(colours):
+        alone = compute_stats(open_images(str(tmp_path / superclass)), MeanColour(), progress=False)
+        assert np.allclose(stats[f"mu_{s}"], alone["mu"]) and np.allclose(stats[f"sigma_{s}"], alone["sigma"])
 
 
 # Superclass names as iNat21 has them, or worse: spaces, hyphens, commas, an ampersand, non-ASCII.
