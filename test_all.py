@@ -848,6 +848,12 @@ REF_VAE_CONFIG = {  # diffusers' config.json of the reference script's small Aut
     "mid_block_add_attention": True, "norm_num_groups": 8, "out_channels": 3, "sample_size": 16,
     "scaling_factor": 0.18215, "shift_factor": None, "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
     "use_post_quant_conv": True, "use_quant_conv": True}
+CLI_VAE_CONFIG = {  # diffusers' config.json of the VAE of the reference script's "cli" group: 8x, as the SD VAE
+    "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "act_fn": "silu", "block_out_channels": [32] * 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3, "latent_channels": 4,
+    "latents_mean": None, "latents_std": None, "layers_per_block": 1, "mid_block_add_attention": True,
+    "norm_num_groups": 8, "out_channels": 3, "sample_size": 64, "scaling_factor": 0.18215, "shift_factor": None,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "use_post_quant_conv": True, "use_quant_conv": True}
 
 
 @pytest.fixture(scope="module")
@@ -882,16 +888,15 @@ def authors_fine_dit():
                       null_class=False, norm_affine=True)
 
 
-def seeded_vae(folder, logvar_shift=None):
-    """diffusers' small AutoencoderKL with seeded weights, written in the published layout (config.json +
-    diffusion_pytorch_model.safetensors) and loaded back the way users load the SD VAE."""
-    state = seeded_state(AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8).state_dict(),
-                         skip=())
+def seeded_vae(folder, logvar_shift=None, config=REF_VAE_CONFIG):
+    """diffusers' AutoencoderKL of `config` (the small one, or CLI_VAE_CONFIG's) with seeded weights, written in the
+    published layout (config.json + diffusion_pytorch_model.safetensors) and loaded back as users load the SD VAE."""
+    state = seeded_state(AutoencoderKL.from_config(config).state_dict(), skip=())
     if logvar_shift is not None:  # the reference script's clamp case: quant_conv.bias[4:8] += shift
         state["quant_conv.bias"] = state["quant_conv.bias"] + torch.tensor([0.0] * 4 + list(logvar_shift))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(REF_VAE_CONFIG, f)
+        json.dump(config, f)
     save_safetensors(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     return AutoencoderKL.from_pretrained(folder)
 
@@ -1028,6 +1033,16 @@ def test_sample_images_equal_the_authors_sampling_flow(reference, tmp_path):
     assert images.dtype == torch.uint8 and images.shape == r["uint8"].shape
     assert torch.equal(images.long()[~near_integer], r["uint8"][~near_integer])
     assert ((images.long() - r["uint8"]).abs() <= 1).all()
+
+
+def test_cli_group_guide_rows_equal_the_authors_superclass_rows_of_the_builtin_inat21_table(reference):
+    """The reference's "cli" group (the authors' sampling flow, one class per run) was guided by the label rows
+    the authors' token_drop gave its classes, one of each iNat21 superclass: K + superclass(c) by the built-in
+    table, so sample.py guides the same rows of the same checkpoint."""
+    classes, guide = reference["cli.classes"].tolist(), reference["cli.guide_rows"].tolist()
+    superclass_of = data.inat21_superclass_of(10000)
+    assert sorted(superclass_of[c] for c in classes) == list(range(11))
+    assert guide == [10000 + superclass_of[c] for c in classes]
 
 
 # ---- SD VAE ---------------------------------------------------------------------------------------------------

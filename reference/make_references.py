@@ -20,6 +20,12 @@ What is pinned, and against what
   3. The authors' sampling flow (their sample.py / DiT's sample.py, written out below): seed, x_T, [z; z],
      labels [c; superclass row], p_sample_loop(forward_with_cfg, clip_denoised=False), drop the guide half,
      vae.decode(z / 0.18215), then DiT's uint8 conversion clamp(127.5 x + 128, 0, 255).
+     "cli": the same flow, one class per run as the command line runs it (`sample.py --class-id C
+     --num-samples 2 --steps 10 --seed 0`), for one class of each of the 11 iNat21 superclasses (CLI_CLASSES),
+     with the authors' DiT at DiT-T/2's size (depth 4, width 128, 4 heads, patch 2, 8 x 8 latents; loaders
+     recognise it by its tensor shapes) and a diffusers VAE of test_all.py's CLI_VAE_CONFIG (8x, as the SD
+     VAE; 64 x 64 images), both with seeded weights: the guide rows (the authors' token_drop), the decoded
+     images and their uint8 pixels.
   4. diffusers AutoencoderKL (small config): posterior mean and log-variance (also where the [-30, 20]
      clamp engages), decode.
   5. pytorch-fid's FID InceptionV3 (2048-d pool features), with the download patched to seeded weights.
@@ -59,13 +65,15 @@ Nothing is downloaded: pytorch-fid's weight download is replaced by seeded weigh
 pnet_rand=True (its v0.1 heads ship inside the package) and then given seeded weights, diffusers builds its
 VAE from a config.
 
-Values were computed on an x86-64 CPU; the tests compare with tolerances that absorb other CPU kernels.
+Values were computed on an x86-64 CPU, the "cli" group added later with --keep on another (AVX2) x86-64 CPU;
+the tests compare with tolerances that absorb other CPU kernels.
 """
 import argparse
 import contextlib
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import sys
 import types
@@ -75,9 +83,10 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The weights: the project's seeded_state (tensor `name` drawn from crc32(name)), shared with the tests.
+# The weights: the project's seeded_state (tensor `name` drawn from crc32(name)), shared with the tests, and the
+# config.json of the CLI group's VAE, which the tests write beside its seeded weights.
 sys.path.insert(0, REPO)
-from test_all import seeded_state  # noqa: E402
+from test_all import CLI_VAE_CONFIG, seeded_state  # noqa: E402
 
 DIT_COMMIT = "4961bcb01370bc5a552909b2f4c1b0f096e3f79e"
 FINEDIFFUSION_COMMIT = "a59fdba62fe35dd15426356b2a16c7549fe4d680"
@@ -100,6 +109,10 @@ VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",)
            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8, latent_channels=4,
            sample_size=16)
 VAE_LOGVAR_SHIFT = (21.0, -29.0, 0.0, 0.0)         # added to quant_conv.bias[4:8]: pushes logvar past the clamp
+# The CLI group: DiT-T/2's size (the project's loader knows a DiT by its tensor shapes) in the authors' layout,
+# and one class of each iNat21 superclass, in superclass order (Plants 0, Insects 1, ..., Animalia 10).
+CLI_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=4, num_heads=4)
+CLI_CLASSES = [7000, 1908, 4021, 5476, 5000, 4700, 2800, 3000, 5300, 100, 170]
 
 
 def check_sources(roots):
@@ -298,9 +311,10 @@ def dpm_solver_references(model, out):
 # 3. + 4. The SD VAE (diffusers) and the authors' end-to-end sampling flow
 # ----------------------------------------------------------------------------------------------------------
 
-def seeded_vae(shift_logvar=False):
+def seeded_vae(shift_logvar=False, config=None):
+    """diffusers' AutoencoderKL, the small VAE or one of a config.json dict, with seeded_state weights."""
     from diffusers import AutoencoderKL
-    vae = AutoencoderKL(**VAE)
+    vae = AutoencoderKL(**VAE) if config is None else AutoencoderKL.from_config(config)
     state = seeded_state(vae.state_dict(), skip=())
     if shift_logvar:
         state["quant_conv.bias"] = state["quant_conv.bias"] + torch.tensor((0.0,) * 4 + VAE_LOGVAR_SHIFT)
@@ -324,24 +338,50 @@ def vae_references(out):
     return vae
 
 
-def end_to_end_references(fine, vae, diffusion, out):
-    """The authors' sample.py (= DiT's sample.py with superclass guide labels), at 10 DDPM steps."""
-    seed, cfg_scale, latent_size = 0, 4.0, DIT["input_size"]
-    classes = i64([1908, 5476])
+def authors_sample(fine, vae, diffusion, classes, seed, latent_size, cfg_scale=4.0, respacing="10"):
+    """The authors' sample.py (= DiT's sample.py with superclass guide labels), written out, at 10 DDPM steps.
+    Returns the latents, the decoded images and their uint8 pixels."""
     torch.manual_seed(seed)
     z = torch.randn(len(classes), 4, latent_size, latent_size)
     z = torch.cat([z, z], 0)
     y = torch.cat([classes, guide_rows(fine, classes)], 0)
     with torch.no_grad():
-        samples = diffusion.create_diffusion("10").p_sample_loop(
+        samples = diffusion.create_diffusion(respacing).p_sample_loop(
             fine.forward_with_cfg, z.shape, z, clip_denoised=False, model_kwargs=dict(y=y, cfg_scale=cfg_scale),
             progress=False, device="cpu")
         samples, _ = samples.chunk(2, dim=0)       # remove the guide half
         images = vae.decode(samples / 0.18215).sample
     # DiT's sample_ddp.py / the project's uint8 conversion
     uint8 = torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+    return samples, images, uint8
+
+
+def end_to_end_references(fine, vae, diffusion, out):
+    seed, classes = 0, i64([1908, 5476])
+    samples, images, uint8 = authors_sample(fine, vae, diffusion, classes, seed, DIT["input_size"])
     out.update({"e2e.classes": classes, "e2e.seed": i64(seed), "e2e.latents": f32(samples),
                 "e2e.decoded": f32(images), "e2e.uint8": i64(uint8)})
+
+
+def cli_references(authors, diffusion, out):
+    """What `sample.py --class-id C --ckpt <the authors' layout> --vae <folder> --num-samples 2 --steps 10 --seed 0`
+    must write, for C in CLI_CLASSES, one class per run as the authors' sample.py draws it: the authors' DiT of
+    DiT-T/2's size and a diffusers VAE of CLI_VAE_CONFIG (8x, as the SD VAE), both with seeded weights, so the
+    tests can write the same checkpoint and VAE folder; nothing else is stored."""
+    fine = load_seeded(authors.DiT(**CLI_DIT, num_classes=FINE_CLASSES, num_super_classes=FINE_SUPERCLASSES,
+                                   class_dropout_prob=0.1, learn_sigma=True))
+    vae = seeded_vae(config=CLI_VAE_CONFIG)
+    assert json.loads(vae.to_json_string()) == CLI_VAE_CONFIG      # the config.json the tests write is diffusers'
+    classes = i64(CLI_CLASSES)
+    guide = guide_rows(fine, classes)
+    assert guide.tolist() == list(range(FINE_CLASSES, FINE_CLASSES + FINE_SUPERCLASSES)), guide
+    decoded, uint8 = [], []
+    for c in CLI_CLASSES:
+        _, images, pixels = authors_sample(fine, vae, diffusion, i64([c, c]), 0, CLI_DIT["input_size"])
+        decoded.append(f32(images))                                   # (2, 3, 64, 64)
+        uint8.append(i64(pixels))                                     # (2, 64, 64, 3)
+    out.update({"cli.classes": classes, "cli.guide_rows": guide, "cli.decoded": torch.stack(decoded),
+                "cli.uint8": torch.stack(uint8)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -489,6 +529,7 @@ def main(argv=None):
     print("3.-4. VAE, end-to-end sampling")
     vae = vae_references(out)
     end_to_end_references(fine, vae, diffusion, out)
+    cli_references(authors, diffusion, out)
     print("5.-6. FID")
     fid_references(out)
     print("7. LPIPS")
