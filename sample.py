@@ -35,8 +35,9 @@ from model import (LATENT_SCALE, PUBLISHED, ArgumentParser, AutoencoderKL, UserE
 AUTHORS_CHECKPOINT = "FineDiffusion-iNat.pt"
 CFG_SCALE = 4.0         # paper §4.2: the guidance scale w of every table
 STEPS = 250             # paper §4.2: DDPM sampling steps
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-DEFAULT_STEPS = {"ddpm": STEPS, "ddim": 50, "dpm++2m": 20}   # --steps when not given: the paper's 250 DDPM steps, ...
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
+DEFAULT_STEPS = {"ddpm": STEPS, "ddim": 50, "dpm++2m": 20,   # --steps when not given: the paper's 250 DDPM steps, ...
+                 "dpm++2m-sde": 20}
 TRAINED_STEPS = 1000    # the diffusion DiT is trained on: a sampler keeps 2 or more of these steps
 
 
@@ -111,9 +112,10 @@ def add_sampler_args(p, steps=None):
     command has its own) and --guidance-interval. Call `steps_of(args)` after parsing."""
     p.add_argument("--cfg-scale", type=finite_float, default=CFG_SCALE, help="w of eq. 1 (the paper's: 4)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm (the paper's), ddim, dpm++2m (DPM-Solver++(2M))")
+                   help="ddpm (the paper's), ddim, dpm++2m (DPM-Solver++(2M)), dpm++2m-sde (its SDE variant)")
     p.add_argument("--steps", type=int_in(2, TRAINED_STEPS), default=steps,
-                   help="sampling steps; default: " + (str(steps) if steps else "250 DDPM, 50 DDIM, 20 DPM++(2M)"))
+                   help="sampling steps; default: " + (str(steps) if steps else
+                                                        "250 DDPM, 50 DDIM, 20 DPM++(2M) and DPM++(2M) SDE"))
     p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
                    help="guide only at timesteps LO <= t <= HI of 0 ... 999 (default: every step, as the paper)")
 
@@ -127,13 +129,13 @@ def steps_of(args):
 
 
 def make_sampler(sampler, steps, learn_sigma=True):
-    """(loop, timesteps): the sampling loop of `sampler` ("ddpm", "ddim", "dpm++2m") with `steps` network
-    evaluations, and the original steps (0 ... 999) it evaluates the network at, in order."""
+    """(loop, timesteps): the sampling loop of `sampler` ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde") with `steps`
+    network evaluations, and the original steps (0 ... 999) it evaluates the network at, in order."""
     try:
-        if sampler == "dpm++2m":
+        if sampler in ("dpm++2m", "dpm++2m-sde"):
             diffusion = create_diffusion("", learn_sigma=learn_sigma)
             timesteps = diffusion.dpm_solver_timesteps(steps)
-            return partial(diffusion.dpm_solver_sample_loop, steps=steps), timesteps
+            return partial(diffusion.dpm_solver_sample_loop, steps=steps, sde=sampler == "dpm++2m-sde"), timesteps
         diffusion = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), learn_sigma=learn_sigma)
     except ValueError as e:
         raise UserError(f"--sampler {sampler} --steps {steps}: {e}") from None

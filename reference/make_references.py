@@ -17,6 +17,9 @@ What is pinned, and against what
      DPM-Solver++(2M), which the official code lacks: diffusers' DPMSolverMultistepScheduler (dpmsolver++,
      order 2, "linspace" timesteps, lower_order_final, final sigma 0) driving the eps (first 4 output
      channels) of the same small official DiT: its timesteps, a 10-step loop with CFG, a 25-step plain loop.
+     DPM-Solver++(2M) SDE: the same scheduler with algorithm_type "sde-dpmsolver++" (solver_type "midpoint"),
+     each step's variance_noise one torch.randn_like(x) from the stream seeded before x_T, after the network
+     call: its timesteps, loops with CFG at 1, 2, 3, 10, 25 and 50 steps, a 20-step plain loop.
   3. The authors' sampling flow (their sample.py / DiT's sample.py, written out below): seed, x_T, [z; z],
      labels [c; superclass row], p_sample_loop(forward_with_cfg, clip_denoised=False), drop the guide half,
      vae.decode(z / 0.18215), then DiT's uint8 conversion clamp(127.5 x + 128, 0, 255).
@@ -65,8 +68,8 @@ Nothing is downloaded: pytorch-fid's weight download is replaced by seeded weigh
 pnet_rand=True (its v0.1 heads ship inside the package) and then given seeded weights, diffusers builds its
 VAE from a config.
 
-Values were computed on an x86-64 CPU, the "cli" group added later with --keep on another (AVX2) x86-64 CPU;
-the tests compare with tolerances that absorb other CPU kernels.
+Values were computed on an x86-64 CPU, the "cli" and "dpmsde" groups added later with --keep on another (AVX2)
+x86-64 CPU; the tests compare with tolerances that absorb other CPU kernels.
 """
 import argparse
 import contextlib
@@ -109,6 +112,7 @@ VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",)
            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8, latent_channels=4,
            sample_size=16)
 VAE_LOGVAR_SHIFT = (21.0, -29.0, 0.0, 0.0)         # added to quant_conv.bias[4:8]: pushes logvar past the clamp
+DPMSDE_STEPS = (1, 2, 3, 10, 25, 50)               # DPM-Solver++(2M) SDE: first order only, one 2M step, ..., many
 # The CLI group: DiT-T/2's size (the project's loader knows a DiT by its tensor shapes) in the authors' layout,
 # and one class of each iNat21 superclass, in superclass order (Plants 0, Insects 1, ..., Animalia 10).
 CLI_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=4, num_heads=4)
@@ -275,36 +279,61 @@ def diffusion_references(diffusion, model, out):
     out.update({"diff.ddim10.z": z, "diff.ddim10.y": y, "diff.ddim10.samples": f32(samples)})
 
 
-def dpm_scheduler(steps):
-    """diffusers' DPM-Solver++(2M) on DiT's schedule (linear betas 1e-4 ... 0.02 over 1000 steps, eps prediction)."""
+def dpm_scheduler(steps, sde=False):
+    """diffusers' DPM-Solver++(2M) on DiT's schedule (linear betas 1e-4 ... 0.02 over 1000 steps, eps prediction);
+    sde: its SDE variant (algorithm_type "sde-dpmsolver++"). solver_type "midpoint" is diffusers' default."""
     from diffusers import DPMSolverMultistepScheduler
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
-        algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace", lower_order_final=True,
-        final_sigmas_type="zero")
+        algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++", solver_order=2, solver_type="midpoint",
+        timestep_spacing="linspace", lower_order_final=True, final_sigmas_type="zero")
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def dpm_solve(net, x, steps, sde=False):
+    """x_T -> x_0 with diffusers' scheduler driving net's eps. sde: each step's variance_noise is one
+    torch.randn_like(x) from the global stream, drawn after the network call (DiT's rule for DDPM's noise)."""
+    scheduler = dpm_scheduler(steps, sde)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = net(x, t.expand(len(x)))[:, :4]          # learned sigma: eps is the first C channels
+            noise = torch.randn_like(x) if sde else None
+            x = scheduler.step(eps, t, x, variance_noise=noise).prev_sample
+    return x
 
 
 def dpm_solver_references(model, out):
     for steps in (10, 15, 20, 25, 50):
         out[f"dpm.timesteps.{steps}"] = i64(dpm_scheduler(steps).timesteps)
-
-    def solve(net, x, steps):
-        scheduler = dpm_scheduler(steps)
-        with torch.no_grad():
-            for t in scheduler.timesteps:
-                eps = net(x, t.expand(len(x)))[:, :4]      # learned sigma: eps is the first C channels
-                x = scheduler.step(eps, t, x).prev_sample
-        return x
-
     # 10 steps with CFG, batch [z; z], labels [c; null], as DiT's sample.py builds it
     z, y = torch.randn(2, 4, 8, 8, generator=gen(207)), i64([1, 6, 10, 10])
-    samples = solve(lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale=4.0), torch.cat([z, z]), 10)
+    samples = dpm_solve(lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale=4.0), torch.cat([z, z]), 10)
     out.update({"dpm.cfg10.z": z, "dpm.cfg10.y": y, "dpm.cfg10.samples": f32(samples)})
     z, y = torch.randn(2, 4, 8, 8, generator=gen(208)), i64([8, 3])
-    samples = solve(lambda x, t: model(x, t, y), z, 25)
+    samples = dpm_solve(lambda x, t: model(x, t, y), z, 25)
     out.update({"dpm.plain25.z": z, "dpm.plain25.y": y, "dpm.plain25.samples": f32(samples)})
+
+
+def dpm_sde_references(model, out):
+    """DPM-Solver++(2M) SDE at DPMSDE_STEPS with CFG ([z; z], labels [c; null]) and 20 plain steps. x_T (z) is
+    torch.randn after torch.manual_seed(seed), and each step's noise comes from the same stream, in order: so a
+    sampler that draws x_T and one randn_like(x) per step from that seed must land on the same samples."""
+    for steps in DPMSDE_STEPS:
+        out[f"dpmsde.timesteps.{steps}"] = i64(dpm_scheduler(steps, sde=True).timesteps)
+        seed, y = 300 + steps, i64([1, 6, 10, 10])
+        torch.manual_seed(seed)
+        z = torch.randn(2, 4, 8, 8)                                   # (N, C, H, W): the conditional half's x_T
+        samples = dpm_solve(lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale=4.0), torch.cat([z, z]), steps,
+                            sde=True)
+        out.update({f"dpmsde.cfg{steps}.seed": i64(seed), f"dpmsde.cfg{steps}.z": z, f"dpmsde.cfg{steps}.y": y,
+                    f"dpmsde.cfg{steps}.samples": f32(samples)})
+    seed, y = 320, i64([8, 3])
+    torch.manual_seed(seed)
+    z = torch.randn(2, 4, 8, 8)                                       # (N, C, H, W)
+    samples = dpm_solve(lambda x, t: model(x, t, y), z, 20, sde=True)
+    out.update({"dpmsde.plain20.seed": i64(seed), "dpmsde.plain20.z": z, "dpmsde.plain20.y": y,
+                "dpmsde.plain20.samples": f32(samples)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -526,6 +555,7 @@ def main(argv=None):
     print("2. diffusion")
     diffusion_references(diffusion, dit, out)
     dpm_solver_references(dit, out)
+    dpm_sde_references(dit, out)
     print("3.-4. VAE, end-to-end sampling")
     vae = vae_references(out)
     end_to_end_references(fine, vae, diffusion, out)
