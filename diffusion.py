@@ -6,6 +6,7 @@
     x0 = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, model_kwargs=dict(y=y, cfg_scale=4.0))
     x0 = create_diffusion().dpm_solver_sample_loop(model.forward_with_cfg, z.shape, z, steps=20,
                                                    model_kwargs=dict(y=y, cfg_scale=4.0))   # DPM-Solver++(2M)
+    x0 = create_diffusion().dpm_solver_sample_loop(..., sde=True)    # DPM-Solver++(2M) SDE (one noise draw a step)
 
 Paper §3.1: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the learned reverse process
 p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2). The network predicts eps and, per pixel, where log sigma_t^2
@@ -15,7 +16,8 @@ eps-MSE plus the variational bound in which the mean is detached, so the bound t
 Numerics follow the official DiT diffusion: schedules in float64 numpy, gathered per timestep and only then
 cast to float32, and exactly one torch.randn_like(x) per sampling step, so the same model, noise and seed
 give the same samples. DPM-Solver++(2M) (Lu et al. 2022), not in the official code, solves the probability-flow
-ODE with the timesteps and updates of diffusers' DPMSolverMultistepScheduler (it draws no noise).
+ODE with the timesteps and updates of diffusers' DPMSolverMultistepScheduler (it draws no noise); its SDE
+variant (sde=True) solves the reverse SDE with the same timesteps and one randn_like(x) per step.
 """
 import math
 
@@ -226,7 +228,7 @@ class GaussianDiffusion:
         return np.linspace(0, self.num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
 
     def dpm_solver_sample_loop(self, model, shape, noise=None, steps=20, model_kwargs=None, progress=False,
-                               device=None):
+                               device=None, sde=False):
         """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep, second order, data prediction.
 
         With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t) and the data
@@ -236,7 +238,17 @@ class GaussianDiffusion:
         with h_i = lambda_{t_i} - lambda_{t_{i-1}} and r_i = h_{i-1} / h_i; D_i = x_theta(t_{i-1}) (first order: DDIM)
         on the first step, which has no earlier prediction. The last step goes to sigma = 0 (lambda = +inf), where
         the first-order update is x_0 = x_theta: the sample is the last data prediction. eps is the first C
-        channels of the model's output; no noise is drawn.
+        channels of the model's output; no noise is drawn (sde=False).
+
+        sde=True: DPM-Solver++(2M) SDE, the same multistep data prediction D_i applied to the reverse diffusion SDE
+        instead of the ODE (diffusers' algorithm_type="sde-dpmsolver++", solver_type="midpoint").
+        Solving the SDE's linear part exactly (variation of constants in lambda) gives
+            x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) e^{-h_i} x_{t_{i-1}} + alpha_{t_i} (1 - e^{-2 h_i}) D_i
+                      + sigma_{t_i} sqrt(1 - e^{-2 h_i}) z_i,       z_i ~ N(0, I),
+        the noise's variance being the integral of the injected noise over the step. With D_i = x_theta this is
+        DDPM's ancestral step from t_{i-1} to t_i (DDIM with eta = 1). Each step draws exactly one z_i =
+        torch.randn_like(x) from the seeded global stream after its network call, as the DDPM sampler does: the
+        last one too, which the step to sigma = 0 multiplies by sigma = 0.
         """
         if device is None:
             device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
@@ -251,6 +263,7 @@ class GaussianDiffusion:
             with torch.no_grad():
                 eps = self.call_model(model, x, t, model_kwargs).split(x.shape[1], dim=1)[0]
             x0 = self.predict_xstart_from_eps(x, t, eps)             # x_theta(x_s, s)
+            z = torch.randn_like(x) if sde else None                 # z_i: one draw per step, as DDPM's
             if i == steps - 1:
                 return x0                                            # the step to sigma = 0
             u = int(timesteps[i + 1])                                # the paper's t_i: where the step lands
@@ -261,7 +274,11 @@ class GaussianDiffusion:
                 r = (lam[s] - lam[int(timesteps[i - 1])]) / h
                 c = float(1 / (2 * r))
                 D = (1 + c) * x0 - c * x0_prev
-            x = float(sigma[u] / sigma[s]) * x - float(alpha[u] * np.expm1(-h)) * D
+            if sde:   # 1 - e^{-2h} as -expm1(-2h): no cancellation where h is small
+                x = (float(sigma[u] / sigma[s] * np.exp(-h)) * x - float(alpha[u] * np.expm1(-2 * h)) * D
+                     + float(sigma[u] * np.sqrt(-np.expm1(-2 * h))) * z)
+            else:
+                x = float(sigma[u] / sigma[s]) * x - float(alpha[u] * np.expm1(-h)) * D
             x0_prev = x0
 
     def _loop(self, step, model, shape, noise, model_kwargs, progress, device):

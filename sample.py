@@ -38,8 +38,9 @@ from vae import LATENT_SCALE, AutoencoderKL
 
 CFG_SCALE = 4.0         # paper §4.2: the guidance scale w of every table
 STEPS = 250             # paper §4.2: DDPM sampling steps
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-DEFAULT_STEPS = {"ddpm": STEPS, "ddim": 50, "dpm++2m": 20}   # --steps when not given: the paper's 250 DDPM steps, ...
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
+DEFAULT_STEPS = {"ddpm": STEPS, "ddim": 50, "dpm++2m": 20,   # --steps when not given: the paper's 250 DDPM steps, ...
+                 "dpm++2m-sde": 20}
 TRAINED_STEPS = 1000    # the diffusion DiT is trained on: a sampler keeps 2 or more of these steps
 
 
@@ -124,7 +125,7 @@ def interval_guidance(model, lo, hi):
 # ----------------------------------------------------------------------------------------------------------
 
 class Sampler:
-    """How every command draws images: `kind` (ddpm, ddim, dpm++2m) with `steps` DiT evaluations at the trained
+    """How every command draws images: `kind` (SAMPLERS) with `steps` DiT evaluations at the trained
     timesteps `timesteps` (0 ... 999, in sampling order), and eq. 1 at the steps inside `interval` (lo, hi, both
     included; None: at every step, the paper's). Built before any work, so bad settings fail at once."""
 
@@ -138,9 +139,9 @@ class Sampler:
     def _diffusion(self, learn_sigma):
         """(the sampling loop of this kind, its timesteps) for a DiT with or without the learned variance."""
         try:
-            if self.kind == "dpm++2m":
+            if self.kind in ("dpm++2m", "dpm++2m-sde"):
                 diffusion = create_diffusion("", learn_sigma=learn_sigma)
-                return (partial(diffusion.dpm_solver_sample_loop, steps=self.steps),
+                return (partial(diffusion.dpm_solver_sample_loop, steps=self.steps, sde=self.kind == "dpm++2m-sde"),
                         diffusion.dpm_solver_timesteps(self.steps))
             spacing = f"ddim{self.steps}" if self.kind == "ddim" else str(self.steps)
             diffusion = create_diffusion(spacing, learn_sigma=learn_sigma)
@@ -181,9 +182,10 @@ def add_sampler_args(p, steps=None):
     command has its own) and --guidance-interval. Call `sampler_of(args)` after parsing."""
     p.add_argument("--cfg-scale", type=finite_float, default=CFG_SCALE, help="w of eq. 1 (the paper's: 4)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm (the paper's), ddim, dpm++2m (DPM-Solver++(2M))")
+                   help="ddpm (the paper's), ddim, dpm++2m (DPM-Solver++(2M)), dpm++2m-sde (its SDE variant)")
     p.add_argument("--steps", type=int_in(2, TRAINED_STEPS), default=steps,
-                   help="sampling steps; default: " + (str(steps) if steps else "250 DDPM, 50 DDIM, 20 DPM++(2M)"))
+                   help="sampling steps; default: " + (str(steps) if steps else
+                                                        "250 DDPM, 50 DDIM, 20 DPM++(2M) and DPM++(2M) SDE"))
     p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
                    help="guide only at timesteps LO <= t <= HI of 0 ... 999 (default: every step, as the paper)")
 

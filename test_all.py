@@ -486,6 +486,20 @@ def test_each_ddpm_step_draws_exactly_one_randn_like():
     assert calls == [(2, 1, 2, 2)] * 4
 
 
+def test_each_dpm_solver_sde_step_draws_exactly_one_randn_like():
+    """DiT's rule for the random stream, kept by the SDE sampler: x_T, then one randn_like(x) per step (the last
+    one too, though the step to sigma = 0 multiplies it by 0), so a seed fixes the samples as with DDPM."""
+    calls = []
+    model = lambda x, t: torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+    real = torch.randn_like
+    try:
+        torch.randn_like = lambda x, *a, **k: calls.append(tuple(x.shape)) or real(x, *a, **k)
+        create_diffusion().dpm_solver_sample_loop(model, (2, 1, 2, 2), noise=torch.zeros(2, 1, 2, 2), steps=5, sde=True)
+    finally:
+        torch.randn_like = real
+    assert calls == [(2, 1, 2, 2)] * 5
+
+
 def test_training_loss_is_mse_plus_vb_with_the_mean_detached():
     model = randomize(tiny_dit()).train()
     model.y_embedder.superclass_prob = 0.0
@@ -662,6 +676,31 @@ def test_dpm_solver_error_falls_at_second_order_as_the_steps_double():
         create_diffusion().dpm_solver_sample_loop(model, x_T.shape, x_T.clone(), steps=steps)
         errors.append((seen[500] - ode_solution(mu, s2, x_T, step=500)).abs().max().item())
     assert 3.5 < errors[0] / errors[1] < 4.5, errors
+
+
+def test_dpm_solver_sde_with_the_exact_x0_keeps_the_marginal_variance_of_gaussian_data():
+    """The reverse diffusion SDE keeps every marginal of the forward process (Anderson 1982; Song et al. 2021): for
+    data N(0, s2), q(x_t) = N(0, alpha_t^2 s2 + sigma_t^2), and the exact data prediction is
+    D(x_t) = alpha_t s2 / (alpha_t^2 s2 + sigma_t^2) x_t (what gaussian_optimal_eps's eps gives). DPM-Solver++(2M)
+    SDE driven by it from an exact x_T must keep that variance at every step it visits, measured over n draws to
+    6 standard errors of a sample variance (sqrt(2 / n) of it). The discrete update's own deviation is below
+    that: at most 0.07% at 200 steps for s2 = 9, by the exact variance recursion of this linear update (near
+    t = 0, where h is large, it grows with fewer steps: 2.9% at 25 steps; 9% for s2 = 1). First order at every
+    step misses by 2.8%, the ODE's e^{-h} for the SDE's e^{-2h} in the noise coefficient by far more."""
+    s2, n, steps = 9.0, 400_000, 200
+    eps, variances = gaussian_optimal_eps(0.0, s2, var_value=0.0), {}
+
+    def model(x, t):
+        variances[int(t[0])] = x.double().var().item()       # the marginal at step t, before the step from it
+        return eps(x, t)
+    torch.manual_seed(0)
+    x_T = exact_x_T(0.0, s2, (n // 4, 1, 2, 2))              # (N, C, H, W): q(x_999) exactly
+    create_diffusion().dpm_solver_sample_loop(model, x_T.shape, x_T, steps=steps, sde=True)
+    abar = linear_abar()
+    assert len(variances) == steps
+    for t, var in variances.items():
+        expected = abar[t] * s2 + 1 - abar[t]
+        assert abs(var / expected - 1) < 6 * math.sqrt(2 / n), (t, var, expected)
 
 
 def test_linear_schedule_is_np_linspace_at_every_step_and_abar_its_cumprod():
@@ -862,6 +901,12 @@ REF_VAE_CONFIG = {  # diffusers' config.json of the reference script's small Aut
     "mid_block_add_attention": True, "norm_num_groups": 8, "out_channels": 3, "sample_size": 16,
     "scaling_factor": 0.18215, "shift_factor": None, "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
     "use_post_quant_conv": True, "use_quant_conv": True}
+CLI_VAE_CONFIG = {  # diffusers' config.json of the VAE of the reference script's "cli" group: 8x, as the SD VAE
+    "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "act_fn": "silu", "block_out_channels": [32] * 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3, "latent_channels": 4,
+    "latents_mean": None, "latents_std": None, "layers_per_block": 1, "mid_block_add_attention": True,
+    "norm_num_groups": 8, "out_channels": 3, "sample_size": 64, "scaling_factor": 0.18215, "shift_factor": None,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "use_post_quant_conv": True, "use_quant_conv": True}
 
 
 @pytest.fixture(scope="module")
@@ -896,16 +941,15 @@ def authors_fine_dit():
                       null_class=False, norm_affine=True)
 
 
-def seeded_vae(folder, logvar_shift=None):
-    """diffusers' small AutoencoderKL with seeded weights, written in the published layout (config.json +
-    diffusion_pytorch_model.safetensors) and loaded back the way users load the SD VAE."""
-    state = seeded_state(AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8).state_dict(),
-                         skip=())
+def seeded_vae(folder, logvar_shift=None, config=REF_VAE_CONFIG):
+    """diffusers' AutoencoderKL of `config` (the small one, or CLI_VAE_CONFIG's) with seeded weights, written in the
+    published layout (config.json + diffusion_pytorch_model.safetensors) and loaded back as users load the SD VAE."""
+    state = seeded_state(AutoencoderKL.from_config(config).state_dict(), skip=())
     if logvar_shift is not None:  # the reference script's clamp case: quant_conv.bias[4:8] += shift
         state["quant_conv.bias"] = state["quant_conv.bias"] + torch.tensor([0.0] * 4 + list(logvar_shift))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(REF_VAE_CONFIG, f)
+        json.dump(config, f)
     save_safetensors(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     return AutoencoderKL.from_pretrained(folder)
 
@@ -1023,6 +1067,33 @@ def test_dpm_solver_equals_diffusers(reference):
     assert_matches(samples, r["samples"], 1e-4, msg="25 steps")
 
 
+def test_dpm_solver_sde_timesteps_equal_diffusers(reference):
+    for steps in (1, 2, 3, 10, 25, 50):                 # the ODE's: linspace, rounded, reversed, 0 dropped
+        timesteps = sample_module.Sampler("dpm++2m-sde", steps).timesteps
+        assert torch.equal(torch.from_numpy(timesteps), reference[f"dpmsde.timesteps.{steps}"]), steps
+
+
+@pytest.mark.parametrize("run", ["cfg1", "cfg2", "cfg3", "cfg10", "cfg25", "cfg50", "plain20"])
+def test_dpm_solver_sde_equals_diffusers(reference, run):
+    """diffusers' DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++" (order 2, midpoint, linspace,
+    final sigma 0), driving the official small DiT's eps with variance_noise = one randn_like(x) a step, from the
+    stream seeded before x_T: sample.py's dpm++2m-sde, given the same seed, draws the same x_T and the same noise,
+    so it must land on the same samples. With CFG on [z; z] at 1 (first order only), 2, 3, 10, 25 and 50 steps,
+    and 20 plain steps."""
+    r = {k[len(f"dpmsde.{run}."):]: v for k, v in reference.items() if k.startswith(f"dpmsde.{run}.")}
+    model, steps = official_small_dit(), int(re.sub(r"\D", "", run))          # "cfg25" -> 25
+    loop = sample_module.Sampler("dpm++2m-sde", steps).loop()
+    torch.manual_seed(int(r["seed"]))
+    z = torch.randn(2, 4, 8, 8)                                                 # (N, C, H, W): x_T
+    assert torch.equal(z, r["z"])
+    if run.startswith("cfg"):
+        x, net, kw = torch.cat([z, z]), model.forward_with_cfg, dict(y=r["y"], cfg_scale=4.0)   # (2N, C, H, W)
+    else:
+        x, net, kw = z, model, dict(y=r["y"])
+    samples = loop(net, x.shape, x, model_kwargs=kw, device="cpu")
+    assert_matches(samples, r["samples"], 1e-4)
+
+
 # ---- Sampling: the authors' flow, end to end -----------------------------------------------------------------
 
 def test_sample_images_equal_the_authors_sampling_flow(reference, tmp_path):
@@ -1043,6 +1114,47 @@ def test_sample_images_equal_the_authors_sampling_flow(reference, tmp_path):
     assert images.dtype == torch.uint8 and images.shape == r["uint8"].shape
     assert torch.equal(images.long()[~near_integer], r["uint8"][~near_integer])
     assert ((images.long() - r["uint8"]).abs() <= 1).all()
+
+
+def test_cli_group_guide_rows_equal_the_authors_superclass_rows_of_the_builtin_inat21_table(reference):
+    """The reference's "cli" group (the authors' sampling flow, one class per run) was guided by the label rows
+    the authors' token_drop gave its classes, one of each iNat21 superclass: K + superclass(c) by the built-in
+    table, so sample.py guides the same rows of the same checkpoint."""
+    classes, guide = reference["cli.classes"].tolist(), reference["cli.guide_rows"].tolist()
+    superclass_of = data.inat21_superclass_of(10000)
+    assert sorted(superclass_of[c] for c in classes) == list(range(11))
+    assert guide == [10000 + superclass_of[c] for c in classes]
+
+
+def test_sample_py_on_the_authors_file_draws_the_authors_pixels_for_a_class_of_every_superclass(
+        reference, tmp_path, monkeypatch, capsys, label_lookups):
+    """The "cli" group: the authors' own sampling flow (their DiT, token_drop's guide rows, DiT's p_sample_loop,
+    diffusers' VAE) for one class of each iNat21 superclass, 2 samples, seed 0, 10 DDPM steps, w = 4. Here the same
+    weights go into a file saved as the authors save theirs ({"model", "ema", "opt", "args"}, 10,000 + 11 rows, no
+    hierarchy inside) and `python sample.py` must read it and draw the same pixels."""
+    monkeypatch.chdir(tmp_path)
+    r = {k[len("cli."):]: v for k, v in reference.items() if k.startswith("cli.")}
+    dit = DiT_models["DiT-T/2"](input_size=8, num_classes=10000, num_superclasses=11, null_class=False,
+                                norm_affine=True)
+    missing, _ = dit.load_state_dict(seeded_state(dit.state_dict()), strict=False)   # its own sin-cos positions
+    assert missing == ["pos_embed"]
+    torch.save({"model": dit.state_dict(), "ema": dit.state_dict(), "opt": {},
+                "args": argparse.Namespace(model="DiT-XL/2")}, "FineDiffusion-iNat.pt")
+    seeded_vae("sd-vae-ft-ema", config=CLI_VAE_CONFIG)
+    for c, row, uint8, decoded in zip(r["classes"].tolist(), r["guide_rows"].tolist(), r["uint8"], r["decoded"]):
+        label_lookups.clear()
+        proc = run_main(sample_module, "--class-id", c, "--ckpt", "FineDiffusion-iNat.pt", "--vae", "sd-vae-ft-ema",
+                        "--num-samples", 2, "--steps", 10, "--seed", 0, "--per-sample-dir", f"each{c}",
+                        "--out", "grid.png", capsys=capsys)
+        assert proc.returncode == 0, proc.stderr
+        _, guide = guide_halves(label_lookups)
+        assert (guide == row).all() and f"superclass row {row} " in proc.stderr
+        images = torch.stack([torch.from_numpy(np.array(Image.open(f"each{c}/{c:05d}_{i:04d}.png"))) for i in range(2)])
+        # uint8 = trunc(clamp(127.5 x + 128)): equal but for values within round-off of an integer
+        level = torch.clamp(127.5 * decoded + 128.0, 0, 255).permute(0, 2, 3, 1)
+        near_integer = (level - level.round()).abs() < 1e-3
+        assert images.shape == uint8.shape and torch.equal(images.long()[~near_integer], uint8[~near_integer]), c
+        assert ((images.long() - uint8).abs() <= 1).all()
 
 
 # ---- SD VAE ---------------------------------------------------------------------------------------------------
@@ -1184,6 +1296,14 @@ def test_sample_script_samples_with_dpm_solver_in_a_guidance_interval(tmp_path):
     assert "eq. 1 at 2 of them" in proc.stderr                        # timesteps 999, 666, 333
 
 
+def test_sample_script_samples_with_dpm_solver_sde(tmp_path, capsys):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    proc = run_main(sample_module, "--ckpt", tmp_path / "ckpt.pt", "--class-id", "5", "--num-samples", "2",
+                    "--sampler", "dpm++2m-sde", "--steps", "3", "--out", tmp_path / "s.png", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert png_size(tmp_path / "s.png") == (2 * 16 + 3 * 2, 16 + 2 * 2)
+
+
 def network_batches(model, run):
     """[(t, batch size)] of every DiT forward pass while `run()` samples."""
     calls, forward = [], model.forward
@@ -1197,7 +1317,8 @@ def network_batches(model, run):
 
 def test_steps_default_to_each_samplers_own_count():
     parse = lambda *argv: sample_module.sampler_of(sample_module.parse_args(["--class-id", "1", *argv]))
-    assert [len(parse("--sampler", s).timesteps) for s in ("ddpm", "ddim", "dpm++2m")] == [250, 50, 20]
+    samplers = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
+    assert [len(parse("--sampler", s).timesteps) for s in samplers] == [250, 50, 20, 20]
     assert len(parse("--sampler", "dpm++2m", "--steps", "12").timesteps) == 12
 
 
@@ -2988,7 +3109,7 @@ def bad_inputs(tmp_path_factory):
     with open(folder / "plain.pth", "wb") as f:
         pickle.dump({"weights": [1.0, 2.0]}, f)                   # a pickle, not a torch checkpoint
     write_folder(folder / "bad-vae", {}, config=dict(TINY_VAE, norm_num_groups=3))
-    np.savez(folder / "real.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    np.savez(folder / "real.npz", mu=np.zeros(2048), sigma=np.eye(2048), count=np.int64(2))
     np.savez(folder / "fake.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     (folder / "a-file").write_text("not a folder")
     (folder / "results").mkdir()
