@@ -36,6 +36,15 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see --help)")
 
+    def parse_given(self, argv=None):
+        """(args, the sorted dests of the flags the command line gives). argparse cannot tell a default from a
+        value equal to it, so parse once more into a namespace where every flag is preset to a sentinel that only
+        a given flag replaces."""
+        args = self.parse_args(argv)
+        unset = object()
+        probe = self.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+        return args, sorted(k for k, v in vars(probe).items() if v is not unset)
+
 
 def _typed(kind, holds, allowed):
     """An argparse `type`: the flag's text as `kind`, refused at parse time unless holds(value), with one line

@@ -117,12 +117,8 @@ def parse_args(argv=None):
     r.add_argument("--resume", help="continue a run from one of its checkpoints (its arguments are the defaults)")
     r.add_argument("--export", type=out_file, help="write a standalone checkpoint (every tensor, EMA): after training, or, "
                                     "with --resume, of that checkpoint without training")
-    args = p.parse_args(argv)
-    # Which flags the command line gives: argparse cannot tell a default from a value equal to it, so parse
-    # once more into a namespace where every flag is preset to a sentinel that only a given flag replaces.
-    unset = object()
-    probe = p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
-    args.given = sorted(k for k, v in vars(probe).items() if v is not unset)
+    args, given = p.parse_given(argv)
+    args.given = given                          # --resume takes the others from the checkpoint
     return args
 
 
