@@ -13,6 +13,7 @@ import csv
 import errno
 import functools
 import glob
+import io
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -34,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import alexnet
 from torchvision.models.inception import Inception3
 
@@ -3185,6 +3188,11 @@ BAD_ARGUMENTS = [
     ("bench", ["--image-size", "60"], ["--image-size 60", "multiple of 16"]),
     ("bench", ["--sample-batches", "1"], ["--sample-batches", ">= 2"]),
     ("bench", ["--device", "tpu"], ["--device"]),
+    ("bench", ["--gpu-check", "--device", "cpu"], ["--gpu-check runs on a CUDA GPU", "--device cpu"]),
+    ("bench", ["--gpu-check", "--quick", "--only", "train"], ["fixed plan", "--only, --quick would not apply"]),
+    ("bench", ["--gpu-check", "--precision", "fp32"], ["--precision would not apply"]),   # even as the default
+    ("bench", ["--peak-tflops", "500"], ["--peak-tflops is for --gpu-check"]),
+    ("bench", ["--gpu-check", "--peak-tflops", "0"], ["--peak-tflops", "positive"]),
 ]
 
 
@@ -3881,6 +3889,202 @@ def test_bench_quick_projects_each_samplers_cost_with_and_without_a_guidance_int
         assert r["hours_per_100k"] == pytest.approx(r["seconds_per_image"] * 100_000 / 3600)
         assert r["speedup_vs_ddpm250"] == pytest.approx(ddpm["seconds_per_image"] / r["seconds_per_image"])
     assert "h per 100K" in proc.stdout and "not run end to end" in proc.stdout
+
+
+# bench.py --gpu-check: the GPU itself is not here, so what runs around it is tested on a CPU
+
+def test_gpu_check_without_cuda_says_it_needs_a_gpu_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)     # so on a GPU machine as well
+    proc = run_main(bench, "--gpu-check", capsys=capsys)
+    assert_one_line_error(proc, "--gpu-check needs a CUDA GPU (none is visible here)")
+    assert proc.stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_gpu_check_counts_model_flops_from_the_dit_papers_118_6_gflops_as_multiply_adds():
+    forward = bench.GPU_CHECK["forward_flops"]
+    assert forward == 2 * 118.6e9                        # DiT paper Table 4, DiT-XL/2 at 256 px: 118.6 G multiply-adds
+    with torch.device("meta"):                           # torch's own count: a multiply-add is 2 FLOPs
+        dit = DiT_models["DiT-XL/2"](input_size=32)
+        with FlopCounterMode(display=False) as counter:
+            dit(torch.randn(1, 4, 32, 32), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    assert counter.get_total_flops() == pytest.approx(forward, rel=1e-3)
+    # a step: forward + backward, 2x the forward for full fine-tuning, 1x for FineDiffusion
+    assert bench.step_flops("full", 256, forward) == pytest.approx(256 * 3 * 237.2e9)      # 182.2 PFLOP
+    assert bench.step_flops("finediffusion", 256, forward) == pytest.approx(256 * 2 * 237.2e9)
+    run = dict(method="finediffusion", batch=256, seconds_per_step=0.5)
+    figures = bench.throughput(run, forward, peak=989)
+    assert figures["images_per_s"] == 512
+    assert figures["tflops"] == pytest.approx(121.4464 / 0.5)                               # 242.9 TFLOP/s
+    assert figures["mfu"] == pytest.approx(242.8928 / 989)                                  # 24.6%
+    assert bench.throughput(run, forward, peak=None)["mfu"] is None
+
+
+@pytest.mark.parametrize("gpu, peak", [("NVIDIA H100 80GB HBM3, 80 GiB", 989), ("NVIDIA H100 PCIe, 80 GiB", 756),
+                                       ("NVIDIA H200, 140 GiB", 989), ("NVIDIA A100-SXM4-80GB, 80 GiB", 312),
+                                       ("NVIDIA L4, 22 GiB", 121), ("NVIDIA L40S, 45 GiB", None),
+                                       ("NVIDIA GeForce RTX 4090, 24 GiB", 165), ("Tesla T4, 15 GiB", None), (None, None)])
+def test_gpu_check_takes_the_peak_from_the_datasheet_of_the_gpu_it_names(gpu, peak):
+    assert bench.peak_tflops(gpu) == peak
+    assert bench.peak_tflops(gpu, given=500.0) == 500.0                                      # --peak-tflops
+
+
+def test_gpu_check_batch_search_doubles_until_a_batch_runs_out_of_memory():
+    def fits_up_to(limit):
+        def step(batch):
+            if batch > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return lambda batch: bench.fits_in_memory(step, batch)
+
+    assert bench.largest_batch(fits_up_to(300), 32, 2048) == (256, [[32, True], [64, True], [128, True], [256, True],
+                                                                    [512, False]])
+    assert bench.largest_batch(fits_up_to(10 ** 6), 32, 128) == (128, [[32, True], [64, True], [128, True]])  # the cap
+    assert bench.largest_batch(fits_up_to(20), 32, 2048) == (16, [[32, False], [16, True]])   # 32 too large: halves
+    assert bench.largest_batch(fits_up_to(0), 4, 2048) == (None, [[4, False], [2, False], [1, False]])
+
+    def broken(batch):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access"):         # only running out of memory is "no fit"
+        bench.fits_in_memory(broken, 32)
+
+
+def test_gpu_check_fails_a_measurement_whose_loss_is_not_finite():
+    assert bench.read_losses([torch.tensor(0.25), torch.tensor(0.125)]) == [0.25, 0.125]
+    with pytest.raises(train.TrainingError, match="loss is nan at step 2 of 3"):
+        bench.read_losses([torch.tensor(0.25), torch.tensor(float("nan")), torch.tensor(0.125)])
+    with pytest.raises(train.TrainingError, match="loss is inf at step 1 of 1"):
+        bench.read_losses([torch.tensor(float("inf"), dtype=torch.float16)])
+
+
+def gpu_check_results(gpu="NVIDIA H100 80GB HBM3, 80 GiB"):
+    """What --gpu-check records, as it would on an H100: some parts done, one failed, others not reached."""
+    plan = bench.GPU_CHECK
+    done = dict(method="finediffusion", precision="bf16", compile=False, batch=256, seconds_per_step=0.5,
+                peak_memory_mb=61440, losses=[0.2, 0.1553])
+    done.update(bench.throughput(done, plan["forward_flops"], bench.peak_tflops(gpu)))
+    return dict(check="gpu", device="cuda", gpu=gpu, torch="2.5.1", plan=plan, peak_tflops=None, seconds=412.0,
+                search={"finediffusion": dict(batch=256, tried=[[32, True], [64, True], [128, True], [256, True],
+                                                                [512, False]]),
+                        "full": dict(error="the full batch search failed: CUDA error: unspecified launch failure")},
+                runs=[done, dict(method="full", precision="bf16", compile=False, batch=None,
+                                 skipped="no batch: its search did not finish"),
+                      dict(method="finediffusion", precision="bf16", compile=True, batch=256,
+                           skipped="the time budget was spent")],
+                sample=dict(seconds=0.71, first_seconds=4.2, sampler="dpm++2m", steps=20, cfg_scale=4.0,
+                            precision="bf16", shape=[1, 256, 256, 3]),
+                ddp=dict(skipped="1 GPU visible, the test needs 2"))
+
+
+def test_gpu_check_table_reads_its_figures_from_the_results():
+    table = bench.gpu_check_report(gpu_check_results()).splitlines()
+    assert table[0].startswith("gpu-check on NVIDIA H100 80GB HBM3, 80 GiB, torch 2.5.1, 412 s: DiT-XL/2 at 256 px")
+    assert "a forward pass is 237.2 GFLOP an image" in table[1] and "MFU against 989 TFLOP/s (datasheet" in table[1]
+    rows = [line.split() for line in table if line.startswith("  finediffusion") or line.startswith("  full")]
+    assert rows[0] == ["finediffusion", "bf16", "off", "256", "0.500", "512.0", "60.0", "242.9", "24.6%", "0.1553"]
+    assert rows[1][:4] == ["full", "bf16", "off", "-"] and "skipped: no batch" in " ".join(rows[1])
+    assert rows[2][:4] == ["finediffusion", "bf16", "on", "256"] and "skipped: the time budget" in " ".join(rows[2])
+    text = "\n".join(table)
+    assert "largest batch of finediffusion: 256 (tried 32, 64, 128, 256, 512 out of memory)" in text
+    assert "largest batch of full: the full batch search failed: CUDA error: unspecified launch failure" in text
+    assert ("sampling: one 256x256 image, fine-grained guidance 4, DPM-Solver++(2M) in 20 steps, SD VAE decode, "
+            "bf16: 0.71 s (4.20 s the first time)") in text
+    assert table[-1] == "DDP smoke test: skipped: 1 GPU visible, the test needs 2"
+    unknown = bench.gpu_check_report(gpu_check_results(gpu="Tesla T4, 15 GiB"))
+    assert "peak unknown for this GPU (give --peak-tflops)" in unknown and "      ?" in unknown
+
+
+def test_gpu_check_runs_out_of_time_part_by_part_and_keeps_a_table_and_json(tmp_path, monkeypatch, capsys):
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a worker started after the budget was spent")
+    monkeypatch.setattr(bench, "run_worker", no_worker)
+    args = bench.parse_args(["--gpu-check", "--out", str(tmp_path / "gpu.json")])
+    bench.gpu_check(args, {**bench.GPU_CHECK, "budget_seconds": 0})
+    out, err = capsys.readouterr()
+    saved = json.load(open(tmp_path / "gpu.json"))
+    assert all(s == {"skipped": "the time budget was spent"} for s in saved["search"].values())
+    assert len(saved["runs"]) == 6 and all("skipped" in r for r in saved["runs"])
+    assert "skipped" in saved["sample"] and "skipped" in saved["ddp"]
+    assert len(err.strip().splitlines()) == 1 + 2 + 6 + 2               # the plan, then a line per part
+    assert out.count("skipped: ") == 6 + 2 + 2 and f"wrote {tmp_path / 'gpu.json'}" in out
+
+
+def test_a_worker_past_its_time_is_stopped_with_the_processes_it_started(tmp_path):
+    """A DDP smoke test that would run for hours, under torchrun: at its time limit torchrun and both its ranks
+    (which run in sessions of their own) are gone, and the limit is said in one line."""
+    marker = str(tmp_path / "marker")                         # in the command line of torchrun and of its ranks
+    seen, stop = [], threading.Event()
+
+    def watch():                                              # how many of them run, every 0.2 s
+        while not stop.wait(0.2):
+            seen.append(len(processes_naming(marker)))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with pytest.raises(UserError, match="the DDP smoke test was stopped after 20 s, when the time budget ran out"):
+            bench.run_worker("the DDP smoke test", ["--worker", "ddp", "--method", "finediffusion", "--model", "DiT-T/4",
+                                                    "--image-size", "32", "--device", "cpu", "--precision", "fp32",
+                                                    "--batch", "2", "--repeats", "1000000", "--out", marker],
+                             timeout=20, launcher=bench.TORCHRUN_2)
+    finally:
+        stop.set()
+        watcher.join()
+        left = processes_naming(marker)
+        for pid in left:                                      # so a failure leaves no ranks running for hours
+            os.kill(int(pid), signal.SIGKILL)
+    assert max(seen) == 3                                     # torchrun and its 2 ranks were running
+    assert left == []
+
+
+def processes_naming(text):
+    """Pids of this machine's processes whose command line holds `text`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if text in f.read().decode(errors="replace"):
+                found.append(pid)
+    return found
+
+
+def test_gpu_check_rehearsed_on_a_cpu_runs_every_part_and_records_it(tmp_path, monkeypatch, capsys):
+    """The whole check with a tiny DiT on a CPU: the workers' command lines, their figures, the table and the
+    JSON. Workers run in this process (seconds, not a start-up each) except DDP: 2 processes under torchrun, gloo."""
+    real_run_worker = bench.run_worker
+
+    def in_process(what, argv, timeout=None, launcher=()):
+        if launcher:
+            return real_run_worker(what, argv, timeout, launcher)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            bench.main([str(a) for a in argv])
+        return json.loads(printed.getvalue().strip().splitlines()[-1])
+
+    monkeypatch.setattr(bench, "run_worker", in_process)
+    monkeypatch.setattr(bench, "AutoencoderKL", functools.partial(AutoencoderKL, block_out_channels=(32, 32, 32, 32),
+                                                                  layers_per_block=1))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    plan = {**bench.GPU_CHECK, "model": "DiT-T/4", "image_size": 32, "first_batch": 2, "max_batch": 4,
+            "repeats": 1, "warmup": 1, "fp16_steps": 3, "compile": False, "ddp_batch": 2, "budget_seconds": 300}
+    args = bench.parse_args(["--gpu-check", "--out", str(tmp_path / "gpu.json")])
+    results = bench.gpu_check(args, plan)
+    out, err = capsys.readouterr()
+    assert json.load(open(tmp_path / "gpu.json")) == json.loads(json.dumps(results))
+    for method in ("finediffusion", "full"):
+        assert results["search"][method] == dict(batch=4, tried=[[2, True], [4, True]])
+    runs = [(r["method"], r["precision"], r["batch"], len(r["losses"])) for r in results["runs"]]
+    assert runs == [("finediffusion", "bf16", 4, 2), ("full", "bf16", 4, 2), ("finediffusion", "fp16", 4, 3),
+                    ("full", "fp16", 4, 3)]
+    for r in results["runs"]:
+        assert r["seconds_per_step"] > 0 and all(math.isfinite(loss) for loss in r["losses"])
+        assert r["tflops"] == pytest.approx(bench.step_flops(r["method"], 4, plan["forward_flops"])
+                                            / r["seconds_per_step"] / 1e12)
+        assert r["mfu"] is None                                   # a CPU has no datasheet peak
+    assert results["sample"]["shape"] == [1, 32, 32, 3] and results["sample"]["seconds"] > 0
+    ddp = results["ddp"]
+    assert (ddp["processes"], ddp["backend"], ddp["steps"], ddp["ok"]) == (2, "gloo", 2, True)
+    assert ddp["weight_spread"] == 0 and ddp["input_spread"] > 0 and ddp["moved"] > 0
+    assert "DDP smoke test: 2 processes (gloo)" in out and ": ok" in out
+    assert len(err.strip().splitlines()) == 1 + 2 + 4 + 2
 
 
 def readme_quickstart():
