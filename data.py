@@ -16,10 +16,11 @@ Datasets, `build_dataset(name, data_path, ...)` (paper §4.1):
           table; superclass ids are fixed by the authors' checkpoint (INAT21_SUPERCLASSES).
   folder  a two-level tree root/<superclass>/<class>/*.jpg (VegFru: 25 superclasses / 292 subclasses), or a flat
           ImageFolder root/<class>/* plus --hierarchy-csv with `class,superclass` rows.
-  toy     the embedded default: shape families (superclasses) x patterned, tinted "species" (subclasses), rendered
-          on the fly at 32 px, trained in pixel space. Small enough to fine-tune on a CPU in minutes.
-  toy-inat  the toy in the paper's data regime: other shape families than the base's, 8 subclasses each, a fixed
-          50 images per class (TOY_SETS).
+  toy       the embedded default, iNat21-mini's role: 32 species (shape x pattern x tint) in 8 shape families, a
+            fixed 50 images per class, rendered at 32 px and trained in pixel space; every species is a combination
+            the base set never shows.
+  toy-base  ImageNet's role: the same 8 shapes in other patterns, 32 classes, unlimited renders: what the shipped
+            toy base DiT was pre-trained on (TOY_SETS).
 
 Images are read by read_rgb, right for every Pillow mode (16-bit ones are scaled, not clipped). Preprocessing is
 DiT's: ADM centre crop, random horizontal flip, [-1, 1]. Unreadable images are skipped with a warning.
@@ -437,16 +438,33 @@ def _read_hierarchy_csv(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Toy dataset: the embedded default (no download)
+# The toy world: the embedded default (no download), one base set and one fine-grained set
 # ----------------------------------------------------------------------------------------------------------------
-# Superclass = a shape family with its own base hue; subclass = a "species": its own pattern (plain, striped,
-# spotted, eyed) and a hue tint within the family's hue range. Subclasses of a family share shape and colour
-# family (the superclass look) and differ in visible but small details, as species of a genus do.
-# Every image also gets random position, size, rotation, saturation/brightness, background and noise.
+# A toy image is a look: a shape (8 families, each with its own hue), a pattern (6) and a tint (pale or deep), drawn
+# with a random pose, background and noise. The two sets mirror the paper's data:
+#   toy-base  ImageNet's role: every shape in 4 of the 6 patterns, tints blended at random: 32 classes, unlimited
+#             renders. The shipped toy base DiT (train.TOY_BASE) is pre-trained on it.
+#   toy       iNat21-mini's role: the 16 (shape, pattern) combinations the base set never shows, each in both tints:
+#             32 species in 8 superclasses (the shape families), a fixed 50 training images per class.
+# So the fine-grained classes are combinations the base never saw, of shapes, patterns and colours it knows.
 
 TOY_SHAPES = ["disc", "square", "triangle", "cross", "diamond", "hexagon", "ellipse", "star"]
-TOY_PATTERNS = ["plain", "striped", "spotted", "eyed"]
+TOY_PATTERNS = ["plain", "striped", "spotted", "eyed", "checkered", "ringed"]
+TOY_TINTS = ["pale", "deep"]
 _TOY_SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def toy_unseen_patterns(shape):
+    """The two patterns shape `shape` never wears in the base set (every pattern is worn by 5 or 6 other shapes)."""
+    return shape % 6, (shape + 3) % 6
+
+
+def toy_looks(name):
+    """[(shape, pattern, tint)] of a toy set's classes in class-id order; tint None: blended at random per image."""
+    if name == "toy-base":
+        return [(f, p, None) for f in range(len(TOY_SHAPES)) for p in range(len(TOY_PATTERNS))
+                if p not in toy_unseen_patterns(f)]
+    return [(f, p, t) for f in range(len(TOY_SHAPES)) for p in toy_unseen_patterns(f) for t in range(len(TOY_TINTS))]
 
 
 def _shape_mask(shape, x, y):
@@ -459,7 +477,7 @@ def _shape_mask(shape, x, y):
     if shape == "triangle":  # apex up (image y grows downwards)
         return (y <= 0.65) & (y >= -1.0 + 1.65 / 0.95 * ax)
     if shape == "cross":
-        return ((ax <= 0.32) & (ay <= 0.95)) | ((ay <= 0.32) & (ax <= 0.95))
+        return ((ax <= 0.34) & (ay <= 0.95)) | ((ay <= 0.34) & (ax <= 0.95))
     if shape == "diamond":  # an elongated rhombus, so it is not just a rotated square
         return ax / 0.75 + ay / 1.05 <= 1.0
     if shape == "hexagon":
@@ -472,20 +490,24 @@ def _shape_mask(shape, x, y):
 
 
 def _pattern_mask(pattern, x, y, phase):
-    """Where a subclass pattern marks the body, in the object frame (so it turns with the shape)."""
+    """Where a pattern marks the body, in the object frame (so it turns with the shape); sizes suit 32 px."""
     if pattern == "plain":
         return np.zeros(x.shape, dtype=bool)
-    if pattern == "striped":  # dark bands, period 0.625 radii
-        return ((y * 1.6 + phase) % 1.0) < 0.5
-    if pattern == "spotted":  # light dots on a 0.7-radius grid
-        return ((x * 1.4 + phase) % 1.0 - 0.5) ** 2 + ((y * 1.4 + phase) % 1.0 - 0.5) ** 2 < 0.09
+    if pattern == "striped":  # dark bands, period 0.7 radii
+        return ((y * 1.43 + phase) % 1.0) < 0.5
+    if pattern == "spotted":  # light dots on a 0.8-radius grid
+        return ((x * 1.25 + phase) % 1.0 - 0.5) ** 2 + ((y * 1.25 + phase) % 1.0 - 0.5) ** 2 < 0.08
     if pattern == "eyed":  # one dark central eye
-        return x * x + y * y < 0.16
+        return x * x + y * y < 0.17
+    if pattern == "checkered":  # dark squares of 0.6 radii
+        return (np.floor(x * 1.67 + phase) + np.floor(y * 1.67 + phase)) % 2 == 0
+    if pattern == "ringed":  # one dark ring around the centre
+        return np.abs(np.hypot(x, y) - 0.55) < 0.15
     raise ValueError(pattern)
 
 
 def _hsv_to_rgb(h, s, v):
-    """Vectorised HSV -> RGB; h, s, v: arrays of shape B in [0, 1] -> B x 3."""
+    """Vectorised HSV -> RGB; h, s, v: arrays of shape (B,) in [0, 1] -> (B, 3)."""
     i = np.floor(h * 6.0).astype(np.int64) % 6
     f = h * 6.0 - np.floor(h * 6.0)
     p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
@@ -494,105 +516,90 @@ def _hsv_to_rgb(h, s, v):
 
 
 def _coverage(mask, supersample):
-    """B x n x n bool mask -> B x (n/s) x (n/s) x 1: fraction of each output pixel's s x s subpixels inside."""
+    """(B, n, n) bool mask -> (B, n/s, n/s, 1): the fraction of each output pixel's s x s subpixels inside."""
     B, n, _ = mask.shape
     m = n // supersample
     return mask.reshape(B, m, supersample, m, supersample).mean(axis=(2, 4), dtype=np.float32)[..., None]
 
 
-def _render_toy(class_ids, rngs, num_superclasses, subclasses_per_superclass, image_size, supersample=2,
-                first_family=0, hue_shift=0.0):
-    """Render one image per (class id, rng): uint8 B x H x W x 3. Each image depends only on its own rng.
-    Superclass f is the shape TOY_SHAPES[first_family + f] with hue f / S + hue_shift."""
-    S, P, B = num_superclasses, subclasses_per_superclass, len(class_ids)
-    family, sub = np.divmod(np.asarray(class_ids, dtype=np.int64), P)  # B, B
-    u = np.stack([rng.random(12) for rng in rngs]).astype(np.float32)  # B x 12: the image's random look
+def _render_toy(looks, rngs, image_size, supersample=2):
+    """One uint8 image (H, W, 3) per (look, rng), stacked (B, H, W, 3); each image depends on its own rng only.
+    look: (shape, pattern, tint), tint 0 pale, 1 deep, None a random blend of the two."""
+    B = len(looks)
+    shape, pattern = (np.array([look[k] for look in looks]) for k in (0, 1))  # (B,), (B,)
+    u = np.stack([rng.random(13) for rng in rngs]).astype(np.float32)  # (B, 13): the image's random look
     noise = np.stack([rng.standard_normal((image_size, image_size, 3), dtype=np.float32) for rng in rngs])
+    tint = np.array([u[b, 12] if look[2] is None else look[2] for b, look in enumerate(looks)], np.float32)
 
-    # pose: centre within +-0.22 of the middle, radius 0.42-0.62 of the half-width, rotation +-20 degrees
-    cx, cy = (u[:, 0] - 0.5) * 0.44, (u[:, 1] - 0.5) * 0.44
-    radius = 0.42 + 0.20 * u[:, 2]
-    angle = np.deg2rad(40.0 * (u[:, 3] - 0.5))
-    # colours: family hue spaced around the wheel; the subclass tints it within 60% of the family's slot
-    hue = family / S + hue_shift + ((sub + 0.5) / P - 0.5) * (0.6 / S)
-    fg = _hsv_to_rgb((hue % 1.0).astype(np.float32), 0.6 + 0.3 * u[:, 4], 0.7 + 0.3 * u[:, 5])  # B x 3
-    bg = _hsv_to_rgb(u[:, 6], 0.2 * u[:, 7], 0.15 + 0.7 * u[:, 8])  # B x 3, low saturation
-    dark, light = 0.35 * fg, 0.45 * fg + 0.55  # B x 3: colours of the pattern marks
-    pattern = sub % len(TOY_PATTERNS)  # B
-    mark_rgb = np.where((pattern == 2)[:, None], light, dark)  # spots are light, stripes and eyes dark
+    # pose: centre within +-0.12 of the middle, radius 0.56-0.68 of the half-width, rotation +-15 degrees
+    cx, cy = (u[:, 0] - 0.5) * 0.24, (u[:, 1] - 0.5) * 0.24
+    radius = 0.56 + 0.12 * u[:, 2]
+    angle = np.deg2rad(30.0 * (u[:, 3] - 0.5))
+    # colour: the family's hue; pale (light, washed out) or deep (dark, saturated), a little jitter on each
+    hue = shape / len(TOY_SHAPES) + 0.02 * (u[:, 4] - 0.5)
+    sat = 0.35 + 0.6 * tint + 0.08 * (u[:, 5] - 0.5)
+    val = 1.0 - 0.4 * tint + 0.08 * (u[:, 6] - 0.5)
+    fg = _hsv_to_rgb((hue % 1.0).astype(np.float32), sat, np.clip(val, 0, 1))  # (B, 3)
+    bg = _hsv_to_rgb(u[:, 7], 0.15 * u[:, 8], 0.1 + 0.25 * u[:, 9])  # (B, 3): dark, nearly grey
+    dark, light = 0.3 * fg, 0.35 * fg + 0.65  # (B, 3): colours of the pattern marks
+    mark_rgb = np.where((pattern == TOY_PATTERNS.index("spotted"))[:, None], light, dark)
 
     # supersampled pixel-centre grid in [-1, 1], then each image's object frame (unit = shape radius)
     n = image_size * supersample
     t = ((np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1)
-    gy, gx = t[None, :, None], t[None, None, :]  # 1 x n x 1, 1 x 1 x n
-    dx, dy = gx - cx[:, None, None], gy - cy[:, None, None]  # B x n x n
+    gy, gx = t[None, :, None], t[None, None, :]  # (1, n, 1), (1, 1, n)
+    dx, dy = gx - cx[:, None, None], gy - cy[:, None, None]  # (B, n, n)
     cos, sin, r = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None], radius[:, None, None]
-    x, y = (cos * dx + sin * dy) / r, (-sin * dx + cos * dy) / r  # B x n x n
+    x, y = (cos * dx + sin * dy) / r, (-sin * dx + cos * dy) / r  # (B, n, n)
 
     inside = np.zeros((B, n, n), dtype=bool)  # the shape
-    mark = np.zeros((B, n, n), dtype=bool)  # its pattern (stripes, spots, eye), where it differs from the body
-    phase = u[:, 9, None, None]  # shifts stripes / spots so they are not pinned to the shape centre
-    for f in np.unique(family):
-        inside[family == f] = _shape_mask(TOY_SHAPES[first_family + f], x[family == f], y[family == f])
+    mark = np.zeros((B, n, n), dtype=bool)  # its pattern, where it differs from the body
+    phase = u[:, 10, None, None]  # shifts stripes, spots and checks so they are not pinned to the centre
+    for f in np.unique(shape):
+        inside[shape == f] = _shape_mask(TOY_SHAPES[f], x[shape == f], y[shape == f])
     for k in np.unique(pattern):
         sel = pattern == k
         mark[sel] = _pattern_mask(TOY_PATTERNS[k], x[sel], y[sel], phase[sel])
 
     # anti-aliasing: average the supersampled masks into per-pixel coverage, then composite the flat colours
-    shape_cover = _coverage(inside, supersample)  # B x H x W x 1
-    mark_cover = _coverage(inside & mark, supersample)  # B x H x W x 1
+    shape_cover = _coverage(inside, supersample)  # (B, H, W, 1)
+    mark_cover = _coverage(inside & mark, supersample)  # (B, H, W, 1)
     t = t.reshape(image_size, supersample).mean(axis=1)  # pixel centres at the output resolution
-    direction = 2 * np.pi * u[:, 10, None, None]
-    gradient = 1.0 + 0.2 * u[:, 11, None, None] * (np.cos(direction) * t[None, None, :]
-                                                   + np.sin(direction) * t[None, :, None])  # B x H x W
-    img = bg[:, None, None, :] * gradient[..., None] * (1.0 - shape_cover)  # B x H x W x 3
+    direction = 2 * np.pi * u[:, 11, None, None]
+    gradient = 1.0 + 0.2 * (np.cos(direction) * t[None, None, :] + np.sin(direction) * t[None, :, None])  # (B, H, W)
+    img = bg[:, None, None, :] * gradient[..., None] * (1.0 - shape_cover)  # (B, H, W, 3)
     img += fg[:, None, None, :] * (shape_cover - mark_cover) + mark_rgb[:, None, None, :] * mark_cover
     img += 0.015 * noise
-    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)  # B x H x W x 3
-
-
-def toy_image(class_id, rng_or_seed, num_superclasses=4, subclasses_per_superclass=4, image_size=32):
-    """One toy image of fine class `class_id` (uint8 H x W x 3); rng_or_seed: a numpy Generator or a seed."""
-    if not 0 <= class_id < num_superclasses * subclasses_per_superclass:
-        raise ValueError(f"toy class id {class_id} outside [0, {num_superclasses * subclasses_per_superclass})")
-    rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
-    return _render_toy([class_id], [rng], num_superclasses, subclasses_per_superclass, image_size)[0]
+    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)  # (B, H, W, 3)
 
 
 class ToyDataset(HierarchyMixin, Dataset):
-    """num_superclasses shape families x subclasses_per_superclass species, images_per_class images each.
+    """A set of the toy world (TOY_SETS): `images_per_class` renders of each of its looks (toy_looks).
 
-    Item i is class i // images_per_class, instance j = i % images_per_class, rendered from the numpy rng seeded
-    with (seed, split, class, j): deterministic per (seed, index), and equal to
-    toy_image(class, np.random.default_rng([seed, split_id, class, j])). coarse=True labels items with their
-    superclass (shape family) id: num_classes = num_superclasses, each class its own superclass.
+    Item i is class i // images_per_class, instance j = i % images_per_class, rendered from the numpy rng seeded with
+    (seed, split, class, j): the same image for the same (seed, split, index), on any machine. The superclass of a
+    class is its shape. coarse=True labels items with their superclass (each class its own superclass).
     """
 
     max_prerender_bytes = 256 << 20  # pre-render the whole set when it fits; otherwise render per item
 
-    def __init__(self, num_superclasses=4, subclasses_per_superclass=4, image_size=32, images_per_class=256,
-                 seed=0, coarse=False, flip=True, split="train", first_family=0, hue_shift=0.0):
-        if not 1 <= num_superclasses <= len(TOY_SHAPES) - first_family:
-            raise ValueError(f"toy dataset: first_family + num_superclasses must be at most {len(TOY_SHAPES)}")
+    def __init__(self, name="toy", image_size=32, images_per_class=50, seed=0, coarse=False, flip=True, split="train"):
+        if name not in TOY_SETS:
+            raise UserError(f"unknown toy set {name!r} (choose {', '.join(TOY_SETS)})")
         if split not in _TOY_SPLITS:
             raise UserError(f"toy dataset: unknown split {split!r} (choose {', '.join(_TOY_SPLITS)})")
-        S, P = num_superclasses, subclasses_per_superclass
-        self.num_families, self.subclasses_per_superclass = S, P  # the fine set, even if coarse
-        self.first_family, self.hue_shift = first_family, hue_shift
+        self.name, self.looks = name, toy_looks(name)
         self.image_size, self.images_per_class, self.seed, self.flip = image_size, images_per_class, seed, flip
         self.split_id = _TOY_SPLITS[split]
-        n_pat = len(TOY_PATTERNS)
-        patterns = [TOY_PATTERNS[k % n_pat] + (str(k // n_pat + 1) if k >= n_pat else "")
-                    for k in range(P)]  # plain, striped, spotted, eyed, plain2, ...
-        shapes = TOY_SHAPES[first_family:first_family + S]
-        self.set_hierarchy(make_hierarchy([f"{shapes[f]}/{patterns[k]}" for f in range(S) for k in range(P)],
-                                          shapes, [f for f in range(S) for _ in range(P)]))
-        self.fine_labels = np.repeat(np.arange(S * P), images_per_class)  # N: fine class of item i
+        names = ["/".join([TOY_SHAPES[f], TOY_PATTERNS[p]] + ([] if t is None else [TOY_TINTS[t]]))
+                 for f, p, t in self.looks]
+        self.set_hierarchy(make_hierarchy(names, TOY_SHAPES, [f for f, _, _ in self.looks]))
+        self.fine_labels = np.repeat(np.arange(len(self.looks)), images_per_class)  # (N,): class of item i
         self.labels = self.fine_labels.copy()
         self.targets = self.labels.tolist()
         if coarse:
             self.make_coarse()
-        self.images = None  # N x H x W x 3 uint8 when pre-rendered
+        self.images = None  # (N, H, W, 3) uint8 when pre-rendered
         if len(self) * image_size * image_size * 3 <= self.max_prerender_bytes:
             self.images = np.concatenate([self.raw_images(range(i, min(i + 512, len(self))))
                                           for i in range(0, len(self), 512)])
@@ -601,39 +608,31 @@ class ToyDataset(HierarchyMixin, Dataset):
         return len(self.fine_labels)
 
     def raw_images(self, indices):
-        """uint8 B x H x W x 3 images of the given items (no flip), rendered afresh."""
+        """uint8 (B, H, W, 3) images of the given items (no flip), rendered afresh."""
         indices = list(indices)
         classes = [int(self.fine_labels[i]) for i in indices]
         rngs = [np.random.default_rng([self.seed, self.split_id, c, i % self.images_per_class])
                 for c, i in zip(classes, indices)]
-        return _render_toy(classes, rngs, self.num_families, self.subclasses_per_superclass, self.image_size,
-                           first_family=self.first_family, hue_shift=self.hue_shift)
+        return _render_toy([self.looks[c] for c in classes], rngs, self.image_size)
 
     def __getitem__(self, index):
-        arr = self.images[index] if self.images is not None else self.raw_images([index])[0]  # H x W x 3 uint8
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1.0  # 3 x H x W
+        arr = self.images[index] if self.images is not None else self.raw_images([index])[0]  # (H, W, 3) uint8
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, int(self.labels[index])
 
 
-# The toy in the paper's data regime (`--data toy-inat`). The paper fine-tunes a DiT pre-trained on ImageNet,
-# whose classes are not iNat21's, on iNat21-mini: 10,000 species, a fixed 50 training images each. In
-# miniature: the base is the quickstart's, pre-trained on today's toy families (disc, square, triangle, cross);
-# fine-tuning is on the OTHER four families (diamond, hexagon, ellipse, star), their hues set between the base's,
-# each split into 8 subclasses (the 4 patterns x 2 tint halves, every one its own tint), with a fixed 50 images
-# per class: the same images whatever the training --seed, as a published dataset.
-TOY_SETS = {
-    "toy": dict(),
-    "toy-inat": dict(first_family=4, hue_shift=1 / 8, subclasses_per_superclass=8, images_per_class=50, seed=0),
-}
+# The two toy sets, and how many images a training run sees of each class: the base set is a broad, unlimited
+# world (renders are cheap), the fine-grained one a fixed 50 per class whatever the training --seed, as iNat21-mini's.
+TOY_SETS = {"toy-base": dict(images_per_class=1024), "toy": dict(images_per_class=50, seed=0)}
 DATASETS = ("inat21", "folder", *TOY_SETS)
 
 
 def toy_dataset(name, image_size=32, split="train", flip=True, seed=0, coarse=False, **override):
     """One of TOY_SETS; `override` changes its ToyDataset arguments (e.g. images_per_class for a classifier)."""
-    return ToyDataset(**{**dict(image_size=image_size, split=split, flip=flip, seed=seed, coarse=coarse),
-                         **TOY_SETS[name], **override})
+    return ToyDataset(name, **{**dict(image_size=image_size, split=split, flip=flip, seed=seed, coarse=coarse),
+                               **TOY_SETS[name], **override})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -642,7 +641,7 @@ def toy_dataset(name, image_size=32, split="train", flip=True, seed=0, coarse=Fa
 
 def build_dataset(name, data_path=None, image_size=256, split="train", flip=True, seed=0, coarse=False,
                   hierarchy_csv=None):
-    """'inat21' | 'folder' | 'toy' | 'toy-inat' -> a Dataset of (image in [-1, 1], class id) exposing its hierarchy."""
+    """'inat21' | 'folder' | 'toy' | 'toy-base' -> a Dataset of (image in [-1, 1], class id) exposing its hierarchy."""
     if name == "inat21":
         return inat21_dataset(data_path, split, image_size, flip, coarse)
     if name == "folder":

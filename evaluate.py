@@ -846,7 +846,7 @@ def cmd_generate(args):
 # A small CNN classifier trained on real toy images (cached) stands in for the Inception network: it
 # says whether a sample shows the requested subclass and superclass, gives features for a Frechet distance,
 # and (unit-normalised feature maps, LPIPS-style) a distance between two samples of the same class. Each
-# checkpoint is scored by the classifier of its own toy set (toy or toy-inat, recognised by its classes).
+# checkpoint is scored by the classifier of its own toy set (toy or toy-base, recognised by its classes).
 # --cfg-scales sweeps the guidance scale w: at w = 1, eq. 1 is eps(x_t | c) whatever the guide, so every guide's
 # curve starts at the unguided (`none`) point.
 
@@ -874,7 +874,7 @@ class ToyClassifier(nn.Module):
 
 def toy_classifier(image_size, cache_dir="results", epochs=4, seed=0, toy_set="toy"):
     """The classifier for images of a toy set (data.TOY_SETS) at `image_size`, trained once (a few CPU seconds)
-    on 256 real images per class -- more than toy-inat's 50: it plays Inception, not a fine-tuned model -- and
+    on 256 real images per class -- more than the toy set's 50: it plays Inception, not a fine-tuned model -- and
     cached."""
     path = os.path.join(cache_dir, f"{toy_set.replace('-', '_')}_classifier_{image_size}px.pt")
     train_set = data.toy_dataset(toy_set, image_size, "train", seed=seed, images_per_class=256)
@@ -1005,7 +1005,7 @@ def cmd_toy(args):
         path = info["path"]
         size, name = info["config"]["image_size"], toy_set_of(model.hierarchy)
         if not info["config"]["pixel_space"] or name is None:
-            raise UserError(f"{path} is not a fine-grained toy checkpoint (train one with --data toy or toy-inat)")
+            raise UserError(f"{path} is not a toy checkpoint (train one with --data toy or toy-base)")
         if (name, size) not in references:
             references[name, size] = toy_reference(name, size, args)
             rows.append(references[name, size][3])

@@ -282,8 +282,8 @@ MUTATIONS = [
      "        while records and records[-1][\"step\"] >= r[\"step\"]:\n            records.pop()\n", "", "read_log"),
     ("training time restarts at every resume", "train.py",
      "run.time_before = ckpt.get(\"time_s\") or 0.0", "run.time_before = 0.0", "training_time"),
-    ("toy-inat images change with the training seed", "data.py",
-     "images_per_class=50, seed=0)", "images_per_class=50)", "toy_inat"),
+    ("the fine-grained toy images change with the training seed", "data.py",
+     "images_per_class=50, seed=0)", "images_per_class=50)", "fixed_set"),
 ]
 
 

@@ -1506,15 +1506,15 @@ def our_delta(tmp_path_factory):
 @pytest.mark.parametrize("command", ["sample", "grid", "generate"])
 def test_our_delta_checkpoint_is_guided_from_the_superclass_rows_of_the_hierarchy_it_was_trained_with(
         our_delta, tmp_path, capsys, label_lookups, command):
-    superclass_of = data.ToyDataset(images_per_class=1).superclass_of      # the toy data's own hierarchy
+    superclass_of = data.ToyDataset("toy", images_per_class=1).superclass_of   # the toy data's own hierarchy
     argv = dict(sample=(sample_module, "--class-id", 9, "--num-samples", 2, "--out", tmp_path / "s.png"),
-                grid=(evaluate, "grid", "--class-ids", 0, 5, 10, 15, "--out", tmp_path / "g.png"),
+                grid=(evaluate, "grid", "--class-ids", 0, 5, 10, 15, "--out", tmp_path / "g.png"),   # 4 families
                 generate=(evaluate, "generate", "--per-class", 1, "--out", tmp_path / "gen"))[command]
     proc = run_main(*argv, "--ckpt", our_delta, "--steps", 2, capsys=capsys)          # a run folder: its newest
     assert proc.returncode == 0, proc.stderr
     conditional, guide = guide_halves(label_lookups)
-    assert guide.tolist() == [16 + superclass_of[c] for c in conditional.tolist()]
-    assert len(set(guide.tolist())) == (1 if command == "sample" else 4)
+    assert guide.tolist() == [len(superclass_of) + superclass_of[c] for c in conditional.tolist()]
+    assert len(set(guide.tolist())) == {"sample": 1, "grid": 4, "generate": 8}[command]
 
 
 def test_the_console_names_the_guide_row_the_dit_receives_even_when_it_is_not_the_intended_one(
@@ -1774,8 +1774,7 @@ class FailingVAE(StandInVAE):
 
 
 def small_toy(image_size=16):
-    return data.ToyDataset(num_superclasses=2, subclasses_per_superclass=2, image_size=image_size,
-                           images_per_class=3, flip=False)  # 12 images
+    return data.ToyDataset("toy", image_size=image_size, images_per_class=1, flip=False)  # 32 images
 
 
 def cache_meta(vae="stand-in-0"):
@@ -2059,77 +2058,68 @@ def test_preview_rows_show_each_readable_image_of_their_class_once(tmp_path, cap
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_toy_is_deterministic_per_seed():
-    a, b, c = (data.ToyDataset(images_per_class=4, seed=s, flip=False) for s in (0, 0, 1))
+    a, b, c = (data.ToyDataset("toy", images_per_class=4, seed=s, flip=False) for s in (0, 0, 1))
     assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, c.images)
     rng = np.random.default_rng([0, 0, 5, 3])  # (seed, split train, class 5, instance 3) = item 5*4+3
-    assert np.array_equal(data.toy_image(5, rng), a.images[5 * 4 + 3])
+    assert np.array_equal(data._render_toy([a.looks[5]], [rng], 32)[0], a.images[5 * 4 + 3])
+
+
+def test_the_fine_grained_toy_set_holds_only_looks_the_base_set_never_shows():
+    base, fine = data.toy_dataset("toy-base"), data.toy_dataset("toy")
+    seen = {(f, p) for f, p, _ in base.looks}
+    unseen = {(f, p) for f, p, _ in fine.looks}
+    assert not seen & unseen and len(seen) == 32 and len(unseen) == 16        # no class the base saw
+    assert {f for f, _ in unseen} <= {f for f, _ in seen} and {p for _, p in unseen} <= {p for _, p in seen}
+    assert not set(fine.class_names) & set(base.class_names)
+    assert fine.superclass_names == base.superclass_names == data.TOY_SHAPES   # the families it knows
+    assert np.bincount(fine.targets).tolist() == [50] * 32                     # as iNat21-mini
 
 
 def test_toy_subclasses_differ_and_share_their_family_look():
-    ds = data.ToyDataset(images_per_class=64, flip=False)
-    means = ds.images.reshape(16, 64, -1).astype(np.float64).mean(1)  # class-mean image, 16 x (32*32*3)
-    dist = np.linalg.norm(means[:, None] - means[None], axis=-1)  # 16 x 16
-    same_family = np.equal.outer(np.arange(16) // 4, np.arange(16) // 4)
-    off_diag = ~np.eye(16, dtype=bool)
+    ds = data.ToyDataset("toy", images_per_class=64, flip=False)
+    means = ds.images.reshape(32, 64, -1).astype(np.float64).mean(1)  # class-mean image, (32, 32*32*3)
+    dist = np.linalg.norm(means[:, None] - means[None], axis=-1)  # (32, 32)
+    same_family = np.equal.outer(np.arange(32) // 4, np.arange(32) // 4)
+    off_diag = ~np.eye(32, dtype=bool)
     assert dist[off_diag].min() > 100  # every class differs from every other
     assert dist[same_family & off_diag].mean() < dist[~same_family].mean()  # siblings look alike
-    assert ds.class_names[:4] == ["disc/plain", "disc/striped", "disc/spotted", "disc/eyed"]
-    assert ds.superclass_names == ["disc", "square", "triangle", "cross"]
+    assert ds.class_names[:4] == ["disc/plain/pale", "disc/plain/deep", "disc/eyed/pale", "disc/eyed/deep"]
 
 
-def test_toy_subclasses_of_a_family_step_through_its_hue_range():
-    """A species tints its family's hue by ((k + 0.5) / 4 - 0.5) * 0.6 / 4 (k = 0..3): four distinct, ordered hues."""
+def test_a_pale_toy_species_is_lighter_and_less_saturated_than_its_deep_twin():
     import colorsys
-    ds = data.ToyDataset(images_per_class=24, flip=False)
-    for family in range(4):
-        offsets = []
-        for k in range(4):
-            hues = []
-            for image in ds.images[ds.fine_labels == 4 * family + k] / 255.0:          # (32, 32, 3) each
-                hsv = np.array([colorsys.rgb_to_hsv(*p) for p in image.reshape(-1, 3)])
-                hues.append(hsv[hsv[:, 1].argmax(), 0])                      # the most saturated pixel: the body
-            offsets.append((np.median(hues) - family / 4 + 0.5) % 1.0 - 0.5)   # signed offset from the family hue
-        assert np.all(np.diff(offsets) > 0.02), (family, offsets)
+    ds = data.ToyDataset("toy", images_per_class=16, flip=False)
+
+    def saturation_and_value(c):      # the median over images of the mean over the coloured (shape) pixels
+        sv = []
+        for image in ds.images[ds.fine_labels == c] / 255.0:                    # (32, 32, 3) each
+            hsv = np.array([colorsys.rgb_to_hsv(*p) for p in image.reshape(-1, 3)])
+            sv.append(hsv[hsv[:, 1] > 0.25, 1:].mean(0))                         # the background is nearly grey
+        return np.median(sv, axis=0)
+    for pale in range(0, 32, 2):                                                # (pale, deep) pairs
+        (s_pale, v_pale), (s_deep, v_deep) = saturation_and_value(pale), saturation_and_value(pale + 1)
+        assert s_deep > s_pale + 0.25 and v_pale > v_deep + 0.05, ds.class_names[pale]
 
 
 def test_toy_coarse_labels_are_superclass_ids():
-    fine = data.ToyDataset(images_per_class=2)
-    coarse = data.ToyDataset(images_per_class=2, coarse=True)
-    assert coarse.num_classes == 4 and coarse.class_names == fine.superclass_names
+    fine = data.ToyDataset("toy", images_per_class=2)
+    coarse = data.ToyDataset("toy", images_per_class=2, coarse=True)
+    assert coarse.num_classes == 8 and coarse.class_names == fine.superclass_names
     assert coarse.targets == [fine.superclass_of[t] for t in fine.targets]
     assert np.array_equal(coarse.images, fine.images)
 
 
 def test_toy_items_are_float_images_in_range():
     ds = data.build_dataset("toy", image_size=32)
-    assert len(ds) == 16 * 256 and ds.num_classes == 16 and ds.num_superclasses == 4
+    assert len(ds) == 32 * 50 and ds.num_classes == 32 and ds.num_superclasses == 8
     x, y = ds[1000]
-    assert x.dtype == torch.float32 and x.shape == (3, 32, 32) and y == 1000 // 256
+    assert x.dtype == torch.float32 and x.shape == (3, 32, 32) and y == 1000 // 50
     assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.5 and x.max() > 0
 
 
-def test_toy_inat_fine_tunes_on_other_families_than_the_base_split_finer_with_50_images_per_class():
-    base, fine = data.build_dataset("toy", image_size=16), data.build_dataset("toy-inat", image_size=16)
-    assert not set(fine.superclass_names) & set(base.superclass_names)          # ImageNet's classes are not iNat21's
-    assert fine.num_superclasses == 4 and fine.num_classes == 32 > base.num_classes
-    assert np.bincount(fine.targets).tolist() == [50] * 32                       # as iNat21-mini
-    assert fine.class_names[:8] == ["diamond/plain", "diamond/striped", "diamond/spotted", "diamond/eyed",
-                                    "diamond/plain2", "diamond/striped2", "diamond/spotted2", "diamond/eyed2"]
-
-
-def test_toy_inat_is_a_fixed_set_of_images_whatever_the_training_seed():
-    a, b = (data.build_dataset("toy-inat", image_size=16, flip=False, seed=s) for s in (0, 1))
+def test_the_fine_grained_toy_set_is_a_fixed_set_of_images_whatever_the_training_seed():
+    a, b = (data.build_dataset("toy", image_size=16, flip=False, seed=s) for s in (0, 1))
     assert np.array_equal(a.images, b.images)
-
-
-def test_toy_inat_subclasses_all_differ_and_siblings_look_alike():
-    ds = data.toy_dataset("toy-inat", image_size=32, flip=False)
-    means = ds.images.reshape(32, 50, -1).astype(np.float64).mean(1)            # class-mean image, 32 x (32*32*3)
-    dist = np.linalg.norm(means[:, None] - means[None], axis=-1)
-    same_family = np.equal.outer(np.arange(32) // 8, np.arange(32) // 8)
-    off_diag = ~np.eye(32, dtype=bool)
-    assert dist[off_diag].min() > 100
-    assert dist[same_family & off_diag].mean() < dist[~same_family].mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2140,7 +2130,7 @@ def test_cache_moments_match_a_direct_encode(toy_cache):
     out, dataset, vae = toy_cache
     moments = np.load(os.path.join(out, "moments.npy"))  # N x 2 x 8 x 2 x 2
     labels = np.load(os.path.join(out, "labels.npy"))
-    assert moments.shape == (12, 2, 8, 2, 2) and moments.dtype == np.float16
+    assert moments.shape == (32, 2, 8, 2, 2) and moments.dtype == np.float16
     assert labels.tolist() == dataset.targets
     for i in (0, 7, 11):
         with torch.no_grad():
@@ -2161,7 +2151,7 @@ def test_cache_meta_records_the_job(toy_cache):
     out, dataset, _ = toy_cache
     with open(os.path.join(out, "meta.json")) as f:
         meta = json.load(f)
-    assert meta["complete"] and meta["num_images"] == 12 and meta["latent_shape"] == [4, 2, 2]
+    assert meta["complete"] and meta["num_images"] == 32 and meta["latent_shape"] == [4, 2, 2]
     assert meta["image_size"] == 16 and meta["vae"] == "stand-in-0" and meta["hierarchy"] == dataset.hierarchy()
 
 
@@ -2178,7 +2168,7 @@ def test_cache_resumes_without_re_encoding_done_items(tmp_path):
     meta = data.build_latent_cache(dataset, vae, str(tmp_path / "a"), batch_size=4, num_workers=0,
                                    meta=cache_meta(), progress=False)
     assert meta["complete"]
-    assert sum(vae.batch_sizes) - 1 == 2 * (12 - 8)  # one probe image + both views of each remaining item
+    assert sum(vae.batch_sizes) - 1 == 2 * (32 - 8)  # one probe image + both views of each remaining item
     data.build_latent_cache(dataset, StandInVAE(), str(tmp_path / "b"), batch_size=5, num_workers=0,
                             meta=cache_meta(), progress=False)
     for name in ("moments.npy", "labels.npy", "done.npy"):
@@ -2998,7 +2988,7 @@ def test_training_swaps_labels_for_their_superclass_row_at_the_configured_rate(t
     assert len(y) == 16 * 25
     swapped = rows != y
     superclass_of = torch.tensor(data.ToyDataset(images_per_class=1).superclass_of)
-    assert torch.equal(rows[swapped], 16 + superclass_of[y[swapped]])     # to the row of its own superclass
+    assert torch.equal(rows[swapped], 32 + superclass_of[y[swapped]])     # to the row of its own superclass
     n, p = len(y), 0.3
     assert abs(swapped.sum().item() - n * p) < 4 * math.sqrt(n * p * (1 - p))
 
@@ -3135,7 +3125,7 @@ BAD_ARGUMENTS = [
     ("train", ["--data", "toy", "--superclass-prob", "2"], ["--superclass-prob", "[0, 1]"]),
     ("train", ["--data", "toy", "--sample-every", "-1"], ["--sample-every", ">= 0"]),
     ("train", ["--data", "toy", "--device", "tpu"], ["--device", "cpu"]),
-    ("train", ["--data", "toy", "--image-size", "17"], ["--image-size 17", "multiple of 4"]),
+    ("train", ["--data", "toy", "--init", "none", "--image-size", "17"], ["--image-size 17", "multiple of 4"]),
     ("train", ["--data", "toy", "--image-size", "0"], ["--image-size", ">= 1"]),
     ("train", ["--data", "toy", "--image-size", "-8"], ["--image-size", ">= 1"]),
     ("train", ["--data", "folder", "--data-path", ".", "--init", "none", "--model", "DiT-T/2", "--image-size", "40"],
@@ -3255,8 +3245,8 @@ def test_generate_records_the_sampler_and_the_guidance_interval(tmp_path):
 
 def toy_checkpoint(path, method, **kw):
     """A (random-weight) checkpoint of the real toy hierarchy at 16 px, as train.py writes it."""
-    toy = data.ToyDataset(image_size=16, images_per_class=1)
-    config = dict(name="DiT-T/4", image_size=16, num_classes=16, num_superclasses=4, method=method, pixel_space=True, **kw)
+    toy = data.ToyDataset("toy", image_size=16, images_per_class=1)
+    config = dict(name="DiT-T/4", image_size=16, num_classes=32, num_superclasses=8, method=method, pixel_space=True, **kw)
     model = randomize(build_model(**config, hierarchy=toy.hierarchy()))
     torch.save(dict(model=model.state_dict(), config=config, hierarchy=toy.hierarchy(), args={}, base=None), path)
     return str(path)
@@ -3295,7 +3285,7 @@ def test_toy_table_gives_a_json_row_per_seed_and_prints_their_spread(tmp_path, c
 def test_toy_table_refuses_a_checkpoint_of_other_data(tmp_path):
     write_our_checkpoint(tmp_path / "other.pt")
     proc = run_script("evaluate.py", "toy", "--ckpt", str(tmp_path / "other.pt"), "--cache-dir", str(tmp_path))
-    assert_one_line_error(proc, "not a fine-grained toy checkpoint")
+    assert_one_line_error(proc, "not a toy checkpoint")
 
 
 def test_toy_sweep_has_a_row_per_guide_and_scale_and_w1_is_the_unguided_sampler(tmp_path):
@@ -3314,23 +3304,19 @@ def test_toy_sweep_has_a_row_per_guide_and_scale_and_w1_is_the_unguided_sampler(
     assert [float(r["fid"]) for r in table] == pytest.approx([r["fid"] for r in rows])
 
 
-def toy_inat_checkpoint(path, method="finediffusion"):
-    """A random-weight checkpoint of the toy-inat classes at 16 px, as train.py writes it."""
-    fine = data.toy_dataset("toy-inat", image_size=16, images_per_class=1)
-    config = dict(name="DiT-T/4", image_size=16, num_classes=32, num_superclasses=4, method=method, pixel_space=True)
-    model = randomize(build_model(**config, hierarchy=fine.hierarchy()))
-    torch.save(dict(model=model.state_dict(), config=config, hierarchy=fine.hierarchy(), args={}, base=None), path)
-    return str(path)
-
-
-def test_toy_table_scores_toy_inat_checkpoints_with_a_classifier_of_their_classes(tmp_path):
-    ckpt = toy_inat_checkpoint(tmp_path / "fd.pt")
-    evaluate.main(["toy", "--ckpt", ckpt, "--guidance", "none", "--per-class", "2", "--steps", "2", "--pairs", "10",
+def test_toy_table_scores_a_toy_base_checkpoint_with_a_classifier_of_the_base_sets_classes(tmp_path):
+    base = data.toy_dataset("toy-base", image_size=16, images_per_class=1)
+    config = dict(name="DiT-T/4", image_size=16, num_classes=32, num_superclasses=8, method="full", pixel_space=True)
+    model = randomize(build_model(**config, hierarchy=base.hierarchy()))
+    torch.save(dict(model=model.state_dict(), config=config, hierarchy=base.hierarchy(), args={}, base=None),
+               tmp_path / "base.pt")
+    evaluate.main(["toy", "--ckpt", str(tmp_path / "base.pt"), "--per-class", "2", "--steps", "2", "--pairs", "10",
                    "--cache-dir", str(tmp_path), "--classifier-epochs", "1", "--out-json", str(tmp_path / "t.json")])
     rows = json.load(open(tmp_path / "t.json"))
-    assert [r["ckpt"] for r in rows] == ["real toy-inat images (test)", "fd.pt"]
-    net = torch.load(tmp_path / "toy_inat_classifier_16px.pt", weights_only=True)
-    assert net["fc.weight"].shape[0] == 32
+    assert [(r["ckpt"], r["guidance"]) for r in rows] == [("real toy-base images (test)", "-"), ("base.pt", "none"),
+                                                           ("base.pt", "null")]
+    net = torch.load(tmp_path / "toy_base_classifier_16px.pt", weights_only=True)
+    assert net["fc.weight"].shape[0] == 32 and base.class_names[0] == "disc/striped"
 
 
 def coloured_pixels(path, box=None):
@@ -3402,13 +3388,13 @@ def test_embeddings_command_draws_a_panel_per_checkpoint_and_writes_its_numbers(
     assert png_size(out) == (2 * 640, 460)
     assert all(coloured_pixels(out, box) > 100 for box in panel_boxes(out, 2))
     found = json.load(open(tmp_path / "fig7.json"))["checkpoints"]
-    assert [len(c["subclass"]) for c in found] == [16, 16]
-    assert [len(c["superclass"]) for c in found] == [4, 0]      # FineDiffusion's table has superclass rows (+)
-    assert [len(c["mean"]) for c in found] == [4, 4]
+    assert [len(c["subclass"]) for c in found] == [32, 32]
+    assert [len(c["superclass"]) for c in found] == [8, 0]      # FineDiffusion's table has superclass rows (+)
+    assert [len(c["mean"]) for c in found] == [8, 8]
     with open(tmp_path / "fig7.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["method"] for r in table] == ["finediffusion", "bitfit"]
-    assert all(0 <= float(r["same_superclass_2d"]) <= 1 and float(r["chance"]) == pytest.approx(3 / 15)
+    assert all(0 <= float(r["same_superclass_2d"]) <= 1 and float(r["chance"]) == pytest.approx(3 / 31)
                for r in table)
 
 
@@ -3551,7 +3537,8 @@ def test_a_run_folder_has_one_writer_until_its_run_is_killed_and_then_it_resumes
                 break
             time.sleep(0.1)
         with pytest.raises(UserError, match=rf"{run_dir} is in use by another training run \(pid {holder.pid} on"):
-            run_train(*TINY_TRAIN, "--global-batch-size", "4", "--max-steps", "1", "--run-dir", run_dir)
+            run_train(*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--max-steps", "1", "--run-dir",
+                      run_dir)
     finally:
         holder.kill()                                          # kill -9: no clean-up code runs
         holder.wait()
@@ -3745,7 +3732,7 @@ def test_a_corrupt_cached_toy_classifier_is_trained_again(tmp_path, monkeypatch)
     monkeypatch.setattr(data, "ToyDataset", functools.partial(data.ToyDataset, images_per_class=4))
     (tmp_path / "toy_classifier_16px.pt").write_bytes(b"cut short by a full disk")
     assert isinstance(evaluate.toy_classifier(16, str(tmp_path), epochs=1), evaluate.ToyClassifier)
-    model_module.load_strict(evaluate.ToyClassifier(16), torch.load(tmp_path / "toy_classifier_16px.pt"), "cache")
+    model_module.load_strict(evaluate.ToyClassifier(32), torch.load(tmp_path / "toy_classifier_16px.pt"), "cache")
 
 
 def test_a_moved_base_is_asked_for_with_the_flag_each_script_has(tmp_path, base_ckpt, capsys):
@@ -3840,8 +3827,8 @@ def test_under_torchrun_a_user_error_found_by_rank_0_stops_every_rank_and_is_sai
     lock = train.lock_run_dir(str(tmp_path / "run"))       # this process holds the run folder: only rank 0 can tell
     try:
         proc = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                          os.path.join(HERE, "train.py"), *TINY_TRAIN, "--global-batch-size", "4", "--max-steps", "2",
-                          "--run-dir", tmp_path / "run")
+                          os.path.join(HERE, "train.py"), *TINY_TRAIN, "--init", "none", "--global-batch-size", "4",
+                          "--max-steps", "2", "--run-dir", tmp_path / "run")
     finally:
         lock.close()
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

@@ -61,6 +61,22 @@ from sample import CFG_SCALE, Sampler, guide_labels, sample_images, save_png
 
 PAPER_INIT = "DiT-XL-2-256x256.pt"
 VAE = "sd-vae-ft-ema"     # the paper's (DiT's) VAE, looked up as given, then under pretrained/
+# The toy world's published base (ImageNet's DiT-XL/2 in miniature): shipped in the repository, and its sha256, so
+# that a changed or half-checked-out file is refused instead of fine-tuned from.
+TOY_BASE = os.path.join("toy", "DiT-T-4-toy-base.pt")
+TOY_BASE_SHA256 = None
+
+# The defaults that depend on --data: the paper's (§4.1-4.2) for iNat21 and any folder of images; for the toy world,
+# fine-tuning from the shipped toy base with the settings its quickstart was tuned with (README), and the recipe that
+# made that base from the broad toy-base set. A flag given on the command line wins; on --resume, the run's own.
+RECIPES = {
+    "paper": dict(init=PAPER_INIT, lr=1e-4, global_batch_size=256, max_steps=200_000, ema_decay=0.9999,
+                  ckpt_every=50_000, log_every=100),
+    "toy": dict(init=TOY_BASE, lr=1e-2, global_batch_size=64, max_steps=800, ema_decay=0.995, ckpt_every=800,
+                log_every=100),
+    "toy-base": dict(init="none", lr=1e-3, global_batch_size=64, max_steps=12_000, ema_decay=0.999,
+                     ckpt_every=2_000, log_every=200),
+}
 
 
 class TrainingError(UserError):
@@ -71,6 +87,12 @@ class TrainingError(UserError):
 # ----------------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------------
+
+def recipe_help(flag):
+    """'default: 0.0001 (paper), toy: 0.01, toy-base: 0.001' for a flag whose default depends on --data."""
+    return "default: " + ", ".join(f"{v[flag]:g} (paper)" if k == "paper" else f"{k}: {v[flag]:g}"
+                                   for k, v in RECIPES.items())
+
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
@@ -90,15 +112,16 @@ def parse_args(argv=None):
     m.add_argument("--image-size", type=positive_int, help="pixels, a multiple of the patch (x8 for latents); "
                                                          "default: from --init, else 256 (toy: 32)")
     m.add_argument("--init", help=f"pre-trained DiT ({PAPER_INIT} is looked up as given, then under pretrained/), "
-                                  f"one of our checkpoints or run folders, or 'none'; default: {PAPER_INIT}, toy: none")
+                                  f"one of our checkpoints or run folders, or 'none'; default: {PAPER_INIT}, toy: "
+                                  f"{TOY_BASE}, toy-base: none")
     m.add_argument("--tune", choices=METHODS, help="what to train; default: finediffusion, full from scratch")
     m.add_argument("--superclass-prob", type=probability, default=SUPERCLASS_PROB,
                    help="label -> superclass substitution (§3.2.1; the authors' value)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=positive_float, default=1e-4)
-    o.add_argument("--global-batch-size", type=positive_int, default=256, help="over all processes")
-    o.add_argument("--max-steps", type=positive_int, default=200_000)
-    o.add_argument("--ema-decay", type=decay, default=0.9999)
+    o.add_argument("--lr", type=positive_float, help=recipe_help("lr"))
+    o.add_argument("--global-batch-size", type=positive_int, help="over all processes; " + recipe_help("global_batch_size"))
+    o.add_argument("--max-steps", type=positive_int, help=recipe_help("max_steps"))
+    o.add_argument("--ema-decay", type=decay, help=recipe_help("ema_decay"))
     o.add_argument("--seed", type=nonnegative_int, default=0)
     o.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="tf32",
                    help="tf32: fp32 weights, TF32 matmuls on Ampere+ (as DiT); fp16: autocast + loss scaling (V100; "
@@ -110,8 +133,8 @@ def parse_args(argv=None):
     r = p.add_argument_group("output")
     r.add_argument("--results-dir", type=folder, default="results")
     r.add_argument("--run-dir", type=folder, help="run folder; default: <results-dir>/NNN-<model>-<tune>")
-    r.add_argument("--ckpt-every", type=positive_int, default=50_000)
-    r.add_argument("--log-every", type=positive_int, default=100)
+    r.add_argument("--ckpt-every", type=positive_int, help=recipe_help("ckpt_every"))
+    r.add_argument("--log-every", type=positive_int, help=recipe_help("log_every"))
     r.add_argument("--sample-every", type=nonnegative_int, default=0,
                    help="save an EMA sample grid every N steps (0: never)")
     r.add_argument("--resume", help="continue a run from one of its checkpoints (its arguments are the defaults)")
@@ -119,6 +142,9 @@ def parse_args(argv=None):
                                     "with --resume, of that checkpoint without training")
     args, given = p.parse_given(argv)
     args.given = given                          # --resume takes the others from the checkpoint
+    for flag, value in RECIPES.get(args.data, RECIPES["paper"]).items():
+        if flag not in given and not args.resume:    # a resumed run takes its own (read_resume)
+            setattr(args, flag, value)
     return args
 
 
@@ -265,8 +291,11 @@ def base_config(args, init, cache):
 def choose_base(args, cache):
     """A new run's base checkpoint (--init; 'none' trains from scratch), and the DiT it fixes: fills --model,
     --image-size and --tune. -> (path, checkpoint, extra build_model kwargs), path and checkpoint None for none."""
-    args.init = args.init or ("none" if args.data in data.TOY_SETS else PAPER_INIT)
     init_path = None if args.init.lower() == "none" else os.path.abspath(resolve_checkpoint(args.init))
+    if init_path and os.path.isfile(TOY_BASE) and os.path.samefile(init_path, TOY_BASE) and \
+            file_sha256(init_path) != TOY_BASE_SHA256:
+        raise UserError(f"{TOY_BASE} is not the toy base this repository shipped (its sha256 differs): restore it "
+                        f"with `git checkout -- {TOY_BASE}`")
     init = read_checkpoint(init_path) if init_path else None
     args.tune = args.tune or ("full" if init is None else "finediffusion")
     extra = base_config(args, init, cache)
