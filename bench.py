@@ -59,7 +59,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import train
 from diffusion import create_diffusion
-from evaluate import FIDInceptionV3, inception_features
+from fid_inception import FIDInceptionV3, inception_features
 from cli import (ArgumentParser, UserError, device, int_in, nonnegative_int, out_file, positive_float, positive_int,
                  run_cli)
 from files import write_json

@@ -22,14 +22,13 @@ The two numbers of Table 1:
     Inception-v3 pool features of real and of generated images, overall and within each superclass.
   - LPIPS (Zhang et al. 2018, v0.1, AlexNet), higher is better: the mean perceptual distance between two
     generated images of the same class, i.e. how diverse the samples of one class are.
-FID numbers are only comparable when every detail of the feature extractor matches the reference, so this file
-carries its own port of the TF 2015-12-05 Inception graph that pytorch-fid uses (same layers, same TF pooling
-quirks, the published weights pt_inception-2015-12-05-6726825d.pth) and pytorch-fid's Frechet distance. Weight
-files are looked up as given, under pretrained/, then $TORCH_HOME/hub/checkpoints/; nothing is downloaded.
+FID numbers are only comparable when every detail of the feature extractor matches the reference, so the project
+carries its own port of the TF 2015-12-05 Inception graph that pytorch-fid uses (fid_inception.py, loading the
+published pt_inception-2015-12-05-6726825d.pth) and pytorch-fid's Frechet distance. Weight files are looked up as
+given, under pretrained/, then $TORCH_HOME/hub/checkpoints/; nothing is downloaded.
 
-Read in this order: the metric (Inception, Frechet distance, LPIPS, Table 1's rows); image sources and
-statistics files; the stats/fid commands; generation at scale; the toy tables; the figures (drawn with Pillow,
-each FIGURE.png with its numbers beside it in FIGURE.csv / .json).
+Read in this order: FID (the Frechet distance), LPIPS, Table 1's rows; the stats/fid commands; generation at
+scale; the toy tables. What is scored is read by sources.py; the figures are drawn by figures.py.
 """
 import json
 import math
@@ -37,7 +36,6 @@ import os
 import re
 import sys
 import warnings
-import zipfile
 
 import numpy as np
 import scipy
@@ -45,189 +43,25 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from scipy import linalg
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import alexnet
-from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 from tqdm import tqdm
 
 import data
+import figures
 from cli import (ArgumentParser, UserError, device, finite_float, folder, nonnegative_int, out_file, positive_int,
                  run_cli)
-from files import atomic_write, file_sha256, find_file, remove_stale_temp_files, write_csv, write_json
-from hierarchy import inat21_hierarchy, read_hierarchy
-from model import (METHODS, TABLE, build_model, checkpoint_tensors, load_strict, published_layout, read_checkpoint,
-                   resolve_checkpoint)
-from sample import (CFG_SCALE, add_sampler_args, guide_labels, load_for_sampling, resolve_class, sample_images,
-                    sampler_of)
+from fid_inception import FID_WEIGHTS, inception_features, load_inception, unit_images
+from files import atomic_write, file_sha256, find_weights, remove_stale_temp_files, write_csv, write_json
+from model import load_strict, read_checkpoint
+from sources import (MANIFEST, collate_images, dataset_images, load_hierarchy, open_images, read_manifest,
+                     read_npz, statistics_file, stats_hierarchy)
+from sample import add_sampler_args, guide_labels, load_for_sampling, sample_images, sampler_of
 
-FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 LPIPS_LIN_WEIGHTS = "alex.pth"
-
-
-def find_weights(path, filename):
-    """A published weights file: `path` (or its file name) as given, under pretrained/, or in torch's cache."""
-    torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
-    return find_file(path or filename, also=[os.path.join(torch_home, "hub", "checkpoints", filename)],
-                     published=filename)
-
-
-# -------------------------------------------------------------------------------------------------------------
-# FID Inception-v3: port of the TF 2015-12-05 graph (the one behind every published FID)
-# -------------------------------------------------------------------------------------------------------------
-# The TF graph differs from torchvision's Inception3 in its pool branches: TF's 'SAME' average pooling divides
-# by the number of real pixels under the window (count_include_pad=False), and the last block max-pools.
-# Feature statistics, hence FID, move measurably if these are not reproduced. Convolutions, their BatchNorm
-# (eps 0.001) and the parameter names are torchvision's, so we build on its block classes.
-
-def tf_avg_pool(x):
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-class FIDInceptionA(InceptionA):
-    """Mixed_5b/5c/5d: 1x1 | 5x5 | double 3x3 | TF avg pool + 1x1."""
-
-    def forward(self, x):
-        branch1x1 = self.branch1x1(x)
-        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
-        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        branch_pool = self.branch_pool(tf_avg_pool(x))
-        return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], dim=1)
-
-
-class FIDInceptionC(InceptionC):
-    """Mixed_6b-6e: 1x1 | factorised 7x7 | double factorised 7x7 | TF avg pool + 1x1."""
-
-    def forward(self, x):
-        branch1x1 = self.branch1x1(x)
-        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        branch7x7dbl = self.branch7x7dbl_1(x)
-        branch7x7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(branch7x7dbl))
-        branch7x7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(branch7x7dbl))
-        branch_pool = self.branch_pool(tf_avg_pool(x))
-        return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], dim=1)
-
-
-class FIDInceptionE(InceptionE):
-    """Mixed_7b (TF avg pool) and Mixed_7c (max pool: a quirk of the TF graph): 1x1 | split 3x3 | split
-    double 3x3 | pool + 1x1."""
-
-    def __init__(self, in_channels, pool):
-        super().__init__(in_channels)
-        assert pool in ("avg", "max")
-        self.pool = pool
-
-    def forward(self, x):
-        branch1x1 = self.branch1x1(x)
-        branch3x3 = self.branch3x3_1(x)
-        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], dim=1)
-        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], dim=1)
-        if self.pool == "avg":
-            pooled = tf_avg_pool(x)
-        else:
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        branch_pool = self.branch_pool(pooled)
-        return torch.cat([branch1x1, branch3x3, branch3x3dbl, branch_pool], dim=1)
-
-
-class FIDInceptionV3(nn.Module):
-    """Images in [0, 1], N x 3 x H x W of any size -> 2048-d pool_3 features (N x 2048)."""
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
-        self.Mixed_7c = FIDInceptionE(2048, pool="max")
-        # The published graph classifies into 1008 classes. FID never uses the logits, but the weights file
-        # carries them, and keeping the layer lets it load strictly, as published.
-        self.fc = nn.Linear(2048, 1008)
-
-    def forward(self, x):  # x: [N, 3, H, W] in [0, 1]
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images of shape [N, 3, H, W], got {list(x.shape)}")
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # [N, 3, 299, 299]
-        x = 2 * x - 1  # the TF graph expects [-1, 1]
-        x = self.Conv2d_1a_3x3(x)  # [N, 32, 149, 149]
-        x = self.Conv2d_2a_3x3(x)  # [N, 32, 147, 147]
-        x = self.Conv2d_2b_3x3(x)  # [N, 64, 147, 147]
-        x = F.max_pool2d(x, kernel_size=3, stride=2)  # [N, 64, 73, 73]
-        x = self.Conv2d_3b_1x1(x)  # [N, 80, 73, 73]
-        x = self.Conv2d_4a_3x3(x)  # [N, 192, 71, 71]
-        x = F.max_pool2d(x, kernel_size=3, stride=2)  # [N, 192, 35, 35]
-        x = self.Mixed_5b(x)  # [N, 256, 35, 35]
-        x = self.Mixed_5c(x)  # [N, 288, 35, 35]
-        x = self.Mixed_5d(x)  # [N, 288, 35, 35]
-        x = self.Mixed_6a(x)  # [N, 768, 17, 17]
-        x = self.Mixed_6b(x)  # [N, 768, 17, 17]
-        x = self.Mixed_6c(x)  # [N, 768, 17, 17]
-        x = self.Mixed_6d(x)  # [N, 768, 17, 17]
-        x = self.Mixed_6e(x)  # [N, 768, 17, 17]
-        x = self.Mixed_7a(x)  # [N, 1280, 8, 8]
-        x = self.Mixed_7b(x)  # [N, 2048, 8, 8]
-        x = self.Mixed_7c(x)  # [N, 2048, 8, 8]
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # [N, 2048]
-
-
-def load_inception(path=None):
-    """The FID Inception with the published weights `pt_inception-2015-12-05-6726825d.pth`, in eval mode."""
-    path = find_weights(path, FID_WEIGHTS)
-    state = read_checkpoint(path)
-    model = FIDInceptionV3()
-    # BatchNorm's step counter is irrelevant in eval; state dicts from older torch versions lack it.
-    for key, buffer in model.state_dict().items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = buffer
-    load_strict(model, state, path)
-    return model.eval().requires_grad_(False)
-
-
-class _no_tf32:
-    """fp32 means fp32: on Ampere+ GPUs cuDNN would otherwise run the convolutions in TF32 and shift FID."""
-
-    def __enter__(self):
-        self.saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
-
-
-def unit_images(images):
-    """uint8 images, or floats already in [0, 1] -> float images in [0, 1]."""
-    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
-
-
-@torch.inference_mode()
-def inception_features(model, images, device="cpu", batch_size=50, progress=True):
-    """Features [N, 2048] (np.float32) of every image: `images` is one tensor [N, 3, H, W] or an iterable of
-    batches (a DataLoader of (images, labels)), uint8 or floats in [0, 1]."""
-    if isinstance(images, torch.Tensor):
-        images = images.split(batch_size)
-    model = model.to(device).eval()
-    features = []
-    with _no_tf32():
-        for batch in tqdm(images, desc="inception features", unit="batch", disable=not progress):
-            x = unit_images(batch[0] if isinstance(batch, (tuple, list)) else batch)   # [B, 3, H, W] in [0, 1]
-            features.append(model(x.to(device, non_blocking=True)).float().cpu())    # [B, 2048]
-    if not features:
-        raise UserError("no images to extract features from")
-    return torch.cat(features).numpy()  # [N, 2048]
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -451,16 +285,6 @@ def superclasses_of(labels, hierarchy):
     return superclass_of[labels]
 
 
-def stats_hierarchy(stats, source="the statistics"):
-    """The hierarchy a statistics file carries (as JSON), checked; None when it carries none."""
-    if "hierarchy" not in stats:
-        return None
-    try:
-        return read_hierarchy(json.loads(str(stats["hierarchy"])), source)
-    except ValueError as e:
-        raise UserError(f"{source}: its hierarchy is not JSON ({e})") from None
-
-
 def fid_table(real, fake, lpips=None, overall_only=False):
     """Rows like paper Table 1: one per superclass of the generated images, then Overall.
 
@@ -519,123 +343,10 @@ def write_rows(rows, csv_path=None, json_path=None, **meta):
         write_json(json_path, {**meta, "rows": clean}, indent=2)
 
 
-# -------------------------------------------------------------------------------------------------------------
-# Image sources: what to score, with the classes and hierarchy known of it
-# -------------------------------------------------------------------------------------------------------------
-
-class ImageSource(Dataset):
-    """Images to score. item i -> (uint8 [3, H, W], class id or -1), or None for a real image left out (its file
-    cannot be read; _collate drops it, its label with it); `labels` [N]; `hierarchy` or None.
-
-    `read(i)` gives image i as uint8 [H, W, 3] (or None): a file (a generate folder's, or an unlabelled folder's,
-    centre-cropped to image_size when given), a row of an .npz, or an item of a data.py dataset (real images)."""
-
-    def __init__(self, name, read, labels, hierarchy=None):
-        self.name, self.read, self.hierarchy = name, read, hierarchy
-        self.labels = np.asarray(labels, np.int64)
-        if hierarchy is not None and self.labels.max(initial=-1) >= len(hierarchy["superclass_of"]):
-            raise UserError(f"{name}: class id {self.labels.max()} is outside its hierarchy "
-                            f"({len(hierarchy['superclass_of'])} classes)")
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        image = self.read(i)  # [H, W, 3]
-        if image is None:
-            return None
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), int(self.labels[i])
-
-
-def read_png(path, image_size=0):
-    image = data.read_rgb(path)  # any format and Pillow mode; a file it cannot read is a UserError naming it
-    return np.array(data.center_crop_arr(image, image_size) if image_size else image)  # [H, W, 3]
-
-
-def dataset_images(dataset, name):
-    """Real images of a data.py dataset (no flips), as uint8 with its labels and hierarchy. Each is the item itself
-    (data.exact_item), so labels[i] is its class; a file that cannot be read is left out, with a warning."""
-    def read(i):
-        item = data.exact_item(dataset, i)  # ([3, H, W] in [-1, 1], class id) or None
-        return None if item is None else ((item[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    return ImageSource(name, read, dataset.targets, dataset.hierarchy())
-
-
-def load_hierarchy(spec):
-    """--hierarchy: 'inat21' (the built-in iNat21 table) or a JSON file with the three hierarchy keys."""
-    if spec == "inat21":
-        return inat21_hierarchy()
-    try:
-        with open(spec) as f:
-            return read_hierarchy(json.load(f), spec)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read hierarchy {spec}: {e} (expected 'inat21' or a JSON file with class_names, "
-                        "superclass_names, superclass_of)") from None
-
-
-def open_images(path, image_size=0, hierarchy=None):
-    """A generate folder (samples.json says each image's class and the hierarchy), an .npz (arr_0 [N, H, W, 3]
-    uint8; optional labels and hierarchy), or a folder of unlabelled images. `hierarchy` overrides the file's."""
-    if os.path.isdir(path):
-        manifest = read_manifest(path)
-        if manifest is None:
-            files = [os.path.join(path, f) for f in data.list_images(path)]
-            if not files:
-                raise UserError(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) and no samples.json in {path}")
-            return ImageSource(path, lambda i: read_png(files[i], image_size), [-1] * len(files), hierarchy)
-        files = [os.path.join(path, f) for f, _ in manifest["images"]]
-        missing = sum(not os.path.isfile(f) for f in files)
-        if missing:
-            raise UserError(f"{path}: {missing} of {len(files)} images are not generated yet: finish them with the "
-                            "same `evaluate.py generate` command")
-        return ImageSource(path, lambda i: read_png(files[i], image_size), [c for _, c in manifest["images"]],
-                           hierarchy or manifest["hierarchy"])
-    arrays = read_npz(path)
-    images = arrays.get("arr_0")
-    if images is None or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise UserError(f"{path}: expected images arr_0 [N, H, W, 3] uint8")
-    labels = arrays["labels"] if "labels" in arrays else np.full(len(images), -1)
-    return ImageSource(path, lambda i: images[i], labels, hierarchy or stats_hierarchy(arrays, path))
-
-
-def read_npz(path):
-    """All arrays of an .npz (no pickles), or a clear error."""
-    try:
-        with open(find_file(path), "rb") as f, np.load(f, allow_pickle=False) as arrays:
-            return {k: arrays[k] for k in arrays.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"cannot read {path}: {e} (a damaged or cut-short .npz?)") from None
-
-
-def statistics_file(arrays, path):
-    """Feature statistics read from a file: ours (image_stats), pytorch-fid's --save-stats (mu, sigma) or ADM's
-    reference batches (arr_0, mu, sigma: what DiT's FIDs are computed against). The other tools' files give the
-    overall FID only: they hold no per-superclass parts and no image count, which is said once."""
-    mu, sigma = arrays["mu"], arrays["sigma"]
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UserError(f"{path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not the mean and covariance "
-                        "of feature vectors")
-    if "count" not in arrays:
-        print(f"note: {path} holds mu and sigma only (another tool's statistics): the overall FID only, no "
-              "per-superclass rows, image count unknown", file=sys.stderr)
-    return arrays
-
-
-def _collate(batch):
-    """ImageSource items -> ([B, 3, H, W] uint8, [B] labels), less the images left out (None); B may be 0."""
-    batch = [item for item in batch if item is not None]
-    if not batch:
-        return torch.zeros(0, 3, 0, 0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)  # [0, 3, 0, 0], [0]
-    images, labels = zip(*batch)
-    if len({tuple(x.shape) for x in images}) > 1:
-        raise UserError("images differ in size; pass --image-size to centre-crop and resize them")
-    return torch.stack(images), torch.tensor(labels)
-
-
 def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progress=True):
     """Feature statistics of an ImageSource (overall and per superclass), each image counted under the label it
     came with: an image left out takes its label with it."""
-    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_images,
                         pin_memory=torch.device(device).type == "cuda")
     labels = []  # [B] per batch, in step with the features of its images
 
@@ -735,7 +446,6 @@ def cmd_fid(args):
 # guidance, sampler, ...), the hierarchy and every image's class. A rerun resumes only what the same settings
 # made: otherwise it stops, or with --overwrite starts over.
 
-MANIFEST = "samples.json"
 
 
 def generation_jobs(num_classes, num_samples=None, per_class=None):
@@ -750,34 +460,6 @@ def generation_jobs(num_classes, num_samples=None, per_class=None):
 
 def job_file(class_id, index):
     return os.path.join(f"{class_id:05d}", f"{index:06d}.png")
-
-
-def read_manifest(folder):
-    """OUT/samples.json, checked; None when there is none. Its image names must stay inside OUT: a name such as
-    ../x or /x would have `generate --overwrite` delete, and `fid` read, a file of somebody else's."""
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        made_by, images = manifest["made_by"], manifest["images"]
-        hierarchy = None if manifest.get("hierarchy") is None else read_hierarchy(manifest["hierarchy"], path)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UserError(f"cannot read {path}: {e!r}") from None
-    if not isinstance(made_by, dict) or not isinstance(images, list):
-        raise UserError(f"{path}: 'made_by' and 'images' are not a dict and a list")
-    for entry in images:
-        name, label = entry if isinstance(entry, list) and len(entry) == 2 else (None, None)
-        if not isinstance(name, str) or not isinstance(label, int) or not inside(name):
-            raise UserError(f"{path}: the entry {entry!r} is not [a file name inside {folder}, its class]")
-    return dict(manifest, hierarchy=hierarchy)
-
-
-def inside(name):
-    """Is the relative path `name` inside its folder (not absolute, no way up)?"""
-    norm = os.path.normpath(name)
-    return not os.path.isabs(name) and norm != ".." and not norm.startswith(".." + os.sep) and norm != "."
 
 
 def start_folder(out, manifest, overwrite):
@@ -915,14 +597,6 @@ def toy_metrics(net, images, labels, superclass_of, real_features, pairs=200, se
                 diversity=diversity.mean().item())
 
 
-def checkpoint_label(path):
-    """`run/0001500` for results/run/checkpoints/0001500.pt, else the file name."""
-    folder, name = os.path.split(os.path.abspath(path))
-    if os.path.basename(folder) == "checkpoints":
-        return f"{os.path.basename(os.path.dirname(folder))}/{os.path.splitext(name)[0]}"
-    return name
-
-
 def toy_images(dataset):
     """All images (N, 3, H, W) in [-1, 1] and labels (N,) of a toy dataset."""
     return torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.as_tensor(dataset.targets)
@@ -949,27 +623,6 @@ def toy_settings(model, guidances, scales):
         yield from ((guidance, w) for w in scales)
 
 
-def read_log(path):
-    """The records of a run's log.jsonl (a run folder or the file) in training order, each with `time_s`. A run
-    resumed from an earlier checkpoint logs its steps again: the later records replace the earlier ones. Logs
-    from before time_s was recorded get it rebuilt from each record's steps_per_s."""
-    path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
-    try:
-        with open(path) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the training log {path}: {e}") from None
-    records = []
-    for r in lines:
-        while records and records[-1]["step"] >= r["step"]:
-            records.pop()
-        if r.get("time_s") is None:
-            last = records[-1] if records else dict(step=0, time_s=0.0)
-            r["time_s"] = last["time_s"] + (r["step"] - last["step"]) / r["steps_per_s"]
-        records.append(r)
-    return records
-
-
 def checkpoint_time(path, info):
     """Training wall time (s) up to a checkpoint: recorded in it, else its run's log.jsonl at its step, else None."""
     if info.get("time_s") is not None:
@@ -977,7 +630,7 @@ def checkpoint_time(path, info):
     log_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "log.jsonl")
     if not os.path.isfile(log_path) or info.get("step") is None:
         return None
-    return next((r["time_s"] for r in read_log(log_path) if r["step"] == info["step"]), None)
+    return next((r["time_s"] for r in figures.read_log(log_path) if r["step"] == info["step"]), None)
 
 
 def toy_reference(name, size, args):
@@ -997,7 +650,7 @@ def toy_reference(name, size, args):
 def cmd_toy(args):
     sampler = sampler_of(args)                             # a bad --steps or interval fails before any work
     if args.plot:
-        figure_path(args.plot)
+        figures.figure_path(args.plot)
     seeds = args.seeds or [args.seed]
     rows, references = [], {}
     for ckpt in args.ckpt:
@@ -1014,7 +667,7 @@ def cmd_toy(args):
         method, done = info["config"].get("method", "?"), {}
         settings = list(toy_settings(model, args.guidance, args.cfg_scales or [args.cfg_scale]))
         for (guidance, scale), seed in tqdm([(g, seed) for g in settings for seed in seeds],
-                                            desc=f"sampling {checkpoint_label(path)}", unit="setting"):
+                                            desc=f"sampling {figures.checkpoint_label(path)}", unit="setting"):
             # w = 1 is the unguided sampler whatever the guide (eq. 1): sampled once, shared by those rows
             key = ("none", 1.0, seed) if guidance == "none" or scale == 1.0 else (guidance, scale, seed)
             if key not in done:
@@ -1022,7 +675,7 @@ def cmd_toy(args):
                                        progress=False)
                 x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
                 done[key] = toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, seed)
-            rows.append(dict(ckpt=checkpoint_label(path), method=method, guidance=guidance, cfg_scale=scale,
+            rows.append(dict(ckpt=figures.checkpoint_label(path), method=method, guidance=guidance, cfg_scale=scale,
                              step=info.get("step"), train_time_s=checkpoint_time(path, info), seed=seed,
                              **sampler.record(), **done[key]))
     print_toy_table(rows)
@@ -1033,7 +686,7 @@ def cmd_toy(args):
     if args.out_csv:
         write_csv(args.out_csv, rows)
     if args.plot:
-        save_figure(args.plot, tradeoff_panel(rows).image, rows)
+        figures.save_figure(args.plot, figures.tradeoff_panel(rows).image, rows)
 
 
 TOY_COLUMNS = [("sub_acc", "sub acc↑", 9, ".3f"), ("super_acc", "super acc↑", 11, ".3f"),
@@ -1060,520 +713,6 @@ def print_toy_table(rows):
         train_s = group[0]["train_time_s"]
         print(f"{ckpt[:35]:<36}{method:<15}{guidance:<12}{'-' if scale is None else format(scale, 'g'):>5}{cells}"
               f"{'-' if train_s is None else format(train_s, '.0f'):>9}")
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Figures, drawn with Pillow: the guidance sweep, paper Fig. 7 (label-table t-SNE), Fig. 5 (same-seed grid),
-# training curves and Fig. 2 (FID against training time)
-# -------------------------------------------------------------------------------------------------------------
-# Pillow rather than matplotlib: a few scatter and line plots need no new dependency, and the tests check every
-# figure wherever the suite runs. Panel is the one drawing helper: data -> pixels, axes, markers, lines, text, a
-# legend. Every figure command writes FIGURE.png and, beside it, the numbers it shows: FIGURE.csv (and
-# FIGURE.json where they do not fit one table).
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 128, 0)]
-BLACK = (0, 0, 0)
-PANEL_SIZE = (760, 420)
-
-
-def font(size=12):
-    try:
-        return ImageFont.load_default(size=size)           # Pillow >= 10.1: a scalable font
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def put_text(draw, xy, text, size=12, anchor="lt", fill=BLACK):
-    """Text with its anchor (horizontal l/m/r, vertical t/m/b) at xy; works with any Pillow font."""
-    f = font(size)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=f)
-    x = xy[0] - {"l": left, "m": (left + right) / 2, "r": right}[anchor[0]]
-    y = xy[1] - {"t": top, "m": (top + bottom) / 2, "b": bottom}[anchor[1]]
-    draw.text((x, y), text, fill=fill, font=f)
-
-
-def nice_ticks(lo, hi, count=5):
-    """Round tick values in [lo, hi]: steps of 1, 2 or 5 times a power of ten."""
-    raw = (hi - lo) / count
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
-
-
-def data_limits(values):
-    """(lo, hi) covering the values with a margin, so no marker sits on the frame."""
-    values = [float(v) for v in values if v is not None and math.isfinite(v)] or [0.0, 1.0]
-    lo, hi = min(values), max(values)
-    pad = 0.06 * (hi - lo) or 0.1 * abs(lo) or 1.0
-    return lo - pad, hi + pad
-
-
-class Panel:
-    """One plot: data coordinates -> pixels inside `margin` (left, top, right, bottom), axes with ticks (or a bare
-    frame: t-SNE axes mean nothing), markers o + * s, lines, text, and a legend in the right margin."""
-
-    def __init__(self, title, xs, ys, xlabel="", ylabel="", size=PANEL_SIZE, margin=(70, 36, 220, 50), ticks=True):
-        self.image = Image.new("RGB", size, "white")
-        self.draw = ImageDraw.Draw(self.image)
-        self.xlim, self.ylim = data_limits(xs), data_limits(ys)
-        self.box = (margin[0], margin[1], size[0] - margin[2], size[1] - margin[3])
-        self.draw.rectangle(self.box, outline=BLACK)
-        put_text(self.draw, (size[0] / 2, 8), title, 14, "mt")
-        if ticks:
-            self.axes(xlabel, ylabel)
-
-    def xy(self, x, y):
-        x0, y0, x1, y1 = self.box
-        (a, b), (c, d) = self.xlim, self.ylim
-        return x0 + (x - a) / (b - a) * (x1 - x0), y1 - (y - c) / (d - c) * (y1 - y0)
-
-    def axes(self, xlabel, ylabel):
-        x0, y0, x1, y1 = self.box
-        for t in nice_ticks(*self.xlim):
-            px = self.xy(t, 0)[0]
-            self.draw.line([(px, y1), (px, y1 + 4)], fill=BLACK)
-            put_text(self.draw, (px, y1 + 6), f"{t:g}", 11, "mt")
-        for t in nice_ticks(*self.ylim):
-            py = self.xy(0, t)[1]
-            self.draw.line([(x0 - 4, py), (x0, py)], fill=BLACK)
-            put_text(self.draw, (x0 - 6, py), f"{t:g}", 11, "rm")
-        put_text(self.draw, ((x0 + x1) / 2, y1 + 26), xlabel, 12, "mt")
-        label = Image.new("RGB", (int(self.draw.textlength(ylabel, font=font(12))) + 4, 16), "white")
-        put_text(ImageDraw.Draw(label), (2, 8), ylabel, 12, "lm")
-        label = label.rotate(90, expand=True)                 # Pillow draws text horizontally only
-        self.image.paste(label, (4, int((y0 + y1 - label.height) / 2)))
-
-    def marker(self, x, y, colour, shape="o", r=4):
-        glyph(self.draw, self.xy(x, y), colour, shape, r)
-
-    def line(self, xs, ys, colour, width=2):
-        points = [self.xy(x, y) for x, y in zip(xs, ys)]
-        if len(points) > 1:
-            self.draw.line(points, fill=colour, width=width)
-
-    def text(self, x, y, text, colour=BLACK, size=11):
-        px, py = self.xy(x, y)
-        put_text(self.draw, (px + 6, py - 2), text, size, "lb", colour)
-
-    def legend(self, entries):
-        """entries: [(label, colour, shape)], right of the frame, where they hide no data."""
-        x, y = self.box[2] + 8, self.box[1] + 6
-        for i, (label, colour, shape) in enumerate(entries):
-            glyph(self.draw, (x + 8, y + 16 * i + 6), colour, shape, 4 if shape == "o" else 6)
-            put_text(self.draw, (x + 20, y + 16 * i + 6), label, 11, "lm")
-
-
-def glyph(draw, centre, colour, shape, r):
-    """A marker: o (disc), s (square), + (superclass row), * (star: subclass mean)."""
-    x, y = centre
-    if shape == "o":
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-    elif shape == "s":
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour, outline=BLACK)
-    elif shape == "+":
-        draw.line([(x - r, y), (x + r, y)], fill=colour, width=3)
-        draw.line([(x, y - r), (x, y + r)], fill=colour, width=3)
-    elif shape == "*":
-        draw.polygon([(x + (r if k % 2 == 0 else 0.45 * r) * math.sin(k * math.pi / 5),
-                       y - (r if k % 2 == 0 else 0.45 * r) * math.cos(k * math.pi / 5)) for k in range(10)],
-                     fill=colour, outline=BLACK)
-    else:
-        raise ValueError(shape)
-
-
-def tile(images, columns):
-    """Equal-size panels in a sheet, row by row."""
-    w, h = images[0].size
-    sheet = Image.new("RGB", (w * min(columns, len(images)), h * math.ceil(len(images) / columns)), "white")
-    for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
-    return sheet
-
-
-def figure_path(path):
-    """--out of a figure command, checked before any work: a .png, with FIGURE.csv / .json written beside it."""
-    if not path.lower().endswith(".png"):
-        raise UserError(f"--out {path}: figures are written as .png (the numbers go beside it, as .csv and .json)")
-    return path
-
-
-def save_figure(path, image, rows, extra=None):
-    """FIGURE.png, and beside it FIGURE.csv (`rows`: the numbers it shows) and, with `extra`, FIGURE.json."""
-    figure_path(path)
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
-    stem = os.path.splitext(path)[0]
-    write_csv(stem + ".csv", rows)
-    if extra is not None:
-        write_json(stem + ".json", extra)
-    print(f"wrote {path} ({image.width}x{image.height}) and {stem}.csv" + (f", {stem}.json" if extra else ""),
-          file=sys.stderr)
-
-
-# ---- the guidance sweep: FID (cls) against subclass accuracy (evaluate.py toy --plot) --------------------------
-
-def tradeoff_panel(rows):
-    """A curve over the guidance scale w per checkpoint and guide, each point labelled by w, a colour per
-    checkpoint and a marker per guide (square: unguided; black: real images). Lower right is better."""
-    panel = Panel("guidance sweep: FID (cls) against subclass accuracy", [r["sub_acc"] for r in rows],
-                  [r["fid"] for r in rows], "subclass accuracy", "FID (cls)", size=(900, 440), margin=(70, 36, 320, 50))
-    curves, colours = {}, {}
-    for r in rows:
-        curves.setdefault((r["ckpt"], r["guidance"]), []).append(r)
-        colours.setdefault(r["ckpt"], BLACK if r["guidance"] == "-" else PALETTE[len(colours) % len(PALETTE)])
-    shape = {"-": "s", "none": "s", "null": "o", "superclass": "*"}
-    for (ckpt, guidance), group in curves.items():
-        group.sort(key=lambda r: r["cfg_scale"] or 0)
-        panel.line([r["sub_acc"] for r in group], [r["fid"] for r in group], colours[ckpt])
-        for r in group:
-            panel.marker(r["sub_acc"], r["fid"], colours[ckpt], shape[guidance], 6 if guidance == "superclass" else 4)
-            if r["cfg_scale"]:
-                panel.text(r["sub_acc"], r["fid"], f"{r['cfg_scale']:g}", colours[ckpt])
-    panel.legend([(ckpt if guidance == "-" else f"{ckpt}: {guidance}", colours[ckpt], shape[guidance])
-                  for ckpt, guidance in curves])
-    return panel
-
-
-# ---- paper Fig. 7: t-SNE of the label table ---------------------------------------------------------------------
-# t-SNE (van der Maaten & Hinton 2008), exact, in torch. High-dimensional similarities are Gaussian around each
-# point, with a bandwidth chosen per point so that its neighbourhood has a fixed perplexity; low-dimensional ones
-# are Student-t (one degree of freedom), whose heavy tail lets clusters separate; the map minimises KL(P || Q) by
-# gradient descent with momentum, per-coordinate gains and early exaggeration. Settings: those of scikit-learn's
-# TSNE(method="exact") -- perplexity 30, exaggeration 12 for the first 250 of 1000 iterations, momentum 0.5 then
-# 0.8, learning rate max(N / 48, 50) -- with the paper's start, Y ~ N(0, 1e-4 I), from a fixed seed.
-
-def squared_distances(x):
-    """||x_i - x_j||^2 for rows x [N, D] -> [N, N] (>= 0 despite round-off)."""
-    sq = (x * x).sum(1)
-    return (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)
-
-
-def conditional_affinities(sq_dist, perplexity, steps=100, tol=1e-5):
-    """p_{j|i} = exp(-beta_i d_ij^2) / sum_{k != i} exp(-beta_i d_ik^2) [N, N], beta_i (= 1 / 2 sigma_i^2) found by
-    bisection so that each row's perplexity exp(H(P_i)) (H in nats) is `perplexity`: dense regions get narrow
-    Gaussians, sparse ones wide, so every point has about `perplexity` effective neighbours."""
-    n = len(sq_dist)
-    off = ~torch.eye(n, dtype=torch.bool, device=sq_dist.device)
-    d = sq_dist - sq_dist.masked_fill(~off, math.inf).min(1, keepdim=True).values  # p is shift-free; exp() safe
-    beta = torch.ones(n, 1, dtype=d.dtype, device=d.device)
-    lo, hi = torch.zeros_like(beta), torch.full_like(beta, math.inf)
-    target = math.log(perplexity)
-    for _ in range(steps):
-        p = torch.exp(-d * beta) * off
-        total = p.sum(1, keepdim=True)
-        entropy = torch.log(total) + beta * (d * p).sum(1, keepdim=True) / total
-        if (entropy - target).abs().max() < tol:
-            break
-        too_flat = entropy > target                            # beta too small: the Gaussian is too wide
-        lo, hi = torch.where(too_flat, beta, lo), torch.where(too_flat, hi, beta)
-        beta = torch.where(torch.isinf(hi), 2 * beta, (lo + hi) / 2)
-    return p / total
-
-
-def tsne_affinities(sq_dist, perplexity):
-    """The joint P of t-SNE: p_ij = (p_{j|i} + p_{i|j}) / 2N, symmetric, summing to 1, and every point (an outlier
-    too) holds at least 1/2N of the mass, so each one has a say in the map."""
-    p = conditional_affinities(sq_dist, perplexity)
-    return (p + p.T) / (2 * len(p))
-
-
-def tsne_gradient(p, y):
-    """(dKL(P || Q) / dY, Q) for the map Y [N, 2]: q_ij = (1 + |y_i - y_j|^2)^-1 / sum_{k != l} (1 + |y_k - y_l|^2)^-1
-    (Student-t, one degree of freedom: its heavy tail lets clusters separate), and the gradient (paper eq. 5)
-    dC/dy_i = 4 sum_j (p_ij - q_ij)(y_i - y_j)(1 + |y_i - y_j|^2)^-1."""
-    num = 1 / (1 + squared_distances(y))
-    num.fill_diagonal_(0)
-    q = (num / num.sum()).clamp_min(1e-12)
-    pq = (p - q) * num
-    return 4 * (pq.sum(1, keepdim=True) * y - pq @ y), q
-
-
-def tsne(x, perplexity=30.0, iters=1000, seed=0, progress=False):
-    """2-D t-SNE of rows x [N, D] -> (Y [N, 2], KL(P || Q) at the end)."""
-    n = len(x)
-    p = tsne_affinities(squared_distances(x), min(perplexity, (n - 1) / 3)).clamp_min(1e-12)
-    g = torch.Generator().manual_seed(seed)
-    y = (1e-2 * torch.randn(n, 2, generator=g, dtype=x.dtype)).to(x.device)
-    update, gains = torch.zeros_like(y), torch.ones_like(y)
-    lr = max(n / 12 / 4, 50.0)
-    for it in tqdm(range(iters), desc="t-SNE", unit="iter", disable=not progress):
-        exaggeration, momentum = (12.0, 0.5) if it < 250 else (1.0, 0.8)   # early on: tight, movable clusters
-        grad, _ = tsne_gradient(exaggeration * p, y)
-        gains = torch.where(update * grad < 0, gains + 0.2, gains * 0.8).clamp_min(0.01)
-        update = momentum * update - lr * gains * grad
-        y = y + update
-        y = y - y.mean(0)                                        # KL is translation-free: keep the map centred
-    q = tsne_gradient(p, y)[1]
-    return y, float((p * torch.log(p / q)).sum())
-
-
-def same_superclass_neighbours(x, superclass, k=10, chunk=2048):
-    """Mean over points of the fraction of their k nearest neighbours (Euclidean, itself excluded) that share
-    its superclass. Chance is sum_s n_s (n_s - 1) / N (N - 1); the best possible is mean_i min(k, n_s(i) - 1) / k."""
-    k, hits = min(k, len(x) - 1), 0.0
-    for start in range(0, len(x), chunk):                       # N x N distances a chunk of rows at a time
-        d = torch.cdist(x[start:start + chunk].double(), x.double())
-        d[torch.arange(len(d)), torch.arange(start, start + len(d))] = math.inf
-        nearest = d.topk(k, largest=False).indices               # (chunk, k)
-        hits += (superclass[nearest] == superclass[start:start + chunk, None]).double().sum().item()
-    return hits / (len(x) * k)
-
-
-def label_table(path):
-    """(table [rows, D] of EMA weights, K, S, hierarchy, method) of a checkpoint, read from the file alone: only
-    the table is needed, so no DiT is built and no base file or VAE is needed (the authors' XL file is 2.7 GB)."""
-    ckpt = read_checkpoint(path)
-    state = checkpoint_tensors(ckpt)                            # ours (a delta too: every method tunes the table)
-    if TABLE not in state:
-        raise UserError(f"{path} holds no label table ({TABLE})")
-    if "config" in ckpt:
-        method = ckpt["config"].get("method", "?")
-        hierarchy = None if ckpt.get("hierarchy") is None else read_hierarchy(ckpt["hierarchy"], path)
-        with torch.device("meta"):                              # which rows the method's table has, at no cost
-            embedder = build_model(**ckpt["config"]).y_embedder
-        K, S = embedder.num_classes, embedder.num_superclasses
-    else:                                                       # official DiT / the authors': as load_model reads them
-        _, config, hierarchy = published_layout(state)
-        K, S = config["num_classes"], config["num_superclasses"]
-        method = "finediffusion" if S else "?"
-    if hierarchy is None:
-        raise UserError(f"{path} carries no class hierarchy: its subclasses cannot be coloured by superclass")
-    return state[TABLE].float(), K, S, hierarchy, method
-
-
-def embed_label_table(table, K, S, superclass_of, args):
-    """Fig. 7's picture and number for one table: t-SNE of (subclass rows, at most --max-points of them; the S
-    superclass rows; the mean subclass row of each superclass), and the same-superclass share of each subclass's
-    nearest subclasses in 2-D and in the table's own space, on the same subclasses."""
-    sup = torch.as_tensor(superclass_of)
-    g = torch.Generator().manual_seed(args.seed)
-    keep = torch.arange(K)
-    if 0 < args.max_points < K:                                 # a random subset, the same for every checkpoint
-        keep = torch.randperm(K, generator=g)[:args.max_points].sort().values
-    present = sup.unique()
-    means = torch.stack([table[:K][sup == s].mean(0) for s in present])    # of every subclass, not only those kept
-    if len(keep) < 2:
-        raise UserError(f"a label table of {len(keep)} subclass rows has no neighbours to count")
-    x = torch.cat([table[keep], table[K:K + S], means]).to(args.device)
-    y, kl = tsne(x, args.perplexity, args.iters, args.seed, progress=True)
-    y, n = y.cpu(), len(keep)
-    counts = torch.bincount(sup[keep]).double()
-    k = min(args.neighbours, n - 1)
-    return dict(points=n, neighbours=k,
-                same_superclass_2d=same_superclass_neighbours(y[:n], sup[keep], k),
-                same_superclass_original=same_superclass_neighbours(table[keep], sup[keep], k),
-                chance=float((counts * (counts - 1)).sum() / (n * (n - 1))),
-                best=float(((counts[sup[keep]] - 1).clamp(max=k) / k).mean()), kl=kl,
-                subclass=[[*xy, int(c), int(sup[c])] for xy, c in zip(y[:n].tolist(), keep)],
-                superclass=[[*xy, s] for s, xy in enumerate(y[n:n + S].tolist())],
-                mean=[[*xy, int(s)] for xy, s in zip(y[n + S:].tolist(), present)])
-
-
-def embedding_panel(result, title, superclass_names):
-    """Subclass rows as dots coloured by superclass, superclass rows as +, subclass means as stars."""
-    points = result["subclass"] + result["superclass"] + result["mean"]
-    panel = Panel(title, [p[0] for p in points], [p[1] for p in points], size=(640, 460),
-                  margin=(12, 36, 190, 12), ticks=False)
-    colour = lambda s: PALETTE[s % len(PALETTE)]
-    for x, y, _, s in result["subclass"]:
-        panel.marker(x, y, colour(s), "o", 2)
-    for x, y, s in result["mean"]:
-        panel.marker(x, y, colour(s), "*", 9)
-    for x, y, s in result["superclass"]:                       # on top: a superclass row may sit on its mean
-        panel.marker(x, y, colour(s), "+", 8)
-    legend = [(name[:24], colour(s), "o") for s, name in enumerate(superclass_names)][:20]
-    panel.legend(legend + [("superclass row", BLACK, "+"), ("mean of subclasses", BLACK, "*")])
-    x0, _, _, y1 = panel.box
-    put_text(panel.draw, (x0 + 6, y1 - 6), f"same-superclass {result['neighbours']}-NN: 2-D "
-             f"{result['same_superclass_2d']:.2f}, table {result['same_superclass_original']:.2f} "
-             f"(chance {result['chance']:.2f})", 12, "lb")
-    return panel
-
-
-def cmd_embeddings(args):
-    figure_path(args.out)
-    if args.iters < 1 or args.neighbours < 1 or args.perplexity <= 1:
-        raise UserError("--iters and --neighbours must be positive and --perplexity above 1")
-    rows, results, panels = [], [], []
-    for path in map(resolve_checkpoint, args.ckpt):
-        table, K, S, hierarchy, method = label_table(path)
-        result = embed_label_table(table, K, S, hierarchy["superclass_of"], args)
-        row = dict(ckpt=checkpoint_label(path), method=method, classes=K, superclasses=S,
-                   **{k: v for k, v in result.items() if k not in ("subclass", "superclass", "mean")})
-        rows.append(row)
-        results.append(dict(**row, superclass_names=hierarchy["superclass_names"], subclass=result["subclass"],
-                            superclass=result["superclass"], mean=result["mean"]))
-        panels.append(embedding_panel(result, f"{row['ckpt']} ({method})", hierarchy["superclass_names"]).image)
-    print(f"{'checkpoint':<36}{'method':<15}{'points':>7}   same-superclass share of the k nearest subclasses")
-    print(f"{'':<58}{'k':>3}{'2-D':>7}{'table':>7}{'chance':>8}{'best':>6}")
-    for r in rows:
-        print(f"{r['ckpt'][:35]:<36}{r['method']:<15}{r['points']:>7}{r['neighbours']:>3}"
-              f"{r['same_superclass_2d']:>7.3f}{r['same_superclass_original']:>7.3f}{r['chance']:>8.3f}{r['best']:>6.3f}")
-    settings = dict(max_points=args.max_points, perplexity=args.perplexity, iters=args.iters, seed=args.seed)
-    save_figure(args.out, tile(panels, min(len(panels), 4)), rows, dict(settings=settings, checkpoints=results))
-
-
-# ---- paper Fig. 5: the same classes and seed across methods ------------------------------------------------------
-
-GRID_LABEL_WIDTH, GRID_HEADER, GRID_PAD, GRID_MIN_CELL = 170, 40, 4, 96
-
-
-def grid_image(cells, row_labels, column_labels):
-    """cells[r][c]: uint8 (H, W, 3) images, shown at max(H, GRID_MIN_CELL) pixels (small toy images enlarged
-    pixel by pixel); labels: a list of lines per row, one line per column. Size: GRID_LABEL_WIDTH + columns *
-    (cell + GRID_PAD) by GRID_HEADER + rows * (cell + GRID_PAD)."""
-    cell = max(cells[0][0].shape[0], GRID_MIN_CELL)
-    sheet = Image.new("RGB", (GRID_LABEL_WIDTH + len(column_labels) * (cell + GRID_PAD),
-                              GRID_HEADER + len(cells) * (cell + GRID_PAD)), "white")
-    draw = ImageDraw.Draw(sheet)
-    fit = lambda text, width: next(text[:n] for n in range(len(text), -1, -1)      # cut to the width
-                                   if draw.textlength(text[:n], font=font(11)) <= width)
-    for c, label in enumerate(column_labels):
-        for i, line in enumerate(label):
-            put_text(draw, (GRID_LABEL_WIDTH + c * (cell + GRID_PAD) + cell / 2, 6 + 15 * i), fit(line, cell), 11, "mt")
-    for r, (row, label) in enumerate(zip(cells, row_labels)):
-        top = GRID_HEADER + r * (cell + GRID_PAD)
-        for i, line in enumerate(label):
-            put_text(draw, (6, top + 8 + 15 * i), fit(line, GRID_LABEL_WIDTH - 10), 11, "lt")
-        for c, image in enumerate(row):
-            tile_image = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
-            sheet.paste(tile_image, (GRID_LABEL_WIDTH + c * (cell + GRID_PAD), top))
-    return sheet
-
-
-def real_row(args, num_classes, image_size):
-    """One real image of each --class-ids class (the first readable one of its class in --split) from --data."""
-    root = args.data_path or (None if args.data in data.TOY_SETS else os.path.join("data", args.data))
-    dataset = data.build_dataset(args.data, root, image_size, args.split or "val", flip=False,
-                                 hierarchy_csv=args.hierarchy_csv)
-    if dataset.num_classes != num_classes:
-        raise UserError(f"--data {args.data} has {dataset.num_classes} classes, the checkpoints {num_classes}")
-    targets, images = np.asarray(dataset.targets), []
-    for c in args.class_ids:
-        x, _ = next(data.readable_items(dataset, np.flatnonzero(targets == c)), (None, None))  # (3, H, W) in [-1, 1]
-        if x is None:
-            raise UserError(f"--data {args.data} (split {args.split or 'val'}) has no readable image of class {c}")
-        images.append(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
-    return images
-
-
-def cmd_grid(args):
-    figure_path(args.out)
-    sampler = sampler_of(args)
-    cells, labels, rows, hierarchy, num_classes = [], [], [], None, None
-    for ckpt in args.ckpt:
-        model, info, vae = load_for_sampling(ckpt, vae=args.vae)
-        path = info["path"]
-        if cells and (model.hierarchy, model.y_embedder.num_classes) != (hierarchy, num_classes):
-            raise UserError(f"{path} has other classes than {args.ckpt[0]}: a grid compares methods on the same "
-                            "classes")
-        hierarchy, num_classes, size = model.hierarchy, model.y_embedder.num_classes, info["config"]["image_size"]
-        for c in args.class_ids:
-            resolve_class(hierarchy, num_classes, class_id=c, flag="--class-ids")
-        guidance = args.guidance
-        if guidance == "auto":                       # each method as it is meant to be sampled: eq. 1 or standard CFG
-            guidance = "superclass" if model.y_embedder.num_superclasses else "null"
-        y = torch.tensor(args.class_ids)
-        guide = guide_labels(model, y, guidance, args.cfg_scale)
-        images = sample_images(model, y, guide, args.cfg_scale, sampler, vae, args.seed, args.device,
-                               progress=False)   # every row: the same seed, the same noise
-        method = info["config"].get("method", "?")
-        cells.append(list(images.numpy()))
-        labels.append([checkpoint_label(path), method,
-                       "unguided" if guide is None else f"{guidance}, w = {args.cfg_scale:g}"])
-        rows += [dict(row=len(cells), ckpt=checkpoint_label(path), method=method, guidance=guidance,
-                      guide_row=None if guide is None else int(guide[i]), cfg_scale=args.cfg_scale,
-                      **sampler.record(), seed=args.seed, class_id=c)
-                 for i, c in enumerate(args.class_ids)]
-        del model, vae
-    if args.data:
-        cells.insert(0, real_row(args, num_classes, size))
-        labels.insert(0, ["real images", f"--data {args.data}"])
-        rows = [dict(row=0, ckpt="real", class_id=c) for c in args.class_ids] + rows
-    names = hierarchy["class_names"] if hierarchy else None
-    columns = [[f"class {c}", names[c] if names else ""] for c in args.class_ids]
-    for r in rows:
-        r["class_name"] = names[r["class_id"]] if names else None
-    save_figure(args.out, grid_image(cells, labels, columns), rows)
-
-
-# ---- training curves and paper Fig. 2: FID against training time --------------------------------------------------
-
-def time_unit(seconds):
-    """A readable unit for a time axis that reaches `seconds`: (divisor, name)."""
-    return (1, "s") if seconds < 300 else (60, "min") if seconds < 3 * 3600 else (3600, "h")
-
-
-def loss_panels(logs):
-    """Loss against step and against wall time, a curve per run."""
-    records = [r for log in logs.values() for r in log]
-    div, unit = time_unit(max(r["time_s"] for r in records))
-    by_step = Panel("training loss against step", [r["step"] for r in records], [r["loss"] for r in records],
-                    "step", "loss")
-    by_time = Panel("training loss against wall time", [r["time_s"] / div for r in records],
-                    [r["loss"] for r in records], f"wall time ({unit})", "loss")
-    for i, log in enumerate(logs.values()):
-        colour = PALETTE[i % len(PALETTE)]
-        by_step.line([r["step"] for r in log], [r["loss"] for r in log], colour)
-        by_time.line([r["time_s"] / div for r in log], [r["loss"] for r in log], colour)
-        if len(log) == 1:
-            by_step.marker(log[0]["step"], log[0]["loss"], colour)
-            by_time.marker(log[0]["time_s"] / div, log[0]["loss"], colour)
-    for panel in (by_step, by_time):
-        panel.legend([(name, PALETTE[i % len(PALETTE)], "o") for i, name in enumerate(logs)])
-    return [by_step, by_time]
-
-
-def fig2_panel(toy_rows, cfg_scale):
-    """FID (cls) against training time: a curve per run and guide through its checkpoints (unguided, and guided
-    at w = cfg_scale), coloured by method; marker by guide."""
-    rows = [r for r in toy_rows if r.get("train_time_s") is not None and r.get("cfg_scale") in (None, cfg_scale)]
-    if not rows:
-        raise UserError("no toy row has a training time: score checkpoints that record time_s (trained by this "
-                        "train.py) or whose run folder holds log.jsonl")
-    div, unit = time_unit(max(r["train_time_s"] for r in rows))
-    panel = Panel(f"FID (cls) against training time (w = {cfg_scale:g})", [r["train_time_s"] / div for r in rows],
-                  [r["fid"] for r in rows], f"training time ({unit})", "FID (cls)")
-    curves, legend = {}, {}
-    for r in rows:
-        curves.setdefault((r["ckpt"].split("/")[0], r["method"], r["guidance"]), []).append(r)
-    shape = dict(none="s", null="o", superclass="*")
-    for (_, method, guidance), group in curves.items():
-        colour = PALETTE[METHODS.index(method) if method in METHODS else -1]
-        group.sort(key=lambda r: r["train_time_s"])
-        panel.line([r["train_time_s"] / div for r in group], [r["fid"] for r in group], colour)
-        for r in group:
-            panel.marker(r["train_time_s"] / div, r["fid"], colour, shape.get(guidance, "o"), 6)
-        legend[f"{method} {guidance}"] = (colour, shape.get(guidance, "o"))
-    panel.legend([(label, colour, s) for label, (colour, s) in legend.items()])
-    return panel, [dict(panel="fid_vs_time", run=r["ckpt"], method=r["method"], guidance=r["guidance"],
-                        cfg_scale=r.get("cfg_scale"), step=r.get("step"), time_s=r["train_time_s"], fid=r["fid"])
-                   for r in rows]
-
-
-def cmd_curves(args):
-    figure_path(args.out)
-    logs = {}
-    for run in args.runs:
-        name = os.path.basename(os.path.normpath(run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))))
-        logs[name if name not in logs else run] = read_log(run)
-    if not all(logs.values()):
-        raise UserError(f"an empty training log among {', '.join(args.runs)}")
-    panels = loss_panels(logs)
-    rows = [dict(panel="loss", run=name, step=r["step"], time_s=r["time_s"], loss=r["loss"])
-            for name, log in logs.items() for r in log]
-    if args.toy_json:
-        toy_rows = []
-        for path in args.toy_json:
-            try:
-                with open(path) as f:
-                    toy_rows += json.load(f)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read the toy table {path}: {e}") from None
-        panel, fig2_rows = fig2_panel(toy_rows, args.cfg_scale)
-        panels.append(panel)
-        rows += fig2_rows
-    save_figure(args.out, tile([p.image for p in panels], len(panels)), rows)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -1604,45 +743,6 @@ def add_fid_args(p):
                    help="seed of the LPIPS pairs (generate: and of the noise)")
     p.add_argument("--out-csv", type=out_file)
     p.add_argument("--out-json", type=out_file)
-
-
-def add_figure_commands(sub):
-    p = sub.add_parser("embeddings", help="paper Fig. 7: t-SNE of each checkpoint's label table, and how often a "
-                                          "subclass's nearest subclasses share its superclass")
-    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints or run folders: one panel each")
-    p.add_argument("--out", type=out_file, required=True, help="PNG to write; OUT.csv and OUT.json beside it")
-    p.add_argument("--max-points", type=int, default=2000, help="subclass rows to embed, drawn at random (0: all; "
-                   "exact t-SNE costs N^2 memory and time: all 10,000 iNat21 rows want a GPU, --device cuda)")
-    p.add_argument("--perplexity", type=float, default=30.0)
-    p.add_argument("--iters", type=int, default=1000)
-    p.add_argument("--neighbours", type=int, default=10, help="k of the nearest-neighbour number")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.set_defaults(func=cmd_embeddings)
-
-    p = sub.add_parser("grid", help="paper Fig. 5: rows = checkpoints (methods), columns = classes, one seed")
-    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints or run folders: one row each")
-    p.add_argument("--class-ids", nargs="+", type=int, required=True)
-    p.add_argument("--out", type=out_file, required=True, help="PNG to write; OUT.csv beside it")
-    p.add_argument("--guidance", choices=["auto", "superclass", "null", "none"], default="auto",
-                   help="auto: superclass rows (eq. 1) where the table has them, else the null row (standard CFG)")
-    add_sampler_args(p)
-    p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--vae", help="SD VAE for latent models; default: the checkpoint's, else sd-vae-ft-ema")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data", choices=data.DATASETS, help="a first row of real images of each class, from this dataset")
-    p.add_argument("--data-path", help="dataset root; default: data/<--data>")
-    p.add_argument("--split", help="dataset split of the real images; default: val")
-    p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder dataset")
-    p.set_defaults(func=cmd_grid)
-
-    p = sub.add_parser("curves", help="training loss against step and wall time; with toy tables, paper Fig. 2: "
-                                      "FID (cls) against training time")
-    p.add_argument("--runs", nargs="+", required=True, help="run folders (or their log.jsonl)")
-    p.add_argument("--out", type=out_file, required=True, help="PNG to write; OUT.csv beside it")
-    p.add_argument("--toy-json", nargs="+", help="`evaluate.py toy --out-json` tables of checkpoints of these runs")
-    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="the guided rows of the toy tables to show")
-    p.set_defaults(func=cmd_curves)
 
 
 def main(argv=None):
@@ -1700,7 +800,7 @@ def main(argv=None):
     p.add_argument("--plot", type=out_file, help="PNG: FID (cls) against subclass accuracy, a curve per checkpoint and guide over the "
                                   "scales (and PLOT.csv beside it)")
     p.set_defaults(func=cmd_toy)
-    add_figure_commands(sub)
+    figures.add_figure_commands(sub)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -131,3 +131,10 @@ def file_sha256(path):
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+def find_weights(path, filename):
+    """A published weights file: `path` (or its file name) as given, under pretrained/, or in torch's cache."""
+    torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
+    return find_file(path or filename, also=[os.path.join(torch_home, "hub", "checkpoints", filename)],
+                     published=filename)

@@ -362,7 +362,7 @@ DiT_models = {f"DiT-{s}/{p}": _dit_config(s, p) for s in ["XL", "L", "B", "S", "
 # ----------------------------------------------------------------------------------------------------------
 
 METHODS = ("full", "bitfit", "difffit", "finediffusion")
-TABLE = "y_embedder.embedding_table.weight"
+LABEL_TABLE = "y_embedder.embedding_table.weight"
 
 
 def build_model(name, image_size, num_classes, num_superclasses=0, method="finediffusion", hierarchy=None,
@@ -403,7 +403,7 @@ def is_trainable(name, method):
         return False
     if method == "full":
         return True
-    table = name == TABLE
+    table = name == LABEL_TABLE
     bias = name.endswith(".bias")
     norm = ".norm" in name                                   # norm1, norm2, norm_final: LayerNorm affine
     gate = name.endswith(("gamma1", "gamma2"))
@@ -592,7 +592,7 @@ def dit_config_from_state(state):
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
         num_patches = state["pos_embed"].shape[1]
         out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
-        rows = state[TABLE].shape[0]
+        rows = state[LABEL_TABLE].shape[0]
     except (KeyError, ValueError, IndexError, AttributeError) as e:
         raise UserError(f"not a DiT state dict (missing or odd tensor {e})") from None
     size = next((s for s, (d, h, _) in _CONFIGS.items() if (d, h) == (depth, hidden)), None)
@@ -623,7 +623,7 @@ def load_pretrained(model, path_or_state):
             raise UserError(f"checkpoint tensor {k} {tuple(v.shape)} has no place in this model{hint}")
         if v.shape == own[k].shape:
             new_state[k] = v
-        elif k == TABLE:
+        elif k == LABEL_TABLE:
             report["reinitialised"].append(f"{k}: {tuple(v.shape)} -> {tuple(own[k].shape)}")
             nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
         else:

@@ -48,14 +48,19 @@ import cli  # noqa: E402
 import data  # noqa: E402
 import diffusion as diffusion_module  # noqa: E402
 import evaluate  # noqa: E402
+import fid_inception  # noqa: E402
+import figures  # noqa: E402
+import sources  # noqa: E402
 import hierarchy as hierarchy_module  # noqa: E402
 import model as model_module  # noqa: E402
 import sample as sample_module  # noqa: E402
 import train  # noqa: E402
 import vae as vae_module  # noqa: E402
 from diffusion import create_diffusion, space_timesteps  # noqa: E402
-from evaluate import (FIDInceptionV3, LPIPS, compute_stats, feature_stats, fid_table, frechet_distance,  # noqa: E402
-                      inception_features, load_inception, lpips_diversity, open_images, sample_pairs)
+from evaluate import (LPIPS, compute_stats, feature_stats, fid_table, frechet_distance, load_inception,  # noqa: E402
+                      lpips_diversity, sample_pairs)
+from fid_inception import FIDInceptionV3, inception_features  # noqa: E402
+from sources import open_images  # noqa: E402
 from cli import UserError  # noqa: E402
 from model import (DiT_models, build_model, count_table2, dit_config_from_state, is_trainable, load_model,  # noqa: E402
                    load_pretrained, set_trainable)
@@ -192,7 +197,7 @@ def seeded_state(template, skip=("pos_embed",)):
 def test_the_imports_form_a_tree_with_the_helpers_then_model_and_diffusion_at_the_bottom():
     import ast
     layer = {"cli": 0, "files": 1, "hierarchy": 1, "model": 2, "diffusion": 0, "vae": 3, "data": 4, "sample": 5,
-             "train": 6, "evaluate": 6, "bench": 7}
+             "sources": 5, "fid_inception": 3, "figures": 6, "train": 6, "evaluate": 7, "bench": 8}
     for name, level in layer.items():
         tree = ast.parse(open(os.path.join(HERE, f"{name}.py")).read())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
@@ -1190,7 +1195,7 @@ def test_vae_logvar_clamp_equals_diffusers(reference, tmp_path):
 # ---- FID --------------------------------------------------------------------------------------------------------
 
 def test_fid_inception_features_equal_pytorch_fid(reference, tmp_path):
-    path = tmp_path / evaluate.FID_WEIGHTS                  # seeded weights in the published file layout
+    path = tmp_path / fid_inception.FID_WEIGHTS                  # seeded weights in the published file layout
     torch.save(seeded_state(FIDInceptionV3().state_dict()), path)
     with torch.no_grad():
         features = load_inception(path)(reference["fid.images"])
@@ -2031,9 +2036,9 @@ def test_a_16bit_png_reads_as_its_8bit_original_in_training_statistics_and_evalu
     Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "b_16bit.png")
     dataset = data.build_dataset("folder", str(tmp_path), image_size=8, flip=False)
     assert torch.equal(dataset[0][0], dataset[1][0])
-    source = evaluate.dataset_images(dataset, "real")
+    source = sources.dataset_images(dataset, "real")
     assert torch.equal(source[0][0], source[1][0])
-    assert np.array_equal(evaluate.read_png(str(folder / "a_8bit.png")), evaluate.read_png(str(folder / "b_16bit.png")))
+    assert np.array_equal(sources.read_png(str(folder / "a_8bit.png")), sources.read_png(str(folder / "b_16bit.png")))
 
 
 def test_preview_rows_show_each_readable_image_of_their_class_once(tmp_path, capsys):
@@ -2266,7 +2271,7 @@ def inception_file(tmp_path_factory):
             value.uniform_(0.5, 2.0)
         elif key.endswith("running_mean") or key.endswith("bn.bias"):
             value.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("weights") / evaluate.FID_WEIGHTS
+    path = tmp_path_factory.mktemp("weights") / fid_inception.FID_WEIGHTS
     torch.save(state, path)
     return path, state
 
@@ -2352,7 +2357,7 @@ def test_inception_uses_tf_pooling_in_its_pool_branches():
     assert model.Mixed_7b.pool == "avg" and model.Mixed_7c.pool == "max"
     assert model.Conv2d_1a_3x3.bn.eps == 0.001
     # TF's average pool ignores the zero padding: a constant stays constant at the border
-    assert torch.equal(evaluate.tf_avg_pool(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))
+    assert torch.equal(fid_inception.tf_avg_pool(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))
 
 
 
@@ -2393,7 +2398,7 @@ def test_missing_inception_weights_error_names_the_published_file(tmp_path, monk
 def test_inception_weights_are_found_in_torch_home(inception_file, tmp_path, monkeypatch):
     path, _ = inception_file
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    os.symlink(path, tmp_path / "hub" / "checkpoints" / evaluate.FID_WEIGHTS)
+    os.symlink(path, tmp_path / "hub" / "checkpoints" / fid_inception.FID_WEIGHTS)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert isinstance(load_inception(), FIDInceptionV3)
 
@@ -2410,7 +2415,7 @@ def test_inception_features_accept_a_tensor_or_a_loader_of_uint8_batches():
 
 def folder_images(root, size=16):
     """The real images of a two-level folder, as `evaluate.py stats --data folder` reads them."""
-    return evaluate.dataset_images(data.build_dataset("folder", str(root), size, split="val", flip=False), str(root))
+    return sources.dataset_images(data.build_dataset("folder", str(root), size, split="val", flip=False), str(root))
 
 
 def test_real_images_of_a_two_level_folder_carry_its_hierarchy_and_exact_pixels(labelled_folder):
@@ -2428,7 +2433,7 @@ def test_class_labelled_images_take_superclasses_from_a_hierarchy_file(tmp_path)
     np.savez(tmp_path / "gen.npz", arr_0=images, labels=np.array([0, 1, 2]))
     hierarchy = dict(class_names=["a", "b", "c"], superclass_names=["Fungi", "Birds"], superclass_of=[1, 0, 1])
     (tmp_path / "h.json").write_text(json.dumps(hierarchy))
-    source = open_images(str(tmp_path / "gen.npz"), 0, evaluate.load_hierarchy(str(tmp_path / "h.json")))
+    source = open_images(str(tmp_path / "gen.npz"), 0, sources.load_hierarchy(str(tmp_path / "h.json")))
     assert list(source.labels) == [0, 1, 2] and source.hierarchy == hierarchy
     assert list(evaluate.superclasses_of(source.labels, source.hierarchy)) == [1, 0, 1]
 
@@ -2436,7 +2441,7 @@ def test_class_labelled_images_take_superclasses_from_a_hierarchy_file(tmp_path)
 def test_stats_are_grouped_per_superclass(labelled_folder):
     stats = compute_stats(folder_images(labelled_folder), MeanColour(), progress=False)
     assert int(stats["count"]) == 30
-    assert evaluate.stats_hierarchy(stats)["superclass_names"] == ["Birds", "Fungi", "Plants"]
+    assert sources.stats_hierarchy(stats)["superclass_names"] == ["Birds", "Fungi", "Plants"]
     assert [int(stats[f"count_{s}"]) for s in range(3)] == [12, 6, 12]
     assert stats["mu_1"].shape == (3,) and stats["sigma_1"].shape == (3, 3)
     assert stats["mu_2"][0] > stats["mu_0"][0]  # Plants were tinted redder than Birds
@@ -2502,7 +2507,7 @@ def test_stats_of_a_tree_with_a_broken_file_count_each_image_once_under_its_own_
                         "--out", tmp_path / "x.npz", "--workers", "0", "--device", "cpu", capsys=capsys)
     assert proc.returncode == 0, proc.stderr
     stats = np.load(tmp_path / "x.npz")
-    assert evaluate.stats_hierarchy(stats)["superclass_names"] == ["A", "B"]
+    assert sources.stats_hierarchy(stats)["superclass_names"] == ["A", "B"]
     assert (int(stats["count"]), int(stats["count_0"]), int(stats["count_1"])) == (6, 3, 3)
     for s, superclass in enumerate(colours):
         alone = compute_stats(open_images(str(tmp_path / superclass)), MeanColour(), progress=False)
@@ -2649,9 +2654,9 @@ def free_port():
 
 
 def toy_builder(images_per_class):
-    """build_dataset with a smaller toy set (16 classes x images_per_class), so epochs end within a test."""
+    """build_dataset with a smaller toy set (32 classes x images_per_class), so epochs end within a test."""
     def build(name, data_path=None, image_size=256, split="train", flip=True, seed=0, coarse=False, **_):
-        return data.ToyDataset(image_size=image_size, images_per_class=images_per_class, seed=seed, coarse=coarse,
+        return data.ToyDataset("toy", image_size=image_size, images_per_class=images_per_class, seed=seed, coarse=coarse,
                                flip=flip, split=split)
     return build
 
@@ -2732,10 +2737,10 @@ def test_a_run_resumes_on_two_nodes_whose_ranks_stay_identical(tmp_path, base_ck
 
 @pytest.mark.parametrize("tune, workers", [("finediffusion", 0), ("full", 0), ("finediffusion", 2)])
 def test_resume_continues_bit_for_bit(tmp_path, base_ckpt, monkeypatch, tune, workers):
-    # 16 images, 4 per batch: 4 batches an epoch, so resuming at step 3 skips into an epoch and crosses the next.
+    # 32 images, 8 per batch: 4 batches an epoch, so resuming at step 3 skips into an epoch and crosses the next.
     monkeypatch.setattr(data, "build_dataset", toy_builder(images_per_class=1))
     init = base_ckpt if tune == "finediffusion" else "none"
-    common = [*TINY_TRAIN, "--init", init, "--tune", tune, "--global-batch-size", "4", "--ckpt-every", "3",
+    common = [*TINY_TRAIN, "--init", init, "--tune", tune, "--global-batch-size", "8", "--ckpt-every", "3",
               "--num-workers", workers]
     straight = run_train(*common, "--max-steps", "6", "--run-dir", tmp_path / "straight")
     first = run_train(*common, "--max-steps", "3", "--run-dir", tmp_path / "split")
@@ -2773,7 +2778,7 @@ def test_checkpoint_stores_only_tuned_tensors_and_their_optimizer_state(tmp_path
     assert set(ckpt["model"]) == set(ckpt["ema"]) == tuned
     assert len(ckpt["train"]["opt"]["state"]) == len(tuned)
     assert ckpt["base"]["path"] == os.path.abspath(base_ckpt) and len(ckpt["base"]["sha256"]) == 64
-    assert ckpt["config"] == dict(name="DiT-T/4", image_size=16, num_classes=16, num_superclasses=4,
+    assert ckpt["config"] == dict(name="DiT-T/4", image_size=16, num_classes=32, num_superclasses=8,
                                   method="finediffusion", pixel_space=True)
     assert ckpt["hierarchy"] == data.build_dataset("toy", image_size=16).hierarchy()
     assert isinstance(ckpt["args"], dict) and ckpt["step"] == 1
@@ -3339,7 +3344,7 @@ def panel_boxes(path, count):
 
 def test_tsne_bandwidths_give_every_point_the_perplexity_asked_for():
     x = torch.cat([torch.randn(40, 5, dtype=torch.float64), 5 + 3 * torch.randn(20, 5, dtype=torch.float64)])
-    p = evaluate.conditional_affinities(evaluate.squared_distances(x), perplexity=10.0)
+    p = figures.conditional_affinities(figures.squared_distances(x), perplexity=10.0)
     assert torch.allclose(p.sum(1), torch.ones(60, dtype=torch.float64)) and torch.all(p.diagonal() == 0)
     entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(1)
     assert torch.allclose(entropy.exp(), torch.full((60,), 10.0, dtype=torch.float64), rtol=1e-4)
@@ -3347,19 +3352,19 @@ def test_tsne_bandwidths_give_every_point_the_perplexity_asked_for():
 
 def test_tsne_joint_affinities_are_the_symmetrised_conditionals_over_2n():
     x = torch.randn(30, 4, dtype=torch.float64)
-    d = evaluate.squared_distances(x)
-    cond, joint = evaluate.conditional_affinities(d, 5.0), evaluate.tsne_affinities(d, 5.0)
+    d = figures.squared_distances(x)
+    cond, joint = figures.conditional_affinities(d, 5.0), figures.tsne_affinities(d, 5.0)
     assert torch.allclose(joint, (cond + cond.T) / 60) and joint.sum().item() == pytest.approx(1.0)
 
 
 def test_tsne_gradient_is_the_autograd_gradient_of_kl_p_q_under_student_t():
-    p = evaluate.tsne_affinities(evaluate.squared_distances(torch.randn(25, 6, dtype=torch.float64)), 6.0)
+    p = figures.tsne_affinities(figures.squared_distances(torch.randn(25, 6, dtype=torch.float64)), 6.0)
     y = torch.randn(25, 2, dtype=torch.float64, requires_grad=True)
     num = (1 / (1 + ((y[:, None] - y[None]) ** 2).sum(-1))) * (1 - torch.eye(25, dtype=torch.float64))
     q = num / num.sum()
     kl = (p * torch.log(p.clamp_min(1e-12) / q.clamp_min(1e-12))).sum()
     kl.backward()
-    grad, q_ours = evaluate.tsne_gradient(p, y.detach())
+    grad, q_ours = figures.tsne_gradient(p, y.detach())
     assert torch.allclose(grad, y.grad, atol=1e-10) and torch.allclose(q_ours, q.detach().clamp_min(1e-12))
 
 
@@ -3367,18 +3372,18 @@ def test_tsne_maps_separate_clusters_to_separate_clusters_and_repeats_with_its_s
     centres = 10 * torch.eye(3, 20)
     x = torch.cat([c + torch.randn(30, 20) for c in centres])
     labels = torch.arange(3).repeat_interleave(30)
-    y, kl = evaluate.tsne(x, perplexity=10, iters=500, seed=1)
-    assert evaluate.same_superclass_neighbours(y, labels, k=10) == 1.0 and kl < 1.0
-    assert torch.equal(y, evaluate.tsne(x, perplexity=10, iters=500, seed=1)[0])
+    y, kl = figures.tsne(x, perplexity=10, iters=500, seed=1)
+    assert figures.same_superclass_neighbours(y, labels, k=10) == 1.0 and kl < 1.0
+    assert torch.equal(y, figures.tsne(x, perplexity=10, iters=500, seed=1)[0])
 
 
 def test_same_superclass_neighbours_is_the_share_of_each_points_nearest_in_its_superclass():
     x = torch.tensor([[0.0], [1.0], [10.0], [11.0], [12.0]])
     superclass = torch.tensor([0, 1, 1, 1, 1])
     # k=1: 0 -> 1 (other), 1 -> 0 (other), 10 -> 11, 11 -> 10 or 12, 12 -> 11: 3 of 5
-    assert evaluate.same_superclass_neighbours(x, superclass, k=1) == pytest.approx(3 / 5)
+    assert figures.same_superclass_neighbours(x, superclass, k=1) == pytest.approx(3 / 5)
     # k=2: 0 -> 1, 10 (0 of 2); 1 -> 0, 10 (1 of 2); 10, 11, 12 -> the other two (2 of 2 each): 7 of 10
-    assert evaluate.same_superclass_neighbours(x, superclass, k=2, chunk=2) == pytest.approx(7 / 10)
+    assert figures.same_superclass_neighbours(x, superclass, k=2, chunk=2) == pytest.approx(7 / 10)
 
 
 def test_embeddings_command_draws_a_panel_per_checkpoint_and_writes_its_numbers(tmp_path):
@@ -3421,8 +3426,8 @@ def test_grid_has_the_real_images_then_a_row_per_checkpoint_all_from_one_seed(tm
     out = tmp_path / "fig5.png"
     evaluate.main(["grid", "--ckpt", ckpt, ckpt, "--class-ids", "0", "5", "9", "--steps", "2", "--data", "toy",
                    "--out", str(out), "--device", "cpu"])
-    cell = evaluate.GRID_MIN_CELL                              # 16 px toy images, enlarged
-    left, top, pad = evaluate.GRID_LABEL_WIDTH, evaluate.GRID_HEADER, evaluate.GRID_PAD
+    cell = figures.GRID_MIN_CELL                              # 16 px toy images, enlarged
+    left, top, pad = figures.GRID_LABEL_WIDTH, figures.GRID_HEADER, figures.GRID_PAD
     assert png_size(out) == (left + 3 * (cell + pad), top + 3 * (cell + pad))
     image = np.asarray(Image.open(out).convert("RGB"))
     rows = [image[top + r * (cell + pad):top + r * (cell + pad) + cell, left:] for r in range(3)]
@@ -3439,10 +3444,10 @@ def test_grid_has_the_real_images_then_a_row_per_checkpoint_all_from_one_seed(tm
 
 def test_grid_labels_are_cut_to_their_cell_and_may_be_empty():
     long_name = "Crabs, Lobsters & Kin / a species name far too long for one cell"
-    sheet = evaluate.grid_image([[np.zeros((16, 16, 3), np.uint8)]], [[long_name]], [["class 0", ""]])
-    assert sheet.size == (evaluate.GRID_LABEL_WIDTH + evaluate.GRID_MIN_CELL + evaluate.GRID_PAD,
-                          evaluate.GRID_HEADER + evaluate.GRID_MIN_CELL + evaluate.GRID_PAD)
-    label_column = np.asarray(sheet)[:, :evaluate.GRID_LABEL_WIDTH]
+    sheet = figures.grid_image([[np.zeros((16, 16, 3), np.uint8)]], [[long_name]], [["class 0", ""]])
+    assert sheet.size == (figures.GRID_LABEL_WIDTH + figures.GRID_MIN_CELL + figures.GRID_PAD,
+                          figures.GRID_HEADER + figures.GRID_MIN_CELL + figures.GRID_PAD)
+    label_column = np.asarray(sheet)[:, :figures.GRID_LABEL_WIDTH]
     assert (label_column[:, -6:] == 255).all() and (label_column < 128).any()      # drawn, and kept in its column
 
 
@@ -3464,7 +3469,7 @@ def test_read_log_rebuilds_time_for_old_records_and_lets_a_resume_replace_steps_
     write_log(tmp_path, [dict(step=10, loss=1.0, steps_per_s=2.0), dict(step=20, loss=0.9, steps_per_s=5.0),
                          dict(step=30, loss=0.8, time_s=9.0, steps_per_s=1.0),     # resumed at 20, then:
                          dict(step=30, loss=0.7, time_s=8.0, steps_per_s=1.0)])
-    records = evaluate.read_log(str(tmp_path))
+    records = figures.read_log(str(tmp_path))
     assert [(r["step"], r["loss"]) for r in records] == [(10, 1.0), (20, 0.9), (30, 0.7)]
     assert [r["time_s"] for r in records] == pytest.approx([5.0, 7.0, 8.0])
 
@@ -3482,7 +3487,7 @@ def test_curves_plot_loss_by_step_and_by_time_and_fig2_from_toy_tables(tmp_path)
     out = tmp_path / "curves.png"
     evaluate.main(["curves", "--runs", str(tmp_path / "toy-full"), str(tmp_path / "toy-finediffusion"),
                    "--toy-json", str(tmp_path / "toy.json"), "--out", str(out)])
-    assert png_size(out) == (3 * evaluate.PANEL_SIZE[0], evaluate.PANEL_SIZE[1])
+    assert png_size(out) == (3 * figures.PANEL_SIZE[0], figures.PANEL_SIZE[1])
     assert all(coloured_pixels(out, box) > 200 for box in panel_boxes(out, 3))
     with open(tmp_path / "curves.csv") as f:
         table = list(csv.DictReader(f))

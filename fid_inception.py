@@ -1,0 +1,171 @@
+"""The FID Inception-v3: a port of the TF 2015-12-05 graph, the one behind every published FID (and pytorch-fid's).
+
+`load_inception(path)` loads the published pt_inception-2015-12-05-6726825d.pth as it is (torchvision Inception3 key
+names, a 1008-way fc) and maps images in [0, 1] (N, 3, H, W), any size, to 2048-d pool features: a bilinear resize to
+299, scaled to [-1, 1]. FID numbers are only comparable when every detail of the feature extractor matches the
+reference, so the TF graph's quirks are reproduced here; its values equal pytorch-fid's for the same weights and
+images (test_all.py pins them). A published network, kept apart from evaluate.py as the SD VAE is from model.py.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+from tqdm import tqdm
+
+from cli import UserError
+from files import find_weights
+from model import load_strict, read_checkpoint
+
+FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+
+# The TF graph differs from torchvision's Inception3 in its pool branches: TF's 'SAME' average pooling divides
+# by the number of real pixels under the window (count_include_pad=False), and the last block max-pools.
+# Feature statistics, hence FID, move measurably if these are not reproduced. Convolutions, their BatchNorm
+# (eps 0.001) and the parameter names are torchvision's, so we build on its block classes.
+
+def tf_avg_pool(x):
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(InceptionA):
+    """Mixed_5b/5c/5d: 1x1 | 5x5 | double 3x3 | TF avg pool + 1x1."""
+
+    def forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        branch_pool = self.branch_pool(tf_avg_pool(x))
+        return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], dim=1)
+
+
+class FIDInceptionC(InceptionC):
+    """Mixed_6b-6e: 1x1 | factorised 7x7 | double factorised 7x7 | TF avg pool + 1x1."""
+
+    def forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = self.branch7x7dbl_1(x)
+        branch7x7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(branch7x7dbl))
+        branch7x7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(branch7x7dbl))
+        branch_pool = self.branch_pool(tf_avg_pool(x))
+        return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], dim=1)
+
+
+class FIDInceptionE(InceptionE):
+    """Mixed_7b (TF avg pool) and Mixed_7c (max pool: a quirk of the TF graph): 1x1 | split 3x3 | split
+    double 3x3 | pool + 1x1."""
+
+    def __init__(self, in_channels, pool):
+        super().__init__(in_channels)
+        assert pool in ("avg", "max")
+        self.pool = pool
+
+    def forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch3x3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], dim=1)
+        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], dim=1)
+        if self.pool == "avg":
+            pooled = tf_avg_pool(x)
+        else:
+            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        branch_pool = self.branch_pool(pooled)
+        return torch.cat([branch1x1, branch3x3, branch3x3dbl, branch_pool], dim=1)
+
+
+class FIDInceptionV3(nn.Module):
+    """Images in [0, 1], N x 3 x H x W of any size -> 2048-d pool_3 features (N x 2048)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
+        self.Mixed_7c = FIDInceptionE(2048, pool="max")
+        # The published graph classifies into 1008 classes. FID never uses the logits, but the weights file
+        # carries them, and keeping the layer lets it load strictly, as published.
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, x):  # x: [N, 3, H, W] in [0, 1]
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape [N, 3, H, W], got {list(x.shape)}")
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # [N, 3, 299, 299]
+        x = 2 * x - 1  # the TF graph expects [-1, 1]
+        x = self.Conv2d_1a_3x3(x)  # [N, 32, 149, 149]
+        x = self.Conv2d_2a_3x3(x)  # [N, 32, 147, 147]
+        x = self.Conv2d_2b_3x3(x)  # [N, 64, 147, 147]
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # [N, 64, 73, 73]
+        x = self.Conv2d_3b_1x1(x)  # [N, 80, 73, 73]
+        x = self.Conv2d_4a_3x3(x)  # [N, 192, 71, 71]
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # [N, 192, 35, 35]
+        x = self.Mixed_5b(x)  # [N, 256, 35, 35]
+        x = self.Mixed_5c(x)  # [N, 288, 35, 35]
+        x = self.Mixed_5d(x)  # [N, 288, 35, 35]
+        x = self.Mixed_6a(x)  # [N, 768, 17, 17]
+        x = self.Mixed_6b(x)  # [N, 768, 17, 17]
+        x = self.Mixed_6c(x)  # [N, 768, 17, 17]
+        x = self.Mixed_6d(x)  # [N, 768, 17, 17]
+        x = self.Mixed_6e(x)  # [N, 768, 17, 17]
+        x = self.Mixed_7a(x)  # [N, 1280, 8, 8]
+        x = self.Mixed_7b(x)  # [N, 2048, 8, 8]
+        x = self.Mixed_7c(x)  # [N, 2048, 8, 8]
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # [N, 2048]
+
+
+def load_inception(path=None):
+    """The FID Inception with the published weights `pt_inception-2015-12-05-6726825d.pth`, in eval mode."""
+    path = find_weights(path, FID_WEIGHTS)
+    state = read_checkpoint(path)
+    model = FIDInceptionV3()
+    # BatchNorm's step counter is irrelevant in eval; state dicts from older torch versions lack it.
+    for key, buffer in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = buffer
+    load_strict(model, state, path)
+    return model.eval().requires_grad_(False)
+
+
+class _no_tf32:
+    """fp32 means fp32: on Ampere+ GPUs cuDNN would otherwise run the convolutions in TF32 and shift FID."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def unit_images(images):
+    """uint8 images, or floats already in [0, 1] -> float images in [0, 1]."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+
+@torch.inference_mode()
+def inception_features(model, images, device="cpu", batch_size=50, progress=True):
+    """Features [N, 2048] (np.float32) of every image: `images` is one tensor [N, 3, H, W] or an iterable of
+    batches (a DataLoader of (images, labels)), uint8 or floats in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        images = images.split(batch_size)
+    model = model.to(device).eval()
+    features = []
+    with _no_tf32():
+        for batch in tqdm(images, desc="inception features", unit="batch", disable=not progress):
+            x = unit_images(batch[0] if isinstance(batch, (tuple, list)) else batch)   # [B, 3, H, W] in [0, 1]
+            features.append(model(x.to(device, non_blocking=True)).float().cpu())    # [B, 2048]
+    if not features:
+        raise UserError("no images to extract features from")
+    return torch.cat(features).numpy()  # [N, 2048]
