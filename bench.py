@@ -60,8 +60,8 @@ import data
 import train
 from diffusion import create_diffusion
 from fid_inception import FIDInceptionV3, inception_features
-from cli import (ArgumentParser, UserError, device, int_in, nonnegative_int, out_file, positive_float, positive_int,
-                 run_cli)
+from cli import (ArgumentParser, UserError, device_name, int_in, nonnegative_int, out_file, positive_float,
+                 positive_int, run_cli)
 from files import write_json
 from hierarchy import make_hierarchy
 from model import METHODS, DiT_models, build_model, check_image_size, set_trainable
@@ -682,7 +682,7 @@ def check_gpu_check_flags(parser, args, given):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models and few repeats (seconds; for tests)")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32")
     p.add_argument("--model", default="DiT-S/2", help="DiT of the training benchmarks")
     p.add_argument("--image-size", type=positive_int, default=256, help="pixels (latents are 8x smaller)")

@@ -70,10 +70,10 @@ positive_int, nonnegative_int = int_in(1), int_in(0)
 finite_float = _typed(float, math.isfinite, "a finite number")
 positive_float = _typed(float, lambda v: 0 < v < math.inf, "a positive finite number")
 probability = _typed(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-decay = _typed(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
-folder = _typed(str, lambda v: not os.path.exists(v) or os.path.isdir(v), "a folder (it is a file)")
+decay_rate = _typed(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
+folder_path = _typed(str, lambda v: not os.path.exists(v) or os.path.isdir(v), "a folder (it is a file)")
 out_file = _typed(str, lambda v: not os.path.isdir(v), "a file to write (it is a folder)")
-device = _typed(str, lambda v: v == "cpu" or re.fullmatch(r"cuda(:\d+)?", v) and torch.cuda.is_available(),
+device_name = _typed(str, lambda v: v == "cpu" or re.fullmatch(r"cuda(:\d+)?", v) and torch.cuda.is_available(),
                 "a device here: cpu, or cuda / cuda:N where a CUDA GPU is visible")
 
 # errno values of a write that found no room: a full disk, a quota, a file-size limit (ulimit -f).

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, folder, nonnegative_int, out_file, positive_int, run_cli
+from cli import ArgumentParser, UserError, folder_path, nonnegative_int, out_file, positive_int, run_cli
 from files import atomic_write, remove_stale_temp_files, write_json
 from hierarchy import INAT21_SUPERCLASSES, inat21_superclass_of, make_hierarchy, read_hierarchy
 from vae import AutoencoderKL, scaled_latent
@@ -151,7 +151,7 @@ def center_crop_arr(pil_image, image_size):
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
     pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)  # H x W x C
+    arr = np.array(pil_image)  # (H, W, C)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
     return Image.fromarray(arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size])
@@ -200,13 +200,13 @@ def _rgb_of(image):
     """A decoded image of any Pillow mode as RGB (read_rgb says how); ValueError naming a mode it cannot read."""
     mode = image.mode
     if mode in SIXTEEN_BIT_MODES or mode == "F":
-        values = np.asarray(image)  # H x W: uint16 of either byte order, int32 or float32
+        values = np.asarray(image)  # (H, W): uint16 of either byte order, int32 or float32
         top = 1.0 if mode == "F" else 65535
         low, high = float(values.min()), float(values.max())
         if not 0 <= low <= high <= top:  # NaN fails here too
             raise ValueError(f"Pillow mode {mode} holds values in [{low:g}, {high:g}], outside the [0, {top:g}] it "
                              f"is read as: the scale of this file is unknown")
-        gray = np.rint(values * (255 / top)).astype(np.uint8)  # H x W
+        gray = np.rint(values * (255 / top)).astype(np.uint8)  # (H, W)
         return Image.fromarray(gray).convert("RGB")
     if mode in ("P", "PA"):
         return image.convert("RGBA").convert("RGB")
@@ -306,7 +306,7 @@ def _require_dir(path, what, hint=""):
     if not path:
         raise UserError(f"{what}: no data path given (--data-path){hint}")
     if not os.path.isdir(path):
-        raise UserError(f"{what}: {path} is not a directory{hint}")
+        raise UserError(f"{what}: {path} is not a directory (put the dataset there or pass --data-path){hint}")
 
 
 def _inat21_categories(root, split):
@@ -639,9 +639,14 @@ def toy_dataset(name, image_size=32, split="train", flip=True, seed=0, coarse=Fa
 # One entry point
 # ----------------------------------------------------------------------------------------------------------------
 
-def build_dataset(name, data_path=None, image_size=256, split="train", flip=True, seed=0, coarse=False,
+def build_dataset(name, data_path=None, image_size=None, split=None, flip=True, seed=0, coarse=False,
                   hierarchy_csv=None):
-    """'inat21' | 'folder' | 'toy' | 'toy-base' -> a Dataset of (image in [-1, 1], class id) exposing its hierarchy."""
+    """'inat21' | 'folder' | 'toy' | 'toy-base' -> a Dataset of (image in [-1, 1], class id) exposing its hierarchy.
+    The defaults every command shares (a None argument): the root data/<name>/ (the toy sets are rendered: none),
+    the split train_mini for iNat21 and train for the others, 32 px for the toy sets and 256 for the others."""
+    data_path = dataset_root(name, data_path)
+    split = split or ("train_mini" if name == "inat21" else "train")
+    image_size = image_size or default_image_size(name)
     if name == "inat21":
         return inat21_dataset(data_path, split, image_size, flip, coarse)
     if name == "folder":
@@ -651,15 +656,24 @@ def build_dataset(name, data_path=None, image_size=256, split="train", flip=True
     raise UserError(f"unknown dataset {name!r}: choose {', '.join(DATASETS)}")
 
 
+def default_image_size(name):
+    return 32 if name in TOY_SETS else 256
+
+
+def dataset_root(name, data_path=None):
+    """--data-path, else data/<name>/; None for the toy sets, which are rendered."""
+    return data_path or (None if name in TOY_SETS else os.path.join("data", name))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # VAE-latent cache
 # ----------------------------------------------------------------------------------------------------------------
 # Layout of a cache directory (all .npy files are plain numpy arrays, opened as memmaps):
-#   moments.npy  float16 N x 2 x 2C x h x w   [i, 0] = original image, [i, 1] = its horizontal mirror;
+#   moments.npy  float16 (N, 2, 2C, h, w)   [i, 0] = original image, [i, 1] = its horizontal mirror;
 #                channels [:C] = posterior mean, [C:] = logvar (the LDM "moments" layout)
 #   labels.npy   int64   N                    class id of the image actually encoded in row i
 #   done.npy     bool    N                    row i is written (resume skips it)
-#   meta.json    format, version, data, data_path, split, image_size, num_images, latent_shape [C, h, w],
+#   meta.json    format, version, data, data_path, split, image_size, num_images, latent_shape (C, h, w),
 #                hierarchy, vae (identity), files_sha256, command, complete
 # Rows are written, then flushed, then marked done and flushed: a crash in between only re-encodes one batch.
 
@@ -775,7 +789,7 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT
     vae = vae.to(device).eval()
 
     n = len(dataset)
-    x0 = dataset[0][0]  # 3 x H x W
+    x0 = dataset[0][0]  # (3, H, W)
     with torch.no_grad():
         mean0, _ = vae.encode(x0[None].to(device))  # one probe encode: the latent shape, whatever the VAE's factor
     meta = dict(format=CACHE_FORMAT, version=CACHE_VERSION, **(meta or {}), image_size=int(x0.shape[-1]),
@@ -793,10 +807,10 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT
     bar = tqdm(loader, desc=f"encoding {len(todo)} of {n} images", disable=not progress or rank != 0)
     with torch.no_grad():
         for index, x, y in bar:
-            x = x.to(device, non_blocking=True)  # B x 3 x H x W
-            mean, logvar = vae.encode(torch.cat([x, x.flip(-1)]))  # 2B x C x h x w each
-            both = torch.cat([mean, logvar], dim=1).float()  # 2B x 2C x h x w
-            both = both.view(2, len(x), *both.shape[1:]).transpose(0, 1)  # B x 2 x 2C x h x w (original, mirror)
+            x = x.to(device, non_blocking=True)  # (B, 3, H, W)
+            mean, logvar = vae.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w) each
+            both = torch.cat([mean, logvar], dim=1).float()  # (2B, 2C, h, w)
+            both = both.view(2, len(x), *both.shape[1:]).transpose(0, 1)  # (B, 2, 2C, h, w) (original, mirror)
             rows = index.numpy()
             moments[rows] = both.cpu().numpy().astype(np.float16)
             labels[rows] = y.numpy()  # the label of what was encoded (an unreadable file's substitute included)
@@ -866,8 +880,8 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
         if self._moments is None:
             self._moments = np.load(os.path.join(self.path, "moments.npy"), mmap_mode="r")
         view = int(torch.randint(2, ())) if self.flip else 0  # 0 original, 1 mirror
-        moments = torch.from_numpy(self._moments[index, view].astype(np.float32))  # 2C x h x w
-        return scaled_latent(*moments.chunk(2)), int(self.labels[index])  # C x h x w
+        moments = torch.from_numpy(self._moments[index, view].astype(np.float32))  # (2C, h, w)
+        return scaled_latent(*moments.chunk(2)), int(self.labels[index])  # (C, h, w)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -875,11 +889,11 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _dataset_from_args(args, flip):
+    """The dataset of --data, --data-path, --split, --image-size, --hierarchy-csv -> (dataset, split, image_size)."""
     split = args.split or ("train_mini" if args.data == "inat21" else "train")
-    image_size = args.image_size or (32 if args.data in TOY_SETS else 256)
-    dataset = build_dataset(args.data, args.data_path, image_size, split, flip=flip, coarse=False,
-                            hierarchy_csv=args.hierarchy_csv)
-    return dataset, split, image_size
+    image_size = args.image_size or default_image_size(args.data)
+    return build_dataset(args.data, args.data_path, image_size, split, flip=flip,
+                         hierarchy_csv=args.hierarchy_csv), split, image_size
 
 
 def cmd_cache(args):
@@ -924,7 +938,7 @@ def cmd_preview(args):
     for k in range(min(dataset.num_classes, args.max_classes)):
         items = itertools.islice(readable_items(dataset, np.flatnonzero(targets == k)), args.per_class)
         row = np.zeros((image_size, image_size * args.per_class, 3), dtype=np.uint8)
-        for j, (x, _) in enumerate(items):  # x: 3 x H x W in [-1, 1]
+        for j, (x, _) in enumerate(items):  # x: (3, H, W) in [-1, 1]
             row[:, j * image_size:(j + 1) * image_size] = ((x + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 0)
         rows.append(row)
     atomic_write(args.out, lambda f: Image.fromarray(np.concatenate(rows)).save(f, format="PNG"))
@@ -946,7 +960,7 @@ def main(argv=None):
         p.add_argument("--hierarchy-csv", default=None, help="class,superclass rows for a flat class folder")
     cache.add_argument("--vae", default="sd-vae-ft-ema", help="SD VAE folder or weights file (also looked up "
                                                               "under pretrained/)")
-    cache.add_argument("--out", type=folder, required=True, help="cache directory (re-run the same command to resume)")
+    cache.add_argument("--out", type=folder_path, required=True, help="cache directory (re-run the same command to resume)")
     cache.add_argument("--batch-size", type=positive_int, default=32)
     cache.add_argument("--num-workers", type=nonnegative_int, default=DEFAULT_WORKERS,
                        help="DataLoader workers (default: 4, or the number of cores if fewer)")

@@ -25,6 +25,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+# The steps of the schedule DiT is trained on (and its checkpoints with it): samplers keep a subset of them.
+TRAINED_STEPS = 1000
+
 
 def linear_betas(num_steps):
     # DDPM's 1e-4 ... 0.02 over 1000 steps, rescaled so other step counts span the same range.
@@ -304,7 +307,7 @@ def respaced_betas(betas, use_timesteps):
     return np.array(new_betas), np.array(kept)
 
 
-def create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma=True, diffusion_steps=1000):
+def create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma=True, diffusion_steps=TRAINED_STEPS):
     """The diffusion of DiT: `timestep_respacing` "" (all 1000 steps, training), "250", "ddim50", "25,10"."""
     if noise_schedule != "linear":
         raise ValueError(f"unknown noise schedule {noise_schedule!r}: DiT uses 'linear'")

@@ -51,13 +51,13 @@ from tqdm import tqdm
 
 import data
 import figures
-from cli import (ArgumentParser, UserError, device, finite_float, folder, nonnegative_int, out_file, positive_int,
-                 run_cli)
+from cli import (ArgumentParser, UserError, device_name, finite_float, folder_path, nonnegative_int, out_file,
+                 positive_int, run_cli)
 from fid_inception import FID_WEIGHTS, inception_features, load_inception, unit_images
 from files import atomic_write, file_sha256, find_weights, remove_stale_temp_files, write_csv, write_json
 from model import load_strict, read_checkpoint
-from sources import (MANIFEST, collate_images, dataset_images, load_hierarchy, open_images, read_manifest,
-                     read_npz, statistics_file, stats_hierarchy)
+from sources import (MANIFEST, collate_images, dataset_images, load_hierarchy, open_images, read_manifest, read_npz,
+                     statistics_file, stats_hierarchy)
 from sample import add_sampler_args, guide_labels, load_for_sampling, sample_images, sampler_of
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
@@ -69,7 +69,7 @@ LPIPS_LIN_WEIGHTS = "alex.pth"
 # -------------------------------------------------------------------------------------------------------------
 
 def feature_stats(features):
-    """Mean [D] and covariance [D, D] (unbiased, as np.cov) of features [N, D], in float64."""
+    """Mean (D,) and covariance (D, D) (unbiased, as np.cov) of features (N, D), in float64."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise UserError(f"need at least 2 feature vectors for a covariance, got shape {features.shape}")
@@ -108,152 +108,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
                             "the covariance estimates are unusable (too few images?)")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-# -------------------------------------------------------------------------------------------------------------
-# LPIPS v0.1 (AlexNet): perceptual distance, used as a diversity score of same-class samples
-# -------------------------------------------------------------------------------------------------------------
-
-class LPIPS(nn.Module):
-    """LPIPS v0.1, AlexNet variant: images in [0, 1] -> one distance per image pair, shape [N]."""
-
-    taps = (1, 4, 7, 9, 11)  # indices of the ReLUs in alexnet().features whose outputs are compared
-    channels = (64, 192, 384, 256, 256)
-
-    def __init__(self):
-        super().__init__()
-        self.features = alexnet().features  # key names as in the published alexnet-owt-7be5be79.pth
-        # one learned 1x1 conv (no bias) per layer weighs the channels of the squared feature difference
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in self.channels)
-        # the ImageNet input normalisation of the lpips release, expressed for inputs in [-1, 1]
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
-
-    @classmethod
-    def from_pretrained(cls, alexnet_path=None, lin_path=None):
-        """LPIPS with the published AlexNet trunk (alexnet-owt-7be5be79.pth; its classifier is not used) and the
-        v0.1 linear heads (alex.pth, tensors lin{i}.model.1.weight: index 1 follows a Dropout, a no-op here)."""
-        model = cls()
-        alexnet_path = find_weights(alexnet_path, ALEXNET_WEIGHTS)
-        trunk = {}
-        for key, value in read_checkpoint(alexnet_path).items():
-            if not key.startswith(("features.", "classifier.")):
-                raise UserError(f"{alexnet_path}: unexpected tensor '{key}'")
-            if key.startswith("features."):
-                trunk[key[len("features."):]] = value
-        load_strict(model.features, trunk, alexnet_path)
-        lin_path = find_weights(lin_path, LPIPS_LIN_WEIGHTS)
-        heads = {}
-        for key, value in read_checkpoint(lin_path).items():
-            match = re.fullmatch(r"lin(\d)\.model\.1\.weight", key)
-            if match is None:
-                raise UserError(f"{lin_path}: unexpected tensor '{key}'")
-            heads[f"{match.group(1)}.weight"] = value
-        try:
-            load_strict(model.lins, heads, lin_path)
-        except UserError as e:  # name the tensor as published
-            raise UserError(re.sub(r"'(\d)\.weight'", r"'lin\1.model.1.weight'", str(e))) from None
-        return model.eval().requires_grad_(False)
-
-    def layer_features(self, x):  # x: [N, 3, H, W] in [-1, 1]
-        h = (x - self.shift) / self.scale
-        feats = []
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in self.taps:
-                feats.append(h)  # [N, 64|192|384|256|256, h_i, w_i]
-            if i == self.taps[-1]:
-                break  # the final max pool is not used
-        return feats
-
-    def forward(self, x, y):  # x, y: [N, 3, H, W] in [0, 1]
-        feats = self.layer_features(torch.cat([x, y]) * 2 - 1)  # both images in one pass: [2N, C, h, w] each
-        distance = 0
-        for f, lin in zip(feats, self.lins):
-            # unit-normalise each spatial feature vector over channels, so layers compare directions
-            f = f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-            fx, fy = f.chunk(2)  # [N, C, h, w] each
-            distance = distance + lin((fx - fy) ** 2).mean(dim=(1, 2, 3))  # [N]
-        return distance  # [N]
-
-
-def sample_pairs(labels, num_pairs, rng):
-    """Index pairs (a, b), a != b, of images of the same class. num_pairs=None: every such pair once."""
-    labels = np.asarray(labels)
-    order = np.argsort(labels, kind="stable")  # image indices grouped by class
-    classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
-    keep = (classes >= 0) & (counts >= 2)  # unlabelled images and single-image classes form no pair
-    classes, starts, counts = classes[keep], starts[keep], counts[keep]
-    if len(classes) == 0:
-        raise UserError("LPIPS diversity needs at least two generated images of one class")
-    if num_pairs is None:
-        pairs = [(order[s + i], order[s + j])
-                 for s, n in zip(starts, counts) for i in range(n) for j in range(i + 1, n)]
-        a, b = np.array(pairs).T  # [P] each
-        return a, b
-    # anchor uniform over the images that have a partner, partner uniform over the rest of its class
-    class_of_slot = np.repeat(np.arange(len(classes)), counts)  # class index of each grouped slot
-    slot_in_class = np.concatenate([np.arange(n) for n in counts])
-    eligible = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)])  # grouped slots
-    slots = rng.choice(eligible, size=num_pairs)
-    k = np.searchsorted(eligible, slots)
-    cls, rank = class_of_slot[k], slot_in_class[k]
-    other = rng.integers(0, counts[cls] - 1)  # among the n-1 other images of the class
-    other = other + (other >= rank)
-    return order[slots], order[starts[cls] + other]
-
-
-class _Pairs(Dataset):
-    """Item i -> (image a_i, image b_i), so pairs are decoded in DataLoader workers."""
-
-    def __init__(self, images, a, b):
-        self.images, self.a, self.b = images, a, b
-
-    def __len__(self):
-        return len(self.a)
-
-    def __getitem__(self, i):
-        return _image_of(self.images[self.a[i]]), _image_of(self.images[self.b[i]])
-
-
-def _image_of(item):
-    return item[0] if isinstance(item, (tuple, list)) else item  # (image, label) from an ImageSource
-
-
-def _group_means(values, groups):
-    """({group: mean of the values in it}, {group: count}) for integer group ids."""
-    ids, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=values)
-    return {int(g): float(v) for g, v in zip(ids, sums / counts)}, {int(g): int(n) for g, n in zip(ids, counts)}
-
-
-@torch.inference_mode()
-def lpips_diversity(lpips, images, labels, num_pairs=1000, seed=0, superclass_of=None, batch_size=32,
-                    device="cpu", workers=0, progress=False):
-    """Mean LPIPS between random pairs of distinct generated images of the same class (higher = more diverse).
-
-    images: indexable, images[i] -> [3, H, W] (uint8 or [0, 1] float) or a tuple starting with it.
-    labels: class id per image (-1: unlabelled). superclass_of: class id -> superclass id (optional).
-    Returns {"overall", "pairs", "per_class": {c: mean}, "per_superclass": {s: mean}, "pairs_per_superclass"}.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    a, b = sample_pairs(labels, num_pairs, np.random.default_rng(seed))
-    loader = DataLoader(_Pairs(images, a, b), batch_size=batch_size, num_workers=workers,
-                        pin_memory=torch.device(device).type == "cuda")
-    lpips = lpips.to(device).eval()
-    distances = []
-    for x, y in tqdm(loader, desc="lpips pairs", unit="batch", disable=not progress):
-        x, y = unit_images(x).to(device), unit_images(y).to(device)  # [B, 3, H, W] each
-        distances.append(lpips(x, y).float().cpu())
-    d = torch.cat(distances).double().numpy()  # [P]
-    pair_class = labels[a]  # [P]
-    per_class, _ = _group_means(d, pair_class)
-    result = {"overall": float(d.mean()), "pairs": len(d), "per_class": per_class, "per_superclass": {},
-              "pairs_per_superclass": {}}
-    if superclass_of is not None:
-        pair_super = np.asarray(superclass_of)[pair_class]  # [P]
-        result["per_superclass"], result["pairs_per_superclass"] = _group_means(d, pair_super)
-    return result
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -348,16 +202,162 @@ def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progres
     came with: an image left out takes its label with it."""
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_images,
                         pin_memory=torch.device(device).type == "cuda")
-    labels = []  # [B] per batch, in step with the features of its images
+    labels = []  # (B,) per batch, in step with the features of its images
 
     def images():
         for x, y in tqdm(loader, desc="inception features", unit="batch", disable=not progress):
             if len(y):
                 labels.append(y)
-                yield x, y  # [B, 3, H, W], [B]
+                yield x, y  # (B, 3, H, W), (B,)
 
-    features = inception_features(model, images(), device, progress=False)  # [N, 2048], source order
+    features = inception_features(model, images(), device, progress=False)  # (N, 2048), source order
     return image_stats(features, torch.cat(labels).numpy(), source.hierarchy)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# LPIPS v0.1 (AlexNet): perceptual distance, used as a diversity score of same-class samples
+# -------------------------------------------------------------------------------------------------------------
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1, AlexNet variant: images in [0, 1] -> one distance per image pair, shape (N,)."""
+
+    taps = (1, 4, 7, 9, 11)  # indices of the ReLUs in alexnet().features whose outputs are compared
+    channels = (64, 192, 384, 256, 256)
+
+    def __init__(self):
+        super().__init__()
+        self.features = alexnet().features  # key names as in the published alexnet-owt-7be5be79.pth
+        # one learned 1x1 conv (no bias) per layer weighs the channels of the squared feature difference
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in self.channels)
+        # the ImageNet input normalisation of the lpips release, expressed for inputs in [-1, 1]
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, alexnet_path=None, lin_path=None):
+        """LPIPS with the published AlexNet trunk (alexnet-owt-7be5be79.pth; its classifier is not used) and the
+        v0.1 linear heads (alex.pth, tensors lin{i}.model.1.weight: index 1 follows a Dropout, a no-op here)."""
+        model = cls()
+        alexnet_path = find_weights(alexnet_path, ALEXNET_WEIGHTS)
+        trunk = {}
+        for key, value in read_checkpoint(alexnet_path).items():
+            if not key.startswith(("features.", "classifier.")):
+                raise UserError(f"{alexnet_path}: unexpected tensor '{key}'")
+            if key.startswith("features."):
+                trunk[key[len("features."):]] = value
+        load_strict(model.features, trunk, alexnet_path)
+        lin_path = find_weights(lin_path, LPIPS_LIN_WEIGHTS)
+        heads = {}
+        for key, value in read_checkpoint(lin_path).items():
+            match = re.fullmatch(r"lin(\d)\.model\.1\.weight", key)
+            if match is None:
+                raise UserError(f"{lin_path}: unexpected tensor '{key}'")
+            heads[f"{match.group(1)}.weight"] = value
+        try:
+            load_strict(model.lins, heads, lin_path)
+        except UserError as e:  # name the tensor as published
+            raise UserError(re.sub(r"'(\d)\.weight'", r"'lin\1.model.1.weight'", str(e))) from None
+        return model.eval().requires_grad_(False)
+
+    def layer_features(self, x):  # x: (N, 3, H, W) in [-1, 1]
+        h = (x - self.shift) / self.scale
+        feats = []
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.taps:
+                feats.append(h)  # (N, 64|192|384|256|256, h_i, w_i)
+            if i == self.taps[-1]:
+                break  # the final max pool is not used
+        return feats
+
+    def forward(self, x, y):  # x, y: (N, 3, H, W) in [0, 1]
+        feats = self.layer_features(torch.cat([x, y]) * 2 - 1)  # both images in one pass: (2N, C, h, w) each
+        distance = 0
+        for f, lin in zip(feats, self.lins):
+            # unit-normalise each spatial feature vector over channels, so layers compare directions
+            f = f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            fx, fy = f.chunk(2)  # (N, C, h, w) each
+            distance = distance + lin((fx - fy) ** 2).mean(dim=(1, 2, 3))  # (N,)
+        return distance  # (N,)
+
+
+def sample_pairs(labels, num_pairs, rng):
+    """Index pairs (a, b), a != b, of images of the same class. num_pairs=None: every such pair once."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")  # image indices grouped by class
+    classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    keep = (classes >= 0) & (counts >= 2)  # unlabelled images and single-image classes form no pair
+    classes, starts, counts = classes[keep], starts[keep], counts[keep]
+    if len(classes) == 0:
+        raise UserError("LPIPS diversity needs at least two generated images of one class")
+    if num_pairs is None:
+        pairs = [(order[s + i], order[s + j])
+                 for s, n in zip(starts, counts) for i in range(n) for j in range(i + 1, n)]
+        a, b = np.array(pairs).T  # (P,) each
+        return a, b
+    # anchor uniform over the images that have a partner, partner uniform over the rest of its class
+    class_of_slot = np.repeat(np.arange(len(classes)), counts)  # class index of each grouped slot
+    slot_in_class = np.concatenate([np.arange(n) for n in counts])
+    eligible = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)])  # grouped slots
+    slots = rng.choice(eligible, size=num_pairs)
+    k = np.searchsorted(eligible, slots)
+    cls, rank = class_of_slot[k], slot_in_class[k]
+    other = rng.integers(0, counts[cls] - 1)  # among the n-1 other images of the class
+    other = other + (other >= rank)
+    return order[slots], order[starts[cls] + other]
+
+
+class _Pairs(Dataset):
+    """Item i -> (image a_i, image b_i), so pairs are decoded in DataLoader workers."""
+
+    def __init__(self, images, a, b):
+        self.images, self.a, self.b = images, a, b
+
+    def __len__(self):
+        return len(self.a)
+
+    def __getitem__(self, i):
+        return _image_of(self.images[self.a[i]]), _image_of(self.images[self.b[i]])
+
+
+def _image_of(item):
+    return item[0] if isinstance(item, (tuple, list)) else item  # (image, label) from an ImageSource
+
+
+def _group_means(values, groups):
+    """({group: mean of the values in it}, {group: count}) for integer group ids."""
+    ids, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=values)
+    return {int(g): float(v) for g, v in zip(ids, sums / counts)}, {int(g): int(n) for g, n in zip(ids, counts)}
+
+
+@torch.inference_mode()
+def lpips_diversity(lpips, images, labels, num_pairs=1000, seed=0, superclass_of=None, batch_size=32,
+                    device="cpu", workers=0, progress=False):
+    """Mean LPIPS between random pairs of distinct generated images of the same class (higher = more diverse).
+
+    images: indexable, images(i,) -> (3, H, W) (uint8 or [0, 1] float) or a tuple starting with it.
+    labels: class id per image (-1: unlabelled). superclass_of: class id -> superclass id (optional).
+    Returns {"overall", "pairs", "per_class": {c: mean}, "per_superclass": {s: mean}, "pairs_per_superclass"}.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    a, b = sample_pairs(labels, num_pairs, np.random.default_rng(seed))
+    loader = DataLoader(_Pairs(images, a, b), batch_size=batch_size, num_workers=workers,
+                        pin_memory=torch.device(device).type == "cuda")
+    lpips = lpips.to(device).eval()
+    distances = []
+    for x, y in tqdm(loader, desc="lpips pairs", unit="batch", disable=not progress):
+        x, y = unit_images(x).to(device), unit_images(y).to(device)  # (B, 3, H, W) each
+        distances.append(lpips(x, y).float().cpu())
+    d = torch.cat(distances).double().numpy()  # (P,)
+    pair_class = labels[a]  # (P,)
+    per_class, _ = _group_means(d, pair_class)
+    result = {"overall": float(d.mean()), "pairs": len(d), "per_class": per_class, "per_superclass": {},
+              "pairs_per_superclass": {}}
+    if superclass_of is not None:
+        pair_super = np.asarray(superclass_of)[pair_class]  # (P,)
+        result["per_superclass"], result["pairs_per_superclass"] = _group_means(d, pair_super)
+    return result
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -368,11 +368,9 @@ def source_of(args, path):
     """Images from --data (a dataset, real images) or a path (a generate folder, an .npz, a folder)."""
     hierarchy = load_hierarchy(args.hierarchy) if args.hierarchy else None
     if path is None:
-        root = args.data_path or (None if args.data in data.TOY_SETS else os.path.join("data", args.data))
-        size = args.image_size or (32 if args.data in data.TOY_SETS else 256)
-        dataset = data.build_dataset(args.data, root, size, args.split or "val", flip=False,
+        dataset = data.build_dataset(args.data, args.data_path, args.image_size, args.split or "val", flip=False,
                                      hierarchy_csv=args.hierarchy_csv)
-        return dataset_images(dataset, root or args.data)
+        return dataset_images(dataset, args.data_path or args.data)
     return open_images(path, args.image_size or 0, hierarchy)
 
 
@@ -623,16 +621,6 @@ def toy_settings(model, guidances, scales):
         yield from ((guidance, w) for w in scales)
 
 
-def checkpoint_time(path, info):
-    """Training wall time (s) up to a checkpoint: recorded in it, else its run's log.jsonl at its step, else None."""
-    if info.get("time_s") is not None:
-        return info["time_s"]
-    log_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "log.jsonl")
-    if not os.path.isfile(log_path) or info.get("step") is None:
-        return None
-    return next((r["time_s"] for r in figures.read_log(log_path) if r["step"] == info["step"]), None)
-
-
 def toy_reference(name, size, args):
     """The classifier of a toy set, the features of its real val images (the FID reference) and a row of
     held-out real test images: the best a sampler could score."""
@@ -676,7 +664,7 @@ def cmd_toy(args):
                 x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
                 done[key] = toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, seed)
             rows.append(dict(ckpt=figures.checkpoint_label(path), method=method, guidance=guidance, cfg_scale=scale,
-                             step=info.get("step"), train_time_s=checkpoint_time(path, info), seed=seed,
+                             step=info.get("step"), train_time_s=info["time_s"], seed=seed,
                              **sampler.record(), **done[key]))
     print_toy_table(rows)
     print(f"{sampler}; seeds {' '.join(map(str, seeds))}"
@@ -730,7 +718,7 @@ def add_image_args(p):
     p.add_argument("--inception", help=f"{FID_WEIGHTS} (default: as named, under pretrained/, in $TORCH_HOME)")
     p.add_argument("--batch-size", type=positive_int, default=50)
     p.add_argument("--workers", type=nonnegative_int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def add_fid_args(p):
@@ -767,7 +755,7 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True)
     p.add_argument("--base", help="base checkpoint of a delta checkpoint, if it moved")
     p.add_argument("--vae", help="SD VAE for latent models; default: the checkpoint's, else sd-vae-ft-ema")
-    p.add_argument("--out", type=folder, required=True, help="folder: OUT/<class>/<index>.png and OUT/samples.json")
+    p.add_argument("--out", type=folder_path, required=True, help="folder: OUT/<class>/<index>.png and OUT/samples.json")
     p.add_argument("--overwrite", action="store_true", help="start over when OUT holds samples of other settings")
     p.add_argument("--num-samples", type=positive_int, help="in all, spread evenly over the classes")
     p.add_argument("--per-class", type=positive_int, help="or this many of every class")
@@ -792,7 +780,7 @@ def main(argv=None):
                    help="seed of the real reference images (and default noise seed)")
     p.add_argument("--seeds", type=nonnegative_int, nargs="+", help="noise seeds, one row each in the JSON, "
                    "mean±half the range in the table (default: --seed)")
-    p.add_argument("--cache-dir", type=folder, default="results", help="where the toy classifier is cached")
+    p.add_argument("--cache-dir", type=folder_path, default="results", help="where the toy classifier is cached")
     p.add_argument("--classifier-epochs", type=positive_int, default=4,
                    help="training of the toy classifier, on first use")
     p.add_argument("--out-json", type=out_file)

@@ -75,7 +75,7 @@ class FIDInceptionE(InceptionE):
 
 
 class FIDInceptionV3(nn.Module):
-    """Images in [0, 1], N x 3 x H x W of any size -> 2048-d pool_3 features (N x 2048)."""
+    """Images in [0, 1], (N, 3, H, W) of any size -> 2048-d pool_3 features ((N, 2048))."""
 
     def __init__(self):
         super().__init__()
@@ -99,30 +99,30 @@ class FIDInceptionV3(nn.Module):
         # carries them, and keeping the layer lets it load strictly, as published.
         self.fc = nn.Linear(2048, 1008)
 
-    def forward(self, x):  # x: [N, 3, H, W] in [0, 1]
+    def forward(self, x):  # x: (N, 3, H, W) in [0, 1]
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape [N, 3, H, W], got {list(x.shape)}")
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # [N, 3, 299, 299]
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # (N, 3, 299, 299)
         x = 2 * x - 1  # the TF graph expects [-1, 1]
-        x = self.Conv2d_1a_3x3(x)  # [N, 32, 149, 149]
-        x = self.Conv2d_2a_3x3(x)  # [N, 32, 147, 147]
-        x = self.Conv2d_2b_3x3(x)  # [N, 64, 147, 147]
-        x = F.max_pool2d(x, kernel_size=3, stride=2)  # [N, 64, 73, 73]
-        x = self.Conv2d_3b_1x1(x)  # [N, 80, 73, 73]
-        x = self.Conv2d_4a_3x3(x)  # [N, 192, 71, 71]
-        x = F.max_pool2d(x, kernel_size=3, stride=2)  # [N, 192, 35, 35]
-        x = self.Mixed_5b(x)  # [N, 256, 35, 35]
-        x = self.Mixed_5c(x)  # [N, 288, 35, 35]
-        x = self.Mixed_5d(x)  # [N, 288, 35, 35]
-        x = self.Mixed_6a(x)  # [N, 768, 17, 17]
-        x = self.Mixed_6b(x)  # [N, 768, 17, 17]
-        x = self.Mixed_6c(x)  # [N, 768, 17, 17]
-        x = self.Mixed_6d(x)  # [N, 768, 17, 17]
-        x = self.Mixed_6e(x)  # [N, 768, 17, 17]
-        x = self.Mixed_7a(x)  # [N, 1280, 8, 8]
-        x = self.Mixed_7b(x)  # [N, 2048, 8, 8]
-        x = self.Mixed_7c(x)  # [N, 2048, 8, 8]
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # [N, 2048]
+        x = self.Conv2d_1a_3x3(x)  # (N, 32, 149, 149)
+        x = self.Conv2d_2a_3x3(x)  # (N, 32, 147, 147)
+        x = self.Conv2d_2b_3x3(x)  # (N, 64, 147, 147)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 64, 73, 73)
+        x = self.Conv2d_3b_1x1(x)  # (N, 80, 73, 73)
+        x = self.Conv2d_4a_3x3(x)  # (N, 192, 71, 71)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 192, 35, 35)
+        x = self.Mixed_5b(x)  # (N, 256, 35, 35)
+        x = self.Mixed_5c(x)  # (N, 288, 35, 35)
+        x = self.Mixed_5d(x)  # (N, 288, 35, 35)
+        x = self.Mixed_6a(x)  # (N, 768, 17, 17)
+        x = self.Mixed_6b(x)  # (N, 768, 17, 17)
+        x = self.Mixed_6c(x)  # (N, 768, 17, 17)
+        x = self.Mixed_6d(x)  # (N, 768, 17, 17)
+        x = self.Mixed_6e(x)  # (N, 768, 17, 17)
+        x = self.Mixed_7a(x)  # (N, 1280, 8, 8)
+        x = self.Mixed_7b(x)  # (N, 2048, 8, 8)
+        x = self.Mixed_7c(x)  # (N, 2048, 8, 8)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
 
 
 def load_inception(path=None):
@@ -156,7 +156,7 @@ def unit_images(images):
 
 @torch.inference_mode()
 def inception_features(model, images, device="cpu", batch_size=50, progress=True):
-    """Features [N, 2048] (np.float32) of every image: `images` is one tensor [N, 3, H, W] or an iterable of
+    """Features (N, 2048) (np.float32) of every image: `images` is one tensor (N, 3, H, W) or an iterable of
     batches (a DataLoader of (images, labels)), uint8 or floats in [0, 1]."""
     if isinstance(images, torch.Tensor):
         images = images.split(batch_size)
@@ -164,8 +164,8 @@ def inception_features(model, images, device="cpu", batch_size=50, progress=True
     features = []
     with _no_tf32():
         for batch in tqdm(images, desc="inception features", unit="batch", disable=not progress):
-            x = unit_images(batch[0] if isinstance(batch, (tuple, list)) else batch)   # [B, 3, H, W] in [0, 1]
-            features.append(model(x.to(device, non_blocking=True)).float().cpu())    # [B, 2048]
+            x = unit_images(batch[0] if isinstance(batch, (tuple, list)) else batch)   # (B, 3, H, W) in [0, 1]
+            features.append(model(x.to(device, non_blocking=True)).float().cpu())    # (B, 2048)
     if not features:
         raise UserError("no images to extract features from")
-    return torch.cat(features).numpy()  # [N, 2048]
+    return torch.cat(features).numpy()  # (N, 2048)

@@ -4,7 +4,8 @@ training time). Commands of evaluate.py:
 
     python evaluate.py toy --ckpt results/toy-* --cfg-scales 1 1.5 2 3 4 6 --plot sweep.png
     python evaluate.py embeddings --ckpt results/toy-finediffusion results/toy-full --out fig7.png
-    python evaluate.py grid --ckpt results/toy-finediffusion results/toy-full --class-ids 0 5 9 13 --data toy --out fig5.png
+    python evaluate.py grid --ckpt results/toy-finediffusion results/toy-full --class-ids 0 5 9 13 --data toy \
+        --out fig5.png
     python evaluate.py curves --runs results/toy-finediffusion results/toy-full --toy-json toy.json --out curves.png
 
 Pillow rather than matplotlib: a few scatter and line plots need no new dependency, and the tests check every figure
@@ -28,7 +29,8 @@ from files import atomic_write, write_csv, write_json
 from hierarchy import read_hierarchy
 from model import (LABEL_TABLE, METHODS, build_model, checkpoint_tensors, published_layout, read_checkpoint,
                    resolve_checkpoint)
-from sample import CFG_SCALE, add_sampler_args, guide_labels, load_for_sampling, resolve_class, sample_images, sampler_of
+from sample import (CFG_SCALE, add_sampler_args, guide_labels, load_for_sampling, resolve_class, sample_images,
+                    sampler_of)
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 128, 0)]
@@ -270,7 +272,7 @@ def same_superclass_neighbours(x, superclass, k=10, chunk=2048):
     """Mean over points of the fraction of their k nearest neighbours (Euclidean, itself excluded) that share
     its superclass. Chance is sum_s n_s (n_s - 1) / N (N - 1); the best possible is mean_i min(k, n_s(i) - 1) / k."""
     k, hits = min(k, len(x) - 1), 0.0
-    for start in range(0, len(x), chunk):                       # N x N distances a chunk of rows at a time
+    for start in range(0, len(x), chunk):                       # (N, N) distances a chunk of rows at a time
         d = torch.cdist(x[start:start + chunk].double(), x.double())
         d[torch.arange(len(d)), torch.arange(start, start + len(d))] = math.inf
         nearest = d.topk(k, largest=False).indices               # (chunk, k)
@@ -402,8 +404,7 @@ def grid_image(cells, row_labels, column_labels):
 
 def real_row(args, num_classes, image_size):
     """One real image of each --class-ids class (the first readable one of its class in --split) from --data."""
-    root = args.data_path or (None if args.data in data.TOY_SETS else os.path.join("data", args.data))
-    dataset = data.build_dataset(args.data, root, image_size, args.split or "val", flip=False,
+    dataset = data.build_dataset(args.data, args.data_path, image_size, args.split or "val", flip=False,
                                  hierarchy_csv=args.hierarchy_csv)
     if dataset.num_classes != num_classes:
         raise UserError(f"--data {args.data} has {dataset.num_classes} classes, the checkpoints {num_classes}")
@@ -545,9 +546,8 @@ def checkpoint_label(path):
 
 
 def read_log(path):
-    """The records of a run's log.jsonl (a run folder or the file) in training order, each with `time_s`. A run
-    resumed from an earlier checkpoint logs its steps again: the later records replace the earlier ones. Logs
-    from before time_s was recorded get it rebuilt from each record's steps_per_s."""
+    """The records of a run's log.jsonl (a run folder or the file) in training order. A run resumed from an earlier
+    checkpoint logs its steps again: the later records replace the earlier ones."""
     path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
     try:
         with open(path) as f:
@@ -558,9 +558,6 @@ def read_log(path):
     for r in lines:
         while records and records[-1]["step"] >= r["step"]:
             records.pop()
-        if r.get("time_s") is None:
-            last = records[-1] if records else dict(step=0, time_s=0.0)
-            r["time_s"] = last["time_s"] + (r["step"] - last["step"]) / r["steps_per_s"]
         records.append(r)
     return records
 

@@ -44,7 +44,7 @@ LATENT_CHANNELS = 4
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Embeddings
+# DiT blocks (the official DiT layout, with optional LayerNorm affine and DiffFit gates)
 # ----------------------------------------------------------------------------------------------------------
 
 def modulate(x, shift, scale):
@@ -74,81 +74,6 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
 
-
-class TieredEmbedder(nn.Module):
-    """Paper §3.2.1: one table of K subclass rows, S superclass rows and (optionally) one null row.
-
-    Row layout: [0, K) subclasses, [K, K+S) superclasses, K+S null. With S = 0 and a null row this is the
-    official DiT LabelEmbedder (key `embedding_table`, K+1 rows), which the baselines use.
-    In training, each subclass label is replaced by its superclass row with probability `superclass_prob`
-    (so the network also learns eps(x_t | c_p), the guide of eq. 1) and by the null row with `null_prob`
-    (standard CFG's eps(x_t | ∅)). In eval mode labels pass through untouched.
-    """
-
-    def __init__(self, num_classes, hidden_size, num_superclasses=0, hierarchy=None, null_class=True,
-                 superclass_prob=0.0, null_prob=0.0):
-        super().__init__()
-        self.num_classes, self.num_superclasses, self.null_class = num_classes, num_superclasses, null_class
-        self.superclass_prob, self.null_prob = superclass_prob, null_prob
-        rows = num_classes + num_superclasses + int(null_class)
-        self.embedding_table = nn.Embedding(rows, hidden_size)
-        # The hierarchy lives here and nowhere else in a built DiT: the superclass_of buffer that picks the rows of
-        # eq. 1 is what `hierarchy` reports, so a run can only name the superclass it guides with. A buffer, so it
-        # moves with the model; not in the state dict (published checkpoints carry no hierarchy).
-        self.class_names = self.superclass_names = None
-        self.register_buffer("superclass_of", torch.zeros(num_classes, dtype=torch.long), persistent=False)
-        if hierarchy is not None:
-            self._set_hierarchy(hierarchy)
-
-    def _set_hierarchy(self, hierarchy):
-        names, supers = hierarchy["class_names"], hierarchy["superclass_names"]
-        if len(names) != self.num_classes or (self.num_superclasses and len(supers) != self.num_superclasses):
-            raise UserError(f"a hierarchy of {len(names)} classes in {len(supers)} superclasses does not fit a label "
-                            f"table of {self.num_classes} subclass and {self.num_superclasses} superclass rows")
-        self.class_names, self.superclass_names = list(names), list(supers)
-        with torch.no_grad():
-            self.superclass_of.copy_(torch.as_tensor(hierarchy["superclass_of"], dtype=torch.long))
-
-    @property
-    def hierarchy(self):
-        """The hierarchy (hierarchy.py) this table is used with, its superclass_of read back from the buffer that
-        chooses the guide rows; None when none is known (the official DiT's ImageNet classes)."""
-        if self.class_names is None:
-            return None
-        return dict(class_names=list(self.class_names), superclass_names=list(self.superclass_names),
-                    superclass_of=self.superclass_of.tolist())
-
-    @property
-    def null_id(self):
-        return self.num_classes + self.num_superclasses
-
-    def superclass_ids(self, y):
-        """Table rows of the superclasses of subclass labels y (the c_p of eq. 1)."""
-        if self.class_names is None:       # rows K + 0 for every class: silently the wrong guide (issue 17)
-            raise UserError(f"this DiT's label table has {self.num_superclasses} superclass rows but no hierarchy "
-                            "says which subclass belongs to which")
-        return self.num_classes + self.superclass_of[y]
-
-    def substitute(self, y):
-        """Training-time label substitution: y -> superclass row (p = superclass_prob), -> null (p = null_prob)."""
-        is_sub = y < self.num_classes                            # labels that are already rows stay as they are
-        if self.num_superclasses and self.superclass_prob > 0:
-            to_super = (torch.rand(y.shape[0], device=y.device) < self.superclass_prob) & is_sub
-            y = torch.where(to_super, self.superclass_ids(y.clamp(max=self.num_classes - 1)), y)
-        if self.null_class and self.null_prob > 0:
-            to_null = torch.rand(y.shape[0], device=y.device) < self.null_prob
-            y = torch.where(to_null, torch.full_like(y, self.null_id), y)
-        return y
-
-    def forward(self, y, train):
-        if train:
-            y = self.substitute(y)
-        return self.embedding_table(y)                           # (N, D)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Transformer blocks (the official DiT layout, with optional LayerNorm affine and DiffFit gates)
-# ----------------------------------------------------------------------------------------------------------
 
 class PatchEmbed(nn.Module):
     """(N, C, H, W) -> (N, T, D) with T = (H/p)*(W/p): a p x p conv with stride p."""
@@ -229,6 +154,81 @@ class FinalLayer(nn.Module):
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))   # (N, T, p*p*C_out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TieredEmbedder (paper §3.2.1): subclass and superclass rows in one label table
+# ----------------------------------------------------------------------------------------------------------
+
+class TieredEmbedder(nn.Module):
+    """Paper §3.2.1: one table of K subclass rows, S superclass rows and (optionally) one null row.
+
+    Row layout: [0, K) subclasses, [K, K+S) superclasses, K+S null. With S = 0 and a null row this is the
+    official DiT LabelEmbedder (key `embedding_table`, K+1 rows), which the baselines use.
+    In training, each subclass label is replaced by its superclass row with probability `superclass_prob`
+    (so the network also learns eps(x_t | c_p), the guide of eq. 1) and by the null row with `null_prob`
+    (standard CFG's eps(x_t | ∅)). In eval mode labels pass through untouched.
+    """
+
+    def __init__(self, num_classes, hidden_size, num_superclasses=0, hierarchy=None, null_class=True,
+                 superclass_prob=0.0, null_prob=0.0):
+        super().__init__()
+        self.num_classes, self.num_superclasses, self.null_class = num_classes, num_superclasses, null_class
+        self.superclass_prob, self.null_prob = superclass_prob, null_prob
+        rows = num_classes + num_superclasses + int(null_class)
+        self.embedding_table = nn.Embedding(rows, hidden_size)
+        # The hierarchy lives here and nowhere else in a built DiT: the superclass_of buffer that picks the rows of
+        # eq. 1 is what `hierarchy` reports, so a run can only name the superclass it guides with. A buffer, so it
+        # moves with the model; not in the state dict (published checkpoints carry no hierarchy).
+        self.class_names = self.superclass_names = None
+        self.register_buffer("superclass_of", torch.zeros(num_classes, dtype=torch.long), persistent=False)
+        if hierarchy is not None:
+            self._set_hierarchy(hierarchy)
+
+    def _set_hierarchy(self, hierarchy):
+        names, supers = hierarchy["class_names"], hierarchy["superclass_names"]
+        if len(names) != self.num_classes or (self.num_superclasses and len(supers) != self.num_superclasses):
+            raise UserError(f"a hierarchy of {len(names)} classes in {len(supers)} superclasses does not fit a label "
+                            f"table of {self.num_classes} subclass and {self.num_superclasses} superclass rows")
+        self.class_names, self.superclass_names = list(names), list(supers)
+        with torch.no_grad():
+            self.superclass_of.copy_(torch.as_tensor(hierarchy["superclass_of"], dtype=torch.long))
+
+    @property
+    def hierarchy(self):
+        """The hierarchy (hierarchy.py) this table is used with, its superclass_of read back from the buffer that
+        chooses the guide rows; None when none is known (the official DiT's ImageNet classes)."""
+        if self.class_names is None:
+            return None
+        return dict(class_names=list(self.class_names), superclass_names=list(self.superclass_names),
+                    superclass_of=self.superclass_of.tolist())
+
+    @property
+    def null_id(self):
+        return self.num_classes + self.num_superclasses
+
+    def superclass_ids(self, y):
+        """Table rows of the superclasses of subclass labels y (the c_p of eq. 1)."""
+        if self.class_names is None:       # rows K + 0 for every class: silently the wrong guide (issue 17)
+            raise UserError(f"this DiT's label table has {self.num_superclasses} superclass rows but no hierarchy "
+                            "says which subclass belongs to which")
+        return self.num_classes + self.superclass_of[y]
+
+    def substitute(self, y):
+        """Training-time label substitution: y -> superclass row (p = superclass_prob), -> null (p = null_prob)."""
+        is_sub = y < self.num_classes                            # labels that are already rows stay as they are
+        if self.num_superclasses and self.superclass_prob > 0:
+            to_super = (torch.rand(y.shape[0], device=y.device) < self.superclass_prob) & is_sub
+            y = torch.where(to_super, self.superclass_ids(y.clamp(max=self.num_classes - 1)), y)
+        if self.null_class and self.null_prob > 0:
+            to_null = torch.rand(y.shape[0], device=y.device) < self.null_prob
+            y = torch.where(to_null, torch.full_like(y, self.null_id), y)
+        return y
+
+    def forward(self, y, train):
+        if train:
+            y = self.substitute(y)
+        return self.embedding_table(y)                           # (N, D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -470,8 +470,7 @@ def save_checkpoint(path, **fields):
       vae         None for a pixel-space DiT, else the identity of the VAE it was trained with:
                   {"sha256" of the weights file, "config"}.
       step, args  the training step and train.py's arguments (a dict).
-      time_s      the wall time of the training loop up to `step`, summed over resumes (seconds; absent from
-                  checkpoints written before it was recorded).
+      time_s      the wall time of the training loop up to `step`, summed over resumes (seconds).
       train       only in training checkpoints (absent from --export files): what --resume needs to continue
                   bit for bit: {"opt", "scaler", "rng" (one entry per rank), "world_size", "epoch", "position"}.
     The official {"model", "ema"} layout is a subset, so an exported checkpoint also loads in DiT's own code.

@@ -281,7 +281,7 @@ MUTATIONS = [
     ("training log keeps the steps a resume repeats", "figures.py",
      "        while records and records[-1][\"step\"] >= r[\"step\"]:\n            records.pop()\n", "", "read_log"),
     ("training time restarts at every resume", "train.py",
-     "run.time_before = ckpt.get(\"time_s\") or 0.0", "run.time_before = 0.0", "training_time"),
+     "run.time_before = ckpt[\"time_s\"]", "run.time_before = 0.0", "training_time"),
     ("the fine-grained toy images change with the training seed", "data.py",
      "images_per_class=50, seed=0)", "images_per_class=50)", "fixed_set"),
 ]

@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from cli import (ArgumentParser, UserError, device, finite_float, folder, int_in, nonnegative_int, out_file,
+from cli import (ArgumentParser, UserError, device_name, finite_float, folder_path, int_in, nonnegative_int, out_file,
                  positive_int, precision_context, run_cli)
-from diffusion import create_diffusion
+from diffusion import TRAINED_STEPS, create_diffusion
 from files import atomic_write
 from model import AUTHORS_CHECKPOINT, load_model
 from vae import LATENT_SCALE, AutoencoderKL
@@ -41,7 +41,6 @@ STEPS = 250             # paper §4.2: DDPM sampling steps
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
 DEFAULT_STEPS = {"ddpm": STEPS, "ddim": 50, "dpm++2m": 20,   # --steps when not given: the paper's 250 DDPM steps, ...
                  "dpm++2m-sde": 20}
-TRAINED_STEPS = 1000    # the diffusion DiT is trained on: a sampler keeps 2 or more of these steps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,7 +92,8 @@ def guide_labels(model, y, guidance, cfg_scale=CFG_SCALE):
             raise UserError("this checkpoint has no superclass rows: use --guidance null")
         return emb.superclass_ids(y.to(emb.superclass_of.device)).cpu()
     if not emb.null_class:
-        raise UserError("this checkpoint has no null row (FineDiffusion tables are K+S rows): use --guidance superclass")
+        raise UserError("this checkpoint has no null row (FineDiffusion tables are K+S rows): use --guidance "
+                        "superclass")
     return torch.full_like(y, emb.null_id)
 
 
@@ -132,7 +132,8 @@ class Sampler:
     def __init__(self, kind="ddpm", steps=None, interval=None):
         self.kind, self.steps = kind, steps or DEFAULT_STEPS[kind]
         if interval is not None and not 0 <= interval[0] <= interval[1] <= TRAINED_STEPS - 1:
-            raise UserError(f"--guidance-interval {interval[0]} {interval[1]}: need 0 <= LO <= HI <= {TRAINED_STEPS - 1}")
+            raise UserError(f"--guidance-interval {interval[0]} {interval[1]}: need 0 <= LO <= HI <= "
+                            f"{TRAINED_STEPS - 1}")
         self.interval = None if interval is None else tuple(interval)
         self.timesteps = self._diffusion(learn_sigma=True)[1]
 
@@ -257,8 +258,8 @@ def parse_args(argv=None):
     add_sampler_args(p)
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--out", type=out_file, default="samples/sample.png", help="PNG grid to write")
-    p.add_argument("--per-sample-dir", type=folder, help="also write one PNG per sample into this folder")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--per-sample-dir", type=folder_path, help="also write one PNG per sample into this folder")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="fp16: autocast as on V100s (on a CPU too, where torch supports it)")
     return p.parse_args(argv)

@@ -26,9 +26,9 @@ MANIFEST = "samples.json"   # a generate folder's record of what made its images
 
 class ImageSource(Dataset):
     """Images to score. item i -> (uint8 [3, H, W], class id or -1), or None for a real image left out (its file
-    cannot be read; collate_images drops it, its label with it); `labels` [N]; `hierarchy` or None.
+    cannot be read; collate_images drops it, its label with it); `labels` (N,); `hierarchy` or None.
 
-    `read(i)` gives image i as uint8 [H, W, 3] (or None): a file (a generate folder's, or an unlabelled folder's,
+    `read(i)` gives image i as uint8 (H, W, 3) (or None): a file (a generate folder's, or an unlabelled folder's,
     centre-cropped to image_size when given), a row of an .npz, or an item of a data.py dataset (real images)."""
 
     def __init__(self, name, read, labels, hierarchy=None):
@@ -42,7 +42,7 @@ class ImageSource(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        image = self.read(i)  # [H, W, 3]
+        image = self.read(i)  # (H, W, 3)
         if image is None:
             return None
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), int(self.labels[i])
@@ -50,14 +50,14 @@ class ImageSource(Dataset):
 
 def read_png(path, image_size=0):
     image = data.read_rgb(path)  # any format and Pillow mode; a file it cannot read is a UserError naming it
-    return np.array(data.center_crop_arr(image, image_size) if image_size else image)  # [H, W, 3]
+    return np.array(data.center_crop_arr(image, image_size) if image_size else image)  # (H, W, 3)
 
 
 def dataset_images(dataset, name):
     """Real images of a data.py dataset (no flips), as uint8 with its labels and hierarchy. Each is the item itself
     (data.exact_item), so labels[i] is its class; a file that cannot be read is left out, with a warning."""
     def read(i):
-        item = data.exact_item(dataset, i)  # ([3, H, W] in [-1, 1], class id) or None
+        item = data.exact_item(dataset, i)  # ((3, H, W) in [-1, 1], class id) or None
         return None if item is None else ((item[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     return ImageSource(name, read, dataset.targets, dataset.hierarchy())
 

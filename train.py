@@ -1,12 +1,12 @@
 """Fine-tune a pre-trained DiT for fine-grained classes with FineDiffusion (or a baseline), on one process or many.
 
-    torchrun --nproc_per_node=8 train.py --data inat21                      # the paper's run (§4.2)
-    python train.py --data toy --coarse --max-steps 2000                     # a tiny base, CPU, from scratch
-    python train.py --data toy --init results/toy-base --tune finediffusion  # fine-tune it: FineDiffusion
-    python train.py --resume results/001-DiT-T-4-finediffusion/checkpoints/0001000.pt  # continue, bit for bit
+    torchrun --nproc_per_node=8 train.py --data inat21          # the paper's run (§4.2), from DiT-XL-2-256x256.pt
+    python train.py --data toy                                   # the quickstart: from the shipped toy base, a CPU
+    python train.py --data toy-base                              # how the toy base was made (about 90 CPU minutes)
+    python train.py --resume results/001-DiT-T-4-finediffusion  # continue a run (its newest checkpoint), bit for bit
     python train.py --resume CKPT --export model.pt     # a standalone file in the official {"model", "ema"} layout
 
-What one step does (paper §3.1, §3.2.1):
+What one step does (paper §3.1, §3.2.1; `train_step`):
   x (an image batch, or its SD-VAE latent z = 0.18215 * (mean + sigma * eps)) and labels y of subclasses;
   t ~ U{0..999}; the TieredEmbedder swaps y for its superclass row with probability --superclass-prob (0.1),
   which trains eps(x_t | c_p), the guide of fine-grained CFG (eq. 1); loss = IDDPM hybrid (eps-MSE + VB);
@@ -15,30 +15,26 @@ What one step does (paper §3.1, §3.2.1):
 DiT-XL/2). Frozen tensors have requires_grad=False, so autograd computes no weight gradient for them, DDP does
 not all-reduce them, AdamW and the EMA hold no state for them: that is where the 1.56x speed-up comes from.
 
-Defaults are the paper's (§4.2): DiT-XL/2 from DiT-XL-2-256x256.pt, 256 px, FineDiffusion, AdamW lr 1e-4,
-global batch 256, 200K steps, EMA 0.9999, data under data/<name>/, the base and the VAE under pretrained/.
-`--data toy` instead defaults to a from-scratch DiT-T/4 on 32 px pixels (`--init none`, `--tune full`), so that
-the quickstart runs on a CPU.
+Defaults are the paper's (§4.2): DiT-XL/2 from DiT-XL-2-256x256.pt, 256 px, FineDiffusion, AdamW lr 1e-4, global
+batch 256, 200K steps, EMA 0.9999, data under data/<name>/, the base and the VAE under pretrained/. `--data toy`
+defaults to the toy world's published base and the settings its quickstart was tuned with (RECIPES).
 
-Read `train` and `run_training` top to bottom: set-up -> base checkpoint -> run folder (locked: one writer) ->
-data and VAE -> model (set_trainable) -> optimizer and EMA -> loop -> save. Checkpoints (model.save_checkpoint has the schema) hold only the tuned tensors when there is
-a base file ("delta", §3.2.1), plus what --resume needs to continue bit for bit (its own section below).
+Read `train_step`, then `main` top to bottom: set-up (`start_run`: base checkpoint, run folder, data, model, what
+trains, AdamW, the EMA), then the loop. Checkpoints (model.save_checkpoint has the schema) hold only the tuned
+tensors when there is a base file ("delta", §3.2.1), plus what --resume needs to continue bit for bit. The run
+folder's machinery (one writer, its log, the random streams of an exact resume, pre-emption) is in runs.py.
 """
 import argparse
 import errno
-import fcntl
-import glob
 import itertools
 import json
 import math
 import os
 import random
 import resource
-import signal
-import socket
 import sys
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,15 +45,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 import data
+from cli import (DISK_FULL, ArgumentParser, Stopped, UserError, decay_rate, device_name, folder_path, nonnegative_int,
+                 out_file, positive_float, positive_int, precision_context, probability, run_cli)
 from diffusion import create_diffusion
-from cli import (DISK_FULL, ArgumentParser, Stopped, UserError, decay, device, folder, nonnegative_int, out_file,
-                 positive_float, positive_int, precision_context, probability, run_cli)
-from files import file_sha256, remove_stale_temp_files
+from files import file_sha256
 from model import (LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, DiT_models, build_model, check_image_size,
                    checkpoint_tensors, load_model, load_pretrained, published_layout, read_checkpoint,
                    resolve_checkpoint, save_checkpoint, set_trainable)
-from vae import AutoencoderKL, scaled_latent
+from runs import all_ranks, append_line, rng_state, run_folder, set_rng_state, stop_signals
 from sample import CFG_SCALE, Sampler, guide_labels, sample_images, save_png
+from vae import AutoencoderKL, scaled_latent
 
 PAPER_INIT = "DiT-XL-2-256x256.pt"
 VAE = "sd-vae-ft-ema"     # the paper's (DiT's) VAE, looked up as given, then under pretrained/
@@ -85,7 +82,171 @@ class TrainingError(UserError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Arguments
+# The method: one training step (paper §3.1, §3.2.1), the EMA
+# ----------------------------------------------------------------------------------------------------------
+
+def train_step(net, diffusion, opt, scaler, x, y, autocast):
+    """Forward, hybrid loss (IDDPM: eps-MSE + VB), backward, AdamW. Returns the loss as a 0-dim tensor on the device:
+    reading it (.item()) would make the CPU wait for the GPU every step, so the loop reads losses only when it logs
+    or saves (check_losses)."""
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
+
+    def eps_model(x_t, t, y):
+        with autocast:
+            return net(x_t, t, y).float()             # the diffusion math stays in fp32
+
+    loss = diffusion.training_losses(eps_model, x, t, model_kwargs=dict(y=y))["loss"].mean()
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()                     # DDP all-reduces the gradients of tuned tensors only
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
+@torch.no_grad()
+def update_ema(ema, named_params, decay):
+    """ema <- decay * ema + (1 - decay) * theta, for the tuned tensors only (frozen ones never move)."""
+    for name, p in named_params:
+        ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def with_ema(state, ema):
+    """A full state dict with the EMA tensors in place of the trained ones (what one samples with)."""
+    return {k: ema.get(k, v) for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training, top to bottom
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    """Fine-tune (paper §3.2) top to bottom: the set-up, then the loop. Returns dict(final_ckpt, run_dir, losses,
+    step) of what this process trained (losses: each step's, averaged over the processes)."""
+    args = parse_args(argv)
+    resume = read_resume(args) if args.resume else None
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    if resume is not None and args.export:
+        return export_resumed(args, resume)
+    rank, world, device = data.init_distributed(args.device)
+    try:
+        with start_run(args, resume, rank, world, device) as run:     # the DiT, what trains, AdamW, the EMA, data
+            diffusion = create_diffusion(learn_sigma=run.model.learn_sigma)
+            bar = tqdm(total=args.max_steps, initial=run.step, desc="training", disable=rank != 0, dynamic_ncols=True)
+            with bar, stop_signals(world) as stop, out_of_memory_advice(args, world):
+                for x, y in batches(run):                             # from where a resumed run left off
+                    run.window.append(train_step(run.net, diffusion, run.opt, run.scaler, x, y, run.autocast))
+                    update_ema(run.ema, run.tuned, args.ema_decay)
+                    run.step += 1
+                    bar.update(1)
+                    last = run.step == args.max_steps or stop.agreed()
+                    if run.step % args.log_every == 0 or last:
+                        log(run, bar)
+                    if run.step % args.ckpt_every == 0 or last:
+                        save(run)
+                    if rank == 0 and args.sample_every and run.step % args.sample_every == 0:
+                        bar.write(f"samples: {sample_grid(run)}")
+                    if stop.signal:
+                        raise Stopped(f"{stop.name} after step {run.step}: {run.last_ckpt} is saved; continue with "
+                                      f"--resume {run.run_dir}")
+                    if last:
+                        break
+            if rank == 0 and args.export:
+                export(args.export, run.model, run.ema, run.config, run.vae, run.step, run.time_s(), saved_args(args))
+                print(f"exported {args.export}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return dict(final_ckpt=run.last_ckpt, run_dir=run.run_dir, losses=run.losses, step=run.step)
+
+
+@contextmanager
+def start_run(args, resume, rank, world, device):
+    """Everything the loop needs, as a Run: the base checkpoint (--init) or the resumed run fixes the DiT; then
+    the run folder (locked: one writer), the data and the VAE, the model and what it trains (paper Table 2), AdamW
+    and the EMA over the tuned tensors, and the random streams (exactly a resumed run's)."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    autocast, scaler = setup_precision(args.precision, device)
+    cache = open_latent_cache(args) if args.latent_cache else None
+    if resume is None:
+        init_path, init, extra = choose_base(args, cache)
+        pixel, image_size = extra["pixel_space"], args.image_size
+    else:
+        pixel, image_size = resume["config"]["pixel_space"], resume["config"]["image_size"]
+    with run_folder(args, resume["step"] if resume else 0) as run_dir:
+        dataset, vae, vae_identity = data_and_vae(args, cache, pixel, image_size)
+        if resume is None:
+            model, config, base = fresh_model(args, dataset, init_path, init, extra, say)
+            del init
+        else:
+            model, config, base = resumed_model(args, resume), resume["config"], resume["base"]
+            if dataset.hierarchy() != model.hierarchy:
+                raise UserError(f"the data's classes differ from those of {args.resume}: resume with the same --data")
+        trainable, total = set_trainable(model, config["method"])
+        model.to(device).train()
+        model.grad_checkpointing = args.grad_checkpointing
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+        net = torch.compile(net) if args.compile else net
+        tuned = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # what --tune trains
+        opt = torch.optim.AdamW([p for _, p in tuned], lr=args.lr, weight_decay=0)        # after DDP's broadcast
+        run = Run(args, config, base, vae_identity, vae, dataset, model, net, tuned, opt, scaler, autocast, rank,
+                  world, device, run_dir, ema={name: p.detach().clone() for name, p in tuned})
+        say(f"{config['name']} {config['image_size']}px {'pixels' if pixel else 'latents'}, {config['num_classes']} "
+            f"classes / {config['num_superclasses']} superclasses, --tune {config['method']}: {trainable / 1e6:.2f}M "
+            f"of {total / 1e6:.2f}M parameters trained ({100 * trainable / total:.2f}%), {world} process(es)")
+        seed_everything(args.seed * world + rank)        # per-rank timesteps, noise and label substitutions
+        if resume is not None:
+            restore_training_state(run, resume, say)
+        run.started = run.clock = time.time()
+        yield run
+
+
+@contextmanager
+def out_of_memory_advice(args, world):
+    """CUDA running out of memory in the loop, said in one line with the batch size to try."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        batch = args.global_batch_size
+        half = max(world, batch // 2 // world * world)
+        raise TrainingError(f"CUDA out of memory with --global-batch-size {batch} ({batch // world} per GPU): try "
+                            f"--global-batch-size {half} ({half // world} per GPU) or --grad-checkpointing") from None
+
+
+def export_resumed(args, resume):
+    """--resume CKPT --export FILE: write the checkpoint as a standalone file, without training."""
+    model = resumed_model(args, resume)
+    export(args.export, model, resume["ema"], resume["config"], resume.get("vae"), resume["step"],
+           resume.get("time_s"), resume["args"])
+    print(f"exported step {resume['step']} of {args.resume} to {args.export}")
+    return dict(final_ckpt=args.resume, run_dir=None, losses=[], step=resume["step"])
+
+
+def batches(run):
+    """The training batches (x, y) on the device, from where the run is: its epoch and its position in it (so a
+    resumed run sees exactly the batches it would have). The epoch and position count each batch as it is handed
+    out; images become latents through the VAE here, unless they come from a latent cache."""
+    args, dataset, world = run.args, run.dataset, run.world
+    local_batch = args.global_batch_size // world
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=run.rank, shuffle=True, seed=args.seed)
+    per_epoch = len(sampler) // local_batch
+    if per_epoch == 0:
+        raise UserError(f"{len(dataset)} training items give {len(sampler)} per process, fewer than the "
+                        f"per-process batch {local_batch}: lower --global-batch-size")
+    if run.position >= per_epoch:
+        run.epoch, run.position = run.epoch + 1, 0
+    items = SeededItems(dataset, args.seed)
+    encoder = run.vae_model if run.vae_model is not None and not args.latent_cache else None
+    while True:
+        for x, y in epoch_loader(items, sampler, run.epoch, run.position, local_batch, args, run.device):
+            run.position += 1
+            if run.position == per_epoch:
+                run.epoch, run.position = run.epoch + 1, 0
+            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+            yield (x if encoder is None else encode(encoder, x)), y            # (N, C, H, W), (N,)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Set-up: arguments, precision, random streams
 # ----------------------------------------------------------------------------------------------------------
 
 def recipe_help(flag):
@@ -119,27 +280,29 @@ def parse_args(argv=None):
                    help="label -> superclass substitution (§3.2.1; the authors' value)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=positive_float, help=recipe_help("lr"))
-    o.add_argument("--global-batch-size", type=positive_int, help="over all processes; " + recipe_help("global_batch_size"))
+    o.add_argument("--global-batch-size", type=positive_int,
+                   help="over all processes; " + recipe_help("global_batch_size"))
     o.add_argument("--max-steps", type=positive_int, help=recipe_help("max_steps"))
-    o.add_argument("--ema-decay", type=decay, help=recipe_help("ema_decay"))
+    o.add_argument("--ema-decay", type=decay_rate, help=recipe_help("ema_decay"))
     o.add_argument("--seed", type=nonnegative_int, default=0)
     o.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="tf32",
                    help="tf32: fp32 weights, TF32 matmuls on Ampere+ (as DiT); fp16: autocast + loss scaling (V100; "
                         "on a CPU too, where torch supports it)")
     o.add_argument("--compile", action="store_true", help="torch.compile the DiT")
     o.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations: less memory")
-    o.add_argument("--device", type=device,
+    o.add_argument("--device", type=device_name,
                    help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     r = p.add_argument_group("output")
-    r.add_argument("--results-dir", type=folder, default="results")
-    r.add_argument("--run-dir", type=folder, help="run folder; default: <results-dir>/NNN-<model>-<tune>")
+    r.add_argument("--results-dir", type=folder_path, default="results")
+    r.add_argument("--run-dir", type=folder_path, help="run folder; default: <results-dir>/NNN-<model>-<tune>")
     r.add_argument("--ckpt-every", type=positive_int, help=recipe_help("ckpt_every"))
     r.add_argument("--log-every", type=positive_int, help=recipe_help("log_every"))
     r.add_argument("--sample-every", type=nonnegative_int, default=0,
                    help="save an EMA sample grid every N steps (0: never)")
     r.add_argument("--resume", help="continue a run from one of its checkpoints (its arguments are the defaults)")
-    r.add_argument("--export", type=out_file, help="write a standalone checkpoint (every tensor, EMA): after training, or, "
-                                    "with --resume, of that checkpoint without training")
+    r.add_argument("--export", type=out_file,
+                   help="write a standalone checkpoint (every tensor, EMA): after training, or, with --resume, "
+                        "of that checkpoint without training")
     args, given = p.parse_given(argv)
     args.given = given                          # --resume takes the others from the checkpoint
     for flag, value in RECIPES.get(args.data, RECIPES["paper"]).items():
@@ -158,15 +321,11 @@ def check_args(args, world):
     if not args.data and not args.latent_cache:
         raise UserError("--data is required (inat21, folder or toy), or --latent-cache DIR")
     if args.data in ("inat21", "folder") and not args.latent_cache:
-        path = args.data_path or os.path.join("data", args.data)
+        path = data.dataset_root(args.data, args.data_path)
         if not os.path.isdir(path):
             where = f"; iNat21 is published at {data.INAT21_URL}" if args.data == "inat21" else ""
             raise UserError(f"--data {args.data}: no dataset at {path} (put it there or pass --data-path DIR){where}")
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Set-up: devices, precision, random streams
-# ----------------------------------------------------------------------------------------------------------
 
 def setup_precision(precision, device):
     """Autocast context for the DiT's forward pass and a GradScaler (enabled for fp16 only: fp16 gradients
@@ -186,18 +345,113 @@ def seed_everything(seed):
     random.seed(seed)
 
 
-def all_ranks(obj, world):
-    """[obj of rank 0, obj of rank 1, ...]."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+# ----------------------------------------------------------------------------------------------------------
+# The model to train: its base checkpoint (--init), its configuration, its starting weights
+# ----------------------------------------------------------------------------------------------------------
+
+def choose_base(args, cache):
+    """A new run's base checkpoint (--init; 'none' trains from scratch), and the DiT it fixes: fills --model,
+    --image-size and --tune. -> (path, checkpoint, extra build_model kwargs), path and checkpoint None for none."""
+    init_path = None if args.init.lower() == "none" else os.path.abspath(resolve_checkpoint(args.init))
+    if init_path and os.path.isfile(TOY_BASE) and os.path.samefile(init_path, TOY_BASE) and \
+            file_sha256(init_path) != TOY_BASE_SHA256:
+        raise UserError(f"{TOY_BASE} is not the toy base this repository shipped (its sha256 differs): restore it "
+                        f"with `git checkout -- {TOY_BASE}`")
+    init = read_checkpoint(init_path) if init_path else None
+    args.tune = args.tune or ("full" if init is None else "finediffusion")
+    extra = base_config(args, init, cache)
+    check_image_size(args.model, args.image_size, extra["pixel_space"])
+    return init_path, init, extra
+
+
+def base_config(args, init, cache):
+    """Fill --model and --image-size from the base checkpoint (they must agree) or the defaults: DiT-XL/2 at 256 px
+    on VAE latents; the toy's DiT-T/4 on 32 px pixels; a latent cache's size.
+    -> the build_model keyword arguments the base implies (pixel_space, learn_sigma)."""
+    toy = args.data in data.TOY_SETS and cache is None
+    if init is None:
+        args.model = args.model or ("DiT-T/4" if toy else "DiT-XL/2")
+        args.image_size = args.image_size or (cache.image_size if cache else data.default_image_size(args.data))
+        return dict(pixel_space=toy)
+    # ours say what they are; the official and the authors' files, their tensor shapes
+    c = init["config"] if "config" in init else published_layout(checkpoint_tensors(init))[1]
+    name, size, pixel, learn_sigma = c["name"], c["image_size"], c["pixel_space"], c.get("learn_sigma", True)
+    for flag, given, found in (("--model", args.model, name), ("--image-size", args.image_size, size)):
+        if given is not None and given != found:
+            raise UserError(f"{flag} {given} does not match the --init checkpoint ({found}): leave it out")
+    args.model, args.image_size = name, size
+    return dict(pixel_space=pixel, **({} if learn_sigma else dict(learn_sigma=False)))
+
+
+def fresh_model(args, dataset, init_path, init, extra, say):
+    """A new run's DiT, its configuration and its base {"path", "sha256"} (None: every tensor is saved).
+
+    The base's tensors are the starting weights; a label table of another size is re-initialised. One of our
+    delta checkpoints is first put back on its own base, and then the run saves every tensor (deltas on deltas
+    would chain)."""
+    config = dict(name=args.model, image_size=args.image_size, num_classes=dataset.num_classes,
+                  num_superclasses=dataset.num_superclasses, method=args.tune, **extra)
+    seed_everything(args.seed)   # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(**config, hierarchy=dataset.hierarchy(), superclass_prob=args.superclass_prob)
+    if init is None:
+        if args.tune != "full":
+            say(f"warning: training from scratch with --tune {args.tune} trains only a few tensors")
+        return model, config, None
+    chained = bool(init.get("base"))
+    state = load_model(init_path, base_flag=None)[0].state_dict() if chained else checkpoint_tensors(init)
+    try:
+        report = load_pretrained(model, state)
+    except UserError as e:
+        raise UserError(f"--init {init_path} does not fit a --tune {args.tune} DiT: {e}") from None
+    say(f"init: {init_path}" + "".join(f"; re-initialised {r}" for r in report["reinitialised"])
+        + (f"; {len(report['identity'])} new tensors start at the identity" if report["identity"] else ""))
+    return model, config, None if chained else dict(path=init_path, sha256=None)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------
+
+def data_and_vae(args, cache, pixel, image_size):
+    """The training items (a latent cache, or images) and, for a latent DiT, the VAE that encodes the images
+    (unless they are cached) and decodes the sample grids, checked against the DiT before any step.
+    -> (dataset, vae or None, the VAE's identity for the checkpoints)."""
+    latents = [LATENT_CHANNELS, image_size // 8, image_size // 8]
+    if cache is not None and (pixel or cache.latent_shape != latents):
+        raise UserError(f"the latent cache holds {'x'.join(map(str, cache.latent_shape))} latents of "
+                        f"{cache.image_size}px images; this DiT takes " + (f"{image_size}px pixels" if pixel else
+                        f"{'x'.join(map(str, latents))} latents of {image_size}px images"))
+    vae = None if pixel or (cache and not args.sample_every) else AutoencoderKL.from_pretrained(args.vae or VAE)
+    if vae is not None:
+        vae.check_fits(LATENT_CHANNELS, image_size)
+    if cache is not None and vae is not None and cache.meta["vae"] != vae.identity():
+        raise UserError(f"the latent cache {args.latent_cache} was built with another VAE than {vae.weights_file}")
+    dataset = cache or image_dataset(args)
+    return dataset, vae, vae.identity() if vae else cache.meta["vae"] if cache else None
+
+
+def open_latent_cache(args):
+    """Cached VAE latents (`python data.py cache`); a cache of another dataset is refused."""
+    return data.LatentCacheDataset(args.latent_cache, expect=dict(data=args.data, data_path=args.data_path),
+                                   flip=True, coarse=args.coarse)
+
+
+def image_dataset(args):
+    """The images, in [-1, 1] with DiT's crop and flips: trained on as pixels, or encoded by the VAE on the fly."""
+    return data.build_dataset(args.data, args.data_path, args.image_size, args.split, flip=True, seed=args.seed,
+                              coarse=args.coarse, hierarchy_csv=args.hierarchy_csv)
+
+
+def epoch_loader(items, sampler, epoch, position, local_batch, args, device):
+    """The DataLoader of one epoch (SeededItems, DistributedSampler), starting after `position` batches."""
+    sampler.set_epoch(epoch)   # a new shuffle each epoch, the same on every rank and on every resume
+    items.epoch = epoch        # (workers receive a copy of `items` when the loader's iterator is created)
+    # Its own generator: creating the iterator must not draw from the global RNG (resume would diverge).
+    generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+    return DataLoader(items, batch_size=local_batch, sampler=SkipSampler(sampler, position * local_batch),
+                      num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+                      generator=generator)
+
 
 class SkipSampler(torch.utils.data.Sampler):
     """The indices of `sampler` after the first `skip`: resuming mid-epoch reproduces the rest of the
@@ -234,132 +488,10 @@ class SeededItems(Dataset):
             return self.dataset[i]
 
 
-def open_latent_cache(args):
-    """Cached VAE latents (`python data.py cache`); a cache of another dataset is refused."""
-    return data.LatentCacheDataset(args.latent_cache, expect=dict(data=args.data, data_path=args.data_path),
-                                   flip=True, coarse=args.coarse)
-
-
-def image_dataset(args):
-    """The images, in [-1, 1] with DiT's crop and flips: trained on as pixels, or encoded by the VAE on the fly."""
-    split = args.split or ("train_mini" if args.data == "inat21" else "train")
-    path = args.data_path or (None if args.data in data.TOY_SETS else os.path.join("data", args.data))
-    return data.build_dataset(args.data, path, args.image_size, split, flip=True, seed=args.seed,
-                              coarse=args.coarse, hierarchy_csv=args.hierarchy_csv)
-
-
-def epoch_loader(items, sampler, epoch, position, local_batch, args, device):
-    """The DataLoader of one epoch (SeededItems, DistributedSampler), starting after `position` batches."""
-    sampler.set_epoch(epoch)   # a new shuffle each epoch, the same on every rank and on every resume
-    items.epoch = epoch        # (workers receive a copy of `items` when the loader's iterator is created)
-    # Its own generator: creating the iterator must not draw from the global RNG (resume would diverge).
-    generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    return DataLoader(items, batch_size=local_batch, sampler=SkipSampler(sampler, position * local_batch),
-                      num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                      generator=generator)
-
-
 @torch.no_grad()
 def encode(vae, x):
     """The training latent of images x: one posterior draw, times 0.18215, as DiT's training."""
     return scaled_latent(*vae.encode(x))                      # (N, 4, H/8, W/8)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The model to train: its base checkpoint (--init), its configuration, its starting weights
-# ----------------------------------------------------------------------------------------------------------
-
-def base_config(args, init, cache):
-    """Fill --model and --image-size from the base checkpoint (they must agree) or the defaults: DiT-XL/2 at 256 px
-    on VAE latents; the toy's DiT-T/4 on 32 px pixels; a latent cache's size.
-    -> the build_model keyword arguments the base implies (pixel_space, learn_sigma)."""
-    toy = args.data in data.TOY_SETS and cache is None
-    if init is None:
-        args.model = args.model or ("DiT-T/4" if toy else "DiT-XL/2")
-        args.image_size = args.image_size or (cache.image_size if cache else 32 if toy else 256)
-        return dict(pixel_space=toy)
-    # ours say what they are; the official and the authors' files, their tensor shapes
-    c = init["config"] if "config" in init else published_layout(checkpoint_tensors(init))[1]
-    name, size, pixel, learn_sigma = c["name"], c["image_size"], c["pixel_space"], c.get("learn_sigma", True)
-    for flag, given, found in (("--model", args.model, name), ("--image-size", args.image_size, size)):
-        if given is not None and given != found:
-            raise UserError(f"{flag} {given} does not match the --init checkpoint ({found}): leave it out")
-    args.model, args.image_size = name, size
-    return dict(pixel_space=pixel, **({} if learn_sigma else dict(learn_sigma=False)))
-
-
-def choose_base(args, cache):
-    """A new run's base checkpoint (--init; 'none' trains from scratch), and the DiT it fixes: fills --model,
-    --image-size and --tune. -> (path, checkpoint, extra build_model kwargs), path and checkpoint None for none."""
-    init_path = None if args.init.lower() == "none" else os.path.abspath(resolve_checkpoint(args.init))
-    if init_path and os.path.isfile(TOY_BASE) and os.path.samefile(init_path, TOY_BASE) and \
-            file_sha256(init_path) != TOY_BASE_SHA256:
-        raise UserError(f"{TOY_BASE} is not the toy base this repository shipped (its sha256 differs): restore it "
-                        f"with `git checkout -- {TOY_BASE}`")
-    init = read_checkpoint(init_path) if init_path else None
-    args.tune = args.tune or ("full" if init is None else "finediffusion")
-    extra = base_config(args, init, cache)
-    check_image_size(args.model, args.image_size, extra["pixel_space"])
-    return init_path, init, extra
-
-
-def fresh_model(args, dataset, init_path, init, extra, say):
-    """A new run's DiT, its configuration and its base {"path", "sha256"} (None: every tensor is saved).
-
-    The base's tensors are the starting weights; a label table of another size is re-initialised. One of our
-    delta checkpoints is first put back on its own base, and then the run saves every tensor (deltas on deltas
-    would chain)."""
-    config = dict(name=args.model, image_size=args.image_size, num_classes=dataset.num_classes,
-                  num_superclasses=dataset.num_superclasses, method=args.tune, **extra)
-    seed_everything(args.seed)   # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(**config, hierarchy=dataset.hierarchy(), superclass_prob=args.superclass_prob)
-    if init is None:
-        if args.tune != "full":
-            say(f"warning: training from scratch with --tune {args.tune} trains only a few tensors")
-        return model, config, None
-    chained = bool(init.get("base"))
-    state = load_model(init_path, base_flag=None)[0].state_dict() if chained else checkpoint_tensors(init)
-    try:
-        report = load_pretrained(model, state)
-    except UserError as e:
-        raise UserError(f"--init {init_path} does not fit a --tune {args.tune} DiT: {e}") from None
-    say(f"init: {init_path}" + "".join(f"; re-initialised {r}" for r in report["reinitialised"])
-        + (f"; {len(report['identity'])} new tensors start at the identity" if report["identity"] else ""))
-    return model, config, None if chained else dict(path=init_path, sha256=None)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One training step, and the EMA
-# ----------------------------------------------------------------------------------------------------------
-
-def train_step(net, diffusion, opt, scaler, x, y, autocast):
-    """Forward, hybrid loss (IDDPM: eps-MSE + VB), backward, AdamW. Returns the loss as a 0-dim tensor on the device:
-    reading it (.item()) would make the CPU wait for the GPU every step, so the loop reads losses only when it logs
-    or saves (check_losses)."""
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
-
-    def eps_model(x_t, t, y):
-        with autocast:
-            return net(x_t, t, y).float()             # the diffusion math stays in fp32
-
-    loss = diffusion.training_losses(eps_model, x, t, model_kwargs=dict(y=y))["loss"].mean()
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()                     # DDP all-reduces the gradients of tuned tensors only
-    scaler.step(opt)
-    scaler.update()
-    return loss.detach()
-
-
-@torch.no_grad()
-def update_ema(ema, named_params, decay):
-    """ema <- decay * ema + (1 - decay) * theta, for the tuned tensors only (frozen ones never move)."""
-    for name, p in named_params:
-        ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
-
-
-def with_ema(state, ema):
-    """A full state dict with the EMA tensors in place of the trained ones (what one samples with)."""
-    return {k: ema.get(k, v) for k, v in state.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,27 +505,30 @@ class Run:
     config: dict
     base: dict                    # None: save every tensor; else {"path", "sha256"}: save the tuned ones only
     vae: dict                     # the VAE's identity (None in pixel space)
+    vae_model: torch.nn.Module    # the VAE that encodes the images and decodes the sample grids, or None
+    dataset: Dataset
     model: torch.nn.Module
-    ema: dict
+    net: torch.nn.Module          # the model as the loop calls it: wrapped in DDP, compiled
+    tuned: list                   # (name, parameter) of every tensor --tune trains
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    autocast: object              # the --precision context of the forward pass
     rank: int
     world: int
     device: torch.device
     run_dir: str = None
+    ema: dict = None              # the EMA of each tuned tensor, by name
     step: int = 0
     epoch: int = 0
     position: int = 0             # batches of this epoch already trained on
     last_ckpt: str = None
     window: list = field(default_factory=list)   # the losses (device tensors) of the steps not yet read
     losses: list = field(default_factory=list)   # every step's loss this process trained, once read (floats)
-    logged: int = 0                               # how many of `losses` the log has averaged
+    logged: int = 0               # how many of `losses` the log has averaged
     time_before: float = 0.0      # training wall time (s) of the run before this process: from --resume
     started: float = 0.0          # time.time() when this process's loop began
+    clock: float = 0.0            # time.time() of the last log line
     log_failed: bool = False      # log.jsonl could not be appended to (a full disk): warned once
-
-    def tuned(self):
-        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
 
     def time_s(self):
         """Wall time spent in the training loop, summed over resumes (seconds): the cost axis of paper Fig. 2."""
@@ -410,7 +545,7 @@ def save(run):
     if run.base is not None and run.base["sha256"] is None:
         run.base["sha256"] = file_sha256(run.base["path"])      # a delta must only ever meet its own base
     state = run.model.state_dict()
-    model = {name: state[name] for name, _ in run.tuned()} if run.base else state
+    model = {name: state[name] for name, _ in run.tuned} if run.base else state
     path = os.path.join(run.run_dir, "checkpoints", f"{run.step:07d}.pt")
     try:
         save_checkpoint(path, model=model, ema=with_ema(model, run.ema), base=run.base, config=run.config,
@@ -430,105 +565,22 @@ def save(run):
     run.last_ckpt = path
 
 
-def export(path, model, ema, info):
+def export(path, model, ema, config, vae, step, time_s, args):
     """A standalone checkpoint: every tensor and its EMA, no base, no training state."""
     state = model.state_dict()
-    save_checkpoint(path, model=state, ema=with_ema(state, ema), base=None, config=info["config"],
-                    hierarchy=model.hierarchy, vae=info["vae"], step=info["step"], time_s=info["time_s"],
-                    args=info["args"])
+    save_checkpoint(path, model=state, ema=with_ema(state, ema), base=None, config=config, hierarchy=model.hierarchy,
+                    vae=vae, step=step, time_s=time_s, args=args)
 
 
 def saved_args(args):
     return {k: v for k, v in vars(args).items() if k != "given"}
 
 
-def make_run_dir(args):
-    """The run folder -> (path, whether this process created it): --run-dir, the run folder of --resume, or
-    results/NNN-<model>-<tune> with the next free NNN. Folders are created exclusively (mkdir fails on a name that
-    another process took first, even a microsecond earlier), so two runs started together never share one."""
-    if args.run_dir or args.resume and os.path.basename(os.path.dirname(os.path.abspath(args.resume))) == "checkpoints":
-        path = args.run_dir or os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        try:
-            os.mkdir(path)
-            return path, True
-        except FileExistsError:
-            return path, False
-    os.makedirs(args.results_dir, exist_ok=True)
-    index = len(os.listdir(args.results_dir))
-    while True:
-        path = os.path.join(args.results_dir, f"{index:03d}-{args.model.replace('/', '-')}-{args.tune}")
-        try:
-            os.mkdir(path)
-            return path, True
-        except FileExistsError:
-            index += 1
-
-
-@contextmanager
-def run_folder(args, step):
-    """The run folder, created and locked by rank 0 for as long as the run lasts; every rank learns its name, or
-    why there is none. Leftover temp files of a killed run are removed, the log is cut back to `step` (where
-    the run starts), and a new run never writes over one that has checkpoints (it resumes instead)."""
-    held, made = [], []
-
-    def claim():
-        run_dir, created = make_run_dir(args)
-        held.append(lock_run_dir(run_dir))
-        made.extend([run_dir] if created else [])     # ours to remove, and only now that we hold its lock
-        if not args.resume and glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
-            raise UserError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir} "
-                            "or choose another --run-dir")
-        remove_stale_temp_files(run_dir)
-        trim_log(run_dir, step)
-        return run_dir
-
-    try:
-        yield data.on_rank0(claim)
-    except BaseException:
-        for run_dir in made:     # stopped before writing anything (a user mistake): take back what we made, no more
-            checkpoints = os.path.join(run_dir, "checkpoints")
-            if set(os.listdir(run_dir)) <= {".lock", "checkpoints"} and not os.listdir(checkpoints):
-                os.rmdir(checkpoints)
-                os.remove(os.path.join(run_dir, ".lock"))
-                os.rmdir(run_dir)
-        raise
-    finally:
-        for lock in held:
-            lock.close()                   # releases it (so does the kernel when a process dies, even by kill -9)
-
-
-def lock_run_dir(run_dir):
-    """Take the exclusive lock <run_dir>/.lock, and write who holds it there. -> the open lock file.
-    A UserError naming the holder when another process has it: two runs in one folder would silently write
-    each other's checkpoints and interleave their logs."""
-    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-    lock = open(os.path.join(run_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise UserError(f"{run_dir} is in use by another training run ({holder}): wait for it to end or choose "
-                        "another --run-dir") from None
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    lock.flush()
-    return lock
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux reports KiB
-
-
-def log(run, bar, clock):
+def log(run, bar):
     """One log line on the console and in <run>/log.jsonl: mean loss since the last line, speed, memory."""
     check_losses(run)
     window, run.logged = run.losses[run.logged:], len(run.losses)
-    elapsed = max(time.time() - clock, 1e-9)
+    elapsed, run.clock = max(time.time() - run.clock, 1e-9), time.time()
     record = dict(step=run.step, epoch=run.epoch, time_s=run.time_s(), loss=sum(window) / len(window),
                   steps_per_s=len(window) / elapsed,
                   images_per_s=len(window) * run.args.global_batch_size / elapsed,
@@ -565,48 +617,17 @@ def check_losses(run):
     run.losses += losses
 
 
-def append_line(path, line):
-    """Append one whole line or nothing: a full disk must not leave half a JSON record in the log."""
-    with open(path, "ab", buffering=0) as f:
-        end, text = f.tell(), (line + "\n").encode()
-        try:
-            if f.write(text) != len(text):      # the disk had room for part of it
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        except OSError:
-            with suppress(OSError):
-                f.truncate(end)
-            raise
-
-
-def trim_log(run_dir, step):
-    """Cut the log after its last line of a step <= `step`: a run resumed from an older checkpoint redoes the later
-    steps, which would otherwise be logged twice (a line cut short by a crash goes too). The lines are in step
-    order, so a truncation does it, and that needs no free space."""
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.isfile(path):
-        return
-    keep = 0
-    with open(path, "rb") as f:
-        for line in f:
-            logged = _logged_step(line)
-            if logged is None or logged > step:
-                break
-            keep += len(line)
-    os.truncate(path, keep)
-
-
-def _logged_step(line):
-    try:
-        return json.loads(line)["step"] if line.endswith(b"\n") else None
-    except (ValueError, KeyError, TypeError):
-        return None
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux reports KiB
 
 
 @torch.no_grad()
-def sample_grid(run, vae):
+def sample_grid(run):
     """<run>/samples/<step>.png: EMA samples spread over the classes (50 DDPM steps, w = 4, eq. 1 where superclass
     rows exist); the training weights and random streams are left as they were."""
-    model, tuned = run.model, run.tuned()
+    model, tuned = run.model, run.tuned
     backup = {name: p.detach().clone() for name, p in tuned}
     K = model.y_embedder.num_classes
     y = torch.linspace(0, K - 1, min(8, K)).round().long()
@@ -614,8 +635,8 @@ def sample_grid(run, vae):
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         for name, p in tuned:
             p.copy_(run.ema[name])
-        images = sample_images(model, y, guide, CFG_SCALE, Sampler("ddpm", 50), vae, run.args.seed, run.device,
-                               progress=False)
+        images = sample_images(model, y, guide, CFG_SCALE, Sampler("ddpm", 50), run.vae_model, run.args.seed,
+                               run.device, progress=False)
         for name, p in tuned:
             p.copy_(backup[name])
     model.train()
@@ -683,212 +704,9 @@ def restore_training_state(run, ckpt, say):
         say(f"warning: a run of {state['world_size']} processes resumed on {run.world}: the data order and the "
             "noise will not repeat exactly")
     run.step, run.epoch, run.position = ckpt["step"], state["epoch"], state["position"]
-    run.time_before = ckpt.get("time_s") or 0.0     # checkpoints from before time_s: counted from this resume
+    run.time_before = ckpt["time_s"]
     run.last_ckpt = run.args.resume
     say(f"resumed {run.args.resume} at step {run.step} (epoch {run.epoch}, batch {run.position})")
-
-
-def rng_state(device):
-    """This process's random streams as plain tensors / lists (torch.load(weights_only=True) reads them)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, py_state, gauss = random.getstate()
-    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
-                           has_gauss=int(has_gauss), cached=float(cached)),
-                python=[version, list(py_state), gauss])
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training, top to bottom
-# ----------------------------------------------------------------------------------------------------------
-
-def train(args):
-    """Train (or, with --resume and --export, only export). Returns dict(final_ckpt, run_dir, losses, step): losses
-    are the mean over the processes of every step this process trained."""
-    resume = read_resume(args) if args.resume else None
-    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    if resume is not None and args.export:
-        model = resumed_model(args, resume)
-        info = dict(config=resume["config"], vae=resume.get("vae"), step=resume["step"], time_s=resume.get("time_s"),
-                    args=resume["args"])
-        export(args.export, model, resume["ema"], info)
-        print(f"exported step {resume['step']} of {args.resume} to {args.export}")
-        return dict(final_ckpt=args.resume, run_dir=None, losses=[], step=resume["step"], export=args.export)
-    rank, world, device = data.init_distributed(args.device)
-    try:
-        return run_training(args, resume, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_training(args, resume, rank, world, device):
-    say = print if rank == 0 else (lambda *a, **k: None)
-    autocast, scaler = setup_precision(args.precision, device)
-
-    # --- the base checkpoint (--init) or the resumed run fixes the DiT; then the run folder, locked -------------
-    cache = open_latent_cache(args) if args.latent_cache else None
-    if resume is None:
-        init_path, init, extra = choose_base(args, cache)
-        pixel, image_size = extra["pixel_space"], args.image_size
-    else:
-        pixel, image_size = resume["config"]["pixel_space"], resume["config"]["image_size"]
-    with run_folder(args, resume["step"] if resume else 0) as run_dir:   # one writer: a second run stops here
-        dataset, vae, vae_identity = data_and_vae(args, cache, pixel, image_size)
-
-        # --- the model: the base's weights or the resumed run's; then what trains (paper Table 2) ---------
-        if resume is None:
-            model, config, base = fresh_model(args, dataset, init_path, init, extra, say)
-            del init
-        else:
-            model, config, base = resumed_model(args, resume), resume["config"], resume["base"]
-            if dataset.hierarchy() != model.hierarchy:
-                raise UserError(f"the data's classes differ from those of {args.resume}: resume with the same --data")
-        trainable, total = set_trainable(model, config["method"])
-        model.to(device).train()
-        model.grad_checkpointing = args.grad_checkpointing
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-        net = torch.compile(net) if args.compile else net
-
-        # --- AdamW and the EMA, over the tuned tensors only ---------------------------------------------------
-        tuned = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        opt = torch.optim.AdamW([p for _, p in tuned], lr=args.lr, weight_decay=0)   # after DDP's broadcast
-        run = Run(args, config, base, vae_identity, model,
-                  {name: p.detach().clone() for name, p in tuned}, opt, scaler, rank, world, device, run_dir)
-        say(f"{config['name']} {config['image_size']}px {'pixels' if pixel else 'latents'}, {config['num_classes']} "
-            f"classes / {config['num_superclasses']} superclasses, --tune {config['method']}: {trainable / 1e6:.2f}M "
-            f"of {total / 1e6:.2f}M parameters trained ({100 * trainable / total:.2f}%), {world} process(es)")
-
-        # --- from step 0, or exactly where the checkpoint left off; then the loop -------------------------
-        seed_everything(args.seed * world + rank)        # per-rank timesteps, noise and label substitutions
-        if resume is not None:
-            restore_training_state(run, resume, say)
-            del resume
-        loop(run, net, dataset, autocast, vae)
-        if rank == 0 and args.export:
-            export(args.export, model, run.ema, dict(config=config, vae=run.vae, step=run.step, time_s=run.time_s(),
-                                                     args=saved_args(args)))
-            say(f"exported {args.export}")
-    return dict(final_ckpt=run.last_ckpt, run_dir=run.run_dir, losses=run.losses, step=run.step)
-
-
-def data_and_vae(args, cache, pixel, image_size):
-    """The training items (a latent cache, or images) and, for a latent DiT, the VAE that encodes the images
-    (unless they are cached) and decodes the sample grids, checked against the DiT before any step.
-    -> (dataset, vae or None, the VAE's identity for the checkpoints)."""
-    latents = [LATENT_CHANNELS, image_size // 8, image_size // 8]
-    if cache is not None and (pixel or cache.latent_shape != latents):
-        raise UserError(f"the latent cache holds {'x'.join(map(str, cache.latent_shape))} latents of "
-                        f"{cache.image_size}px images; this DiT takes " + (f"{image_size}px pixels" if pixel else
-                        f"{'x'.join(map(str, latents))} latents of {image_size}px images"))
-    vae = None if pixel or (cache and not args.sample_every) else AutoencoderKL.from_pretrained(args.vae or VAE)
-    if vae is not None:
-        vae.check_fits(LATENT_CHANNELS, image_size)
-    if cache is not None and vae is not None and cache.meta["vae"] != vae.identity():
-        raise UserError(f"the latent cache {args.latent_cache} was built with another VAE than {vae.weights_file}")
-    dataset = cache or image_dataset(args)
-    return dataset, vae, vae.identity() if vae else cache.meta["vae"] if cache else None
-
-
-def loop(run, net, dataset, autocast, vae):
-    """Steps until --max-steps: a batch, train_step, the EMA; a log line, a checkpoint and a grid now and then."""
-    args, world = run.args, run.world
-    local_batch = args.global_batch_size // world
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=run.rank, shuffle=True, seed=args.seed)
-    batches_per_epoch = len(sampler) // local_batch
-    if batches_per_epoch == 0:
-        raise UserError(f"{len(dataset)} training items give {len(sampler)} per process, fewer than the "
-                        f"per-process batch {local_batch}: lower --global-batch-size")
-    if run.position >= batches_per_epoch:
-        run.epoch, run.position = run.epoch + 1, 0
-    diffusion = create_diffusion(learn_sigma=run.model.learn_sigma)
-    items, tuned, clock = SeededItems(dataset, args.seed), run.tuned(), time.time()
-    run.started = clock
-    bar = tqdm(total=args.max_steps, initial=run.step, desc="training", disable=run.rank != 0, dynamic_ncols=True)
-    with bar, stop_signals(world) as stop:
-        while run.step < args.max_steps:
-            for x, y in epoch_loader(items, sampler, run.epoch, run.position, local_batch, args, run.device):
-                x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-                x = encode(vae, x) if vae is not None and not args.latent_cache else x   # (N, 4, H/8, W/8)
-                run.window.append(guarded_step(run, net, diffusion, x, y, autocast))
-                update_ema(run.ema, tuned, args.ema_decay)
-                run.step, run.position = run.step + 1, run.position + 1
-                if run.position == batches_per_epoch:
-                    run.epoch, run.position = run.epoch + 1, 0
-                bar.update(1)
-                last = run.step == args.max_steps or stop.agreed()
-                if run.step % args.log_every == 0 or last:
-                    log(run, bar, clock)
-                    clock = time.time()
-                if run.step % args.ckpt_every == 0 or last:
-                    save(run)
-                if run.rank == 0 and args.sample_every and run.step % args.sample_every == 0:
-                    bar.write(f"samples: {sample_grid(run, vae)}")
-                if stop.signal:
-                    raise Stopped(f"{signal.Signals(stop.signal).name} after step {run.step}: {run.last_ckpt} is "
-                                  f"saved; continue with --resume {run.run_dir}")
-                if last:
-                    break
-
-
-class StopRequest:
-    """A scheduler's request to stop (SIGTERM, or a chosen SIGUSR1, sent before it pre-empts a job), caught while
-    `stop_signals` is active. `agreed()` after each step: has any process been asked? All answer alike after the
-    same step, so that all save one checkpoint together; the question goes over the CPU (gloo), which never waits
-    for the GPU."""
-
-    def __init__(self, world):
-        self.signal = None
-        self.group = None
-        if world > 1:
-            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-    def agreed(self):
-        asked = torch.tensor([self.signal or 0])
-        if self.group is not None:
-            dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=self.group)
-        self.signal = int(asked) or None
-        return self.signal is not None
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-@contextmanager
-def stop_signals(world):
-    """Catch STOP_SIGNALS for the length of the loop (the handlers before are put back after)."""
-    stop = StopRequest(world)
-    before = {s: signal.signal(s, lambda signum, frame: setattr(stop, "signal", signum)) for s in STOP_SIGNALS}
-    try:
-        yield stop
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
-
-
-def guarded_step(run, net, diffusion, x, y, autocast):
-    """train_step, with CUDA running out of memory said in one line, with the batch size to try."""
-    try:
-        return train_step(net, diffusion, run.opt, run.scaler, x, y, autocast)
-    except torch.OutOfMemoryError:
-        world, batch = run.world, run.args.global_batch_size
-        half = max(world, batch // 2 // world * world)
-        raise TrainingError(f"CUDA out of memory with --global-batch-size {batch} ({batch // world} per GPU): try "
-                            f"--global-batch-size {half} ({half // world} per GPU) or --grad-checkpointing") from None
-
-
-def main(argv=None):
-    train(parse_args(argv))
 
 
 if __name__ == "__main__":

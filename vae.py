@@ -1,7 +1,7 @@
 """The Stable Diffusion VAE (AutoencoderKL) that latent DiTs work in, and the .safetensors reader it loads with.
 
 DiT trains and samples on SD-VAE latents (LDM, Rombach et al. 2022): `sd-vae-ft-ema` (or `-mse`) maps 3 x H x W
-images in [-1, 1] to 4 x H/8 x W/8 diagonal Gaussians, and latents are scaled by 0.18215 to unit variance. This
+images in [-1, 1] to (4, H/8, W/8) diagonal Gaussians, and latents are scaled by 0.18215 to unit variance. This
 is a port, module for module and key for key, of diffusers' AutoencoderKL, so the published
 `diffusion_pytorch_model.safetensors` (or `.bin`) loads without renaming. It is a separate published model, as
 LDM keeps its autoencoder apart from the diffusion model.
@@ -109,8 +109,8 @@ class VAEResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x):                                  # B x cin x H x W
-        h = self.conv1(F.silu(self.norm1(x)))              # B x cout x H x W
+    def forward(self, x):                                  # (B, cin, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))              # (B, cout, H, W)
         h = self.conv2(F.silu(self.norm2(h)))              # (dropout is 0 in the SD VAE)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -125,12 +125,12 @@ class VAEAttention(nn.Module):
         self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
         self.to_out = nn.ModuleList([nn.Linear(c, c)])    # a list so that the key is 'to_out.0' as in diffusers
 
-    def forward(self, x):                                  # B x C x H x W
+    def forward(self, x):                                  # (B, C, H, W)
         B, C, H, W = x.shape
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)          # B x HW x C
-        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)                # B x HW x C each
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)          # (B, HW, C)
+        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)                # (B, HW, C) each
         h = F.scaled_dot_product_attention(q, k, v)                       # softmax(q k^T / sqrt(C)) v
-        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)         # B x C x H x W
+        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)         # (B, C, H, W)
         return x + h                                                      # residual, rescale factor 1
 
 
@@ -205,12 +205,12 @@ class VAEEncoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chs[-1], out_channels, 3, padding=1)
 
-    def forward(self, x):                                  # B x 3 x H x W
+    def forward(self, x):                                  # (B, 3, H, W)
         x = self.conv_in(x)
         for b in self.down_blocks:
             x = b(x)                                       # halves H, W in all blocks but the last
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # B x 2*latent x H/f x W/f
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2*latent, H/f, W/f)
 
 
 class VAEDecoder(nn.Module):
@@ -225,11 +225,11 @@ class VAEDecoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, rev[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(rev[-1], out_channels, 3, padding=1)
 
-    def forward(self, z):                                  # B x latent x h x w
+    def forward(self, z):                                  # (B, latent, h, w)
         x = self.mid_block(self.conv_in(z))
         for b in self.up_blocks:
             x = b(x)                                       # doubles H, W in all blocks but the last
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # B x 3 x H x W
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 3, H, W)
 
 
 # Old diffusers uploads (e.g. the .bin files) name the mid-block attention with its deprecated names.
@@ -240,7 +240,7 @@ _VAE_HELP = f"the SD VAE is published at {PUBLISHED['sd-vae-ft-ema']}"
 
 def convert_vae_state_dict(sd):
     """Map deprecated attention names (query/key/value/proj_attn) to to_q/to_k/to_v/to_out.0, squeeze
-    1x1-conv-shaped [C, C, 1, 1] projection weights to Linear [C, C], and cast floating tensors to float32."""
+    1x1-conv-shaped (C, C, 1, 1) projection weights to Linear (C, C), and cast floating tensors to float32."""
     out = {}
     for k, v in sd.items():
         parts = k.split(".")
@@ -301,13 +301,13 @@ class AutoencoderKL(nn.Module):
                             f"block_out_channels {list(kw.get('block_out_channels', []))}")
         return cls(**kw)
 
-    def encode(self, x):                                   # B x 3 x H x W, in [-1, 1]
-        moments = self.quant_conv(self.encoder(x))         # B x 2*latent x H/8 x W/8
-        mean, logvar = moments.chunk(2, dim=1)             # B x latent x H/8 x W/8 each
+    def encode(self, x):                                   # (B, 3, H, W), in [-1, 1]
+        moments = self.quant_conv(self.encoder(x))         # (B, 2*latent, H/8, W/8)
+        mean, logvar = moments.chunk(2, dim=1)             # (B, latent, H/8, W/8) each
         return mean, logvar.clamp(-30.0, 20.0)             # clamp as diffusers/LDM, so exp() stays finite
 
-    def decode(self, z):                                   # B x latent x h x w (already divided by 0.18215)
-        return self.decoder(self.post_quant_conv(z))       # B x 3 x 8h x 8w, roughly in [-1, 1]
+    def decode(self, z):                                   # (B, latent, h, w) (already divided by 0.18215)
+        return self.decoder(self.post_quant_conv(z))       # (B, 3, 8h, 8w), roughly in [-1, 1]
 
     def check_fits(self, in_channels, image_size):
         """Refuse a VAE whose latents are not a latent DiT's before any step: the DiT takes `in_channels`
