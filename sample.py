@@ -235,10 +235,19 @@ def resolve_class(hierarchy, num_classes, class_id=None, class_name=None, flag="
     return class_id
 
 
-def save_png(images, path, nrow=4):
-    """Atomic write of a grid of uint8 (N, H, W, 3) images."""
-    grid = make_grid(images.permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255)  # (3, H', W')
+# A grid of small images (the toy's 32 px) is enlarged, pixel for pixel, to about this many pixels a side per image.
+VIEW_SIZE = 128
+
+
+def save_png(images, path, nrow=4, enlarge=False):
+    """Atomic write of a grid of uint8 (N, H, W, 3) images; `enlarge`: each image shown VIEW_SIZE // H times larger
+    (nearest neighbour, so every pixel is the sampled one). Returns that factor."""
+    scale = max(1, VIEW_SIZE // images.shape[1]) if enlarge else 1
+    x = images.permute(0, 3, 1, 2)                                                     # (N, 3, H, W)
+    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)              # (N, 3, sH, sW)
+    grid = make_grid(x, nrow=nrow, padding=2, pad_value=255)                           # (3, H', W')
     atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
+    return scale
 
 
 def parse_args(argv=None):
@@ -282,11 +291,12 @@ def main(argv=None):
     print(f"sampling {args.num_samples} x {what}, {how}; {sampler}; from {info['path']}{decoded}", file=sys.stderr)
     images = sample_images(model, y, guide, args.cfg_scale, sampler, vae, args.seed, args.device, args.precision,
                            args.guide_all_channels)
-    save_png(images, args.out)
-    if args.per_sample_dir:
+    scale = save_png(images, args.out, enlarge=True)
+    if args.per_sample_dir:                                             # each sample as drawn, at its own size
         for i, img in enumerate(images):
             save_png(img[None], os.path.join(args.per_sample_dir, f"{cls:05d}_{i:04d}.png"), nrow=1)
-    print(f"wrote {args.out}")
+    side = images.shape[1]
+    print(f"wrote {args.out}" + (f": {side} px samples shown {scale}x larger (nearest neighbour)" if scale > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -1278,7 +1278,9 @@ def test_sample_script_writes_a_grid_from_our_checkpoint(tmp_path):
     proc = run_script("sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--class-id", "5", "--num-samples", "2",
                       "--steps", "3", "--out", str(out), "--per-sample-dir", str(tmp_path / "each"))
     assert proc.returncode == 0, proc.stderr
-    assert png_size(out) == (2 * 16 + 3 * 2, 16 + 2 * 2)           # make_grid: 2 per row, 2 px padding
+    assert png_size(out) == (2 * 128 + 3 * 2, 128 + 2 * 2)         # 16 px shown 8x; make_grid: 2 a row, 2 px padding
+    assert png_size(tmp_path / "each" / "00005_0000.png") == (16, 16)  # each sample at its own size
+    assert "16 px samples shown 8x larger (nearest neighbour)" in proc.stdout
     assert sorted(os.listdir(tmp_path / "each")) == ["00005_0000.png", "00005_0001.png"]
     assert "superclass row 17 (shape1)" in proc.stderr
 
@@ -1292,7 +1294,7 @@ def test_sample_script_decodes_latents_with_a_published_layout_vae(tmp_path):
     proc = run_script("sample.py", "--ckpt", str(tmp_path / "dit.pt"), "--vae", str(tmp_path / "vae"), "--class-id",
                       "3", "--guidance", "null", "--num-samples", "1", "--sampler", "ddim", "--steps", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert png_size(out) == (64, 64)                                 # 8x8 latents, 8x VAE
+    assert png_size(out) == (128, 128)                               # 8x8 latents, 8x VAE: 64 px, shown 2x
 
 
 def test_class_name_resolves_through_the_checkpoint_hierarchy():
@@ -1319,7 +1321,7 @@ def test_sample_script_samples_with_dpm_solver_in_a_guidance_interval(tmp_path):
                       "--sampler", "dpm++2m", "--steps", "3", "--guidance-interval", "200", "700",
                       "--out", tmp_path / "g.png")
     assert proc.returncode == 0, proc.stderr
-    assert png_size(tmp_path / "g.png") == (2 * 16 + 3 * 2, 16 + 2 * 2)
+    assert png_size(tmp_path / "g.png") == (2 * 128 + 3 * 2, 128 + 2 * 2)
     assert "eq. 1 at 2 of them" in proc.stderr                        # timesteps 999, 666, 333
 
 
@@ -1328,7 +1330,7 @@ def test_sample_script_samples_with_dpm_solver_sde(tmp_path, capsys):
     proc = run_main(sample_module, "--ckpt", tmp_path / "ckpt.pt", "--class-id", "5", "--num-samples", "2",
                     "--sampler", "dpm++2m-sde", "--steps", "3", "--out", tmp_path / "s.png", capsys=capsys)
     assert proc.returncode == 0, proc.stderr
-    assert png_size(tmp_path / "s.png") == (2 * 16 + 3 * 2, 16 + 2 * 2)
+    assert png_size(tmp_path / "s.png") == (2 * 128 + 3 * 2, 128 + 2 * 2)
 
 
 def network_batches(model, run):
@@ -3803,7 +3805,7 @@ def test_sample_script_runs_in_fp16_on_a_cpu(tmp_path, capsys):
     write_our_checkpoint(tmp_path / "ckpt.pt")
     proc = run_main(sample_module, "--ckpt", tmp_path / "ckpt.pt", "--class-id", "1", "--num-samples", "1", "--steps",
                     "2", "--precision", "fp16", "--device", "cpu", "--out", tmp_path / "s.png", capsys=capsys)
-    assert proc.returncode == 0 and png_size(tmp_path / "s.png") == (16, 16)
+    assert proc.returncode == 0 and png_size(tmp_path / "s.png") == (128, 128)                   # 16 px shown 8x
 
 
 def test_the_designs_sample_command_runs_as_written_with_the_authors_checkpoint(tmp_path, monkeypatch, capsys):
@@ -3818,7 +3820,7 @@ def test_the_designs_sample_command_runs_as_written_with_the_authors_checkpoint(
     assert proc.returncode == 0, proc.stderr
     assert "class 4021 (04021), guided by superclass row 10002 (Birds)" in proc.stderr
     assert "from pretrained/FineDiffusion-iNat.pt" in proc.stderr
-    assert png_size("samples/sample.png") == (4 * 16 + 5 * 2, 2 * 16 + 3 * 2)   # 8 samples, 4 a row
+    assert png_size("samples/sample.png") == (4 * 128 + 5 * 2, 2 * 128 + 3 * 2)   # 8 samples, 4 a row, 16 px shown 8x
 
 
 def test_without_a_ckpt_the_newest_run_under_results_comes_before_the_authors_checkpoint(tmp_path, monkeypatch):

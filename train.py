@@ -641,7 +641,7 @@ def sample_grid(run):
             p.copy_(backup[name])
     model.train()
     path = os.path.join(run.run_dir, "samples", f"{run.step:07d}.png")
-    save_png(images, path)
+    save_png(images, path, enlarge=True)
     return path
 
 
