@@ -366,26 +366,36 @@ LABEL_TABLE = "y_embedder.embedding_table.weight"
 
 
 def build_model(name, image_size, num_classes, num_superclasses=0, method="finediffusion", hierarchy=None,
-                pixel_space=False, **kw):
+                pixel_space=False, table=None, **kw):
     """A fresh DiT laid out for a tuning method.
 
     `finediffusion`: K+S label rows (no null row, as the authors' checkpoints) and LayerNorm affine.
     `full`, `bitfit`: the standard K+1 table with null dropout 0.1. `difffit`: that, plus LayerNorm affine
-    and one scalar gate per branch. `image_size` is in pixels: the DiT sees 8x smaller VAE latents, or the
-    pixels themselves (3 channels) with `pixel_space=True` (the built-in toy data). `hierarchy` (hierarchy.py)
-    names the classes; the baselines keep it too, though their tables have no superclass rows.
+    and one scalar gate per branch. `table` overrides the method's label table: "tiered" (K+S rows, the guide of
+    eq. 1) or "null" (K+1 rows, standard CFG's guide), so that what is tuned and how it is guided can be told apart.
+    `image_size` is in pixels: the DiT sees 8x smaller VAE latents, or the pixels themselves (3 channels) with
+    `pixel_space=True` (the built-in toy data). `hierarchy` (hierarchy.py) names the classes; a null table keeps it
+    too, though it has no superclass rows.
     """
     if name not in DiT_models:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(DiT_models)}")
     if method not in METHODS:
         raise UserError(f"unknown tuning method {method!r}: choose one of {', '.join(METHODS)}")
-    tiered = method == "finediffusion"
+    tiered = (table or default_table(method)) == "tiered"
     kw.setdefault("null_class", not tiered)
     kw.setdefault("norm_affine", method in ("difffit", "finediffusion"))
     kw.setdefault("difffit_gates", method == "difffit")
     input_size, in_channels = (image_size, 3) if pixel_space else (image_size // 8, LATENT_CHANNELS)
     return DiT_models[name](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                             num_superclasses=num_superclasses if tiered else 0, hierarchy=hierarchy, **kw)
+
+
+TABLES = ("tiered", "null")
+
+
+def default_table(method):
+    """The label table a method comes with: FineDiffusion's tiered one, the baselines' null row."""
+    return "tiered" if method == "finediffusion" else "null"
 
 
 def check_image_size(name, image_size, pixel_space):
@@ -464,7 +474,7 @@ def save_checkpoint(path, **fields):
                   (a "delta": 1.8% of DiT-XL/2 under FineDiffusion, paper §3.2.1); without, every tensor.
       base        None, or {"path", "sha256"} of the checkpoint the delta goes onto (a delta must never meet
                   another base: the images would be silently wrong).
-      config      build_model's keyword arguments: name, image_size, num_classes, num_superclasses, method,
+      config      build_model's keyword arguments: name, image_size, num_classes, num_superclasses, method, table,
                   pixel_space (and learn_sigma when False).
       hierarchy   {"class_names", "superclass_names", "superclass_of"} of the training data (data.py).
       vae         None for a pixel-space DiT, else the identity of the VAE it was trained with:

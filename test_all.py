@@ -2790,6 +2790,21 @@ def test_init_takes_the_newest_checkpoint_of_a_run_folder_given_by_an_absolute_p
     assert model_module.resolve_checkpoint(run_dir) == os.path.abspath(base_ckpt)
 
 
+@pytest.mark.parametrize("tune, table, rows, trained", [("full", "tiered", 32 + 8, 1.0),
+                                                         ("finediffusion", "null", 32 + 1, None)])
+def test_the_table_can_be_chosen_apart_from_what_is_tuned(tmp_path, base_ckpt, tune, table, rows, trained):
+    """The two ablation cells: full fine-tuning with the tiered table (so guided by eq. 1), and FineDiffusion's
+    tensors with a null row (so guided by standard CFG)."""
+    out = run_train(*TINY_TRAIN, "--init", base_ckpt, "--tune", tune, "--table", table, "--global-batch-size", "4",
+                    "--max-steps", "1", "--run-dir", tmp_path)
+    model, _ = load_model(out["final_ckpt"])
+    emb = model.y_embedder
+    assert emb.embedding_table.num_embeddings == rows and (emb.null_class, bool(emb.num_superclasses)) == (
+        table == "null", table == "tiered")
+    share = set_trainable(model, tune)
+    assert (share[0] / share[1] == trained) if trained else share[0] / share[1] < 0.05
+
+
 def test_checkpoint_stores_only_tuned_tensors_and_their_optimizer_state(tmp_path, base_ckpt):
     out = run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "1", "--run-dir", tmp_path)
     ckpt = torch.load(out["final_ckpt"], weights_only=True)          # plain tensors and containers only
@@ -2800,7 +2815,7 @@ def test_checkpoint_stores_only_tuned_tensors_and_their_optimizer_state(tmp_path
     assert len(ckpt["train"]["opt"]["state"]) == len(tuned)
     assert ckpt["base"]["path"] == os.path.abspath(base_ckpt) and len(ckpt["base"]["sha256"]) == 64
     assert ckpt["config"] == dict(name="DiT-T/4", image_size=16, num_classes=32, num_superclasses=8,
-                                  method="finediffusion", pixel_space=True)
+                                  method="finediffusion", table="tiered", pixel_space=True)
     assert ckpt["hierarchy"] == data.build_dataset("toy", image_size=16).hierarchy()
     assert isinstance(ckpt["args"], dict) and ckpt["step"] == 1
 

@@ -49,8 +49,8 @@ from cli import (DISK_FULL, ArgumentParser, Stopped, UserError, decay_rate, devi
                  out_file, positive_float, positive_int, precision_context, probability, run_cli)
 from diffusion import create_diffusion
 from files import file_sha256
-from model import (LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, DiT_models, build_model, check_image_size,
-                   checkpoint_tensors, load_model, load_pretrained, published_layout, read_checkpoint,
+from model import (LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, TABLES, DiT_models, build_model, check_image_size,
+                   checkpoint_tensors, default_table, load_model, load_pretrained, published_layout, read_checkpoint,
                    resolve_checkpoint, save_checkpoint, set_trainable)
 from runs import all_ranks, append_line, rng_state, run_folder, set_rng_state, stop_signals
 from sample import CFG_SCALE, Sampler, guide_labels, sample_images, save_png
@@ -276,6 +276,9 @@ def parse_args(argv=None):
                                   f"one of our checkpoints or run folders, or 'none'; default: {PAPER_INIT}, toy: "
                                   f"{TOY_BASE}, toy-base: none")
     m.add_argument("--tune", choices=METHODS, help="what to train; default: finediffusion, full from scratch")
+    m.add_argument("--table", choices=TABLES, help="the label table, to separate what is tuned from how it is guided: "
+                   "tiered (subclass + superclass rows, eq. 1) or null (a null row, standard CFG); default: "
+                   "finediffusion's tiered, the baselines' null")
     m.add_argument("--superclass-prob", type=probability, default=SUPERCLASS_PROB,
                    help="label -> superclass substitution (§3.2.1; the authors' value)")
     o = p.add_argument_group("optimisation")
@@ -390,7 +393,8 @@ def fresh_model(args, dataset, init_path, init, extra, say):
     delta checkpoints is first put back on its own base, and then the run saves every tensor (deltas on deltas
     would chain)."""
     config = dict(name=args.model, image_size=args.image_size, num_classes=dataset.num_classes,
-                  num_superclasses=dataset.num_superclasses, method=args.tune, **extra)
+                  num_superclasses=dataset.num_superclasses, method=args.tune,
+                  table=args.table or default_table(args.tune), **extra)
     seed_everything(args.seed)   # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(**config, hierarchy=dataset.hierarchy(), superclass_prob=args.superclass_prob)
     if init is None:
@@ -655,7 +659,7 @@ NOT_RESUMED = {"resume", "export", "run_dir", "init", "given"}   # --init on a r
 
 # Arguments that fix the model or its data: a resumed run cannot change them (the new value would be ignored,
 # yet recorded in its checkpoints). Paths (--data-path, --latent-cache, --vae) may move.
-FIXED_ON_RESUME = ("model", "image_size", "tune", "data", "split", "coarse")
+FIXED_ON_RESUME = ("model", "image_size", "tune", "table", "data", "split", "coarse")
 
 
 def read_resume(args):
