@@ -55,6 +55,7 @@ import hierarchy as hierarchy_module  # noqa: E402
 import model as model_module  # noqa: E402
 import sample as sample_module  # noqa: E402
 import runs  # noqa: E402
+import toy as toy_module  # noqa: E402
 import train  # noqa: E402
 import vae as vae_module  # noqa: E402
 from diffusion import create_diffusion, space_timesteps  # noqa: E402
@@ -216,7 +217,8 @@ def test_the_reading_guide_names_only_what_exists_in_two_files_and_four_function
 def test_the_imports_form_a_tree_with_the_helpers_then_model_and_diffusion_at_the_bottom():
     import ast
     layer = {"cli": 0, "files": 1, "hierarchy": 1, "model": 2, "diffusion": 0, "vae": 3, "data": 4, "sample": 5,
-             "sources": 5, "fid_inception": 3, "figures": 6, "runs": 5, "train": 6, "evaluate": 7, "bench": 8}
+             "sources": 5, "fid_inception": 3, "figures": 6, "runs": 5, "train": 6, "evaluate": 7, "bench": 8,
+             "toy": 0}
     for name, level in layer.items():
         tree = ast.parse(open(os.path.join(HERE, f"{name}.py")).read())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
@@ -2087,7 +2089,7 @@ def test_toy_is_deterministic_per_seed():
     a, b, c = (data.ToyDataset("toy", images_per_class=4, seed=s, flip=False) for s in (0, 0, 1))
     assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, c.images)
     rng = np.random.default_rng([0, 0, 5, 3])  # (seed, split train, class 5, instance 3) = item 5*4+3
-    assert np.array_equal(data._render_toy([a.looks[5]], [rng], 32)[0], a.images[5 * 4 + 3])
+    assert np.array_equal(toy_module.render_toy([a.looks[5]], [rng], 32)[0], a.images[5 * 4 + 3])
 
 
 def test_the_fine_grained_toy_set_holds_only_looks_the_base_set_never_shows():
