@@ -13,6 +13,7 @@ import csv
 import errno
 import functools
 import glob
+import hashlib
 import io
 import json
 import math
@@ -1481,7 +1482,6 @@ def test_grid_guides_a_class_of_every_superclass_of_the_authors_file_from_its_ro
 
 def test_generate_guides_every_class_it_draws_from_the_authors_file_from_its_row_and_hashes_that_file(
         published_files, monkeypatch, capsys, label_lookups):
-    import hashlib
     monkeypatch.chdir(published_files)
     proc = run_main(evaluate, "generate", "--ckpt", "FineDiffusion-iNat.pt", "--num-samples", 100, "--steps", 2,
                     "--batch-size", 50, "--out", "gen", capsys=capsys)
@@ -2662,8 +2662,6 @@ def test_cli_stats_then_fid_writes_table1_csv_and_json(labelled_folder, lpips_fi
 # ------------------------------------------------------------------------------------------------------------
 
 TINY_TRAIN = ["--data", "toy", "--model", "DiT-T/4", "--image-size", "16", "--num-workers", "0", "--log-every", "1000"]
-
-
 
 
 def run_train(*argv):
@@ -4123,18 +4121,59 @@ def readme_quickstart():
     return [line.split() for line in block.strip().splitlines() if line.strip() and not line.startswith("#")]
 
 
-def test_readme_quickstart_runs_at_reduced_size(tmp_path):
+def test_readme_quickstart_is_two_commands_without_tuning_flags_and_runs_from_any_folder(tmp_path):
     commands = readme_quickstart()
-    assert len(commands) == 3 and [c[1] for c in commands] == ["train.py", "train.py", "sample.py"]
+    assert [c[:3] for c in commands] == [["python", "train.py", "--data"], ["python", "sample.py", "--class-id"]]
+    assert [len(c) for c in commands] == [4, 4]
     fewer = {"train.py": ["--max-steps", "2", "--global-batch-size", "4"], "sample.py": ["--steps", "2", "--num-samples", "2"]}
     for words in commands:
-        assert words[0] == "python"
         proc = run_script(os.path.join(HERE, words[1]), *words[2:], *fewer[words[1]], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "Warning" not in proc.stderr, proc.stderr[-2000:]  # e.g. more DataLoader workers than cores
-    assert len(glob.glob(str(tmp_path / "results" / "**" / "checkpoints" / "*.pt"), recursive=True)) == 2
-    out = commands[2][commands[2].index("--out") + 1]
-    assert png_size(tmp_path / out)[0] > 32
+    assert len(glob.glob(str(tmp_path / "results" / "**" / "checkpoints" / "*.pt"), recursive=True)) == 1
+    assert png_size(tmp_path / "samples" / "sample.png")[0] >= 128   # enlarged so a person can see it
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The shipped toy base: the toy world's DiT-XL-2-256x256.pt
+# ------------------------------------------------------------------------------------------------------------
+
+def test_the_shipped_toy_base_is_a_small_weights_only_file_with_the_recorded_sha256():
+    assert os.path.getsize(train.TOY_BASE) <= 20 * 2 ** 20
+    assert hashlib.sha256(open(train.TOY_BASE, "rb").read()).hexdigest() == train.TOY_BASE_SHA256
+    torch.load(train.TOY_BASE, map_location="cpu", weights_only=True)
+
+
+def test_the_shipped_toy_base_is_a_dit_of_the_base_sets_classes_at_32_px():
+    base, info = load_model(train.TOY_BASE)
+    assert (info["config"]["name"], info["config"]["image_size"]) == ("DiT-T/4", 32)
+    assert info["config"]["num_classes"] == data.toy_dataset("toy-base").num_classes == 32
+    assert base.y_embedder.null_class and base.y_embedder.num_superclasses == 0   # trained as DiT is: a null row
+
+
+def test_train_on_the_toy_with_no_other_flags_fine_tunes_the_shipped_base_with_finediffusion(tmp_path):
+    out = run_train("--data", "toy", "--max-steps", "1", "--global-batch-size", "4", "--num-workers", "0",
+                    "--run-dir", tmp_path / "run")
+    ckpt = torch.load(out["final_ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["config"]["method"] == "finediffusion"
+    assert os.path.samefile(ckpt["base"]["path"], train.TOY_BASE)
+    assert (ckpt["args"]["lr"], ckpt["args"]["ema_decay"]) == (1e-2, 0.995)    # the toy's recipe, not the paper's
+    tuned, _ = load_model(out["final_ckpt"])
+    base = torch.load(train.TOY_BASE, map_location="cpu", weights_only=True)
+    frozen = "blocks.0.attn.qkv.weight"                                       # a weight FineDiffusion never tunes
+    assert torch.equal(tuned.state_dict()[frozen], base["ema"][frozen])
+
+
+def test_a_changed_toy_base_is_refused_with_how_to_restore_it(tmp_path, monkeypatch, capsys):
+    changed = tmp_path / "DiT-T-4-toy-base.pt"
+    ckpt = torch.load(train.TOY_BASE, map_location="cpu", weights_only=True)
+    ckpt["ema"]["final_layer.linear.bias"] += 1
+    torch.save(ckpt, changed)
+    monkeypatch.setattr(train, "TOY_BASE", str(changed))
+    proc = run_main(train, "--data", "toy", "--init", changed, "--max-steps", "1", "--run-dir", tmp_path / "r",
+                    capsys=capsys)
+    assert_one_line_error(proc, "not the toy base this repository shipped", "git checkout")
+    assert not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -58,10 +58,10 @@ from vae import AutoencoderKL, scaled_latent
 
 PAPER_INIT = "DiT-XL-2-256x256.pt"
 VAE = "sd-vae-ft-ema"     # the paper's (DiT's) VAE, looked up as given, then under pretrained/
-# The toy world's published base (ImageNet's DiT-XL/2 in miniature): shipped in the repository, and its sha256, so
-# that a changed or half-checked-out file is refused instead of fine-tuned from.
-TOY_BASE = os.path.join("toy", "DiT-T-4-toy-base.pt")
-TOY_BASE_SHA256 = None
+# The toy world's published base (ImageNet's DiT-XL/2 in miniature): shipped in the repository (found from any
+# working folder), and its sha256, so that a changed or half-checked-out file is refused instead of fine-tuned from.
+TOY_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "DiT-T-4-toy-base.pt")
+TOY_BASE_SHA256 = "67a5738f4367a08deecacf1706d26058d3a44c02425aac2c4bbde255c9b4911c"
 
 # The defaults that depend on --data: the paper's (§4.1-4.2) for iNat21 and any folder of images; for the toy world,
 # fine-tuning from the shipped toy base with the settings its quickstart was tuned with (README), and the recipe that
@@ -71,7 +71,7 @@ RECIPES = {
                   ckpt_every=50_000, log_every=100),
     "toy": dict(init=TOY_BASE, lr=1e-2, global_batch_size=64, max_steps=800, ema_decay=0.995, ckpt_every=800,
                 log_every=100),
-    "toy-base": dict(init="none", lr=1e-3, global_batch_size=64, max_steps=12_000, ema_decay=0.999,
+    "toy-base": dict(init="none", lr=1e-3, global_batch_size=64, max_steps=6_000, ema_decay=0.999,
                      ckpt_every=2_000, log_every=200),
 }
 
@@ -274,7 +274,7 @@ def parse_args(argv=None):
                                                          "default: from --init, else 256 (toy: 32)")
     m.add_argument("--init", help=f"pre-trained DiT ({PAPER_INIT} is looked up as given, then under pretrained/), "
                                   f"one of our checkpoints or run folders, or 'none'; default: {PAPER_INIT}, toy: "
-                                  f"{TOY_BASE}, toy-base: none")
+                                  f"the shipped toy/{os.path.basename(TOY_BASE)}, toy-base: none")
     m.add_argument("--tune", choices=METHODS, help="what to train; default: finediffusion, full from scratch")
     m.add_argument("--table", choices=TABLES, help="the label table, to separate what is tuned from how it is guided: "
                    "tiered (subclass + superclass rows, eq. 1) or null (a null row, standard CFG); default: "
