@@ -284,6 +284,11 @@ MUTATIONS = [
      "run.time_before = ckpt[\"time_s\"]", "run.time_before = 0.0", "training_time"),
     ("the fine-grained toy images change with the training seed", "data.py",
      "images_per_class=50, seed=0)", "images_per_class=50)", "fixed_set"),
+    ("a changed shipped toy base is fine-tuned from", "train.py",
+     "file_sha256(init_path) != TOY_BASE_SHA256", "False", "changed_toy_base"),
+    ("--data toy takes the paper's recipe", "train.py",
+     "for flag, value in RECIPES.get(args.data, RECIPES[\"paper\"]).items():", "for flag, value in RECIPES[\"paper\"].items():",
+     "no_other_flags"),
 ]
 
 
