@@ -9,13 +9,13 @@ sample generation at scale, and the paper's tables in miniature on the built-in 
     # or score generated images (a generate folder, or an .npz with arr_0 [N,H,W,3] uint8) later
     python evaluate.py fid --real results/inat21_val.npz --fake samples/finediffusion --out-csv results/table1.csv
     # offline, on the toy: subclass/superclass accuracy, classifier FID and diversity of each checkpoint
-    python evaluate.py toy --ckpt results/toy-finediffusion results/toy-full
+    python evaluate.py toy --ckpt results/toy-finediffusion-s0 results/toy-full-s0
     # ... at several guidance scales, with the trade-off plot (FID (cls) against subclass accuracy)
-    python evaluate.py toy --ckpt results/toy-finediffusion results/toy-full --cfg-scales 1 1.5 2 3 4 6 --plot sweep.png
+    python evaluate.py toy --ckpt results/toy-finediffusion-s0 results/toy-full-s0 --cfg-scales 1 1.5 2 3 4 6 --plot sweep.png
     # the paper's figures: Fig. 7 (t-SNE of the label tables), Fig. 5 (one seed across methods), Fig. 2 and losses
-    python evaluate.py embeddings --ckpt results/toy-finediffusion results/toy-full --out fig7.png
-    python evaluate.py grid --ckpt results/toy-finediffusion results/toy-full --class-ids 0 5 9 13 --data toy --out fig5.png
-    python evaluate.py curves --runs results/toy-finediffusion results/toy-full --toy-json toy.json --out curves.png
+    python evaluate.py embeddings --ckpt results/toy-finediffusion-s0 results/toy-full-s0 --out fig7.png
+    python evaluate.py grid --ckpt results/toy-finediffusion-s0 results/toy-full-s0 --class-ids 8 9 10 11 --data toy --out fig5.png
+    python evaluate.py curves --runs results/toy-finediffusion-s0 results/toy-full-s0 --toy-json toy.json --out curves.png
 
 The two numbers of Table 1:
   - FID (Heusel et al. 2017), lower is better: the Frechet distance between Gaussians fitted to the 2048-d

@@ -3,10 +3,10 @@ each checkpoint's label table), Fig. 5 (one seed across methods) and Fig. 2 with
 training time). Commands of evaluate.py:
 
     python evaluate.py toy --ckpt results/toy-* --cfg-scales 1 1.5 2 3 4 6 --plot sweep.png
-    python evaluate.py embeddings --ckpt results/toy-finediffusion results/toy-full --out fig7.png
-    python evaluate.py grid --ckpt results/toy-finediffusion results/toy-full --class-ids 0 5 9 13 --data toy \
+    python evaluate.py embeddings --ckpt results/toy-finediffusion-s0 results/toy-full-s0 --out fig7.png
+    python evaluate.py grid --ckpt results/toy-finediffusion-s0 results/toy-full-s0 --class-ids 8 9 10 11 --data toy \
         --out fig5.png
-    python evaluate.py curves --runs results/toy-finediffusion results/toy-full --toy-json toy.json --out curves.png
+    python evaluate.py curves --runs results/toy-finediffusion-s0 results/toy-full-s0 --toy-json toy.json --out curves.png
 
 Pillow rather than matplotlib: a few scatter and line plots need no new dependency, and the tests check every figure
 wherever the suite runs. Panel is the one drawing helper: data -> pixels, axes, markers, lines, text, a legend.
