@@ -442,7 +442,7 @@ def _read_hierarchy_csv(path):
 # The toy world: the embedded default (no download), one base set and one fine-grained set
 # ----------------------------------------------------------------------------------------------------------------
 # A toy image is a look: a shape (8 families, each with its own hue), a pattern (6) and a tint (pale or deep), drawn
-# with a random pose, background and noise. The two sets mirror the paper's data:
+# upright, with a small random offset and size, background and noise. The two sets mirror the paper's data:
 #   toy-base  ImageNet's role: every shape in 4 of the 6 patterns, tints blended at random: 32 classes, unlimited
 #             renders. The shipped toy base DiT (train.TOY_BASE) is pre-trained on it.
 #   toy       iNat21-mini's role: the 16 (shape, pattern) combinations the base set never shows, each in both tints:

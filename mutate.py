@@ -179,7 +179,7 @@ MUTATIONS = [
      "mean, logvar = vae.encode(torch.cat([x, x.flip(-1)]))", "mean, logvar = vae.encode(torch.cat([x, x]))",
      "cache"),
     ("toy: the tint ignored", "toy.py",
-     "sat = 0.35 + 0.6 * tint + 0.08 * (u[:, 5] - 0.5)", "sat = 0.35 + 0.08 * (u[:, 5] - 0.5)", "pale"),
+     "sat = 0.35 + 0.6 * tint + 0.08 * (u[:, 4] - 0.5)", "sat = 0.35 + 0.08 * (u[:, 4] - 0.5)", "pale"),
     # --- train.py ------------------------------------------------------------------------------------------
     ("the optimizer steps on cleared gradients", "train.py",
      "    scaler.step(opt)\n    scaler.update()\n", "    opt.zero_grad()\n    scaler.step(opt)\n    scaler.update()\n",
