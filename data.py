@@ -19,8 +19,8 @@ Datasets, `build_dataset(name, data_path, ...)` (paper §4.1):
   toy       the embedded default, iNat21-mini's role: 32 species (shape x pattern x tint) in 8 shape families, a
             fixed 50 images per class, rendered at 32 px and trained in pixel space; every species is a combination
             the base set never shows.
-  toy-base  ImageNet's role: the same 8 shapes in other patterns, 32 classes, unlimited renders: what the shipped
-            toy base DiT was pre-trained on (TOY_SETS).
+  toy-base  ImageNet's role: the same 8 shapes in other patterns, both tints, 64 classes, unlimited renders: the set the
+            shipped toy base DiT was pre-trained on (TOY_SETS).
 
 Images are read by read_rgb, right for every Pillow mode (16-bit ones are scaled, not clipped). Preprocessing is
 DiT's: ADM centre crop, random horizontal flip, [-1, 1]. Unreadable images are skipped with a warning.
@@ -443,7 +443,7 @@ def _read_hierarchy_csv(path):
 # ----------------------------------------------------------------------------------------------------------------
 # A toy image is a look: a shape (8 families, each with its own hue), a pattern (6) and a tint (pale or deep), drawn
 # upright, with a small random offset and size, background and noise. The two sets mirror the paper's data:
-#   toy-base  ImageNet's role: every shape in 4 of the 6 patterns, tints blended at random: 32 classes, unlimited
+#   toy-base  ImageNet's role: every shape in 4 of the 6 patterns, each in both tints: 64 classes, unlimited
 #             renders. The shipped toy base DiT (train.TOY_BASE) is pre-trained on it.
 #   toy       iNat21-mini's role: the 16 (shape, pattern) combinations the base set never shows, each in both tints:
 #             32 species in 8 superclasses (the shape families), a fixed 50 training images per class.
@@ -470,8 +470,7 @@ class ToyDataset(HierarchyMixin, Dataset):
         self.name, self.looks = name, toy_looks(name)
         self.image_size, self.images_per_class, self.seed, self.flip = image_size, images_per_class, seed, flip
         self.split_id = _TOY_SPLITS[split]
-        names = ["/".join([TOY_SHAPES[f], TOY_PATTERNS[p]] + ([] if t is None else [TOY_TINTS[t]]))
-                 for f, p, t in self.looks]
+        names = ["/".join([TOY_SHAPES[f], TOY_PATTERNS[p], TOY_TINTS[t]]) for f, p, t in self.looks]
         self.set_hierarchy(make_hierarchy(names, TOY_SHAPES, [f for f, _, _ in self.looks]))
         self.fine_labels = np.repeat(np.arange(len(self.looks)), images_per_class)  # (N,): class of item i
         self.labels = self.fine_labels.copy()
@@ -504,7 +503,7 @@ class ToyDataset(HierarchyMixin, Dataset):
 
 # The two toy sets, and how many images a training run sees of each class: the base set is a broad, unlimited
 # world (renders are cheap), the fine-grained one a fixed 50 per class whatever the training --seed, as iNat21-mini's.
-TOY_SETS = {"toy-base": dict(images_per_class=1024), "toy": dict(images_per_class=50, seed=0)}
+TOY_SETS = {"toy-base": dict(images_per_class=512), "toy": dict(images_per_class=50, seed=0)}
 DATASETS = ("inat21", "folder", *TOY_SETS)
 
 

@@ -2107,6 +2107,7 @@ def test_the_fine_grained_toy_set_holds_only_looks_the_base_set_never_shows():
     seen = {(f, p) for f, p, _ in base.looks}
     unseen = {(f, p) for f, p, _ in fine.looks}
     assert not seen & unseen and len(seen) == 32 and len(unseen) == 16        # no class the base saw
+    assert {t for _, _, t in base.looks} == {t for _, _, t in fine.looks} == {0, 1}  # tints it was asked for
     assert {f for f, _ in unseen} <= {f for f, _ in seen} and {p for _, p in unseen} <= {p for _, p in seen}
     assert not set(fine.class_names) & set(base.class_names)
     assert fine.superclass_names == base.superclass_names == data.TOY_SHAPES   # the families it knows
@@ -3357,7 +3358,7 @@ def test_toy_sweep_has_a_row_per_guide_and_scale_and_w1_is_the_unguided_sampler(
 
 def test_toy_table_scores_a_toy_base_checkpoint_with_a_classifier_of_the_base_sets_classes(tmp_path):
     base = data.toy_dataset("toy-base", image_size=16, images_per_class=1)
-    config = dict(name="DiT-T/4", image_size=16, num_classes=32, num_superclasses=8, method="full", pixel_space=True)
+    config = dict(name="DiT-T/4", image_size=16, num_classes=64, num_superclasses=8, method="full", pixel_space=True)
     model = randomize(build_model(**config, hierarchy=base.hierarchy()))
     torch.save(dict(model=model.state_dict(), config=config, hierarchy=base.hierarchy(), args={}, base=None),
                tmp_path / "base.pt")
@@ -3367,7 +3368,7 @@ def test_toy_table_scores_a_toy_base_checkpoint_with_a_classifier_of_the_base_se
     assert [(r["ckpt"], r["guidance"]) for r in rows] == [("real toy-base images (test)", "-"), ("base.pt", "none"),
                                                            ("base.pt", "null")]
     net = torch.load(tmp_path / "toy_base_classifier_16px.pt", weights_only=True)
-    assert net["fc.weight"].shape[0] == 32 and base.class_names[0] == "disc/striped"
+    assert net["fc.weight"].shape[0] == 64 and base.class_names[:2] == ["disc/striped/pale", "disc/striped/deep"]
 
 
 def coloured_pixels(path, box=None):
@@ -4157,7 +4158,7 @@ def test_the_shipped_toy_base_is_a_small_weights_only_file_with_the_recorded_sha
 def test_the_shipped_toy_base_is_a_dit_of_the_base_sets_classes_at_32_px():
     base, info = load_model(train.TOY_BASE)
     assert (info["config"]["name"], info["config"]["image_size"]) == ("DiT-T/4", 32)
-    assert info["config"]["num_classes"] == data.toy_dataset("toy-base").num_classes == 32
+    assert info["config"]["num_classes"] == data.toy_dataset("toy-base").num_classes == 64
     assert base.y_embedder.null_class and base.y_embedder.num_superclasses == 0   # trained as DiT is: a null row
 
 

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=8 train.py --data inat21          # the paper's run (§4.2), from DiT-XL-2-256x256.pt
     python train.py --data toy                                   # the quickstart: from the shipped toy base, a CPU
-    python train.py --data toy-base                              # how the toy base was made (12,000 steps, ~47 min on 2 cores)
+    python train.py --data toy-base                              # how the toy base was made (12,000 steps, ~64 min on 2 cores)
     python train.py --resume results/001-DiT-T-4-finediffusion  # continue a run (its newest checkpoint), bit for bit
     python train.py --resume CKPT --export model.pt     # a standalone file in the official {"model", "ema"} layout
 
@@ -61,7 +61,7 @@ VAE = "sd-vae-ft-ema"     # the paper's (DiT's) VAE, looked up as given, then un
 # The toy world's published base (ImageNet's DiT-XL/2 in miniature): shipped in the repository (found from any
 # working folder), and its sha256, so that a changed or half-checked-out file is refused instead of fine-tuned from.
 TOY_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "DiT-T-4-toy-base.pt")
-TOY_BASE_SHA256 = "656ec6a2608c64a30c35b144b28f48532e02371aa752cc510b15b73dd3782c6a"
+TOY_BASE_SHA256 = "52bf75fecd85e009a6bc0e092c6e86f4771fa7328924ba1a06e4c73cc0b8d485"
 
 # The defaults that depend on --data: the paper's (§4.1-4.2) for iNat21 and any folder of images; for the toy world,
 # fine-tuning from the shipped toy base with the settings its quickstart was tuned with (README), and the recipe that
