@@ -12,7 +12,7 @@ where the guide is the class's superclass row (`--guidance superclass`, the pape
 Defaults are the paper's (§4.2): 250 DDPM steps, w = 4.0. Latent models decode through the SD VAE.
 
 Faster than the paper: `--sampler dpm++2m-sde --steps 20` (DPM-Solver++(2M) SDE, diffusion.py: 40 DiT
-evaluations an image; on the toy its FID stays with DDPM-250's, where the ODE form `dpm++2m` falls behind), and
+evaluations an image; on the toy its FID is under DDPM-250's and the ODE form `dpm++2m` level with it), and
 `--guidance-interval LO HI` (Kynkäänniemi et al. 2024): eq. 1 only at the steps t with LO <= t <= HI, on the
 trained 0 ... 999 scale; the others run the DiT on the conditional half alone, so they cost half. Step t has
 noise level sigma_t = sqrt((1 - abar_t) / abar_t): 0.01 at t = 0, 0.34 at 100, 0.72 at 200, 1.24 at 300,
