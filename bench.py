@@ -60,7 +60,7 @@ import data
 import train
 from diffusion import create_diffusion
 from fid_inception import FIDInceptionV3, inception_features
-from cli import (ArgumentParser, UserError, device_name, int_in, nonnegative_int, out_file, positive_float,
+from cli import (ArgumentParser, RunFailed, UserError, device_name, int_in, nonnegative_int, out_file, positive_float,
                  positive_int, run_cli)
 from files import write_json
 from hierarchy import make_hierarchy
@@ -152,7 +152,7 @@ def read_losses(losses):
     losses = torch.stack(losses).float().tolist()
     bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
     if bad is not None:
-        raise train.TrainingError(f"loss is {losses[bad]} at step {bad + 1} of {len(losses)}")
+        raise RunFailed(f"loss is {losses[bad]} at step {bad + 1} of {len(losses)}")
     return losses
 
 

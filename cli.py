@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -23,6 +23,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+class RunFailed(Exception):
+    """The run itself failed, not the user (a non-finite loss or sample, no memory, a full disk): one line, exit code
+    1, what was finished kept."""
+    exit_code = 1
+
+
 class Stopped(Exception):
     """A run that stopped because it was asked to (a cluster scheduler's SIGTERM or SIGUSR1 before it pre-empts the
     job) and saved what a resume needs first: run_cli prints it as one `stopped:` line and exits with code 75
@@ -31,10 +37,22 @@ class Stopped(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is a UserError (one line) instead of a usage block."""
+    """argparse, but a bad command line is a UserError (one line) instead of a usage block. Every command accepts
+    and ignores --local-rank / --local_rank, which `python -m torch.distributed.launch` adds: the rank comes from
+    the environment (LOCAL_RANK), as under torchrun."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args, rest = super().parse_known_args(args, namespace)
+        if hasattr(args, "local_rank"):
+            del args.local_rank
+        return args, rest
 
     def parse_given(self, argv=None):
         """(args, the sorted dests of the flags the command line gives). argparse cannot tell a default from a
@@ -85,17 +103,21 @@ UNUSABLE_PATH = (errno.EISDIR, errno.ENOTDIR, errno.ENOENT, errno.EACCES, errno.
 
 
 def run_cli(main):
-    """Run a script's main(): a UserError becomes one `error:` line on stderr and its exit code. So does an
-    OSError: exit code 2 for a path that cannot be used as the user named it (a folder where a file belongs, a
-    missing or read-only place: their mistake), else 1 (the machine failed: a full disk); what was written stays.
-    Under torchrun every rank fails alike, so rank 0 alone prints it."""
+    """Run a script's main(): a UserError (exit code 2) or RunFailed (1) becomes one `error:` line on stderr and its
+    exit code. So does an OSError: exit code 2 for a path that cannot be used as the user named it (a folder where a
+    file belongs, a missing or read-only place: their mistake), else 1 (the machine failed: a full disk); and running
+    out of memory anywhere (1). What was written stays. Under torchrun every rank fails alike, so rank 0 alone prints
+    it. Names are printed whatever the locale (an ASCII console shows them escaped)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(errors="backslashreplace")
     try:
-        main()
+        with out_of_memory_advice("a smaller batch, or fewer images at once"):
+            main()
     except Stopped as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
-    except UserError as e:
+    except (UserError, RunFailed) as e:
         # raised in a DataLoader worker, the message arrives after the worker's traceback: keep the last line
         message = str(e).strip().splitlines()[-1]
         return _fail(message.split("UserError: ", 1)[-1], e.exit_code)
@@ -105,6 +127,20 @@ def run_cli(main):
         code = UserError.exit_code if e.errno in UNUSABLE_PATH and e.filename else 1
         return _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", code)
     return 0
+
+
+@contextmanager
+def out_of_memory_advice(advice, kept=""):
+    """Running out of memory, a GPU's (torch.OutOfMemoryError) or the CPU's (MemoryError, or the RuntimeError of
+    torch's CPU allocator), as one line: RunFailed naming what to try (`advice`, e.g. "--batch-size 32") and what
+    was kept."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        cpu = "can't allocate memory" in str(e) or "not enough memory" in str(e) or isinstance(e, MemoryError)
+        if not cpu and not isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise RunFailed(f"out of {'CPU' if cpu else 'GPU'} memory: try {advice}{kept}") from None
 
 
 def _fail(message, exit_code):

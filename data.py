@@ -40,7 +40,6 @@ import datetime
 import functools
 import hashlib
 import itertools
-import json
 import os
 import shlex
 import sys
@@ -55,10 +54,10 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from cli import ArgumentParser, UserError, folder_path, nonnegative_int, out_file, positive_int, run_cli
-from files import atomic_write, remove_stale_temp_files, write_json
+from files import atomic_write, read_json, remove_stale_temp_files, write_json
 from hierarchy import INAT21_SUPERCLASSES, inat21_superclass_of, make_hierarchy, read_hierarchy
 from toy import TOY_PATTERNS, TOY_SHAPES, TOY_TINTS, render_toy, toy_looks
-from vae import AutoencoderKL, scaled_latent
+from vae import LATENT_SCALE, AutoencoderKL, latent_scale, scaled_latent
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INAT21_URL = "https://github.com/visipedia/inat_comp/tree/master/2021"
@@ -318,11 +317,10 @@ def _inat21_categories(root, split):
         return None
     # Any split's json has the same 10,000 categories; parse the smallest (train.json is ~1 GB of image records).
     path = min(candidates, key=os.path.getsize)
-    try:
-        with open(path) as f:
-            return json.load(f)["categories"]
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"cannot read iNat21 categories from {path}: {err}") from None
+    content = read_json(path, "iNat21 json")
+    if not isinstance(content, dict) or "categories" not in content:
+        raise UserError(f"{path} is not an iNat21 json: it has no 'categories'")
+    return content["categories"]
 
 
 def inat21_dataset(root, split="train_mini", image_size=256, flip=True, coarse=False):
@@ -605,14 +603,13 @@ def open_cache_arrays(path, meta, mode="r"):
 def read_cache_meta(path):
     """<path>/meta.json, checked to describe a cache: one line naming the file otherwise."""
     meta_path = os.path.join(path, "meta.json")
+    meta = read_json(meta_path, "latent cache's")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
         n, shape = meta["num_images"], meta["latent_shape"]
         ok = isinstance(n, int) and n >= 0 and isinstance(shape, list) and len(shape) == 3 and \
             all(isinstance(s, int) and s > 0 for s in shape)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UserError(f"cannot read the latent cache's {meta_path}: {e}") from None
+    except (TypeError, KeyError) as e:
+        raise UserError(f"cannot read the latent cache's {meta_path}: {e!r}") from None
     if not ok:
         raise UserError(f"{meta_path}: num_images {n!r} and latent_shape {shape!r} are not a count and [C, h, w]")
     return meta
@@ -706,9 +703,10 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT
 
 
 class LatentCacheDataset(HierarchyMixin, Dataset):
-    """(z, class_id) from a latent cache: z = 0.18215 * (mean + exp(logvar / 2) * eps), fresh eps per call, on the
+    """(z, class_id) from a latent cache: z = scale * (mean + exp(logvar / 2) * eps), fresh eps per call, on the
     original or (flip=True, p = 1/2) the mirrored image -- the distribution of DiT's on-the-fly
-    `vae.encode(x).latent_dist.sample().mul_(0.18215)` with random flips.
+    `vae.encode(x).latent_dist.sample().mul_(0.18215)` with random flips; scale is the latent scale of the VAE the
+    cache records (0.18215 for the SD VAE).
 
     expect: fields the cache must match, keys as in meta.json, e.g. dict(data="inat21", data_path=..., vae=
     vae.identity()) (None values are not checked). A mismatch or an incomplete cache raises UserError saying what to run.
@@ -746,6 +744,7 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
         if coarse:
             self.make_coarse()
         self.image_size, self.latent_shape = meta["image_size"], meta["latent_shape"]
+        self.scale = latent_scale(meta["vae"]) if isinstance(meta.get("vae"), dict) else LATENT_SCALE
         self._moments = None  # opened lazily, once per DataLoader worker
 
     def __len__(self):
@@ -759,7 +758,7 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
             self._moments = np.load(os.path.join(self.path, "moments.npy"), mmap_mode="r")
         view = int(torch.randint(2, ())) if self.flip else 0  # 0 original, 1 mirror
         moments = torch.from_numpy(self._moments[index, view].astype(np.float32))  # (2C, h, w)
-        return scaled_latent(*moments.chunk(2)), int(self.labels[index])  # (C, h, w)
+        return scaled_latent(*moments.chunk(2), self.scale), int(self.labels[index])  # (C, h, w)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -193,19 +193,21 @@ class GaussianDiffusion:
         return terms
 
     # -- DDPM sampling ------------------------------------------------------------------------------------
-    def p_sample(self, model, x, t, model_kwargs=None):
+    def p_sample(self, model, x, t, model_kwargs=None, randn_like=None):
         """x_{t-1} ~ p(x_{t-1} | x_t): the mean plus sigma_t times one fresh randn_like(x) (none at t = 0)."""
         out = self.p_mean_variance(self.call_model(model, x, t, model_kwargs), x, t)
-        noise = torch.randn_like(x)
+        noise = (randn_like or torch.randn_like)(x)
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
 
-    def p_sample_loop(self, model, shape, noise=None, model_kwargs=None, progress=False, device=None):
-        """Ancestral sampling from x_T = noise (or fresh N(0, I)) down to x_0."""
-        return self._loop(self.p_sample, model, shape, noise, model_kwargs, progress, device)
+    def p_sample_loop(self, model, shape, noise=None, model_kwargs=None, progress=False, device=None,
+                      randn_like=None):
+        """Ancestral sampling from x_T = noise (or fresh N(0, I)) down to x_0. randn_like: where each step's noise
+        comes from (default: the global stream, as the official sampler; sample.ImageNoise: a stream per image)."""
+        return self._loop(self.p_sample, model, shape, noise, model_kwargs, progress, device, randn_like)
 
     # -- DDIM sampling (eta = 0: deterministic given x_T) -------------------------------------------------
-    def ddim_sample(self, model, x, t, model_kwargs=None):
+    def ddim_sample(self, model, x, t, model_kwargs=None, randn_like=None):
         """x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1}) eps_hat (DDIM eq. 12 with sigma = 0).
 
         It still draws one randn_like(x) per step and discards it, as the official sampler does with eta = 0,
@@ -213,11 +215,12 @@ class GaussianDiffusion:
         out = self.p_mean_variance(self.call_model(model, x, t, model_kwargs), x, t)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
         abar_prev = gather(self.alphas_cumprod_prev, t, x.shape)
-        torch.randn_like(x)
+        (randn_like or torch.randn_like)(x)
         return out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev) * eps
 
-    def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, progress=False, device=None):
-        return self._loop(self.ddim_sample, model, shape, noise, model_kwargs, progress, device)
+    def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, progress=False, device=None,
+                         randn_like=None):
+        return self._loop(self.ddim_sample, model, shape, noise, model_kwargs, progress, device, randn_like)
 
     # -- DPM-Solver++(2M): the probability-flow ODE in 10-25 network evaluations ------------------------
     def dpm_solver_timesteps(self, steps):
@@ -231,7 +234,7 @@ class GaussianDiffusion:
         return np.linspace(0, self.num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
 
     def dpm_solver_sample_loop(self, model, shape, noise=None, steps=20, model_kwargs=None, progress=False,
-                               device=None, sde=False):
+                               device=None, sde=False, randn_like=None):
         """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep, second order, data prediction.
 
         With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t) and the data
@@ -266,7 +269,7 @@ class GaussianDiffusion:
             with torch.no_grad():
                 eps = self.call_model(model, x, t, model_kwargs).split(x.shape[1], dim=1)[0]
             x0 = self.predict_xstart_from_eps(x, t, eps)             # x_theta(x_s, s)
-            z = torch.randn_like(x) if sde else None                 # z_i: one draw per step, as DDPM's
+            z = (randn_like or torch.randn_like)(x) if sde else None  # z_i: one draw per step, as DDPM's
             if i == steps - 1:
                 return x0                                            # the step to sigma = 0
             u = int(timesteps[i + 1])                                # the paper's t_i: where the step lands
@@ -284,7 +287,7 @@ class GaussianDiffusion:
                 x = float(sigma[u] / sigma[s]) * x - float(alpha[u] * np.expm1(-h)) * D
             x0_prev = x0
 
-    def _loop(self, step, model, shape, noise, model_kwargs, progress, device):
+    def _loop(self, step, model, shape, noise, model_kwargs, progress, device, randn_like):
         if device is None:
             device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
         x = noise if noise is not None else torch.randn(*shape, device=device)
@@ -292,7 +295,7 @@ class GaussianDiffusion:
         for i in tqdm(steps, desc="sampling", leave=False) if progress else steps:
             t = torch.tensor([i] * shape[0], device=x.device)
             with torch.no_grad():
-                x = step(model, x, t, model_kwargs)
+                x = step(model, x, t, model_kwargs, randn_like)
         return x
 
 

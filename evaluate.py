@@ -52,12 +52,12 @@ from tqdm import tqdm
 import data
 import figures
 from cli import (ArgumentParser, UserError, device_name, finite_float, folder_path, nonnegative_int, out_file,
-                 positive_int, run_cli)
+                 out_of_memory_advice, positive_int, run_cli)
 from fid_inception import FID_WEIGHTS, inception_features, load_inception, unit_images
 from files import atomic_write, file_sha256, find_weights, remove_stale_temp_files, write_csv, write_json
 from model import load_strict, read_checkpoint
-from sources import (MANIFEST, collate_images, dataset_images, load_hierarchy, open_images, read_manifest, read_npz,
-                     statistics_file, stats_hierarchy)
+from sources import (MANIFEST, collate_images, dataset_images, load_hierarchy, open_images, read_manifest,
+                     read_provenance, statistics_file, stats_hierarchy)
 from sample import add_sampler_args, guide_labels, load_for_sampling, sample_images, sampler_of
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
@@ -113,13 +113,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 # -------------------------------------------------------------------------------------------------------------
 # Table 1: statistics per superclass, and its rows
 # -------------------------------------------------------------------------------------------------------------
-# A statistics .npz holds mu, sigma, count of all images and, when the images carry a hierarchy, that
+# A statistics .npz holds mu, sigma, count of all images, what made them (`provenance`: JSON of their source, the size
+# and crop they were scored at, the Inception weights' sha256, the count) and, when the images carry a hierarchy, that
 # hierarchy (as JSON) and mu_<s>, sigma_<s>, count_<s> for each superclass index s of it.
 
-def image_stats(features, labels=None, hierarchy=None):
+def image_stats(features, labels=None, hierarchy=None, provenance=None):
     """Feature statistics of all images and of each superclass (when the images' classes and hierarchy are known)."""
     mu, sigma = feature_stats(features)
     stats = {"mu": mu, "sigma": sigma, "count": np.int64(len(features))}
+    if provenance is not None:
+        stats["provenance"] = np.array(json.dumps(provenance))
     if hierarchy is None or labels is None or not (np.asarray(labels) >= 0).any():
         return stats
     stats["hierarchy"] = np.array(json.dumps(hierarchy))
@@ -139,12 +142,19 @@ def superclasses_of(labels, hierarchy):
     return superclass_of[labels]
 
 
+def members(hierarchy, s):
+    """The names of the classes of superclass s."""
+    return {n for n, p in zip(hierarchy["class_names"], hierarchy["superclass_of"]) if p == s}
+
+
 def fid_table(real, fake, lpips=None, overall_only=False):
     """Rows like paper Table 1: one per superclass of the generated images, then Overall.
 
-    real, fake: statistics dicts. Superclasses are matched by name, never by position. lpips: lpips_diversity's
-    result (per_superclass keyed by the generated images' superclass index) or None.
-    Returns [{"superclass", "fid", "lpips", "count_real", "count_fake"}].
+    real, fake: statistics dicts. Superclasses are matched by name, never by position, and a row is given only where
+    both sides' superclass holds the same classes (else it would compare different things: it is dropped, and said).
+    lpips: lpips_diversity's result (per_superclass keyed by the generated images' superclass index) or None.
+    Returns [{"superclass", "fid" (max(0, d): a distance), "fid_raw" (d as computed), "lpips", "count_real",
+    "count_fake"}].
     """
     rows = []
     foreign = "count" not in real                  # another tool's reference statistics: the overall row alone
@@ -156,24 +166,33 @@ def fid_table(real, fake, lpips=None, overall_only=False):
                             "images with `evaluate.py stats --data ...`, or pass --overall-only")
         fake_names, real_names = fake_h["superclass_names"], real_h["superclass_names"]
         present = [s for s in range(len(fake_names)) if int(fake.get(f"count_{s}", 0)) > 0]
-        for s in present:
-            if fake_names[s] not in real_names:
-                raise UserError(f"superclass '{fake_names[s]}' of the generated images has no reference statistics")
+        dropped = [fake_names[s] for s in present if fake_names[s] not in real_names]
         for r, name in enumerate(real_names):                  # rows in the reference's (the paper's) order
             s = fake_names.index(name) if name in fake_names else None
             if s not in present:
                 continue
+            if members(real_h, r) != members(fake_h, s):
+                dropped.append(name)
+                continue
             fid = math.nan
             if f"mu_{r}" in real and f"mu_{s}" in fake:
                 fid = frechet_distance(real[f"mu_{r}"], real[f"sigma_{r}"], fake[f"mu_{s}"], fake[f"sigma_{s}"])
-            rows.append({"superclass": name, "fid": fid,
-                         "lpips": lpips["per_superclass"].get(s, math.nan) if lpips else math.nan,
-                         "count_real": int(real.get(f"count_{r}", 0)), "count_fake": int(fake[f"count_{s}"])})
-    rows.append({"superclass": "Overall",
-                 "fid": frechet_distance(real["mu"], real["sigma"], fake["mu"], fake["sigma"]),
-                 "lpips": lpips["overall"] if lpips else math.nan,
-                 "count_real": None if foreign else int(real["count"]), "count_fake": int(fake["count"])})
+            rows.append(fid_row(name, fid, lpips["per_superclass"].get(s, math.nan) if lpips else math.nan,
+                                int(real.get(f"count_{r}", 0)), int(fake[f"count_{s}"])))
+        if dropped:
+            print(f"note: no per-superclass row for {', '.join(dropped)}: the reference statistics' hierarchy holds "
+                  "other classes there (or none), so those FIDs would compare different things", file=sys.stderr)
+    rows.append(fid_row("Overall", frechet_distance(real["mu"], real["sigma"], fake["mu"], fake["sigma"]),
+                        lpips["overall"] if lpips else math.nan, None if foreign else int(real["count"]),
+                        int(fake["count"])))
     return rows
+
+
+def fid_row(superclass, fid, lpips, count_real, count_fake):
+    """One row of Table 1. A distance is never negative: round-off can make d slightly so (identical sets give
+    -3e-5), so the table shows max(0, d) and keeps d as fid_raw."""
+    return {"superclass": superclass, "fid": fid if math.isnan(fid) else max(0.0, fid), "fid_raw": fid,
+            "lpips": lpips, "count_real": count_real, "count_fake": count_fake}
 
 
 def format_table(rows):
@@ -189,29 +208,35 @@ def format_table(rows):
 
 
 def write_rows(rows, csv_path=None, json_path=None, **meta):
-    """Table 1 as CSV and/or JSON (NaN: an empty cell / null)."""
+    """Table 1 as CSV and/or JSON (NaN: an empty cell / null); the raw FID is kept in the JSON alone."""
     clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
     if csv_path:
-        write_csv(csv_path, clean)
+        write_csv(csv_path, [{k: v for k, v in r.items() if k != "fid_raw"} for r in clean])
     if json_path:
         write_json(json_path, {**meta, "rows": clean}, indent=2)
 
 
 def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progress=True):
     """Feature statistics of an ImageSource (overall and per superclass), each image counted under the label it
-    came with: an image left out takes its label with it."""
+    came with: an image left out takes its label with it. They record what made them: the source, the size and
+    crop of its images (each checked to be that size), the Inception weights (model.weights_sha256), the count."""
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_images,
                         pin_memory=torch.device(device).type == "cuda")
     labels = []  # (B,) per batch, in step with the features of its images
 
     def images():
         for x, y in tqdm(loader, desc="inception features", unit="batch", disable=not progress):
+            if len(y) and list(x.shape[2:]) != source.made["image_size"]:
+                raise UserError(f"{source.name}: an image is {x.shape[2]}x{x.shape[3]} px where its source says "
+                                f"{'x'.join(map(str, source.made['image_size']))}: pass --image-size to crop them "
+                                "all to one size")
             if len(y):
                 labels.append(y)
                 yield x, y  # (B, 3, H, W), (B,)
 
     features = inception_features(model, images(), device, progress=False)  # (N, 2048), source order
-    return image_stats(features, torch.cat(labels).numpy(), source.hierarchy)
+    provenance = dict(source.made, count=len(features), inception_sha256=model.weights_sha256)
+    return image_stats(features, torch.cat(labels).numpy(), source.hierarchy, provenance)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -368,37 +393,78 @@ def source_of(args, path):
     """Images from --data (a dataset, real images) or a path (a generate folder, an .npz, a folder)."""
     hierarchy = load_hierarchy(args.hierarchy) if args.hierarchy else None
     if path is None:
-        dataset = data.build_dataset(args.data, args.data_path, args.image_size, args.split or "val", flip=False,
+        split = args.split or "val"
+        dataset = data.build_dataset(args.data, args.data_path, args.image_size, split, flip=False,
                                      hierarchy_csv=args.hierarchy_csv)
-        return dataset_images(dataset, args.data_path or args.data)
-    return open_images(path, args.image_size or 0, hierarchy)
-
-
-def stats_of(args, path, cache):
-    """Statistics of a statistics .npz as it is, else of the images (`cache` keeps the Inception loaded), and
-    the image source (None for a statistics file)."""
-    if path is not None and not os.path.isdir(path):
-        arrays = read_npz(path)
-        if "mu" in arrays and "sigma" in arrays:
-            return statistics_file(arrays, path), None
-    source = source_of(args, path)
+        return dataset_images(dataset, args.data_path or args.data, args.data, split, args.data_path)
+    source = open_images(path, args.image_size or 0, hierarchy)
     if source.hierarchy is None and (source.labels >= 0).any():
         print(f"note: {source.name} has class labels but no hierarchy (--hierarchy): overall statistics only",
               file=sys.stderr)
-    if "inception" not in cache:
-        cache["inception"] = load_inception(args.inception)
-    print(f"{source.name}: {len(source)} images", file=sys.stderr)
-    return compute_stats(source, cache["inception"], args.device, args.batch_size, args.workers), source
+    return source
+
+
+def scored_side(args, path):
+    """One side of a comparison: a statistics file as it is (its arrays), or the images to describe (an
+    ImageSource). A folder or a file of images is never taken for statistics."""
+    if path is not None and not os.path.isdir(path):
+        stats = statistics_file(path)
+        if stats is not None:
+            return stats
+    return source_of(args, path)
+
+
+def made_of(side, inception):
+    """What a side was (or will be) made from: a statistics file's provenance (None if it does not say), or the
+    images' own record with the Inception weights that will describe them."""
+    if isinstance(side, dict):
+        return read_provenance(side)
+    return dict(side.made, inception_sha256=inception.weights_sha256)
+
+
+def check_comparable(real, fake, inception, names):
+    """Refuse to compare statistics of images of another size, or of another Inception network (either makes the
+    FID meaningless), in one line naming both values and what to do. What a side does not record is said once."""
+    made = [made_of(real, inception), made_of(fake, inception)]
+    unknown = [name for name, m in zip(names, made) if m is None]
+    if unknown:
+        print(f"note: {' and '.join(unknown)} do not record what made them (another tool's statistics, or ours from "
+              "before this was recorded): their image size and Inception weights cannot be checked", file=sys.stderr)
+        return
+    (real_size, fake_size), (real_net, fake_net) = ([m[k] for m in made] for k in ("image_size", "inception_sha256"))
+    if real_size != fake_size:
+        size = lambda v: "x".join(map(str, v))
+        fix = (f"make the statistics again with --image-size {fake_size[0]}, or pass --image-size {real_size[0]} to "
+               "score the generated images at theirs") if isinstance(real, dict) else "pass --image-size to score both"
+        raise UserError(f"{names[0]} holds {size(real_size)} px images and {names[1]} {size(fake_size)} px ones: "
+                        f"FID compares them at one size; {fix}")
+    if real_net != fake_net:
+        raise UserError(f"{names[0]} was described by the Inception weights sha256 {str(real_net)[:12]}... and "
+                        f"{names[1]} by {str(fake_net)[:12]}...: features of two networks are not comparable; pass "
+                        "--inception with the file the statistics were made with, or make them again")
+
+
+def stats_of(side, inception, args):
+    """The statistics of a side (scored_side): a file's as they are, or computed from its images."""
+    if isinstance(side, dict):
+        return side
+    print(f"{side.name}: {len(side)} images", file=sys.stderr)
+    return compute_stats(side, inception, args.device, args.batch_size, args.workers)
 
 
 def cmd_stats(args):
     if (args.images is None) == (args.data is None):
         raise UserError("give the images to describe: --data NAME (a dataset) or --images PATH")
-    stats, _ = stats_of(args, args.images, {})
+    source = source_of(args, args.images)
+    stats = stats_of(source, load_inception(args.inception), args)
     atomic_write(args.out, lambda f: np.savez(f, **stats))
     h = stats_hierarchy(stats)
     detail = f", {len(h['superclass_names'])} superclasses" if h else " (no hierarchy: overall only)"
     print(f"wrote {args.out}: {int(stats['count'])} images{detail}")
+
+
+# AlexNet's strided convolution and two 3x3 max pools leave no pixel of an image under 31 px (lpips then fails).
+LPIPS_MIN_SIZE = 31
 
 
 def lpips_for(source, args):
@@ -411,6 +477,10 @@ def lpips_for(source, args):
     if not (np.bincount(source.labels[source.labels >= 0]) >= 2).any():   # a metric that cannot be computed
         print("note: LPIPS skipped (its column is left empty): it needs at least two generated images of one class",
               file=sys.stderr)
+        return None
+    if min(source.made["image_size"]) < LPIPS_MIN_SIZE:        # the LPIPS release refuses them too: no resize
+        print(f"note: LPIPS skipped (its column is left empty): its AlexNet needs images of at least "
+              f"{LPIPS_MIN_SIZE} px, these are {'x'.join(map(str, source.made['image_size']))}", file=sys.stderr)
         return None
     try:
         model = LPIPS.from_pretrained(args.lpips_alex, args.lpips_lin)
@@ -425,26 +495,27 @@ def lpips_for(source, args):
 
 
 def cmd_fid(args):
-    cache = {}
-    real, _ = stats_of(args, args.real, cache)
-    fake, fake_source = stats_of(args, args.fake, cache)
-    lpips = lpips_for(fake_source, args)
-    rows = fid_table(real, fake, lpips, args.overall_only)
+    real, fake = scored_side(args, args.real), scored_side(args, args.fake)
+    inception = None if isinstance(real, dict) and isinstance(fake, dict) else load_inception(args.inception)
+    check_comparable(real, fake, inception, [args.real or args.data, args.fake])   # before any feature is made
+    real_stats, fake_stats = stats_of(real, inception, args), stats_of(fake, inception, args)
+    lpips = lpips_for(None if isinstance(fake, dict) else fake, args)
+    rows = fid_table(real_stats, fake_stats, lpips, args.overall_only)
     print(format_table(rows))
     write_rows(rows, args.out_csv, args.out_json, real=args.real, fake=args.fake,
+               real_made_by=read_provenance(real_stats), fake_made_by=read_provenance(fake_stats),
                lpips_pairs=lpips["pairs"] if lpips else 0, seed=args.seed)
 
 
 # -------------------------------------------------------------------------------------------------------------
 # generate: samples for FID, spread over the classes, over any number of processes (torchrun), resumable
 # -------------------------------------------------------------------------------------------------------------
-# The work is cut into fixed batches of (class, index) jobs; batch j is drawn by rank j % world with seed
-# `seed + j`, so the images do not depend on the number of GPUs, and an interrupted run resumes batch-wise.
-# Images land as OUT/<class id>/<index>.png; OUT/samples.json records what made them (checkpoint sha256,
-# guidance, sampler, ...), the hierarchy and every image's class. A rerun resumes only what the same settings
-# made: otherwise it stops, or with --overwrite starts over.
-
-
+# The work is cut into batches of (class, index) jobs; batch j is drawn by rank j % world, and each image from its own
+# noise stream, seeded by (seed, class, index) (image_seed), so an image depends on neither --batch-size nor the number
+# of GPUs, and an interrupted run resumes batch-wise. Images land as OUT/<class id>/<index>.png; OUT/samples.json
+# records what made them (checkpoint sha256, VAE and its latent scale, guidance, sampler, image size, ...), the
+# hierarchy and every image's class. A rerun resumes only what the same settings made: otherwise it stops, or with
+# --overwrite starts over.
 
 def generation_jobs(num_classes, num_samples=None, per_class=None):
     """[(class id, index within class)]: `per_class` each, or `num_samples` spread evenly: round-robin, or, with
@@ -454,6 +525,12 @@ def generation_jobs(num_classes, num_samples=None, per_class=None):
     if num_samples < num_classes:
         return [(n * num_classes // num_samples, 0) for n in range(num_samples)]
     return [(n % num_classes, n // num_classes) for n in range(num_samples)]
+
+
+def image_seed(seed, class_id, index):
+    """The seed of one Table 1 image: a function of (--seed, class, index) alone, so the image is the same whatever
+    --batch-size, number of GPUs or resume draws it (64 bits from numpy's SeedSequence: distinct streams)."""
+    return int(np.random.SeedSequence([seed, class_id, index]).generate_state(1, np.uint64)[0])
 
 
 def job_file(class_id, index):
@@ -489,8 +566,9 @@ def cmd_generate(args):
     # What the images depend on, read from what makes them (the checkpoint file read and the VAE by content, not
     # by path; the sampler built): a rerun resumes only these.
     made_by = dict(ckpt_sha256=file_sha256(info["path"]), vae_sha256=vae.identity()["sha256"] if vae else None,
-                   guidance=args.guidance, cfg_scale=args.cfg_scale, **sampler.record(), seed=args.seed,
-                   batch_size=args.batch_size, precision=args.precision, image_size=info["config"]["image_size"])
+                   latent_scale=vae.scaling_factor if vae else None, guidance=args.guidance, cfg_scale=args.cfg_scale,
+                   **sampler.record(), seed=args.seed, precision=args.precision,
+                   image_size=info["config"]["image_size"])
     manifest = dict(made_by=made_by, ckpt=os.path.abspath(info["path"]), hierarchy=model.hierarchy,
                     images=[[job_file(c, i), c] for c, i in jobs])
     data.on_rank0(lambda: start_folder(args.out, manifest, args.overwrite))   # the others wait for it
@@ -500,13 +578,17 @@ def cmd_generate(args):
     if rank == 0:
         print(f"{len(jobs)} images in {len(batches)} batches over {world} process(es); rank 0 has {len(mine)} to do",
               file=sys.stderr)
-    for j in tqdm(mine, desc=f"generate (rank {rank})", disable=rank != 0):
-        classes = torch.tensor([c for c, _ in batches[j]])
-        images = sample_images(model, classes, guide_labels(model, classes, args.guidance, args.cfg_scale),
-                               args.cfg_scale, sampler, vae, args.seed + j, device, args.precision,
-                               progress=False)   # (B, H, W, 3) uint8
-        for (c, i), image in zip(batches[j], images.numpy()):
-            atomic_write(os.path.join(args.out, job_file(c, i)), lambda f: Image.fromarray(image).save(f, format="PNG"))
+    kept = f"; the images written so far are kept: the same command with it resumes ({args.out})"
+    with out_of_memory_advice(f"--batch-size {max(1, args.batch_size // 2)}", kept):
+        for j in tqdm(mine, desc=f"generate (rank {rank})", disable=rank != 0):
+            classes = torch.tensor([c for c, _ in batches[j]])
+            seeds = [image_seed(args.seed, c, i) for c, i in batches[j]]       # each image its own noise
+            images = sample_images(model, classes, guide_labels(model, classes, args.guidance, args.cfg_scale),
+                                   args.cfg_scale, sampler, vae, seeds, device, args.precision,
+                                   progress=False)   # (B, H, W, 3) uint8
+            for (c, i), image in zip(batches[j], images.numpy()):
+                atomic_write(os.path.join(args.out, job_file(c, i)),
+                             lambda f: Image.fromarray(image).save(f, format="PNG"))
     if world > 1:
         dist.barrier()
     if rank == 0 and args.npz:

@@ -13,7 +13,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 from tqdm import tqdm
 
 from cli import UserError
-from files import find_weights
+from files import file_sha256, find_weights
 from model import load_strict, read_checkpoint
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -135,6 +135,7 @@ def load_inception(path=None):
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = buffer
     load_strict(model, state, path)
+    model.weights_sha256 = file_sha256(path)      # what statistics record of the network that described them
     return model.eval().requires_grad_(False)
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import data
 from cli import UserError, nonnegative_int, out_file
-from files import atomic_write, write_csv, write_json
+from files import atomic_write, read_json, write_csv, write_json
 from hierarchy import read_hierarchy
 from model import (LABEL_TABLE, METHODS, build_model, checkpoint_tensors, published_layout, read_checkpoint,
                    resolve_checkpoint)
@@ -525,11 +525,7 @@ def cmd_curves(args):
     if args.toy_json:
         toy_rows = []
         for path in args.toy_json:
-            try:
-                with open(path) as f:
-                    toy_rows += json.load(f)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read the toy table {path}: {e}") from None
+            toy_rows += read_json(path, "toy table")
         panel, fig2_rows = fig2_panel(toy_rows, args.cfg_scale)
         panels.append(panel)
         rows += fig2_rows
@@ -550,7 +546,7 @@ def read_log(path):
     checkpoint logs its steps again: the later records replace the earlier ones."""
     path = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             lines = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the training log {path}: {e}") from None

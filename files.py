@@ -89,6 +89,15 @@ def atomic_write(path, write):
         raise
 
 
+def read_json(path, what="JSON file"):
+    """A JSON file, read as UTF-8 whatever the locale (iNat21's names are not ASCII), or one line naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:                   # UnicodeDecodeError is a ValueError
+        raise UserError(f"cannot read the {what} {path}: {e}") from None
+
+
 def write_json(path, obj, indent=1):
     """`obj` as a JSON file, atomically (indent=None: one compact line, for large manifests)."""
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=indent) + "\n").encode()))

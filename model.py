@@ -447,8 +447,9 @@ def count_table2(name="DiT-XL/2", image_size=256, num_classes=10000, num_supercl
     return rows
 
 
-def load_strict(module, state, source):
-    """module.load_state_dict(state, strict=True), but a mismatch is one line naming the first odd tensor."""
+def load_strict(module, state, source, assign=False):
+    """module.load_state_dict(state, strict=True), but a mismatch is one line naming the first odd tensor.
+    assign: the module takes the state's tensors (for a module built on the meta device: nothing is copied)."""
     own = module.state_dict()
     for key, tensor in own.items():
         if key not in state:
@@ -458,7 +459,7 @@ def load_strict(module, state, source):
     for key in state:
         if key not in own:
             raise UserError(f"{source}: unexpected tensor '{key}'")
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 # ----------------------------------------------------------------------------------------------------------

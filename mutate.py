@@ -257,7 +257,7 @@ MUTATIONS = [
     ("gpu-check: the DDP smoke test without DDP", "bench.py",
      "if world > 1 else model\n", "if False else model\n", "gpu_check_rehearsed"),
     ("gpu-check: a NaN loss passes", "bench.py",
-     "        raise train.TrainingError(f\"loss is {losses[bad]} at step {bad + 1} of {len(losses)}\")", "        pass",
+     "        raise RunFailed(f\"loss is {losses[bad]} at step {bad + 1} of {len(losses)}\")", "        pass",
      "gpu_check_fails"),
     ("gpu-check: a worker out of time killed, so torchrun's ranks live on", "bench.py",
      "            proc.terminate()", "            proc.kill()", "worker_past"),

@@ -88,7 +88,7 @@ def lock_run_dir(run_dir):
     A UserError naming the holder when another process has it: two runs in one folder would silently write
     each other's checkpoints and interleave their logs."""
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-    lock = open(os.path.join(run_dir, ".lock"), "a+")
+    lock = open(os.path.join(run_dir, ".lock"), "a+", encoding="utf-8")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

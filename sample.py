@@ -30,12 +30,12 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from cli import (ArgumentParser, UserError, device_name, finite_float, folder_path, int_in, nonnegative_int, out_file,
-                 positive_int, precision_context, run_cli)
+from cli import (ArgumentParser, RunFailed, UserError, device_name, finite_float, folder_path, int_in,
+                 nonnegative_int, out_file, out_of_memory_advice, positive_int, precision_context, run_cli)
 from diffusion import TRAINED_STEPS, create_diffusion
 from files import atomic_write
 from model import AUTHORS_CHECKPOINT, load_model
-from vae import LATENT_SCALE, AutoencoderKL
+from vae import LATENT_SCALE, AutoencoderKL, latent_scale, same_vae
 
 CFG_SCALE = 4.0         # paper §4.2: the guidance scale w of every table
 STEPS = 250             # paper §4.2: DDPM sampling steps
@@ -54,12 +54,21 @@ def sample_images(model, y, guide=None, cfg_scale=CFG_SCALE, sampler=None, vae=N
     """Images of classes y (N,) as uint8 (N, H, W, 3), as the official DiT samples them.
 
     guide: (N,) label-table rows of the guide half (guide_labels), or None to sample unguided.
-    sampler: a Sampler (default: the paper's 250 DDPM steps, eq. 1 at every step)."""
+    sampler: a Sampler (default: the paper's 250 DDPM steps, eq. 1 at every step).
+    seed: an int, one stream for the batch as in DiT's sample.py (x_T, then each step's noise: an image depends on
+    its batch), or one seed per image (ImageNoise: an image depends on its own seed alone).
+    precision: the DiT's; the VAE decodes in fp32 whatever it is (fp16 overflows in its decoder, as diffusers knows).
+    A sample that is not finite stops the run (RunFailed) before any image is returned."""
     sampler = sampler or Sampler()
     model = model.to(device).eval()
     y = torch.as_tensor(y, device=device)
-    torch.manual_seed(seed)             # as DiT's sample.py: x_T, then each step's noise, from one stream
-    z = torch.randn(len(y), model.in_channels, model.input_size, model.input_size, device=device)  # (N, C, h, w)
+    shape = (len(y), model.in_channels, model.input_size, model.input_size)
+    if isinstance(seed, int):
+        torch.manual_seed(seed)
+        z, randn_like = torch.randn(shape, device=device), torch.randn_like   # (N, C, h, w)
+    else:
+        randn_like = ImageNoise(seed, device)
+        z = randn_like(torch.empty(shape, device=device))                    # (N, C, h, w)
     if guide is not None:
         z = torch.cat([z, z], dim=0)                          # (2N, C, h, w): [conditional; guide]
         kwargs = dict(y=torch.cat([y, torch.as_tensor(guide, device=device)]), cfg_scale=cfg_scale,
@@ -73,12 +82,37 @@ def sample_images(model, y, guide=None, cfg_scale=CFG_SCALE, sampler=None, vae=N
         with low_precision:
             return net(x, t, **kw).float()                    # the diffusion math stays in fp32
 
-    x = sampler.loop(model.learn_sigma)(eps_model, z.shape, z, model_kwargs=kwargs, progress=progress, device=device)
-    x = x[: len(y)]                                            # drop the guide half
+    x = sampler.loop(model.learn_sigma)(eps_model, z.shape, z, model_kwargs=kwargs, progress=progress, device=device,
+                                        randn_like=randn_like)
+    x = check_finite(x[: len(y)], y, f"after {sampler}")       # drop the guide half
     if vae is not None:
-        with low_precision:
-            x = vae.to(device).decode(x / LATENT_SCALE).float()
+        x = check_finite(vae.to(device).decode(x / vae.scaling_factor).float(), y, "once decoded by the VAE")
     return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)  # (N, H, W, 3)
+
+
+class ImageNoise:
+    """randn_like with one stream per image, as edm2 seeds each image: image i's x_T and every step's noise come from
+    a generator seeded with seeds[i], so an image is the same in any batch, on any number of GPUs. On the batch
+    [x_t; x_t] of guided sampling the guide rows get a copy of the conditional ones: eq. 1 never reads them."""
+
+    def __init__(self, seeds, device):
+        self.generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, x):
+        z = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in self.generators])
+        return z.repeat(len(x) // len(z), *[1] * (x.ndim - 1))               # (N or 2N, C, h, w)
+
+
+def check_finite(x, y, when):
+    """x (N, ...) unchanged, or RunFailed naming the classes whose samples are not finite: a NaN would be written as
+    a black image (the uint8 cast) and counted in the FID."""
+    bad = ~torch.isfinite(x.flatten(1)).all(dim=1)                            # (N,)
+    if bad.any():
+        classes = sorted(set(y[bad.to(y.device)].tolist()))
+        raise RunFailed(f"{int(bad.sum())} of {len(x)} samples are not finite {when} (class "
+                        f"{', '.join(map(str, classes[:5]))}{' ...' if len(classes) > 5 else ''}); none of them is "
+                        "written: check the checkpoint's weights, or sample with --precision fp32 or bf16")
+    return x
 
 
 def guide_labels(model, y, guidance, cfg_scale=CFG_SCALE):
@@ -212,7 +246,11 @@ def load_for_sampling(ckpt, base=None, vae=None):
         return model, info, None
     decoder = AutoencoderKL.from_pretrained(vae or info["args"].get("vae") or "sd-vae-ft-ema")
     decoder.check_fits(model.in_channels, info["config"]["image_size"])
-    if info["vae"] is not None and decoder.identity() != info["vae"] and int(os.environ.get("RANK", 0)) == 0:
+    trained = LATENT_SCALE if info["vae"] is None else latent_scale(info["vae"])   # published DiTs: the SD VAE's
+    if decoder.scaling_factor != trained:
+        raise UserError(f"the VAE {decoder.weights_file} scales latents by {decoder.scaling_factor:g}, this DiT was "
+                        f"trained on latents scaled by {trained:g}: decode with the VAE it was trained with (--vae)")
+    if info["vae"] is not None and not same_vae(decoder.identity(), info["vae"]) and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: decoding with {decoder.weights_file}, not the VAE this DiT was trained with "
               f"(sha256 {str(info['vae']['sha256'])[:12]}...): the images may be off", file=sys.stderr)
     return model, info, decoder
@@ -261,7 +299,9 @@ def parse_args(argv=None):
     p.add_argument("--base", help="base checkpoint of a delta checkpoint, if not where training found it")
     p.add_argument("--vae", help="SD VAE folder or file for latent models; default: the training run's, else "
                                  "sd-vae-ft-ema (as given, then under pretrained/)")
-    p.add_argument("--num-samples", type=positive_int, default=8)
+    p.add_argument("--num-samples", type=positive_int, default=8,
+                   help="images drawn at once, from one noise stream of --seed as in the authors' and DiT's sample.py: "
+                        "an image depends on --num-samples (evaluate.py generate draws each from its own)")
     p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
     p.add_argument("--guide-all-channels", action="store_true",
                    help="guide all eps channels (the official release guides the first 3 only)")
@@ -290,8 +330,9 @@ def main(argv=None):
     how = "unguided" if guide is None else f"guided by {describe_guide(model, int(guide[0]))}, w = {args.cfg_scale:g}"
     decoded = f", decoded by {vae.weights_file}" if vae is not None else ""
     print(f"sampling {args.num_samples} x {what}, {how}; {sampler}; from {info['path']}{decoded}", file=sys.stderr)
-    images = sample_images(model, y, guide, args.cfg_scale, sampler, vae, args.seed, args.device, args.precision,
-                           args.guide_all_channels)
+    with out_of_memory_advice(f"--num-samples {max(1, args.num_samples // 2)} (sample.py draws them all at once)"):
+        images = sample_images(model, y, guide, args.cfg_scale, sampler, vae, args.seed, args.device, args.precision,
+                               args.guide_all_channels)
     scale = save_png(images, args.out, enlarge=True)
     if args.per_sample_dir:                                             # each sample as drawn, at its own size
         for i, img in enumerate(images):

@@ -1603,7 +1603,7 @@ def test_vae_tiny_encode_decode_shapes():
         mean, logvar = vae.encode(x)
         assert mean.shape == logvar.shape == (1, 4, 16, 16)  # downscale 2^(len(blocks)-1) = 2
         assert logvar.min() >= -30 and logvar.max() <= 20
-        z = vae_module.scaled_latent(mean, logvar) / vae_module.LATENT_SCALE
+        z = vae_module.scaled_latent(mean, logvar, vae.scaling_factor) / vae.scaling_factor
         assert z.shape == mean.shape
         assert vae.decode(z).shape == (1, 3, 32, 32)
 
@@ -1737,10 +1737,12 @@ def test_vae_missing_path_error_points_to_published_files(tmp_path):
     assert "no_such_vae" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_vae_from_config_ignores_other_keys():
+def test_vae_from_config_ignores_other_keys_and_takes_its_latent_scale():
     vae = AutoencoderKL.from_config({"_class_name": "AutoencoderKL", "sample_size": 256, "act_fn": "silu", **TINY_VAE,
                                      "scaling_factor": 0.13025})
     assert vae.config["block_out_channels"] == [32, 64] and len(vae.encoder.down_blocks) == 2
+    assert vae.scaling_factor == vae.config["scaling_factor"] == 0.13025          # SDXL's, from its config
+    assert AutoencoderKL.from_config(TINY_VAE).scaling_factor == 0.18215          # the SD VAE's, where none is said
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -2323,6 +2325,8 @@ def lpips_files(tmp_path_factory):
 
 class MeanColour(nn.Module):
     """Stand-in feature extractor (3-d): keeps grouping tests fast and their covariances full rank."""
+
+    weights_sha256 = "mean-colour"           # what statistics record of the network (load_inception: its file's)
 
     def forward(self, x):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # [N, 3]
@@ -3003,7 +3007,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base
         return terms
 
     monkeypatch.setattr(diffusion_module.GaussianDiffusion, "training_losses", poisoned)
-    with pytest.raises(train.TrainingError, match=r"nan at step 3.*0000002\.pt"):
+    with pytest.raises(cli.RunFailed, match=r"nan at step 3.*0000002\.pt"):
         run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "5", "--ckpt-every", "2",
                   "--run-dir", tmp_path)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000002.pt"]
@@ -3092,7 +3096,12 @@ def test_ema_moves_towards_the_trained_weights_at_rate_one_minus_decay(tmp_path,
 
 
 class FixedPosterior(nn.Module):
-    """A VAE whose posterior is N(2, 0.5^2) at every latent pixel (4 channels, 8x downsampling)."""
+    """A VAE whose posterior is N(2, 0.5^2) at every latent pixel (4 channels, 8x downsampling), with the latent
+    scale of its config (the SD VAE's 0.18215, or SDXL's 0.13025)."""
+
+    def __init__(self, scaling_factor=0.18215):
+        super().__init__()
+        self.scaling_factor = scaling_factor
 
     def encode(self, x):
         shape = (x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8)
@@ -3104,6 +3113,8 @@ def test_training_latents_are_posterior_draws_scaled_by_0_18215():
     z = train.encode(FixedPosterior(), torch.zeros(2000, 3, 16, 16))     # (2000, 4, 2, 2)
     assert abs(z.mean().item() - 0.18215 * 2.0) < 0.005
     assert abs(z.std().item() - 0.18215 * 0.5) < 0.005
+    z = train.encode(FixedPosterior(0.13025), torch.zeros(2000, 3, 16, 16))   # a VAE of another scale: its own
+    assert abs(z.mean().item() - 0.13025 * 2.0) < 0.005
 
 
 def test_difffit_gates_scale_their_branches():
@@ -3131,11 +3142,29 @@ def test_fid_table_pairs_superclasses_by_name_not_by_position():
     rng = np.random.default_rng(0)
     fishes, birds = rng.normal(0.0, 1.0, (60, 3)), rng.normal(4.0, 2.0, (60, 3))
     labels = np.repeat([0, 1], 60)
-    hierarchy = lambda names: data.make_hierarchy(["a", "b"], names, [0, 1])     # class 0 in superclass 0, ...
-    real = evaluate.image_stats(np.concatenate([fishes, birds]), labels, hierarchy(["Ray-finned Fishes", "Birds"]))
-    fake = evaluate.image_stats(np.concatenate([birds, fishes]), labels, hierarchy(["Birds", "Ray-finned Fishes"]))
+    hierarchy = lambda classes, names: data.make_hierarchy(classes, names, [0, 1])   # class 0 in superclass 0, ...
+    # the same tree numbered two ways: the carp is a fish and the wren a bird on both sides
+    real = evaluate.image_stats(np.concatenate([fishes, birds]), labels,
+                                hierarchy(["carp", "wren"], ["Ray-finned Fishes", "Birds"]))
+    fake = evaluate.image_stats(np.concatenate([birds, fishes]), labels,
+                                hierarchy(["wren", "carp"], ["Birds", "Ray-finned Fishes"]))
     rows = {r["superclass"]: r["fid"] for r in fid_table(real, fake)}
     assert rows["Ray-finned Fishes"] == pytest.approx(0.0, abs=1e-6) and rows["Birds"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_superclass_whose_classes_differ_between_the_two_sides_gets_no_row_and_says_so(capsys):
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(0.0, 1.0, (180, 3)), np.repeat([0, 1, 2], 60)
+    real = evaluate.image_stats(features, labels, data.make_hierarchy(["carp", "wren", "tit"], ["Fishes", "Birds"],
+                                                                     [0, 1, 1]))
+    fake = evaluate.image_stats(features, labels, data.make_hierarchy(["carp", "wren", "cod"], ["Fishes", "Birds"],
+                                                                     [0, 1, 0]))   # the cod among the fishes
+    rows = fid_table(real, fake)
+    assert [r["superclass"] for r in rows] == ["Overall"]      # both superclasses hold other classes on each side
+    assert "no per-superclass row for Fishes, Birds" in capsys.readouterr().err
+    same_birds = data.make_hierarchy(["carp", "wren", "tit"], ["Fishes", "Birds", "Whales"], [2, 1, 1])
+    rows = fid_table(real, evaluate.image_stats(features, labels, same_birds))
+    assert [r["superclass"] for r in rows] == ["Birds", "Overall"] and rows[0]["count_real"] == 120
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -3988,9 +4017,9 @@ def test_gpu_check_batch_search_doubles_until_a_batch_runs_out_of_memory():
 
 def test_gpu_check_fails_a_measurement_whose_loss_is_not_finite():
     assert bench.read_losses([torch.tensor(0.25), torch.tensor(0.125)]) == [0.25, 0.125]
-    with pytest.raises(train.TrainingError, match="loss is nan at step 2 of 3"):
+    with pytest.raises(cli.RunFailed, match="loss is nan at step 2 of 3"):
         bench.read_losses([torch.tensor(0.25), torch.tensor(float("nan")), torch.tensor(0.125)])
-    with pytest.raises(train.TrainingError, match="loss is inf at step 1 of 1"):
+    with pytest.raises(cli.RunFailed, match="loss is inf at step 1 of 1"):
         bench.read_losses([torch.tensor(float("inf"), dtype=torch.float16)])
 
 
@@ -4499,7 +4528,7 @@ def test_a_checkpoint_that_cannot_be_written_names_the_last_good_one(tmp_path, b
             raise OSError(errno.EACCES, "Permission denied", path)
         save(path, **fields)
     monkeypatch.setattr(train, "save_checkpoint", read_only_the_second_time)
-    with pytest.raises(train.TrainingError, match=r"Permission denied writing .*0000002\.pt; last good checkpoint: "
+    with pytest.raises(cli.RunFailed, match=r"Permission denied writing .*0000002\.pt; last good checkpoint: "
                                                   r".*0000001\.pt.*make the folder writable"):
         run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every",
                   "1", "--run-dir", tmp_path)
@@ -4511,5 +4540,5 @@ def test_a_non_finite_loss_before_any_checkpoint_says_to_start_again(tmp_path, b
         terms = real(self, *a, **k)
         return {**terms, "loss": terms["loss"] * float("nan")}
     monkeypatch.setattr(diffusion_module.GaussianDiffusion, "training_losses", poisoned)
-    with pytest.raises(train.TrainingError, match="nan at step 1: stopped; no checkpoint was written yet: start again"):
+    with pytest.raises(cli.RunFailed, match="nan at step 1: stopped; no checkpoint was written yet: start again"):
         run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2", "--run-dir", tmp_path)

@@ -45,8 +45,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 import data
-from cli import (DISK_FULL, ArgumentParser, Stopped, UserError, decay_rate, device_name, folder_path, nonnegative_int,
-                 out_file, positive_float, positive_int, precision_context, probability, run_cli)
+from cli import (DISK_FULL, ArgumentParser, RunFailed, Stopped, UserError, decay_rate, device_name, folder_path,
+                 nonnegative_int, out_file, out_of_memory_advice, positive_float, positive_int, precision_context,
+                 probability, run_cli)
 from diffusion import create_diffusion
 from files import file_sha256
 from model import (LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, TABLES, DiT_models, build_model, check_image_size,
@@ -54,7 +55,7 @@ from model import (LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, TABLES, DiT_models
                    resolve_checkpoint, save_checkpoint, set_trainable)
 from runs import all_ranks, append_line, rng_state, run_folder, set_rng_state, stop_signals
 from sample import CFG_SCALE, Sampler, guide_labels, sample_images, save_png
-from vae import AutoencoderKL, scaled_latent
+from vae import AutoencoderKL, same_vae, scaled_latent
 
 PAPER_INIT = "DiT-XL-2-256x256.pt"
 VAE = "sd-vae-ft-ema"     # the paper's (DiT's) VAE, looked up as given, then under pretrained/
@@ -74,11 +75,6 @@ RECIPES = {
     "toy-base": dict(init="none", lr=1e-3, global_batch_size=64, max_steps=12_000, ema_decay=0.999,
                      ckpt_every=2_000, log_every=200),
 }
-
-
-class TrainingError(UserError):
-    """The run itself failed (non-finite loss, out of memory, a full disk): one line, exit code 1."""
-    exit_code = 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,7 +128,7 @@ def main(argv=None):
         with start_run(args, resume, rank, world, device) as run:     # the DiT, what trains, AdamW, the EMA, data
             diffusion = create_diffusion(learn_sigma=run.model.learn_sigma)
             bar = tqdm(total=args.max_steps, initial=run.step, desc="training", disable=rank != 0, dynamic_ncols=True)
-            with bar, stop_signals(world) as stop, out_of_memory_advice(args, world):
+            with bar, stop_signals(world) as stop, out_of_memory_advice(smaller_batch(args, world)):
                 for x, y in batches(run):                             # from where a resumed run left off
                     run.window.append(train_step(run.net, diffusion, run.opt, run.scaler, x, y, run.autocast))
                     update_ema(run.ema, run.tuned, args.ema_decay)
@@ -200,16 +196,12 @@ def start_run(args, resume, rank, world, device):
         yield run
 
 
-@contextmanager
-def out_of_memory_advice(args, world):
-    """CUDA running out of memory in the loop, said in one line with the batch size to try."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        batch = args.global_batch_size
-        half = max(world, batch // 2 // world * world)
-        raise TrainingError(f"CUDA out of memory with --global-batch-size {batch} ({batch // world} per GPU): try "
-                            f"--global-batch-size {half} ({half // world} per GPU) or --grad-checkpointing") from None
+def smaller_batch(args, world):
+    """What to try when a training step runs out of memory: half the batch per process, or recomputing activations."""
+    batch = args.global_batch_size
+    half = max(world, batch // 2 // world * world)
+    return (f"--global-batch-size {half} ({half // world} per process) instead of {batch} ({batch // world}), or "
+            "--grad-checkpointing")
 
 
 def export_resumed(args, resume):
@@ -428,7 +420,7 @@ def data_and_vae(args, cache, pixel, image_size):
     vae = None if pixel or (cache and not args.sample_every) else AutoencoderKL.from_pretrained(args.vae or VAE)
     if vae is not None:
         vae.check_fits(LATENT_CHANNELS, image_size)
-    if cache is not None and vae is not None and cache.meta["vae"] != vae.identity():
+    if cache is not None and vae is not None and not same_vae(cache.meta["vae"], vae.identity()):
         raise UserError(f"the latent cache {args.latent_cache} was built with another VAE than {vae.weights_file}")
     dataset = cache or image_dataset(args)
     return dataset, vae, vae.identity() if vae else cache.meta["vae"] if cache else None
@@ -494,8 +486,8 @@ class SeededItems(Dataset):
 
 @torch.no_grad()
 def encode(vae, x):
-    """The training latent of images x: one posterior draw, times 0.18215, as DiT's training."""
-    return scaled_latent(*vae.encode(x))                      # (N, 4, H/8, W/8)
+    """The training latent of images x: one posterior draw, times the VAE's latent scale (0.18215), as DiT's training."""
+    return scaled_latent(*vae.encode(x), vae.scaling_factor)   # (N, 4, H/8, W/8)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -562,9 +554,9 @@ def save(run):
             e.strerror, "make the folder writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
             "check the disk")
         if run.last_ckpt:
-            raise TrainingError(f"{why} writing {path}; last good checkpoint: {run.last_ckpt}; nothing else lost; "
+            raise RunFailed(f"{why} writing {path}; last good checkpoint: {run.last_ckpt}; nothing else lost; "
                                 f"{fix} and resume from it") from None
-        raise TrainingError(f"{why} writing {path}, the run's first checkpoint: its {run.step} steps are lost; "
+        raise RunFailed(f"{why} writing {path}, the run's first checkpoint: its {run.step} steps are lost; "
                             f"{fix} and start again") from None
     run.last_ckpt = path
 
@@ -616,7 +608,7 @@ def check_losses(run):
     if bad is not None:
         kept = (f"the last good checkpoint is {run.last_ckpt}: resume from it" if run.last_ckpt else
                 "no checkpoint was written yet: start again")
-        raise TrainingError(f"loss is {losses[bad]} at step {run.step - len(losses) + bad + 1}: stopped; {kept} with "
+        raise RunFailed(f"loss is {losses[bad]} at step {run.step - len(losses) + bad + 1}: stopped; {kept} with "
                             "a lower --lr or --precision fp32")
     run.losses += losses
 

@@ -17,11 +17,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError
-from files import PUBLISHED, file_sha256, find_file
+from files import PUBLISHED, file_sha256, find_file, read_json
 from model import load_strict, read_checkpoint
 
-# SD-VAE latents times 0.18215 have unit variance (LDM, Rombach et al. 2022); DiT trains on the scaled latents.
+# SD-VAE latents times 0.18215 have unit variance (LDM, Rombach et al. 2022); DiT trains on the scaled latents. A
+# VAE's config.json says its own (`scaling_factor`); this is the default where it does not.
 LATENT_SCALE = 0.18215
+
+
+def _count(low, high):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+# The config.json fields this port reads -> (check, what it must be). The bounds refuse absurd sizes in one line;
+# the weights file must then hold every tensor of the config, shape for shape, before anything is allocated.
+VAE_FIELDS = {
+    "in_channels": (_count(1, 64), "an integer in [1, 64]"),
+    "out_channels": (_count(1, 64), "an integer in [1, 64]"),
+    "latent_channels": (_count(1, 64), "an integer in [1, 64]"),
+    "layers_per_block": (_count(1, 8), "an integer in [1, 8]"),
+    "norm_num_groups": (_count(1, 512), "an integer in [1, 512]"),
+    "block_out_channels": (lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 8 and all(map(_count(1, 4096), v)),
+                           "a list of 1 to 8 integers in [1, 4096]"),
+    "scaling_factor": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
+                       "a positive number"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,16 +288,18 @@ def vae_weights_file(path):
 class AutoencoderKL(nn.Module):
     """The Stable Diffusion VAE: 3 x H x W images in [-1, 1] <-> latent x H/8 x W/8 diagonal Gaussians.
 
-    Latent scaling is the caller's job, as in Stable Diffusion and DiT:
-        z = scaled_latent(*vae.encode(x))          # 0.18215 * (mean + sigma * eps)
-        x = vae.decode(z / LATENT_SCALE)
+    Latent scaling is the caller's job, as in Stable Diffusion and DiT, by the VAE's own `scaling_factor` (its
+    config's; 0.18215 for the SD VAEs, 0.13025 for SDXL's):
+        z = scaled_latent(*vae.encode(x), vae.scaling_factor)       # 0.18215 * (mean + sigma * eps)
+        x = vae.decode(z / vae.scaling_factor)
     """
     def __init__(self, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                 layers_per_block=2, norm_num_groups=32):
+                 layers_per_block=2, norm_num_groups=32, scaling_factor=LATENT_SCALE):
         super().__init__()
         self.config = dict(in_channels=in_channels, out_channels=out_channels, latent_channels=latent_channels,
                            block_out_channels=list(block_out_channels), layers_per_block=layers_per_block,
-                           norm_num_groups=norm_num_groups)
+                           norm_num_groups=norm_num_groups, scaling_factor=scaling_factor)
+        self.scaling_factor = scaling_factor
         self.weights_file = None                           # set by from_pretrained: the VAE's identity
         # the encoder predicts mean and log-variance, hence 2 * latent channels
         self.encoder = VAEEncoder(in_channels, 2 * latent_channels, block_out_channels, layers_per_block,
@@ -288,17 +310,20 @@ class AutoencoderKL(nn.Module):
                                   norm_num_groups)
 
     @classmethod
-    def from_config(cls, config):
-        """Build from a diffusers config.json dict; keys other than the constructor's are ignored."""
-        keys = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
-                "norm_num_groups")
-        kw = {k: config[k] for k in keys if config.get(k) is not None}
-        if "block_out_channels" in kw:
-            kw["block_out_channels"] = tuple(kw["block_out_channels"])
-        if kw.get("norm_num_groups", 32) < 1 or any(c % kw.get("norm_num_groups", 32) for c in
-                                                    kw.get("block_out_channels", (128,))):
-            raise UserError(f"VAE config: norm_num_groups {kw.get('norm_num_groups', 32)} does not divide "
-                            f"block_out_channels {list(kw.get('block_out_channels', []))}")
+    def from_config(cls, config, source="VAE config"):
+        """Build from a diffusers config.json dict, each field checked (keys other than the constructor's are
+        ignored); with torch.device("meta") around it, nothing is allocated (from_pretrained builds it so, and
+        allocates only what the weights file holds)."""
+        if not isinstance(config, dict):
+            raise UserError(f"{source} is not a JSON object of VAE settings")
+        kw = {k: config[k] for k in VAE_FIELDS if config.get(k) is not None}
+        for key, value in kw.items():
+            if not VAE_FIELDS[key][0](value):
+                raise UserError(f"{source}: {key} is {value!r}, not {VAE_FIELDS[key][1]}")
+        kw = dict(kw, **({"block_out_channels": tuple(kw["block_out_channels"])} if "block_out_channels" in kw else {}))
+        groups, widths = kw.get("norm_num_groups", 32), kw.get("block_out_channels", (128,))
+        if any(c % groups for c in widths):
+            raise UserError(f"{source}: norm_num_groups {groups} does not divide block_out_channels {list(widths)}")
         return cls(**kw)
 
     def encode(self, x):                                   # (B, 3, H, W), in [-1, 1]
@@ -306,7 +331,7 @@ class AutoencoderKL(nn.Module):
         mean, logvar = moments.chunk(2, dim=1)             # (B, latent, H/8, W/8) each
         return mean, logvar.clamp(-30.0, 20.0)             # clamp as diffusers/LDM, so exp() stays finite
 
-    def decode(self, z):                                   # (B, latent, h, w) (already divided by 0.18215)
+    def decode(self, z):                                   # (B, latent, h, w) (already divided by the scale)
         return self.decoder(self.post_quant_conv(z))       # (B, 3, 8h, 8w), roughly in [-1, 1]
 
     def check_fits(self, in_channels, image_size):
@@ -321,7 +346,8 @@ class AutoencoderKL(nn.Module):
                             f"8x smaller than its {image_size} px images")
 
     def identity(self):
-        """What checkpoints and latent caches record of the VAE: its config and the sha256 of its weights."""
+        """What checkpoints, latent caches and samples record of the VAE: its config (its latent scale included) and
+        the sha256 of its weights."""
         return dict(sha256=file_sha256(self.weights_file) if self.weights_file else None, config=self.config)
 
     def load_vae_state_dict(self, sd, source="checkpoint"):
@@ -331,7 +357,7 @@ class AutoencoderKL(nn.Module):
             raise UserError(f"{source}: this is an original CompVis/LDM-layout VAE, not the diffusers layout; "
                             + _VAE_HELP)
         try:
-            load_strict(self, sd, source)
+            load_strict(self, sd, source, assign=True)          # a VAE built on "meta" takes the file's tensors
         except UserError as e:
             raise UserError(f"{e} - is this an SD VAE in the diffusers layout, with its config.json?") from None
         return self
@@ -344,17 +370,15 @@ class AutoencoderKL(nn.Module):
         file = vae_weights_file(path)
         config, cfg_path = {}, os.path.join(os.path.dirname(file), "config.json")
         if os.path.isfile(cfg_path):
-            try:
-                with open(cfg_path) as f:
-                    cfg = json.load(f)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read {cfg_path}: {e}") from None
+            cfg = read_json(cfg_path, "VAE config")
             # beside a bare file, only take a config that is a VAE's (not, say, a training run's)
-            if os.path.basename(file) in _VAE_FILES or cfg.get("_class_name") == "AutoencoderKL" \
-                    or "latent_channels" in cfg:
+            if os.path.basename(file) in _VAE_FILES or not isinstance(cfg, dict) or \
+                    cfg.get("_class_name") == "AutoencoderKL" or "latent_channels" in cfg:
                 config = cfg
         sd = load_safetensors(file) if file.endswith(".safetensors") else _torch_load_tensors(file)
-        vae = cls.from_config(config).load_vae_state_dict(sd, source=file).eval()
+        with torch.device("meta"):                          # sizes from the config cost nothing until they fit
+            vae = cls.from_config(config, cfg_path)
+        vae = vae.load_vae_state_dict(sd, source=file).eval()
         vae.weights_file = file
         return vae
 
@@ -369,6 +393,18 @@ def _torch_load_tensors(path):
     return obj
 
 
-def scaled_latent(mean, logvar):
-    """z = 0.18215 * (mean + exp(logvar / 2) * eps): one draw from the VAE posterior, scaled as DiT trains on it."""
-    return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+def scaled_latent(mean, logvar, scale):
+    """z = scale * (mean + exp(logvar / 2) * eps): one draw from the VAE posterior, scaled (0.18215 for the SD VAE)
+    as DiT trains on it."""
+    return scale * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+
+
+def latent_scale(identity):
+    """The latent scale a VAE identity (AutoencoderKL.identity) records; 0.18215 where the record predates it."""
+    return identity["config"].get("scaling_factor", LATENT_SCALE)
+
+
+def same_vae(a, b):
+    """Are two VAE identities the same VAE (weights and config, a record without a latent scale read as 0.18215)?"""
+    fill = lambda v: dict(v, config=dict(v["config"], scaling_factor=latent_scale(v)))
+    return fill(a) == fill(b)
