@@ -12,6 +12,8 @@ It prints one table and writes JSON (--out, default results/bench.json):
   data      end-to-end training images/s reading the VAE-latent cache against encoding with the VAE each step.
   sampling  seconds per DDPM step with CFG at forward batch 2, 8, 32 (batch 2 = one image and its guide),
             and DDIM-50 and DPM-Solver++(2M)-20 against DDPM-250 wall time.
+  decode    seconds per image of the SD VAE decode in fp32 (what every command does, whatever --precision) and under the
+            autocast of --precision: what decoding in fp32 costs.
   samplers  seconds per image of DDPM-250, DDIM-50 and DPM-Solver++(2M) at 10/15/20/25 steps, with guidance at
             every step and in --guidance-interval: DiT evaluations per image, speed-up against DDPM-250, hours
             for Table 1's 100K images on this machine. Projected from timed steps (see bench_samplers).
@@ -61,7 +63,7 @@ import train
 from diffusion import create_diffusion
 from fid_inception import FIDInceptionV3, inception_features
 from cli import (ArgumentParser, RunFailed, UserError, device_name, int_in, nonnegative_int, out_file, positive_float,
-                 positive_int, run_cli)
+                 positive_int, precision_context, run_cli)
 from files import write_json
 from hierarchy import make_hierarchy
 from model import METHODS, DiT_models, build_model, check_image_size, set_trainable
@@ -326,6 +328,22 @@ def bench_samplers(args, vae_config):
                 decode_seconds_per_batch=decode, runs=runs)
 
 
+def bench_decode(args, vae_config):
+    """The SD VAE decode of one batch of --batch latents: in fp32, as every command decodes whatever --precision the DiT
+    samples in (an fp16 decoder overflows), against the autocast of --precision, the cost that fp32 adds."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**vae_config).to(args.device).eval()      # random weights: the cost is the same
+    z = torch.randn(args.batch, 4, args.image_size // 8, args.image_size // 8, device=args.device)
+    sync, autocast = cuda_sync(args.device), precision_context(args.precision, torch.device(args.device).type)
+
+    def decode(low_precision):
+        with torch.no_grad(), (autocast if low_precision else nullcontext()):
+            vae.decode(z)
+    fp32, low = (median_seconds(lambda: decode(low), args.repeats, 1, sync) for low in (False, True))
+    return dict(batch=args.batch, fp32_seconds_per_image=fp32 / args.batch, precision=args.precision,
+                precision_seconds_per_image=low / args.batch, fp32_cost=fp32 / low)
+
+
 def bench_fid(args):
     torch.manual_seed(0)
     model = FIDInceptionV3().eval()                               # random weights: the cost is the same
@@ -377,6 +395,11 @@ def report(results):
                          f"{s['dpm20_seconds']:.1f} s -> {s['dpm20_speedup']:.1f}x")
     if "samplers" in results:
         lines += samplers_report(results["samplers"], results["device"])
+    if "decode" in results:
+        d = results["decode"]
+        lines.append(f"SD VAE decode, s per image (batch {d['batch']}): fp32 {d['fp32_seconds_per_image']:.3f} (every "
+                     f"command's), {d['precision']} autocast {d['precision_seconds_per_image']:.3f} -> fp32 costs "
+                     f"{d['fp32_cost']:.2f}x")
     if "fid" in results:
         f = results["fid"]
         lines.append(f"FID Inception features: {f['images_per_s']:.1f} images/s ({f['image_size']} px, batch {f['batch']})")
@@ -700,8 +723,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=positive_int, default=7)
     p.add_argument("--warmup", type=nonnegative_int, default=3)
     p.add_argument("--loop-repeats", type=positive_int, default=3)
-    p.add_argument("--only", nargs="+", choices=["train", "data", "sampling", "samplers", "fid"],
-                   default=["train", "data", "sampling", "samplers", "fid"], help="run only these parts")
+    p.add_argument("--only", nargs="+", choices=["train", "data", "sampling", "samplers", "decode", "fid"],
+                   default=["train", "data", "sampling", "samplers", "decode", "fid"], help="run only these parts")
     p.add_argument("--gpu-check", action="store_true",
                    help="DiT-XL/2 on one CUDA GPU in about 8 minutes (see above); takes only --device, --out and "
                         "--peak-tflops")
@@ -745,7 +768,7 @@ def main(argv=None):
     Sampler(interval=args.guidance_interval)            # a bad interval fails before any work
     run = dict(train=lambda: bench_train(args), data=lambda: bench_data(args, vae_config),
                sampling=lambda: bench_sampling(args), samplers=lambda: bench_samplers(args, vae_config),
-               fid=lambda: bench_fid(args))
+               decode=lambda: bench_decode(args, vae_config), fid=lambda: bench_fid(args))
     for part in args.only:
         results[part] = run[part]()
     print(report(results))

@@ -5,10 +5,13 @@ line `error: ...` and exits with code 2, never with a traceback. Flags are parse
 typed validators below, so a bad number is refused before any work starts.
 """
 import argparse
+import atexit
 import errno
 import math
+import multiprocessing
 import os
 import re
+import signal
 import sys
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -27,6 +30,11 @@ class RunFailed(Exception):
     """The run itself failed, not the user (a non-finite loss or sample, no memory, a full disk): one line, exit code
     1, what was finished kept."""
     exit_code = 1
+
+
+# What a scheduler sends before it pre-empts a job (SIGTERM; SIGUSR1 where chosen), and Ctrl-C: a training run saves
+# and stops (runs.stop_signals).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Stopped(Exception):
@@ -110,6 +118,8 @@ def run_cli(main):
     it. Names are printed whatever the locale (an ASCII console shows them escaped)."""
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(errors="backslashreplace")
+    atexit.unregister(kill_leftover_workers)
+    atexit.register(kill_leftover_workers)                 # once, and before multiprocessing's own exit (LIFO)
     try:
         with out_of_memory_advice("a smaller batch, or fewer images at once"):
             main()
@@ -117,6 +127,8 @@ def run_cli(main):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        return _fail("interrupted (Ctrl-C); what was written stays", 130)
     except (UserError, RunFailed) as e:
         # raised in a DataLoader worker, the message arrives after the worker's traceback: keep the last line
         message = str(e).strip().splitlines()[-1]
@@ -141,6 +153,16 @@ def out_of_memory_advice(advice, kept=""):
         if not cpu and not isinstance(e, torch.OutOfMemoryError):
             raise
         raise RunFailed(f"out of {'CPU' if cpu else 'GPU'} memory: try {advice}{kept}") from None
+
+
+def kill_leftover_workers():
+    """At exit, the DataLoader workers an error left running (its loader not yet collected) are killed: they ignore
+    SIGTERM (files.worker_init), which multiprocessing's own exit sends, then waits for without end."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)        # torch's handler would raise for each, now, as a traceback
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
 
 
 def _fail(message, exit_code):

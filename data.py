@@ -35,6 +35,7 @@ Other commands:
     python data.py preview --data toy --out toy.png                          # a grid, one row per class
 """
 
+import collections
 import csv
 import datetime
 import functools
@@ -54,10 +55,10 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from cli import ArgumentParser, UserError, folder_path, nonnegative_int, out_file, positive_int, run_cli
-from files import atomic_write, read_json, remove_stale_temp_files, write_json
+from files import atomic_write, read_json, remove_stale_temp_files, worker_init, write_json
 from hierarchy import INAT21_SUPERCLASSES, inat21_superclass_of, make_hierarchy, read_hierarchy
 from toy import TOY_PATTERNS, TOY_SHAPES, TOY_TINTS, render_toy, toy_looks
-from vae import LATENT_SCALE, AutoencoderKL, latent_scale, scaled_latent
+from vae import LATENT_SCALE, VAE_FIELDS, AutoencoderKL, latent_scale, scaled_latent
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INAT21_URL = "https://github.com/visipedia/inat_comp/tree/master/2021"
@@ -318,9 +319,19 @@ def _inat21_categories(root, split):
     # Any split's json has the same 10,000 categories; parse the smallest (train.json is ~1 GB of image records).
     path = min(candidates, key=os.path.getsize)
     content = read_json(path, "iNat21 json")
-    if not isinstance(content, dict) or "categories" not in content:
-        raise UserError(f"{path} is not an iNat21 json: it has no 'categories'")
-    return content["categories"]
+    categories = content.get("categories") if isinstance(content, dict) else None
+    if not isinstance(categories, list):
+        raise UserError(f"{path} is not an iNat21 json: it has no list of 'categories'")
+    for c in categories:
+        if not (isinstance(c, dict) and isinstance(c.get("id"), int) and not isinstance(c["id"], bool) and
+                all(isinstance(c[k], str) for k in INAT21_TEXT_FIELDS if c.get(k) is not None)):
+            raise UserError(f"{path}: the category {str(c)[:120]} is not one of iNat21's (an integer id, and "
+                            f"{', '.join(INAT21_TEXT_FIELDS)} as text)")
+    return categories
+
+
+# The text fields of an iNat21 category that this project reads.
+INAT21_TEXT_FIELDS = ("name", "supercategory", "image_dir_name")
 
 
 def inat21_dataset(root, split="train_mini", image_size=256, flip=True, coarse=False):
@@ -338,10 +349,11 @@ def inat21_dataset(root, split="train_mini", image_size=256, flip=True, coarse=F
         raise UserError(f"iNat21: {split_dir} holds no class folders{hint}")
 
     categories = _inat21_categories(root, split) or []
-    by_dir = {c["image_dir_name"]: c for c in categories if "image_dir_name" in c}
-    by_id = {int(c["id"]): c for c in categories if "id" in c}
+    by_dir = {c["image_dir_name"]: c for c in categories if c.get("image_dir_name")}
+    by_id = {c["id"]: c for c in categories}
     table, animalia = inat21_superclass_of(10000), INAT21_SUPERCLASSES.index("Animalia")  # json-less fallback
     superclass_names = list(INAT21_SUPERCLASSES)
+    index = {name: s for s, name in enumerate(superclass_names)}
     class_names, superclass_of = [], []
     for k, class_dir in enumerate(class_dirs):
         parts = class_dir.split("_")
@@ -349,9 +361,10 @@ def inat21_dataset(root, split="train_mini", image_size=256, flip=True, coarse=F
         category = by_dir.get(class_dir) or by_id.get(official_id)
         if category is not None and category.get("supercategory"):
             supercategory = category["supercategory"]
-            if supercategory not in superclass_names:  # not iNat21's eleven: append, keeping the fixed ids
+            if supercategory not in index:  # not iNat21's eleven: append, keeping the fixed ids
+                index[supercategory] = len(superclass_names)
                 superclass_names.append(supercategory)
-            superclass_of.append(superclass_names.index(supercategory))
+            superclass_of.append(index[supercategory])
         else:
             superclass_of.append(table[official_id] if official_id < len(table) else animalia)
         if category is not None and category.get("name"):
@@ -387,8 +400,9 @@ def folder_dataset(root, split="train", image_size=256, flip=True, coarse=False,
             raise UserError(f"{len(unknown)} class folders of {root} are not in {hierarchy_csv}, "
                             f"e.g. {', '.join(unknown[:5])}")
         superclass_names = sorted(set(pairs.values()))
+        index = {name: s for s, name in enumerate(superclass_names)}
         ordered = sorted(pairs, key=lambda c: (pairs[c], c))  # class names in id order
-        superclass_of = [superclass_names.index(pairs[c]) for c in ordered]
+        superclass_of = [index[pairs[c]] for c in ordered]
         class_ids = {c: k for k, c in enumerate(ordered)}
         files, labels = _scan_classes(root, present, [class_ids[c] for c in present])
         class_names = ordered
@@ -407,7 +421,8 @@ def folder_dataset(root, split="train", image_size=256, flip=True, coarse=False,
         files, labels = _scan_classes(root, class_dirs, range(len(class_dirs)))
         leaf = [os.path.basename(d) for d in class_dirs]
         # a class name repeated under two superclasses is qualified as "superclass/class" to stay unambiguous
-        class_names = [n if leaf.count(n) == 1 else d.replace(os.sep, "/") for n, d in zip(leaf, class_dirs)]
+        repeated = collections.Counter(leaf)
+        class_names = [n if repeated[n] == 1 else d.replace(os.sep, "/") for n, d in zip(leaf, class_dirs)]
     return ImageListDataset(root, files, labels, make_hierarchy(class_names, superclass_names, superclass_of),
                             image_size, flip, coarse)
 
@@ -591,7 +606,7 @@ def open_cache_arrays(path, meta, mode="r"):
         file = os.path.join(path, name)
         try:
             array = np.load(file, mmap_mode=mode)
-        except (OSError, ValueError) as e:            # missing, or shorter than its header says (cut short)
+        except (OSError, ValueError, EOFError) as e:  # missing, empty, or shorter than its header says (cut short)
             raise UserError(f"latent cache file {file} cannot be read ({e}): delete {path} and build it again") from None
         if array.shape != tuple(shape) or array.dtype != CACHE_ARRAYS[name]:
             raise UserError(f"latent cache file {file} holds {array.dtype} {list(array.shape)} where meta.json says "
@@ -612,6 +627,10 @@ def read_cache_meta(path):
         raise UserError(f"cannot read the latent cache's {meta_path}: {e!r}") from None
     if not ok:
         raise UserError(f"{meta_path}: num_images {n!r} and latent_shape {shape!r} are not a count and [C, h, w]")
+    vae = meta.get("vae")
+    if isinstance(vae, dict) and not (isinstance(vae.get("config"), dict) and VAE_FIELDS["scaling_factor"][0](
+            vae["config"].get("scaling_factor", LATENT_SCALE))):
+        raise UserError(f"{meta_path}: its vae record is not a VAE's identity (a config with a positive scaling_factor)")
     return meta
 
 
@@ -678,7 +697,7 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT
     shard = range(rank * n // world, (rank + 1) * n // world)
     todo = [i for i in shard if not done[i]]
     loader = DataLoader(_Indexed(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=worker_init)
     bar = tqdm(loader, desc=f"encoding {len(todo)} of {n} images", disable=not progress or rank != 0)
     with torch.no_grad():
         for index, x, y in bar:

@@ -30,6 +30,7 @@ given, under pretrained/, then $TORCH_HOME/hub/checkpoints/; nothing is download
 Read in this order: FID (the Frechet distance), LPIPS, Table 1's rows; the stats/fid commands; generation at
 scale; the toy tables. What is scored is read by sources.py; the figures are drawn by figures.py.
 """
+import hashlib
 import json
 import math
 import os
@@ -44,6 +45,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from scipy import linalg
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import alexnet
@@ -51,10 +53,11 @@ from tqdm import tqdm
 
 import data
 import figures
-from cli import (ArgumentParser, UserError, device_name, finite_float, folder_path, nonnegative_int, out_file,
-                 out_of_memory_advice, positive_int, run_cli)
+from cli import (ArgumentParser, UserError, device_name, finite_float, folder_path, int_in, nonnegative_int,
+                 out_file, out_of_memory_advice, positive_int, run_cli)
 from fid_inception import FID_WEIGHTS, inception_features, load_inception, unit_images
-from files import atomic_write, file_sha256, find_weights, remove_stale_temp_files, write_csv, write_json
+from files import (atomic_write, file_sha256, find_weights, lock_folder, release, remove_stale_temp_files,
+                   worker_init, write_csv, write_json)
 from model import load_strict, read_checkpoint
 from sources import (MANIFEST, collate_images, dataset_images, load_hierarchy, open_images, read_manifest,
                      read_provenance, statistics_file, stats_hierarchy)
@@ -221,7 +224,7 @@ def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progres
     came with: an image left out takes its label with it. They record what made them: the source, the size and
     crop of its images (each checked to be that size), the Inception weights (model.weights_sha256), the count."""
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_images,
-                        pin_memory=torch.device(device).type == "cuda")
+                        pin_memory=torch.device(device).type == "cuda", worker_init_fn=worker_init)
     labels = []  # (B,) per batch, in step with the features of its images
 
     def images():
@@ -368,7 +371,7 @@ def lpips_diversity(lpips, images, labels, num_pairs=1000, seed=0, superclass_of
     labels = np.asarray(labels, dtype=np.int64)
     a, b = sample_pairs(labels, num_pairs, np.random.default_rng(seed))
     loader = DataLoader(_Pairs(images, a, b), batch_size=batch_size, num_workers=workers,
-                        pin_memory=torch.device(device).type == "cuda")
+                        pin_memory=torch.device(device).type == "cuda", worker_init_fn=worker_init)
     lpips = lpips.to(device).eval()
     distances = []
     for x, y in tqdm(loader, desc="lpips pairs", unit="batch", disable=not progress):
@@ -424,8 +427,9 @@ def made_of(side, inception):
 
 def check_comparable(real, fake, inception, names):
     """Refuse to compare statistics of images of another size, or of another Inception network (either makes the
-    FID meaningless), in one line naming both values and what to do. What a side does not record is said once."""
-    made = [made_of(real, inception), made_of(fake, inception)]
+    FID meaningless), in one line naming both values and what to do. What a side does not record is said once.
+    real, fake: scored_side's (or for fake, what it will be: a dict of image_size and inception_sha256)."""
+    made = [made_of(real, inception), fake if "image_size" in fake else made_of(fake, inception)]
     unknown = [name for name, m in zip(names, made) if m is None]
     if unknown:
         print(f"note: {' and '.join(unknown)} do not record what made them (another tool's statistics, or ours from "
@@ -494,9 +498,12 @@ def lpips_for(source, args):
                            args.batch_size, args.device, args.workers, progress=True)
 
 
-def cmd_fid(args):
+def cmd_fid(args, inception=None):
+    if (args.real is None) == (args.data is None):
+        raise UserError("give the reference: --real FILE (statistics or images) or --data NAME (a dataset)")
     real, fake = scored_side(args, args.real), scored_side(args, args.fake)
-    inception = None if isinstance(real, dict) and isinstance(fake, dict) else load_inception(args.inception)
+    if inception is None and not (isinstance(real, dict) and isinstance(fake, dict)):
+        inception = load_inception(args.inception)
     check_comparable(real, fake, inception, [args.real or args.data, args.fake])   # before any feature is made
     real_stats, fake_stats = stats_of(real, inception, args), stats_of(fake, inception, args)
     lpips = lpips_for(None if isinstance(fake, dict) else fake, args)
@@ -517,10 +524,17 @@ def cmd_fid(args):
 # hierarchy and every image's class. A rerun resumes only what the same settings made: otherwise it stops, or with
 # --overwrite starts over.
 
+# The most images one generate run draws (10x Table 1's 100,000): its manifest lists each, so more is refused at once.
+MAX_IMAGES = 1_000_000
+
+
 def generation_jobs(num_classes, num_samples=None, per_class=None):
     """[(class id, index within class)]: `per_class` each, or `num_samples` spread evenly: round-robin, or, with
     fewer samples than classes, every (K / N)-th class, so that each superclass range of iNat21 gets its share."""
     if per_class is not None:
+        if per_class * num_classes > MAX_IMAGES:
+            raise UserError(f"--per-class {per_class} over {num_classes} classes is {per_class * num_classes:,} images, "
+                            f"more than the {MAX_IMAGES:,} one run draws: lower it, or use --num-samples")
         return [(c, i) for c in range(num_classes) for i in range(per_class)]
     if num_samples < num_classes:
         return [(n * num_classes // num_samples, 0) for n in range(num_samples)]
@@ -539,7 +553,7 @@ def job_file(class_id, index):
 
 def start_folder(out, manifest, overwrite):
     """Write OUT/samples.json, or check that the one there is of the same settings (then the run resumes);
-    else refuse, or with `overwrite` delete the other settings' images and start over."""
+    else refuse, or with `overwrite` delete the other settings' images and start over. Called holding OUT's lock."""
     remove_stale_temp_files(out)                          # images a killed run was writing
     old = read_manifest(out)
     same = old is not None and (old["made_by"], old["images"]) == (manifest["made_by"], manifest["images"])
@@ -549,10 +563,28 @@ def start_folder(out, manifest, overwrite):
         raise UserError(f"{out} holds samples made with other settings ({changed}): choose another --out, or pass "
                         "--overwrite to start over")
     if old is not None and not same:
-        for name, _ in old["images"]:
+        for name, _ in old["images"]:       # each inside OUT once its links are followed (read_manifest checks it)
             if os.path.isfile(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
     write_json(os.path.join(out, MANIFEST), manifest, indent=None)
+
+
+def made_tag(made_by):
+    """What a generated PNG records of the settings it was drawn under (a text chunk): a resume keeps an image only if
+    it was made under the manifest it resumes."""
+    return hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()
+
+
+def made_under(path, tag):
+    """Is the PNG at `path` there, readable, and drawn under the settings `tag` says?"""
+    try:
+        with Image.open(path) as image:
+            return image.text.get(MADE_BY_KEY) == tag
+    except (OSError, ValueError, SyntaxError):                    # missing, cut short, not a PNG
+        return False
+
+
+MADE_BY_KEY = "finediffusion-made-by"
 
 
 def cmd_generate(args):
@@ -562,6 +594,7 @@ def cmd_generate(args):
     rank, world, device = data.init_distributed(args.device)
     model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae)
     guide_labels(model, torch.zeros(1, dtype=torch.long), args.guidance, args.cfg_scale)  # has the table the rows?
+    inception = fid_reference_fits(args, info["config"]["image_size"]) if args.fid and rank == 0 else None
     jobs = generation_jobs(model.y_embedder.num_classes, args.num_samples, args.per_class)
     # What the images depend on, read from what makes them (the checkpoint file read and the VAE by content, not
     # by path; the sampler built): a rerun resumes only these.
@@ -571,10 +604,33 @@ def cmd_generate(args):
                    image_size=info["config"]["image_size"])
     manifest = dict(made_by=made_by, ckpt=os.path.abspath(info["path"]), hierarchy=model.hierarchy,
                     images=[[job_file(c, i), c] for c, i in jobs])
-    data.on_rank0(lambda: start_folder(args.out, manifest, args.overwrite))   # the others wait for it
+    held = []                     # OUT's lock, held by rank 0 for the whole run: one writer per folder
+
+    def claim():
+        held.append(lock_folder(args.out, "another evaluate.py generate", "wait for it to end, or choose another --out"))
+        try:
+            start_folder(args.out, manifest, args.overwrite)
+        except BaseException:
+            release(held.pop(), undo=True)
+            raise
+    try:
+        data.on_rank0(claim)                                                    # the others wait for it
+        generate_into(args, model, vae, jobs, sampler, made_tag(made_by), rank, world, device)
+        if rank == 0 and args.npz:
+            write_npz(args)
+        if rank == 0 and args.fid:
+            args.real, args.fake, args.hierarchy, args.image_size = args.fid, args.out, None, None
+            cmd_fid(args, inception)
+    finally:
+        for lock in held:
+            release(lock)
+
+
+def generate_into(args, model, vae, jobs, sampler, tag, rank, world, device):
+    """This rank's share of the images not yet drawn under these settings (tag), each from its own noise."""
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
     mine = [j for j in range(rank, len(batches), world)
-            if not all(os.path.isfile(os.path.join(args.out, job_file(c, i))) for c, i in batches[j])]
+            if not all(made_under(os.path.join(args.out, job_file(c, i)), tag) for c, i in batches[j])]
     if rank == 0:
         print(f"{len(jobs)} images in {len(batches)} batches over {world} process(es); rank 0 has {len(mine)} to do",
               file=sys.stderr)
@@ -586,20 +642,34 @@ def cmd_generate(args):
             images = sample_images(model, classes, guide_labels(model, classes, args.guidance, args.cfg_scale),
                                    args.cfg_scale, sampler, vae, seeds, device, args.precision,
                                    progress=False)   # (B, H, W, 3) uint8
+            made = PngInfo()
+            made.add_text(MADE_BY_KEY, tag)
             for (c, i), image in zip(batches[j], images.numpy()):
                 atomic_write(os.path.join(args.out, job_file(c, i)),
-                             lambda f: Image.fromarray(image).save(f, format="PNG"))
+                             lambda f: Image.fromarray(image).save(f, format="PNG", pnginfo=made))
     if world > 1:
         dist.barrier()
-    if rank == 0 and args.npz:
-        source = open_images(args.out)
-        arrays = np.stack([source.read(i) for i in range(len(source))])
-        atomic_write(args.npz, lambda f: np.savez(f, arr_0=arrays, labels=source.labels,
-                                                  hierarchy=np.array(json.dumps(source.hierarchy))))
-        print(f"wrote {args.npz}: {len(arrays)} images", file=sys.stderr)
-    if rank == 0 and args.fid:
-        args.real, args.fake, args.hierarchy, args.image_size = args.fid, args.out, None, None
-        cmd_fid(args)
+
+
+def write_npz(args):
+    """generate --npz: every image of OUT in one .npz (arr_0, labels, hierarchy), as DiT's users hand to ADM's evaluator."""
+    source = open_images(args.out)
+    arrays = np.stack([source.read(i) for i in range(len(source))])
+    atomic_write(args.npz, lambda f: np.savez(f, arr_0=arrays, labels=source.labels,
+                                              hierarchy=np.array(json.dumps(source.hierarchy))))
+    print(f"wrote {args.npz}: {len(arrays)} images", file=sys.stderr)
+
+
+def fid_reference_fits(args, image_size):
+    """generate --fid: the reference statistics checked against the images to come (their size, the Inception
+    network) before the first is drawn. -> the Inception network."""
+    reference = statistics_file(args.fid)
+    if reference is None:
+        raise UserError(f"--fid {args.fid}: not a statistics file (make one with `evaluate.py stats`)")
+    inception = load_inception(args.inception)
+    made = dict(image_size=[image_size] * 2, inception_sha256=inception.weights_sha256)
+    check_comparable(reference, made, inception, [args.fid, f"the {image_size} px images of {args.ckpt}"])
+    return inception
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -827,7 +897,7 @@ def main(argv=None):
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("fid", help="FID and LPIPS of generated images against reference statistics (Table 1)")
-    p.add_argument("--real", required=True, help="statistics .npz from `stats` (or images)")
+    p.add_argument("--real", help="statistics .npz from `stats` (or images); or --data: real images, described now")
     p.add_argument("--fake", required=True, help="generated images: a generate folder or an .npz")
     add_image_args(p)
     add_fid_args(p)
@@ -839,8 +909,8 @@ def main(argv=None):
     p.add_argument("--vae", help="SD VAE for latent models; default: the checkpoint's, else sd-vae-ft-ema")
     p.add_argument("--out", type=folder_path, required=True, help="folder: OUT/<class>/<index>.png and OUT/samples.json")
     p.add_argument("--overwrite", action="store_true", help="start over when OUT holds samples of other settings")
-    p.add_argument("--num-samples", type=positive_int, help="in all, spread evenly over the classes")
-    p.add_argument("--per-class", type=positive_int, help="or this many of every class")
+    p.add_argument("--num-samples", type=int_in(1, MAX_IMAGES), help="in all, spread evenly over the classes")
+    p.add_argument("--per-class", type=int_in(1, MAX_IMAGES), help="or this many of every class")
     p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
     add_sampler_args(p)
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")

@@ -5,13 +5,17 @@ crash or a full disk never leaves a half-written checkpoint, image or table. Not
 `find_file` names where a missing published file is published.
 """
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import os
 import re
+import signal
+import socket
+import time
 
-from cli import UserError
+from cli import STOP_SIGNALS, UserError
 
 
 # The published files this project reads, and where to get them. None is ever downloaded by the code.
@@ -133,6 +137,11 @@ def _alive(pid):
     return True
 
 
+def is_inside(folder, path):
+    """Is `path` inside `folder` once every link on the way is followed (realpath), not only as written?"""
+    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
+
+
 def file_sha256(path):
     """Hex sha256 of a file's bytes: the identity of a base checkpoint or a VAE under any name or path."""
     digest = hashlib.sha256()
@@ -147,3 +156,48 @@ def find_weights(path, filename):
     torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
     return find_file(path or filename, also=[os.path.join(torch_home, "hub", "checkpoints", filename)],
                      published=filename)
+
+
+# The folder locks this process holds. A forked DataLoader worker inherits them: worker_init drops its copies, so that a
+# lock dies with the process that took it (kill -9 included), not seconds later with the workers it leaves behind.
+LOCKS = []
+
+
+def lock_folder(folder, taken_by="another training run", fix="wait for it to end or choose another --run-dir"):
+    """Take the exclusive lock <folder>/.lock (flock: the kernel drops it when its holder dies), and write who holds
+    it there. -> the open lock file; `release` it. One line naming the holder when another process has it: two
+    writers in one folder would silently mix what they write."""
+    os.makedirs(folder, exist_ok=True)
+    created = not os.path.exists(os.path.join(folder, ".lock"))
+    lock = open(os.path.join(folder, ".lock"), "a+", encoding="utf-8")
+    lock.created = created                 # release(undo=True) takes it back: a refused start leaves nothing
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{folder} is in use by {taken_by} ({holder}): {fix}") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    LOCKS.append(lock)
+    return lock
+
+
+def release(lock, undo=False):
+    """Give up a lock_folder lock; undo: and delete its file if taking it made it (nothing was done under it)."""
+    LOCKS.remove(lock)
+    if undo and lock.created:
+        os.remove(lock.name)
+    lock.close()
+
+
+def worker_init(worker_id):
+    """Every DataLoader's worker_init_fn. A scheduler or Ctrl-C signals the whole process group: the workers leave it to
+    their main process, which finishes its step, shuts them down and saves; and they drop their copies of this process's
+    folder locks."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    for lock in LOCKS:
+        lock.close()

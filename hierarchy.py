@@ -66,7 +66,10 @@ def read_hierarchy(obj, source):
     if not isinstance(obj, dict) or set(obj) != set(HIERARCHY_KEYS) or \
             not all(isinstance(obj[k], (list, tuple)) for k in HIERARCHY_KEYS):
         raise UserError(f"{source}: its hierarchy is not a dict of the lists {', '.join(HIERARCHY_KEYS)}")
+    names_ok = all(isinstance(n, str) for k in ("class_names", "superclass_names") for n in obj[k])
+    if not names_ok or not all(isinstance(s, int) and not isinstance(s, bool) for s in obj["superclass_of"]):
+        raise UserError(f"{source}: its hierarchy is damaged (names must be text and superclass_of integers)")
     try:
         return make_hierarchy(obj["class_names"], obj["superclass_names"], obj["superclass_of"])
-    except (UserError, TypeError, ValueError) as e:
+    except UserError as e:
         raise UserError(f"{source}: its hierarchy is damaged ({e})") from None

@@ -447,19 +447,29 @@ def count_table2(name="DiT-XL/2", image_size=256, num_classes=10000, num_supercl
     return rows
 
 
-def load_strict(module, state, source, assign=False):
-    """module.load_state_dict(state, strict=True), but a mismatch is one line naming the first odd tensor.
-    assign: the module takes the state's tensors (for a module built on the meta device: nothing is copied)."""
+def load_strict(module, state, source, assign=False, expected=None):
+    """module.load_state_dict(state), each tensor checked first, a mismatch one line naming the first odd tensor: every
+    tensor `expected` (default: all of the module's) there, with its shape, no other, all finite (a NaN weight draws
+    black images). assign: the module takes the state's tensors (built on the meta device: nothing is copied)."""
     own = module.state_dict()
-    for key, tensor in own.items():
+    for key, tensor in (own if expected is None else expected).items():
         if key not in state:
             raise UserError(f"{source}: missing tensor '{key}'")
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise UserError(f"{source}: tensor '{key}' has shape {list(state[key].shape)}, expected {list(tensor.shape)}")
     for key in state:
-        if key not in own:
+        if key not in (own if expected is None else expected):
             raise UserError(f"{source}: unexpected tensor '{key}'")
-    module.load_state_dict(state, strict=True, assign=assign)
+    refuse_non_finite(state, source)
+    module.load_state_dict(state, strict=expected is None, assign=assign)
+
+
+def refuse_non_finite(state, source):
+    """One line naming the first tensor of a state dict that holds a NaN or an infinity."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{source}: tensor '{key}' holds non-finite values (NaN or inf): the file is damaged, or "
+                            "was saved from a run that diverged")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -543,6 +553,10 @@ def check_zip_crc(path):
         return
     try:
         with zipfile.ZipFile(path) as archive:
+            packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            if packed:              # torch.save stores every record as it is: inflating one could cost any memory
+                raise UserError(f"refusing to load {path}: its record {packed[0]} is compressed, which torch.save "
+                                "never writes (a damaged or crafted file)")
             damaged = archive.testzip()
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
         damaged = str(e)
@@ -564,7 +578,7 @@ def checkpoint_tensors(ckpt, weights="ema"):
 
 def latest_checkpoint(folder):
     """The newest training checkpoint (`.../checkpoints/*.pt`) under a run folder or results/, or None."""
-    found = glob.glob(os.path.join(folder, "**", "checkpoints", "*.pt"), recursive=True)
+    found = glob.glob(os.path.join(glob.escape(folder), "**", "checkpoints", "*.pt"), recursive=True)   # a name, not a pattern
     return max(found, key=os.path.getmtime) if found else None
 
 
@@ -624,6 +638,7 @@ def load_pretrained(model, path_or_state):
     ckpt = read_checkpoint(resolve_checkpoint(path_or_state)) if isinstance(path_or_state, (str, os.PathLike)) \
         else path_or_state
     state = checkpoint_tensors(ckpt)
+    refuse_non_finite(state, "the base checkpoint")
     own = model.state_dict()
     report = dict(loaded=[], reinitialised=[], identity=[])
     new_state = {}
@@ -695,20 +710,21 @@ def load_model(path, base=None, weights="ema", base_flag="--base"):
     """
     path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
+    tensors = checkpoint_tensors(ckpt, weights)
     if "config" not in ckpt:
-        kwargs, config, hierarchy = published_layout(checkpoint_tensors(ckpt, weights))
+        kwargs, config, hierarchy = published_layout(tensors)
         model = DiT_models[config["name"]](**kwargs, hierarchy=hierarchy)
-        load_pretrained(model, checkpoint_tensors(ckpt, weights))
+        load_strict(model, tensors, path)
         return model.eval(), dict(path=path, config=config, args={}, step=None, time_s=None, vae=None)
     config = _config_of(ckpt, path)
     hierarchy = None if ckpt.get("hierarchy") is None else read_hierarchy(ckpt["hierarchy"], path)
     model = build_model(**config, hierarchy=hierarchy)
-    tensors = checkpoint_tensors(ckpt, weights)
-    if ckpt.get("base"):
+    if ckpt.get("base"):                                         # the tuned tensors, over the base's
         load_pretrained(model, base_tensors(ckpt, base, base_flag))
-        model.load_state_dict(tensors, strict=False)             # the tuned tensors, over the base's
+        tuned = {k: v for k, v in model.state_dict().items() if is_trainable(k, config["method"])}
+        load_strict(model, tensors, path, expected=tuned)
     else:
-        load_pretrained(model, tensors)
+        load_strict(model, tensors, path)
     info = dict(path=path, config=config, args=ckpt.get("args") or {}, step=ckpt.get("step"),
                 time_s=ckpt.get("time_s"), vae=ckpt.get("vae"))
     return model.eval(), info

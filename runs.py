@@ -8,14 +8,11 @@ resume from an older checkpoint. A scheduler's SIGTERM or SIGUSR1 (sent before i
 current step finish on every process, then train.py saves and exits with code 75.
 """
 import errno
-import fcntl
 import glob
 import json
 import os
 import random
 import signal
-import socket
-import time
 from contextlib import contextmanager, suppress
 
 import numpy as np
@@ -23,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from cli import UserError
-from files import remove_stale_temp_files
+from cli import STOP_SIGNALS, UserError
+from files import lock_folder, release, remove_stale_temp_files
 
 
 def make_run_dir(args):
@@ -61,7 +58,7 @@ def run_folder(args, step):
         run_dir, created = make_run_dir(args)
         held.append(lock_run_dir(run_dir))
         made.extend([run_dir] if created else [])     # ours to remove, and only now that we hold its lock
-        if not args.resume and glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
+        if not args.resume and glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "*.pt")):
             raise UserError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir} "
                             "or choose another --run-dir")
         remove_stale_temp_files(run_dir)
@@ -80,27 +77,14 @@ def run_folder(args, step):
         raise
     finally:
         for lock in held:
-            lock.close()                   # releases it (so does the kernel when a process dies, even by kill -9)
+            release(lock)                  # (so does the kernel when a process dies, even by kill -9)
 
 
 def lock_run_dir(run_dir):
-    """Take the exclusive lock <run_dir>/.lock, and write who holds it there. -> the open lock file.
-    A UserError naming the holder when another process has it: two runs in one folder would silently write
-    each other's checkpoints and interleave their logs."""
+    """Take the run folder's lock (files.lock_folder): two runs in one folder would silently write each other's
+    checkpoints and interleave their logs. -> the open lock file."""
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-    lock = open(os.path.join(run_dir, ".lock"), "a+", encoding="utf-8")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise UserError(f"{run_dir} is in use by another training run ({holder}): wait for it to end or choose "
-                        "another --run-dir") from None
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    lock.flush()
-    return lock
+    return lock_folder(run_dir)
 
 
 def append_line(path, line):
@@ -170,7 +154,7 @@ def all_ranks(obj, world):
 
 
 class StopRequest:
-    """A scheduler's request to stop (SIGTERM, or a chosen SIGUSR1, sent before it pre-empts a job), caught while
+    """A request to stop (a scheduler's SIGTERM, or a chosen SIGUSR1, sent before it pre-empts a job; Ctrl-C), caught while
     `stop_signals` is active. `agreed()` after each step: has any process been asked? All answer alike after the
     same step, so that all save one checkpoint together; the question goes over the CPU (gloo), which never waits
     for the GPU."""
@@ -193,12 +177,10 @@ class StopRequest:
         return signal.Signals(self.signal).name
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
 @contextmanager
 def stop_signals(world):
-    """Catch STOP_SIGNALS for the length of the loop (the handlers before are put back after)."""
+    """Catch STOP_SIGNALS for the length of the loop (the handlers before are put back after). A signal sent twice (to
+    the process group, then forwarded by torchrun) asks once."""
     stop = StopRequest(world)
     before = {s: signal.signal(s, lambda signum, frame: setattr(stop, "signal", signum)) for s in STOP_SIGNALS}
     try:

@@ -11,6 +11,7 @@ is one line naming it. Every reader pickles, so DataLoader workers start under a
 """
 import json
 import os
+import re
 import struct
 import sys
 import zipfile
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset
 
 import data
 from cli import UserError
-from files import find_file, read_json
+from files import find_file, is_inside, read_json
 from hierarchy import inat21_hierarchy, read_hierarchy
 
 MANIFEST = "samples.json"   # a generate folder's record of what made its images, and of each image's class
@@ -227,6 +228,10 @@ def statistics_file(path):
     for name, value in arrays.items():
         if name.startswith("count") and (value.shape != () or value.dtype.kind not in "iu" or int(value) < 0):
             raise UserError(f"{path}: '{name}' is {value.dtype} {list(value.shape)}, not a count of images")
+        part = name.split("_", 1)[0] if re.fullmatch(r"(mu|sigma)_\d+", name) else None   # a superclass's, of ours
+        if part and (value.shape != (len(mu),) * (1 if part == "mu" else 2) or not np.isfinite(value).all()):
+            raise UserError(f"{path}: '{name}' {list(value.shape)} is not a superclass's {part} of the "
+                            f"{len(mu)}-d features")
     if "count" not in arrays:
         print(f"note: {path} holds mu and sigma only (another tool's statistics): the overall FID only, no "
               "per-superclass rows, image count unknown", file=sys.stderr)
@@ -296,12 +301,7 @@ def read_manifest(folder):
         raise UserError(f"{path}: 'made_by' and 'images' are not a dict and a list")
     for entry in images:
         name, label = entry if isinstance(entry, list) and len(entry) == 2 else (None, None)
-        if not isinstance(name, str) or not isinstance(label, int) or not inside(name):
+        if not isinstance(name, str) or not isinstance(label, int) or isinstance(label, bool) or \
+                not is_inside(folder, os.path.join(folder, name)):
             raise UserError(f"{path}: the entry {entry!r} is not [a file name inside {folder}, its class]")
     return dict(manifest, hierarchy=hierarchy)
-
-
-def inside(name):
-    """Is the relative path `name` inside its folder (not absolute, no way up)?"""
-    norm = os.path.normpath(name)
-    return not os.path.isabs(name) and norm != ".." and not norm.startswith(".." + os.sep) and norm != "."

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -2297,16 +2298,18 @@ def test_cache_with_a_tiny_real_autoencoder(tmp_path):
 
 # ---- fixtures ---------------------------------------------------------------------------------------------------
 
+def seeded_inception(salt=""):
+    """FID-Inception weights in the published layout, well scaled (seeded_state: He-scaled convolutions, BatchNorm
+    statistics off identity), so that features differ from image to image as the real network's do: a feature taken
+    from the wrong layer, resized wrongly or given to another image changes every FID. `salt`: another network."""
+    salted = {salt + k: v for k, v in FIDInceptionV3().state_dict().items()}   # crc32 of the name seeds each tensor
+    return {k[len(salt):]: v for k, v in seeded_state(salted).items()}
+
+
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
-    """Random FID-Inception weights in the published layout, with BatchNorm statistics moved off identity."""
-    torch.manual_seed(0)
-    state = FIDInceptionV3().state_dict()
-    for key, value in state.items():
-        if key.endswith("running_var"):
-            value.uniform_(0.5, 2.0)
-        elif key.endswith("running_mean") or key.endswith("bn.bias"):
-            value.normal_(0, 0.1)
+    """The seeded FID-Inception weights saved as published (pt_inception-2015-12-05-6726825d.pth)."""
+    state = seeded_inception()
     path = tmp_path_factory.mktemp("weights") / fid_inception.FID_WEIGHTS
     torch.save(state, path)
     return path, state
@@ -2314,10 +2317,10 @@ def inception_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lpips_files(tmp_path_factory):
-    """Random AlexNet (torchvision layout) and non-negative LPIPS heads (lin{i}.model.1.weight, [1, C, 1, 1])."""
+    """Seeded AlexNet (torchvision layout) and non-negative LPIPS heads (lin{i}.model.1.weight, [1, C, 1, 1])."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("lpips")
-    torch.save(alexnet().state_dict(), folder / evaluate.ALEXNET_WEIGHTS)
+    torch.save(seeded_state(alexnet().state_dict()), folder / evaluate.ALEXNET_WEIGHTS)
     lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(LPIPS.channels)}
     torch.save(lins, folder / evaluate.LPIPS_LIN_WEIGHTS)
     return folder / evaluate.ALEXNET_WEIGHTS, folder / evaluate.LPIPS_LIN_WEIGHTS
@@ -3264,6 +3267,10 @@ BAD_ARGUMENTS = [
     ("bench", ["--gpu-check", "--precision", "fp32"], ["--precision would not apply"]),   # even as the default
     ("bench", ["--peak-tflops", "500"], ["--peak-tflops is for --gpu-check"]),
     ("bench", ["--gpu-check", "--peak-tflops", "0"], ["--peak-tflops", "positive"]),
+    ("evaluate", ["generate", "--ckpt", "ckpt.pt", "--out", "gen", "--num-samples", "1000000000000"],
+     ["--num-samples", "[1, 1000000]"]),
+    ("evaluate", ["generate", "--ckpt", "ckpt.pt", "--out", "gen", "--per-class", "100000"],
+     ["--per-class 100000", "1,600,000 images", "1,000,000"]),
 ]
 
 
@@ -3305,7 +3312,7 @@ def test_generate_writes_the_requested_per_class_counts_and_resumes_without_dupl
     assert manifest["hierarchy"] == TOY_HIERARCHY and len(manifest["images"]) == 16 * 3
     assert sorted(np.bincount([c for _, c in manifest["images"]])) == [3] * 16
     paths = [out / name for name, _ in manifest["images"]]
-    assert all(p.is_file() for p in paths) and sum(len(files) for _, _, files in os.walk(out)) == 16 * 3 + 1
+    assert all(p.is_file() for p in paths) and sum(len(files) for _, _, files in os.walk(out)) == 16 * 3 + 2  # .lock
     first_run = {p: os.path.getmtime(p) for p in paths}
     os.remove(paths[0])                                          # an interrupted first batch
     evaluate.main(argv)
@@ -3937,7 +3944,8 @@ def test_bench_quick_emits_json_with_every_figure(tmp_path):
             "dpm20_speedup"} <= result["sampling"].keys()
     assert set(result["sampling"]["seconds_per_ddpm_step"]) == {"2", "4"}
     assert result["fid"]["images_per_s"] > 0
-    assert "speed-up" in proc.stdout
+    assert result["decode"]["fp32_seconds_per_image"] > 0 and result["decode"]["precision"] == "fp32"
+    assert "speed-up" in proc.stdout and "SD VAE decode, s per image" in proc.stdout
 
 
 def test_bench_quick_projects_each_samplers_cost_with_and_without_a_guidance_interval(tmp_path):
@@ -4369,8 +4377,133 @@ def unreadable_manifest():
     return evaluate, ["fid", "--real", "ref.npz", "--fake", "gen"]
 
 
+def edited_checkpoint(edit, command=("sample",)):
+    """Our checkpoint with `edit(state)` done to both its tensor sets; then sample.py (or generate) on it."""
+    def make():
+        write_our_checkpoint("ckpt.pt")
+        ckpt = torch.load("ckpt.pt", weights_only=True)
+        for key in ("model", "ema"):
+            edit(ckpt[key])
+        torch.save(ckpt, "ckpt.pt")
+        if command[0] == "generate":
+            return evaluate, ["generate", "--ckpt", "ckpt.pt", "--out", "gen", "--per-class", "1", "--steps", "2"]
+        return sample_module, ["--ckpt", "ckpt.pt", "--class-id", "1", "--steps", "2", "--out", "s.png"]
+    return make
+
+
+def grown(key, rows=0, columns=0):
+    """The tensor `key` with rows (or columns) added: a checkpoint that holds more than its config says."""
+    def edit(state):
+        t = state[key]
+        state[key] = torch.cat([t, t[:rows]], 0) if rows else torch.cat([t, t[:, :columns]], 1)
+    return edit
+
+
+def poisoned(key, value):
+    def edit(state):
+        state[key] = state[key].clone()
+        state[key].view(-1)[3] = value
+    return edit
+
+
+def edited_delta(edit):
+    """A delta checkpoint of train.py (the tuned tensors over a base file), edited; then sample.py on it."""
+    def make():
+        write_our_checkpoint("base.pt")
+        out = run_train(*TINY_TRAIN, "--init", "base.pt", "--global-batch-size", "4", "--max-steps", "1",
+                        "--run-dir", "run")
+        ckpt = torch.load(out["final_ckpt"], weights_only=True)
+        assert ckpt["base"] is not None
+        for key in ("model", "ema"):
+            edit(ckpt[key])
+        torch.save(ckpt, out["final_ckpt"])
+        return sample_module, ["--ckpt", "run", "--class-id", "1", "--steps", "2", "--out", "s.png"]
+    return make
+
+
+def vae_config(edit):
+    """A VAE folder whose config.json is edited, then sample.py decodes with it."""
+    def make():
+        write_tiny_vae("vae")
+        edit_json("vae/config.json", edit)
+        return sample_with_vae("vae")
+    return make
+
+
+def inat21_json(edit):
+    """An iNat21 layout whose json's categories are edited; then data.py info reads it."""
+    def make():
+        make_inat21("inat")
+        edit_json("inat/train_mini.json", lambda j: dict(j, categories=edit(j["categories"])))
+        return data, ["info", "--data", "inat21", "--data-path", "inat"]
+    return make
+
+
+def compressed_checkpoint():
+    """Our checkpoint, its zip records deflated (torch.save never writes them so; inflating one can cost any memory)."""
+    write_our_checkpoint("plain.pt")
+    with zipfile.ZipFile("plain.pt") as source, zipfile.ZipFile("ckpt.pt", "w", zipfile.ZIP_DEFLATED) as packed:
+        for info in source.infolist():
+            packed.writestr(info.filename, source.read(info))
+    os.remove("plain.pt")
+    return sample_module, ["--ckpt", "ckpt.pt", "--class-id", "1", "--steps", "2", "--out", "s.png"]
+
+
+def stats_with(**fields):
+    def make():
+        np.savez("ref.npz", mu=np.zeros(8), sigma=np.eye(8), count=np.int64(3), **fields)
+        np.savez("fake.npz", mu=np.zeros(8), sigma=np.eye(8), count=np.int64(3))
+        return evaluate, ["fid", "--real", "ref.npz", "--fake", "fake.npz"]
+    return make
+
+
 # (what, make() -> (module, argv) after writing the damaged input into the working folder, words of the one line)
 DAMAGED_INPUTS = [
+    ("label table one row longer than its config", edited_checkpoint(grown(model_module.LABEL_TABLE, rows=1)),
+     ["ckpt.pt", "y_embedder.embedding_table.weight", "[21, 128]", "[20, 128]"]),
+    ("label table one column wider", edited_checkpoint(grown(model_module.LABEL_TABLE, columns=1)),
+     ["ckpt.pt", "y_embedder.embedding_table.weight", "[20, 129]"]),
+    ("a NaN in one bias: sample", edited_checkpoint(poisoned("blocks.1.mlp.fc1.bias", math.nan)),
+     ["ckpt.pt", "blocks.1.mlp.fc1.bias", "non-finite"]),
+    ("an inf in one bias: generate", edited_checkpoint(poisoned("final_layer.linear.bias", math.inf), ["generate"]),
+     ["ckpt.pt", "final_layer.linear.bias", "non-finite"]),
+    ("a delta with a wrong-shaped tensor", edited_delta(grown("blocks.0.attn.qkv.bias", rows=1)),
+     ["0000001.pt", "blocks.0.attn.qkv.bias", "[385]", "[384]"]),
+    ("a delta with an unknown tensor", edited_delta(lambda state: state.update({"blocks.0.attn.gate": torch.ones(1)})),
+     ["0000001.pt", "unexpected tensor", "blocks.0.attn.gate"]),
+    ("a delta without one of its tuned tensors", edited_delta(lambda state: state.pop("blocks.2.norm1.weight")),
+     ["0000001.pt", "missing tensor", "blocks.2.norm1.weight"]),
+    ("a checkpoint whose zip records are compressed", compressed_checkpoint, ["ckpt.pt", "compressed"]),
+    ("VAE config: a channel count in the millions", vae_config(lambda c: dict(c, block_out_channels=[2 ** 20] * 4)),
+     ["config.json", "block_out_channels", "4096"]),
+    ("VAE config: channels that fit no weights file", vae_config(lambda c: dict(c, block_out_channels=[4096] * 8)),
+     ["diffusion_pytorch_model.safetensors"]),
+    ("VAE config: layers_per_block as text", vae_config(lambda c: dict(c, layers_per_block="2")),
+     ["config.json", "layers_per_block", "'2'"]),
+    ("VAE config: no latent channels", vae_config(lambda c: dict(c, latent_channels=0)),
+     ["config.json", "latent_channels", "[1, 64]"]),
+    ("VAE config: block_out_channels a number", vae_config(lambda c: dict(c, block_out_channels=128)),
+     ["config.json", "block_out_channels"]),
+    ("VAE config: norm_num_groups zero", vae_config(lambda c: dict(c, norm_num_groups=0)),
+     ["config.json", "norm_num_groups"]),
+    ("VAE config: a true layer count", vae_config(lambda c: dict(c, layers_per_block=True)),
+     ["config.json", "layers_per_block", "True"]),
+    ("VAE config: a negative latent scale", vae_config(lambda c: dict(c, scaling_factor=-0.18215)),
+     ["config.json", "scaling_factor"]),
+    ("VAE config: a list", vae_config(lambda c: [c]), ["config.json", "JSON object"]),
+    ("iNat21 json: a text id", inat21_json(lambda cats: [dict(cats[0], id="abc"), *cats[1:]]), ["train_mini.json", "abc"]),
+    ("iNat21 json: a null category", inat21_json(lambda cats: [None, *cats]), ["train_mini.json", "None"]),
+    ("iNat21 json: a category that is a list", inat21_json(lambda cats: [list(cats[0].values()), *cats[1:]]),
+     ["train_mini.json", "integer id"]),
+    ("iNat21 json: a number for a supercategory", inat21_json(lambda cats: [dict(cats[0], supercategory=5), *cats[1:]]),
+     ["train_mini.json", "supercategory"]),
+    ("iNat21 json: categories a dict", inat21_json(lambda cats: {"0": cats[0]}), ["train_mini.json", "categories"]),
+    ("latent cache: done.npy empty, trained on", cache_then(lambda: truncate("cache/done.npy", 0) or "train"),
+     ["done.npy", "delete cache"]),
+    ("FID statistics: count as text", stats_with(count_0=np.array("3")), ["ref.npz", "count_0"]),
+    ("FID statistics: count_0 an array", stats_with(count_0=np.arange(3)), ["ref.npz", "count_0", "[3]"]),
+    ("FID statistics: a superclass's mean of another length", stats_with(mu_0=np.zeros(5), count_0=np.int64(2)),
+     ["ref.npz", "mu_0", "[5]"]),
     *[(f"safetensors: {what}", hostile_vae(edit), ["diffusion_pytorch_model.safetensors"])
       for what, edit in HOSTILE_HEADERS.items()],
     ("checkpoint bytes damaged: sample --ckpt", damaged_checkpoint("--ckpt"), ["ckpt.pt", "damaged", "CRC-32"]),
@@ -4542,3 +4675,600 @@ def test_a_non_finite_loss_before_any_checkpoint_says_to_start_again(tmp_path, b
     monkeypatch.setattr(diffusion_module.GaussianDiffusion, "training_losses", poisoned)
     with pytest.raises(cli.RunFailed, match="nan at step 1: stopped; no checkpoint was written yet: start again"):
         run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2", "--run-dir", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Results that say what made them: statistics and samples compared only with what they can be compared with
+# ------------------------------------------------------------------------------------------------------------
+
+def stats_cli(*argv, capsys):
+    return run_main(evaluate, "stats", *argv, "--workers", 0, "--device", "cpu", capsys=capsys)
+
+
+def fid_cli(*argv, capsys):
+    return run_main(evaluate, "fid", *argv, "--workers", 0, "--device", "cpu", capsys=capsys)
+
+
+def test_fid_refuses_statistics_of_images_of_another_size_naming_both(labelled_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    images = tmp_path / "images.npz"
+    source = folder_images(labelled_folder, 16)
+    np.savez(images, arr_0=np.stack([source.read(i) for i in range(len(source))]))
+    assert stats_cli("--images", images, "--image-size", 32, "--out", tmp_path / "r.npz", capsys=capsys).returncode == 0
+    made = json.loads(str(np.load(tmp_path / "r.npz")["provenance"]))
+    assert made["image_size"] == [32, 32] and made["crop"] == sources.ADM_CROP and made["count"] == 30
+    assert made["inception_sha256"] == MeanColour.weights_sha256 and made["source"]["kind"] == "npz"
+    proc = fid_cli("--real", tmp_path / "r.npz", "--fake", images, "--image-size", 16, "--out-csv", tmp_path / "t.csv",
+                   capsys=capsys)
+    assert_one_line_error(proc, "32x32", "16x16", "--image-size 32")
+    assert not (tmp_path / "t.csv").exists()
+    proc = fid_cli("--real", tmp_path / "r.npz", "--fake", images, "--image-size", 32, "--out-csv", tmp_path / "t.csv",
+                   "--pairs", 0, capsys=capsys)
+    assert proc.returncode == 0 and float(next(csv.DictReader(open(tmp_path / "t.csv")))["fid"]) < 1e-3
+
+
+def test_fid_refuses_statistics_made_with_another_inception_network(labelled_folder, inception_file, tmp_path, capsys):
+    torch.save(seeded_inception("another network: "), tmp_path / "other.pth")
+    assert stats_cli("--data", "folder", "--data-path", labelled_folder, "--image-size", 16, "--out",
+                     tmp_path / "r.npz", "--inception", inception_file[0], capsys=capsys).returncode == 0
+    ours = hashlib.sha256(open(inception_file[0], "rb").read()).hexdigest()
+    other = hashlib.sha256(open(tmp_path / "other.pth", "rb").read()).hexdigest()
+    source = folder_images(labelled_folder, 16)
+    np.savez(tmp_path / "fake.npz", arr_0=np.stack([source.read(i) for i in range(len(source))]))
+    proc = fid_cli("--real", tmp_path / "r.npz", "--fake", tmp_path / "fake.npz", "--inception", tmp_path / "other.pth",
+                   "--out-csv", tmp_path / "t.csv", capsys=capsys)
+    assert_one_line_error(proc, ours[:12], other[:12], "--inception")
+    assert not (tmp_path / "t.csv").exists()
+
+
+def test_fid_and_generate_refuse_statistics_of_another_size_than_the_samples_json_records(labelled_folder, tmp_path,
+                                                                                          monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    write_our_checkpoint(tmp_path / "ckpt.pt")                                # draws 16 px images
+    assert stats_cli("--data", "folder", "--data-path", labelled_folder, "--image-size", 32, "--out",
+                     tmp_path / "r.npz", capsys=capsys).returncode == 0
+    proc = run_main(evaluate, "generate", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / "gen", "--per-class", 1,
+                    "--steps", 2, "--fid", tmp_path / "r.npz", "--out-csv", tmp_path / "t.csv", "--workers", 0,
+                    capsys=capsys)
+    assert_one_line_error(proc, "32x32", "16x16")                           # before the first image is drawn
+    assert not glob.glob(str(tmp_path / "gen" / "*" / "*.png")) and not (tmp_path / "t.csv").exists()
+    assert run_main(evaluate, "generate", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / "gen", "--per-class", 1,
+                    "--steps", 2, capsys=capsys).returncode == 0
+    assert_one_line_error(fid_cli("--real", tmp_path / "r.npz", "--fake", tmp_path / "gen", capsys=capsys),
+                          "32x32", "16x16")
+
+
+def test_statistics_of_other_tools_are_compared_with_a_note_that_their_making_cannot_be_checked(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(40, 6))
+    np.savez(tmp_path / "ours.npz", **evaluate.image_stats(features, provenance=dict(image_size=[16, 16],
+                                                                                         inception_sha256="abc")))
+    np.savez(tmp_path / "pytorch_fid.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    proc = fid_cli("--real", tmp_path / "pytorch_fid.npz", "--fake", tmp_path / "ours.npz", capsys=capsys)
+    assert proc.returncode == 0 and "their image size and Inception weights cannot be checked" in proc.stderr
+
+
+def test_a_decoder_that_overflows_fp16_still_gives_images_when_the_dit_samples_in_fp16(tmp_path, capsys):
+    dit, vae_dir = latent_dit_and_vae(tmp_path)
+    weights = vae_dir / "diffusion_pytorch_model.safetensors"
+    state = load_safetensors(str(weights))
+    for name in ("decoder.conv_in.weight", "decoder.conv_in.bias"):    # activations past fp16's 65504
+        state[name] = state[name] * 1e5
+    save_safetensors(state, weights)
+    pixels = {}
+    for precision in ("fp32", "fp16"):
+        proc = run_main(sample_module, "--ckpt", dit, "--vae", vae_dir, "--class-id", 1, "--num-samples", 2,
+                        "--guidance", "null", "--steps", 3, "--precision", precision, "--out", tmp_path / "s.png",
+                        "--per-sample-dir", tmp_path / precision, capsys=capsys)
+        assert proc.returncode == 0, proc.stderr
+        pixels[precision] = np.stack([np.array(Image.open(tmp_path / precision / f"00001_000{i}.png"))
+                                      for i in range(2)]).astype(float)
+    assert pixels["fp32"].std() > 10                                      # an image, not a flat colour
+    assert np.abs(pixels["fp16"] - pixels["fp32"]).mean() < 0.2 * pixels["fp32"].std()   # the same image
+
+
+def exploding_checkpoint(path):
+    """Our checkpoint, every tensor finite, whose DiT predicts eps of 1e38: the samples overflow while sampling."""
+    write_our_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("model", "ema"):
+        ckpt[key]["final_layer.linear.bias"] = torch.full_like(ckpt[key]["final_layer.linear.bias"], 1e38)
+    torch.save(ckpt, path)
+
+
+def test_a_sample_that_goes_non_finite_stops_in_one_line_naming_its_class_and_writes_no_image(tmp_path, capsys):
+    exploding_checkpoint(tmp_path / "ckpt.pt")
+    proc = run_main(sample_module, "--ckpt", tmp_path / "ckpt.pt", "--class-id", 5, "--num-samples", 2, "--steps", 2,
+                    "--out", tmp_path / "s.png", "--per-sample-dir", tmp_path / "each", capsys=capsys)
+    assert proc.returncode == 1 and error_lines(proc) == [proc.stderr.strip().splitlines()[-1]]
+    assert "not finite" in proc.stderr and "class 5" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "each").exists()
+    proc = run_main(evaluate, "generate", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / "gen", "--per-class", 1,
+                    "--steps", 2, "--pairs", 0, capsys=capsys)
+    assert proc.returncode == 1 and "not finite" in proc.stderr and "class 0" in proc.stderr
+    assert not glob.glob(str(tmp_path / "gen" / "*" / "*.png"))
+
+
+def test_a_vae_of_another_latent_scale_is_refused_for_a_dit_trained_on_the_sd_vaes(tmp_path, capsys):
+    dit, _ = latent_dit_and_vae(tmp_path)                          # official layout: trained on 0.18215 latents
+    write_tiny_vae(tmp_path / "sdxl", scaling_factor=0.13025)      # SDXL's config.json says so
+    proc = run_main(sample_module, "--ckpt", dit, "--vae", tmp_path / "sdxl", "--class-id", 1, "--guidance", "null",
+                    "--steps", 2, "--out", tmp_path / "s.png", capsys=capsys)
+    assert_one_line_error(proc, "0.13025", "0.18215")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_a_latent_run_records_its_vaes_scale_trains_on_it_and_its_samples_decode_by_it(tmp_path, monkeypatch,
+                                                                                       capsys):
+    write_tiny_vae(tmp_path / "sdxl", scaling_factor=0.13025)
+    base = tmp_path / "latent-base.pt"
+    torch.save(DiT_models["DiT-T/2"](input_size=4, num_classes=4).state_dict(), base)
+    seen = []
+    encode = train.encode
+    monkeypatch.setattr(train, "encode", lambda vae, x: seen.append(vae.scaling_factor) or encode(vae, x))
+    run = run_train("--data", "toy", "--global-batch-size", 4, "--max-steps", 1, "--num-workers", 0, "--init", base,
+                    "--vae", tmp_path / "sdxl", "--run-dir", tmp_path / "run")
+    assert seen == [0.13025]
+    assert torch.load(run["final_ckpt"], weights_only=True)["vae"]["config"]["scaling_factor"] == 0.13025
+    decoded = []                                  # sampled latents of 1 are decoded as 1 / 0.13025
+    monkeypatch.setattr(sample_module.Sampler, "loop", lambda self, learn_sigma=True: (
+        lambda model, shape, noise, **kw: torch.ones(shape)))
+    monkeypatch.setattr(AutoencoderKL, "decode", lambda self, z: decoded.append(z) or torch.zeros(len(z), 3, 32, 32))
+    assert run_main(sample_module, "--ckpt", run["final_ckpt"], "--class-id", 1, "--steps", 2, "--out",
+                    tmp_path / "s.png", capsys=capsys).returncode == 0
+    assert torch.allclose(decoded[0], torch.full_like(decoded[0], 1 / 0.13025))
+
+
+def test_lpips_on_images_too_small_for_alexnet_leaves_its_column_empty_and_the_fid_is_written(
+        labelled_folder, lpips_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    source = folder_images(labelled_folder, 16)
+    np.savez(tmp_path / "fake.npz", arr_0=np.stack([source.read(i) for i in range(len(source))]),
+             labels=source.labels, hierarchy=np.array(json.dumps(source.hierarchy)))
+    assert stats_cli("--data", "folder", "--data-path", labelled_folder, "--image-size", 16, "--out",
+                     tmp_path / "r.npz", capsys=capsys).returncode == 0
+    proc = fid_cli("--real", tmp_path / "r.npz", "--fake", tmp_path / "fake.npz", "--lpips-alex", lpips_files[0],
+                   "--lpips-lin", lpips_files[1], "--out-csv", tmp_path / "t.csv", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert "LPIPS skipped (its column is left empty): its AlexNet needs images of at least 31 px" in proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert [r["superclass"] for r in rows] == ["Birds", "Fungi", "Plants", "Overall"]
+    assert all(r["fid"] != "" and r["lpips"] == "" for r in rows)
+
+
+def test_fid_is_reported_as_a_distance_never_below_zero_and_the_raw_value_is_kept(labelled_folder, tmp_path,
+                                                                                monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    assert stats_cli("--data", "folder", "--data-path", labelled_folder, "--image-size", 16, "--out",
+                     tmp_path / "r.npz", capsys=capsys).returncode == 0
+    proc = fid_cli("--real", tmp_path / "r.npz", "--fake", tmp_path / "r.npz", "--out-csv", tmp_path / "t.csv",
+                   "--out-json", tmp_path / "t.json", capsys=capsys)
+    assert proc.returncode == 0 and "-0.000" not in proc.stdout
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert all(r["fid"] == max(0.0, r["fid_raw"]) and abs(r["fid_raw"]) < 1e-2 for r in rows)
+    assert all(float(r["fid"]) >= 0 and "fid_raw" not in r for r in csv.DictReader(open(tmp_path / "t.csv")))
+    assert json.loads((tmp_path / "t.json").read_text())["real_made_by"]["image_size"] == [16, 16]
+
+
+SPAWNED = """import multiprocessing, os, runpy, sys
+multiprocessing.set_start_method("spawn")      # as on Windows and macOS: workers import, nothing is inherited
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))    # as `python SCRIPT` puts the script's folder first
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_statistics_fid_the_latent_cache_and_training_run_with_workers_started_by_spawn(
+        labelled_folder, inception_file, lpips_files, tmp_path):
+    (tmp_path / "spawned.py").write_text(SPAWNED)
+    shutil.copytree(labelled_folder / "Birds", tmp_path / "few" / "Birds")     # 2 classes, 6 images each
+    source = folder_images(tmp_path / "few", 32)
+    np.savez(tmp_path / "fake.npz", arr_0=np.stack([source.read(i) for i in range(0, 12, 3)]),
+             labels=source.labels[::3], hierarchy=np.array(json.dumps(source.hierarchy)))
+    write_tiny_vae(tmp_path / "vae")
+    commands = [  # the real images' statistics (a dataset's reader), the fake ones' (an .npz's), the LPIPS pairs
+        ["evaluate.py", "fid", "--data", "folder", "--data-path", tmp_path / "few", "--image-size", 32, "--fake",
+         tmp_path / "fake.npz", "--lpips-alex", lpips_files[0], "--lpips-lin", lpips_files[1], "--pairs", 4,
+         "--overall-only", "--out-json", tmp_path / "t.json", "--workers", 1, "--inception", inception_file[0]],
+        ["data.py", "cache", "--data", "folder", "--data-path", tmp_path / "few", "--image-size", 16, "--vae",
+         tmp_path / "vae", "--out", tmp_path / "cache", "--num-workers", 1],
+        ["train.py", *TINY_TRAIN[:-4], "--num-workers", 1, "--init", "none", "--global-batch-size", 4, "--max-steps", 2,
+         "--run-dir", tmp_path / "run"]]
+    running = [subprocess.Popen([sys.executable, tmp_path / "spawned.py", os.path.join(HERE, script), *map(str, argv)],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for script, *argv in commands]   # side by side
+    for proc in running:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+    assert json.loads((tmp_path / "t.json").read_text())["rows"][-1]["lpips"] > 0
+    assert data.LatentCacheDataset(str(tmp_path / "cache")).meta["num_images"] == 12
+    assert os.listdir(tmp_path / "run" / "checkpoints")
+
+
+ASCII_ONLY = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}   # no UTF-8 mode either
+
+
+def test_names_that_are_not_ascii_are_read_as_utf8_under_an_ascii_locale(tmp_path, inception_file):
+    root = make_inat21(tmp_path / "inat")
+    categories = json.loads((root / "train_mini.json").read_text())
+    categories["categories"][0]["name"] = "Araneus diadematus (Kreuzspinne, araña de jardín)"
+    (root / "train_mini.json").write_text(json.dumps(categories, ensure_ascii=False), encoding="utf-8")
+    proc = run_script("evaluate.py", "stats", "--data", "inat21", "--data-path", root, "--split", "train_mini",
+                      "--image-size", 16, "--out", tmp_path / "r.npz", "--workers", 0, "--inception",
+                      inception_file[0], env=ASCII_ONLY)
+    assert proc.returncode == 0, proc.stderr
+    names = json.loads(str(np.load(tmp_path / "r.npz")["hierarchy"]))["class_names"]
+    assert names[0] == "Araneus diadematus (Kreuzspinne, araña de jardín)"
+    hierarchy = dict(class_names=["Pâquerette", "Bleuet"], superclass_names=["Fleurs des prés"], superclass_of=[0, 0])
+    (tmp_path / "h.json").write_text(json.dumps(hierarchy, ensure_ascii=False), encoding="utf-8")
+    np.savez(tmp_path / "gen.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8), labels=np.array([0, 0, 1, 1]))
+    proc = run_script("evaluate.py", "stats", "--images", tmp_path / "gen.npz", "--hierarchy", tmp_path / "h.json",
+                      "--out", tmp_path / "g.npz", "--workers", 0, "--inception", inception_file[0], env=ASCII_ONLY)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(str(np.load(tmp_path / "g.npz")["hierarchy"])) == hierarchy
+
+
+def test_the_local_rank_flag_of_torch_distributed_launch_is_accepted_and_the_rank_taken_from_the_environment(
+        tmp_path, capsys):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    proc = run_script("-m", "torch.distributed.launch", "--nproc_per_node=1", f"--master_port={free_port()}",
+                      "sample.py", "--ckpt", tmp_path / "ckpt.pt", "--class-id", 1, "--num-samples", 1, "--steps", 2,
+                      "--out", tmp_path / "s.png")
+    assert proc.returncode == 0 and (tmp_path / "s.png").exists(), proc.stderr[-2000:]
+    for flag in ("--local-rank=0", "--local_rank=0"):
+        proc = run_main(evaluate, flag, "generate", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / "gen",
+                        "--num-samples", 2, "--steps", 2, "--pairs", 0, capsys=capsys)
+        assert proc.returncode == 0, proc.stderr
+    assert train.parse_args(["--local_rank", "3", "--data", "toy"]).data == "toy"
+
+
+def out_of_memory_at(monkeypatch, call, error):
+    """The DiT runs out of memory at its `call`-th forward pass (counting from 1)."""
+    calls, forward = [0], model_module.DiT.forward
+
+    def failing(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise error
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(model_module.DiT, "forward", failing)
+
+
+@pytest.mark.parametrize("error, where", [(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                           "GPU"),
+                                          (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                                        "allocate 9 bytes. Error code 12"), "CPU")])
+def test_running_out_of_memory_names_the_batch_to_try_and_generate_keeps_what_it_finished(error, where, tmp_path,
+                                                                                       monkeypatch, capsys):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    out_of_memory_at(monkeypatch, 1, error)
+    proc = run_main(sample_module, "--ckpt", tmp_path / "ckpt.pt", "--class-id", 1, "--steps", 2, "--out",
+                    tmp_path / "s.png", capsys=capsys)
+    assert proc.returncode == 1 and error_lines(proc) == [f"error: out of {where} memory: try --num-samples 4 "
+                                                          "(sample.py draws them all at once)"]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "s.png").exists()
+    out_of_memory_at(monkeypatch, 3, error)                                  # during the second batch of 4
+    argv = ["generate", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / "gen", "--per-class", 1, "--steps", 2,
+            "--pairs", 0]
+    proc = run_main(evaluate, *argv, "--batch-size", 4, capsys=capsys)
+    assert proc.returncode == 1 and error_lines(proc) == [f"error: out of {where} memory: try --batch-size 2; the "
+                                                          "images written so far are kept: the same command with it "
+                                                          f"resumes ({tmp_path / 'gen'})"]
+    assert len(glob.glob(str(tmp_path / "gen" / "*" / "*.png"))) == 4
+    monkeypatch.undo()
+    assert run_main(evaluate, *argv, "--batch-size", 2, capsys=capsys).returncode == 0
+    assert len(glob.glob(str(tmp_path / "gen" / "*" / "*.png"))) == 16
+
+
+def generated_pixels(folder):
+    return {os.path.relpath(p, folder): np.array(Image.open(p)) for p in glob.glob(str(folder / "*" / "*.png"))}
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++2m-sde"])
+def test_a_generated_image_depends_on_its_class_index_and_seed_not_on_the_batch_size_or_the_number_of_processes(
+        sampler, tmp_path, capsys):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    argv = ["--ckpt", tmp_path / "ckpt.pt", "--per-class", 2, "--steps", 3, "--sampler", sampler, "--pairs", 0]
+    for batch in (3, 5):
+        assert run_main(evaluate, "generate", *argv, "--batch-size", batch, "--out", tmp_path / f"b{batch}",
+                        capsys=capsys).returncode == 0
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                      "evaluate.py", "generate", *argv, "--batch-size", 4, "--out", tmp_path / "two", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    three, five, two = (generated_pixels(tmp_path / name) for name in ("b3", "b5", "two"))
+    assert len(three) == 32 and three.keys() == five.keys() == two.keys()
+    assert all(np.array_equal(three[k], five[k]) and np.array_equal(three[k], two[k]) for k in three)
+    assert not np.array_equal(three["00001/000000.png"], three["00001/000001.png"])   # each index its own noise
+
+
+def test_sample_py_says_in_its_help_that_its_images_depend_on_num_samples():
+    proc = run_script("sample.py", "--help")
+    assert "an image depends on --num-samples" in " ".join(proc.stdout.split())
+
+
+def test_statistics_of_a_folder_are_those_of_each_image_read_and_described_on_its_own(labelled_folder, inception_file,
+                                                                                        tmp_path, capsys):
+    """The per-superclass statistics `stats` writes equal the features of each image computed one by one, outside the
+    project's loaders: the seeded network tells every image apart, so a feature given to another image's label, a
+    wrong crop or a wrong layer changes them."""
+    assert stats_cli("--data", "folder", "--data-path", labelled_folder, "--image-size", 12, "--out",
+                     tmp_path / "r.npz", "--inception", inception_file[0], "--batch-size", 7, capsys=capsys).returncode == 0
+    stats = np.load(tmp_path / "r.npz")
+    net = FIDInceptionV3().eval()
+    net.load_state_dict(inception_file[1])
+    features = {}
+    for path in sorted(glob.glob(str(labelled_folder / "*" / "*" / "*.png"))):
+        image = Image.open(path).convert("RGB").resize((12, 12), Image.BICUBIC)     # ADM's resize of a 16 px square
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            features.setdefault(path.split(os.sep)[-3], []).append(net(x)[0].double().numpy())
+    names = json.loads(str(stats["hierarchy"]))["superclass_names"]
+    for s, name in enumerate(names):
+        assert np.allclose(stats[f"mu_{s}"], np.mean(features[name], axis=0), rtol=1e-4, atol=1e-4)
+    spread = np.linalg.norm(np.mean(features["Birds"], axis=0) - np.mean(features["Plants"], axis=0))
+    assert spread > 1.0                                   # superclasses' images differ: a mix-up would be seen
+
+
+RECORD_BATCHES = """import os, sys, torch
+sys.path.insert(0, {here!r})
+import train
+step, seen = train.train_step, []
+def recording(net, diffusion, opt, scaler, x, y, autocast):    # what reaches the DiT, as it reaches it
+    seen.append((x.detach().cpu().clone(), y.detach().cpu().clone()))
+    return step(net, diffusion, opt, scaler, x, y, autocast)
+train.train_step = recording
+try:
+    train.main(sys.argv[2:])
+finally:
+    torch.save(seen, os.path.join(sys.argv[1], "rank" + os.environ.get("RANK", "0") + ".pt"))
+"""
+
+
+def batches_reaching_the_dit(tmp_path, *argv):
+    """Train on 2 processes (torchrun, gloo) with the default DataLoader workers; [rank 0's, rank 1's] [(x, y)] of
+    every step, as train_step received them."""
+    (tmp_path / "record.py").write_text(RECORD_BATCHES.format(here=HERE))
+    (tmp_path / "seen").mkdir()
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                      tmp_path / "record.py", tmp_path / "seen", *argv, "--run-dir", tmp_path / "run",
+                      "--log-every", 1000, "--ckpt-every", 1000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(tmp_path / "seen" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def assert_every_item_once_per_epoch(items, epochs, per_epoch, num_items):
+    """items[rank][step]: the dataset indices a rank's step trained on; each epoch covers every item once."""
+    for e in range(epochs):
+        seen = [i for rank in items for step in rank[e * per_epoch:(e + 1) * per_epoch] for i in step]
+        assert sorted(seen) == list(range(num_items)), f"epoch {e}"
+
+
+def test_every_training_image_reaches_the_dit_once_per_epoch_across_ranks_flipped_half_the_time(tmp_path):
+    toy = data.toy_dataset("toy", 16, flip=False)                                   # 32 classes x 50, as trained on
+    originals = torch.stack([toy[i][0] for i in range(len(toy))])                   # (1600, 3, 16, 16)
+    lookup = {x.numpy().tobytes(): (i, False) for i, x in enumerate(originals)}
+    lookup.update({x.flip(-1).numpy().tobytes(): (i, True) for i, x in enumerate(originals)})
+    ranks = batches_reaching_the_dit(tmp_path, "--data", "toy", "--model", "DiT-T/4", "--image-size", 16,
+                                     "--init", "none", "--global-batch-size", 64, "--max-steps", 50)
+    found = [[[lookup[x.numpy().tobytes()] for x in xs] for xs, _ in rank] for rank in ranks]
+    assert all(int(y) == toy.targets[i] for rank, seen in zip(ranks, found) for (_, ys), step in zip(rank, seen)
+               for y, (i, _) in zip(ys, step))                                       # each image with its own class
+    assert_every_item_once_per_epoch([[[i for i, _ in step] for step in rank] for rank in found], 2, 25, 1600)
+    flips = {}
+    for rank in found:
+        for s, step in enumerate(rank):
+            for i, flipped in step:
+                flips.setdefault(i, []).append(flipped)
+    assert 0.45 < np.mean([f for both in flips.values() for f in both]) < 0.55      # DiT's p = 1/2, on the fly
+    assert 0.4 < np.mean([a == b for a, b in flips.values()]) < 0.6                 # drawn afresh every epoch
+
+
+def test_every_cached_latent_reaches_the_dit_once_per_epoch_across_ranks_mirrored_half_the_time(tmp_path):
+    vae = write_tiny_vae(tmp_path / "vae")
+    state = load_safetensors(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    state["quant_conv.bias"][4:] = -40.0                 # log-variance at the clamp: each latent is its mean
+    save_safetensors(state, tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    proc = run_script("data.py", "cache", "--data", "toy", "--image-size", 16, "--vae", tmp_path / "vae", "--out",
+                      tmp_path / "cache", "--batch-size", 400, "--num-workers", 0)
+    assert proc.returncode == 0, proc.stderr
+    moments = torch.from_numpy(np.load(tmp_path / "cache" / "moments.npy").astype(np.float32))   # (1600, 2, 8, 2, 2)
+    candidates = (0.18215 * moments[:, :, :4]).reshape(3200, -1)      # item i: row 2i its image, 2i + 1 its mirror
+    ranks = batches_reaching_the_dit(tmp_path, "--latent-cache", tmp_path / "cache", "--model", "DiT-T/2", "--init",
+                                     "none", "--global-batch-size", 64, "--max-steps", 50)
+    labels = np.load(tmp_path / "cache" / "labels.npy")
+    found = []
+    for rank in ranks:
+        found.append([])
+        for xs, ys in rank:
+            distance, row = torch.cdist(xs.reshape(len(xs), -1), candidates).min(dim=1)
+            assert distance.max() < 1e-4 and (labels[row // 2] == ys.numpy()).all()
+            found[-1].append(row.tolist())
+    assert_every_item_once_per_epoch([[[r // 2 for r in step] for step in rank] for rank in found], 2, 25, 1600)
+    mirrored = [r % 2 for rank in found for step in rank for r in step]
+    assert 0.45 < np.mean(mirrored) < 0.55                       # the stored mirror, drawn with p = 1/2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pre-emption as schedulers send it, names that are not patterns, one writer per folder
+# ------------------------------------------------------------------------------------------------------------
+
+DEFAULT_WORKERS_TRAIN = ["--data", "toy", "--model", "DiT-T/4", "--image-size", "16", "--init", "none",
+                         "--global-batch-size", "4", "--log-every", "1"]        # no --num-workers: the default
+
+
+def start_in_its_own_group(argv, torchrun=False):
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"] if torchrun else []
+    return subprocess.Popen([sys.executable, *launcher, os.path.join(HERE, "train.py"), *map(str, argv)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_log_lines(run_dir, lines, proc):
+    for _ in range(1200):
+        log = run_dir / "log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= lines:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError("the run did not start training")
+
+
+@pytest.mark.parametrize("torchrun", [False, True], ids=["1 process", "2 under torchrun"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_process_group_saves_and_the_run_resumes_bit_for_bit(signum, torchrun, tmp_path):
+    """Slurm, torchrun and Ctrl-C signal every process of the group, the DataLoader workers too."""
+    run_dir = tmp_path / "run"
+    proc = start_in_its_own_group([*DEFAULT_WORKERS_TRAIN, "--max-steps", 100000, "--run-dir", run_dir], torchrun)
+    wait_for_log_lines(run_dir, 3, proc)
+    os.killpg(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    if not torchrun:
+        assert proc.returncode == 75 and error_lines(subprocess.CompletedProcess([], 0, "", err)) == [], err
+        assert f"stopped: {signal.Signals(signum).name} after step" in err
+    saved = glob.glob(str(run_dir / "checkpoints" / "*.pt"))
+    assert len(saved) == 1, err[-4000:]
+    step = torch.load(saved[0], weights_only=True)["step"]
+    assert step >= 3
+    finish = ["--max-steps", step + 2, "--num-workers", 2]
+    for argv, folder in ((["--resume", run_dir], run_dir), ([*DEFAULT_WORKERS_TRAIN, "--run-dir", tmp_path / "whole"],
+                                                           tmp_path / "whole")):
+        done = start_in_its_own_group([*argv, *finish], torchrun)
+        assert done.wait(timeout=300) == 0, done.communicate()[1][-3000:]
+    resumed, whole = (torch.load(folder / "checkpoints" / f"{step + 2:07d}.pt", weights_only=True)
+                      for folder in (run_dir, tmp_path / "whole"))
+    assert tensors_equal(resumed["model"], whole["model"]) and tensors_equal(resumed["ema"], whole["ema"])
+
+
+def test_a_run_killed_with_sigkill_resumes_at_once_though_its_workers_outlive_it(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_in_its_own_group([*DEFAULT_WORKERS_TRAIN, "--max-steps", 100000, "--ckpt-every", 2, "--run-dir",
+                                   run_dir])
+    wait_for_log_lines(run_dir, 4, proc)
+    proc.kill()                                  # kill -9 of the main process alone: its workers are orphaned
+    proc.wait()
+    newest = max(glob.glob(str(run_dir / "checkpoints" / "*.pt")))
+    step = torch.load(newest, weights_only=True)["step"]
+    assert run_train("--resume", run_dir, "--max-steps", step + 1, "--num-workers", 0)["step"] == step + 1
+    os.killpg(proc.pid, signal.SIGKILL)          # the orphans, if any are left
+
+
+def test_a_run_folder_named_like_a_pattern_is_found_by_name_and_never_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "exp[1]"
+    argv = [*TINY_TRAIN, "--init", "none", "--global-batch-size", 4, "--ckpt-every", 1, "--log-every", 1]
+    run_train(*argv, "--max-steps", 2, "--run-dir", run_dir)
+    before = file_contents(run_dir)
+    with pytest.raises(UserError, match=re.escape(f"{run_dir} already holds checkpoints")):
+        run_train(*argv, "--max-steps", 1, "--seed", 1, "--run-dir", run_dir)
+    assert file_contents(run_dir) == before                              # no checkpoint or log line touched
+    proc = run_main(sample_module, "--ckpt", run_dir, "--class-id", 3, "--guidance", "null", "--steps", 2, "--out",
+                    tmp_path / "s.png", capsys=capsys)
+    assert proc.returncode == 0 and f"from {run_dir / 'checkpoints' / '0000002.pt'}" in proc.stderr
+    assert run_train("--resume", run_dir, "--max-steps", 3)["step"] == 3
+
+
+def test_every_path_flag_takes_names_with_brackets_stars_and_question_marks(labelled_folder, inception_file, tmp_path,
+                                                                             capsys):
+    odd = tmp_path / "a[1]*?b"
+    for superclass in ("Birds", "Fungi"):                              # 3 classes, 18 images
+        shutil.copytree(labelled_folder / superclass, odd / "images[1]" / superclass)
+    write_tiny_vae(odd / "vae?")
+    shutil.copy(inception_file[0], odd / "inception[1].pth")
+    common = ["--data", "folder", "--data-path", odd / "images[1]", "--vae", odd / "vae?", "--model", "DiT-T/2",
+              "--image-size", 16, "--global-batch-size", 4, "--num-workers", 0]
+    run = run_train(*common, "--init", "none", "--max-steps", 2, "--run-dir", odd / "run*")
+    assert run_train("--resume", odd / "run*", "--max-steps", 3)["step"] == 3
+    assert run_train("--resume", odd / "run*", "--export", odd / "x[1].pt")["step"] == 3
+    assert run_train(*common, "--init", odd / "x[1].pt", "--max-steps", 1, "--results-dir", odd / "res*")["step"] == 1
+    def ok(module, *argv):
+        proc = run_main(module, *argv, capsys=capsys)
+        assert proc.returncode == 0, proc.stderr
+        return True
+    assert ok(sample_module, "--ckpt", odd / "run*", "--class-id", 1, "--guidance", "null", "--steps", 2, "--out",
+              odd / "s[1].png", "--per-sample-dir", odd / "each?")
+    assert os.listdir(odd / "each?") and (odd / "s[1].png").exists()
+    assert ok(data, "cache", "--data", "folder", "--data-path", odd / "images[1]", "--image-size", 16, "--vae",
+              odd / "vae?", "--out", odd / "cache[2]", "--num-workers", 0)
+    assert run_train("--latent-cache", odd / "cache[2]", "--vae", odd / "vae?", "--model", "DiT-T/2", "--init", "none",
+                     "--global-batch-size", 4, "--num-workers", 0, "--max-steps", 1, "--run-dir", odd / "run?2")
+    assert ok(evaluate, "generate", "--ckpt", run["final_ckpt"], "--vae", odd / "vae?", "--out", odd / "gen[3]",
+              "--per-class", 2, "--guidance", "null", "--steps", 2, "--pairs", 0, "--npz", odd / "g*.npz")
+    assert ok(evaluate, "stats", "--data", "folder", "--data-path", odd / "images[1]", "--image-size", 16, "--out",
+              odd / "r?.npz", "--inception", odd / "inception[1].pth", "--workers", 0)
+    assert ok(evaluate, "fid", "--real", odd / "r?.npz", "--fake", odd / "gen[3]", "--inception",
+              odd / "inception[1].pth", "--out-csv", odd / "t*.csv", "--out-json", odd / "t[1].json", "--workers", 0,
+              "--pairs", 0, "--overall-only")
+    assert json.loads((odd / "t[1].json").read_text())["rows"][-1]["count_fake"] == 6
+    assert ok(evaluate, "embeddings", "--ckpt", odd / "run*", "--out", odd / "e[1].png", "--iters", 50)
+    assert ok(evaluate, "curves", "--runs", odd / "run*", "--out", odd / "c?.png")
+    assert ok(evaluate, "grid", "--ckpt", odd / "run*", "--vae", odd / "vae?", "--class-ids", 0, 1, "--steps", 2,
+              "--out", odd / "g[1].png")
+
+
+def test_generate_over_a_folder_linked_out_of_out_deletes_nothing_outside(tmp_path, capsys):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "000000.png").write_bytes(b"somebody else's image")
+    argv = ["generate", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / "gen", "--per-class", 1, "--steps", 2,
+            "--pairs", 0]
+    assert run_main(evaluate, *argv, capsys=capsys).returncode == 0
+    shutil.rmtree(tmp_path / "gen" / "00003")
+    os.symlink(outside, tmp_path / "gen" / "00003")          # a class folder that leads out of --out
+    proc = run_main(evaluate, *argv, "--cfg-scale", 2, "--overwrite", capsys=capsys)
+    assert_one_line_error(proc, "samples.json", "00003/000000.png", "not [a file name inside")
+    assert (outside / "000000.png").read_bytes() == b"somebody else's image"
+
+
+def test_a_second_generate_into_a_folder_in_use_is_refused_and_a_resume_redraws_what_other_settings_drew(tmp_path,
+                                                                                                       capsys):
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    gen = tmp_path / "gen"
+    argv = ["generate", "--ckpt", tmp_path / "ckpt.pt", "--out", gen, "--per-class", 1, "--steps", 2, "--pairs", 0]
+    holder = subprocess.Popen([sys.executable, os.path.join(HERE, "evaluate.py"), *map(str, argv[:-6]), "--per-class",
+                               "200", "--steps", "50", "--seed", "1"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):                                   # it holds the folder once its manifest is written
+            if (gen / "samples.json").exists():
+                break
+            time.sleep(0.1)
+        proc = run_main(evaluate, *argv, "--seed", 2, capsys=capsys)
+        assert_one_line_error(proc, f"{gen} is in use by another evaluate.py generate (pid {holder.pid} on")
+    finally:
+        holder.kill()
+        holder.wait()
+    shutil.rmtree(gen)
+    assert run_main(evaluate, *argv, "--seed", 1, capsys=capsys).returncode == 0
+    seed_1 = generated_pixels(gen)
+    manifest = json.loads((gen / "samples.json").read_text())
+    manifest["made_by"]["seed"] = 2            # a manifest that says seed 2 over images of seed 1 (the race's result)
+    (gen / "samples.json").write_text(json.dumps(manifest))
+    assert run_main(evaluate, *argv, "--seed", 2, capsys=capsys).returncode == 0
+    assert run_main(evaluate, *argv, "--seed", 2, "--out", tmp_path / "fresh", capsys=capsys).returncode == 0
+    redrawn, fresh = generated_pixels(gen), generated_pixels(tmp_path / "fresh")
+    assert all(np.array_equal(redrawn[k], fresh[k]) and not np.array_equal(redrawn[k], seed_1[k]) for k in fresh)
+
+
+def child_processes():
+    """The pids of this process's children (Linux's /proc)."""
+    pids = []
+    for task in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        pids += [int(p) for p in open(task).read().split()]
+    return pids
+
+
+def test_the_stop_save_is_written_even_if_a_dataloader_worker_dies_while_it_saves(tmp_path, monkeypatch, capsys):
+    signal_at_step(monkeypatch, 2)
+    save, killed = train.save, []
+
+    def save_while_workers_die(run):                          # a worker that dies now must not break the save
+        for pid in child_processes():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.5)                                       # torch's SIGCHLD handler would raise by now
+        save(run)
+    monkeypatch.setattr(train, "save", save_while_workers_die)
+    proc = run_main(train, *TINY_TRAIN[:-4], "--num-workers", 2, "--init", "none", "--global-batch-size", 4,
+                    "--max-steps", 5, "--run-dir", tmp_path / "run", capsys=capsys)
+    assert proc.returncode == 75 and "stopped: SIGTERM after step 2" in proc.stderr, proc.stderr
+    assert torch.load(tmp_path / "run" / "checkpoints" / "0000002.pt", weights_only=True)["step"] == 2

@@ -49,7 +49,7 @@ from cli import (DISK_FULL, ArgumentParser, RunFailed, Stopped, UserError, decay
                  nonnegative_int, out_file, out_of_memory_advice, positive_float, positive_int, precision_context,
                  probability, run_cli)
 from diffusion import create_diffusion
-from files import file_sha256
+from files import file_sha256, worker_init
 from model import (LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, TABLES, DiT_models, build_model, check_image_size,
                    checkpoint_tensors, default_table, load_model, load_pretrained, published_layout, read_checkpoint,
                    resolve_checkpoint, save_checkpoint, set_trainable)
@@ -129,12 +129,15 @@ def main(argv=None):
             diffusion = create_diffusion(learn_sigma=run.model.learn_sigma)
             bar = tqdm(total=args.max_steps, initial=run.step, desc="training", disable=rank != 0, dynamic_ncols=True)
             with bar, stop_signals(world) as stop, out_of_memory_advice(smaller_batch(args, world)):
-                for x, y in batches(run):                             # from where a resumed run left off
+                stream = batches(run)                                 # from where a resumed run left off
+                for x, y in stream:
                     run.window.append(train_step(run.net, diffusion, run.opt, run.scaler, x, y, run.autocast))
                     update_ema(run.ema, run.tuned, args.ema_decay)
                     run.step += 1
                     bar.update(1)
                     last = run.step == args.max_steps or stop.agreed()
+                    if last:
+                        stream.close()      # the DataLoader's workers end before the last save: none can break it
                     if run.step % args.log_every == 0 or last:
                         log(run, bar)
                     if run.step % args.ckpt_every == 0 or last:
@@ -446,7 +449,7 @@ def epoch_loader(items, sampler, epoch, position, local_batch, args, device):
     generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
     return DataLoader(items, batch_size=local_batch, sampler=SkipSampler(sampler, position * local_batch),
                       num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                      generator=generator)
+                      generator=generator, worker_init_fn=worker_init)
 
 
 class SkipSampler(torch.utils.data.Sampler):
