@@ -5156,10 +5156,11 @@ def test_a_run_folder_named_like_a_pattern_is_found_by_name_and_never_overwritte
     run_dir = tmp_path / "exp[1]"
     argv = [*TINY_TRAIN, "--init", "none", "--global-batch-size", 4, "--ckpt-every", 1, "--log-every", 1]
     run_train(*argv, "--max-steps", 2, "--run-dir", run_dir)
-    before = file_contents(run_dir)
+    kept = lambda: {name: content for name, content in file_contents(run_dir).items() if name != ".lock"}
+    before = kept()
     with pytest.raises(UserError, match=re.escape(f"{run_dir} already holds checkpoints")):
         run_train(*argv, "--max-steps", 1, "--seed", 1, "--run-dir", run_dir)
-    assert file_contents(run_dir) == before                              # no checkpoint or log line touched
+    assert kept() == before                              # no checkpoint or log line touched (.lock: who held it)
     proc = run_main(sample_module, "--ckpt", run_dir, "--class-id", 3, "--guidance", "null", "--steps", 2, "--out",
                     tmp_path / "s.png", capsys=capsys)
     assert proc.returncode == 0 and f"from {run_dir / 'checkpoints' / '0000002.pt'}" in proc.stderr
