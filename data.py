@@ -36,8 +36,6 @@ Other commands:
 """
 
 import collections
-import csv
-import datetime
 import functools
 import hashlib
 import itertools
@@ -54,19 +52,19 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, folder_path, nonnegative_int, out_file, positive_int, run_cli
-from files import atomic_write, read_json, remove_stale_temp_files, worker_init, write_json
-from hierarchy import INAT21_SUPERCLASSES, inat21_superclass_of, make_hierarchy, read_hierarchy
+from hardening import (CACHE_FORMAT, CACHE_VERSION, ArgumentParser, UserError, atomic_write, folder_path,
+                       inat21_categories, init_distributed, nonnegative_int, on_rank0, open_cache, open_cache_arrays,
+                       out_file, positive_int, prepare_cache_dir, read_hierarchy_csv, read_rgb, run_cli, worker_init,
+                       write_json)
+from model import INAT21_SUPERCLASSES, inat21_superclass_of, make_hierarchy
 from toy import TOY_PATTERNS, TOY_SHAPES, TOY_TINTS, render_toy, toy_looks
-from vae import LATENT_SCALE, VAE_FIELDS, AutoencoderKL, latent_scale, scaled_latent
+from vae import LATENT_SCALE, AutoencoderKL, latent_scale, scaled_latent
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INAT21_URL = "https://github.com/visipedia/inat_comp/tree/master/2021"
 # DataLoader workers per process: 4, fewer on a machine with fewer cores (PyTorch warns past its core count)
 DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
-CACHE_FORMAT = "finediffusion-latent-cache"
-CACHE_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,49 +97,6 @@ class HierarchyMixin:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Processes: one process, or one per GPU under torchrun
-# ----------------------------------------------------------------------------------------------------------------
-
-def init_distributed(device=None):
-    """(rank, world_size, device) of this process, joining the process group under torchrun (nccl on CUDA,
-    gloo on CPU). device: None for cuda:LOCAL_RANK when there is a GPU, else the CPU."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device is None:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        # long barriers (a rank finishing its shard of the latent cache) must not time out
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-    return rank, world, device
-
-
-def on_rank0(work):
-    """work() on rank 0 alone (it creates or checks what the ranks share: a run folder, a cache, samples.json),
-    its result handed to every rank, or its error raised on every rank: under torchrun a user mistake (or a full
-    disk) then stops all ranks before any starts work, and run_cli prints it once."""
-    result = error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            result = work()
-        except (UserError, OSError) as e:
-            error = e
-    if dist.is_initialized():
-        shared = [result, error]
-        dist.broadcast_object_list(shared, src=0)   # the other ranks wait here for rank 0's verdict
-        result, error = shared
-    if error is not None:
-        raise error
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Preprocessing (exactly DiT's, which is ADM's)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -170,52 +125,6 @@ def dit_transform(image_size, flip=True):
 # ----------------------------------------------------------------------------------------------------------------
 # Image files on disk (iNat21 and folder trees)
 # ----------------------------------------------------------------------------------------------------------------
-
-# Pillow's convert("RGB") is right for 8-bit modes only: it clips wider ones (a 16-bit grayscale PNG reads as white).
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def read_rgb(path):
-    """The one image reader (training, the latent cache, statistics, evaluation): the image file at `path` as a PIL
-    RGB image, or a UserError naming the file and why it cannot be read. By Pillow mode:
-
-      1, L, RGB, RGBA, RGBX, LA, CMYK, YCbCr, LAB, HSV  as Pillow converts them (alpha dropped: the colour under it)
-      P, PA                  through RGBA, so a palette's transparency is read without Pillow's warning
-      I;16, I;16L, I;16B     16-bit integers (16-bit PNG and TIFF grayscale), scaled by 255/65535 and rounded
-      I                      32-bit integers, read as 16-bit too (older Pillows open 16-bit PNGs as I); values
-                             outside [0, 65535] are refused: their scale cannot be known
-      F                      32-bit floats taken as [0, 1] and scaled by 255, rounded; values outside [0, 1] (a float
-                             image in [0, 255], say) are refused rather than guessed at
-    16-bit RGB files open as RGB (Pillow keeps the high byte of each channel). Pillow's warnings while reading
-    (EXIF data, a very large image) are about metadata, not the pixels read, and are not shown.
-    """
-    try:
-        with warnings.catch_warnings(action="ignore"), Image.open(path) as image:
-            image.load()  # decodes: a corrupt or truncated file fails here
-            return _rgb_of(image)
-    except Exception as err:  # whatever Pillow raises (OSError, SyntaxError, ValueError, zlib.error, ...): unusable
-        raise UserError(f"cannot read image {path}: {err}") from None
-
-
-def _rgb_of(image):
-    """A decoded image of any Pillow mode as RGB (read_rgb says how); ValueError naming a mode it cannot read."""
-    mode = image.mode
-    if mode in SIXTEEN_BIT_MODES or mode == "F":
-        values = np.asarray(image)  # (H, W): uint16 of either byte order, int32 or float32
-        top = 1.0 if mode == "F" else 65535
-        low, high = float(values.min()), float(values.max())
-        if not 0 <= low <= high <= top:  # NaN fails here too
-            raise ValueError(f"Pillow mode {mode} holds values in [{low:g}, {high:g}], outside the [0, {top:g}] it "
-                             f"is read as: the scale of this file is unknown")
-        gray = np.rint(values * (255 / top)).astype(np.uint8)  # (H, W)
-        return Image.fromarray(gray).convert("RGB")
-    if mode in ("P", "PA"):
-        return image.convert("RGBA").convert("RGB")
-    try:
-        return image.convert("RGB")
-    except ValueError:
-        raise ValueError(f"Pillow mode {mode} has no conversion to RGB") from None
-
 
 class ImageListDataset(HierarchyMixin, Dataset):
     """Image files under `root` with class ids; decoded with PIL, preprocessed as DiT; unreadable files skipped."""
@@ -314,24 +223,8 @@ def _inat21_categories(root, split):
     """The `categories` list of an iNat21 json under root (all splits share it), or None if there is no json."""
     candidates = [os.path.join(root, name + ".json") for name in (split, "train_mini", "val", "train")]
     candidates = [path for path in candidates if os.path.isfile(path)]
-    if not candidates:
-        return None
     # Any split's json has the same 10,000 categories; parse the smallest (train.json is ~1 GB of image records).
-    path = min(candidates, key=os.path.getsize)
-    content = read_json(path, "iNat21 json")
-    categories = content.get("categories") if isinstance(content, dict) else None
-    if not isinstance(categories, list):
-        raise UserError(f"{path} is not an iNat21 json: it has no list of 'categories'")
-    for c in categories:
-        if not (isinstance(c, dict) and isinstance(c.get("id"), int) and not isinstance(c["id"], bool) and
-                all(isinstance(c[k], str) for k in INAT21_TEXT_FIELDS if c.get(k) is not None)):
-            raise UserError(f"{path}: the category {str(c)[:120]} is not one of iNat21's (an integer id, and "
-                            f"{', '.join(INAT21_TEXT_FIELDS)} as text)")
-    return categories
-
-
-# The text fields of an iNat21 category that this project reads.
-INAT21_TEXT_FIELDS = ("name", "supercategory", "image_dir_name")
+    return inat21_categories(min(candidates, key=os.path.getsize)) if candidates else None
 
 
 def inat21_dataset(root, split="train_mini", image_size=256, flip=True, coarse=False):
@@ -393,7 +286,7 @@ def folder_dataset(root, split="train", image_size=256, flip=True, coarse=False,
     if split and os.path.isdir(os.path.join(root, split)):
         root = os.path.join(root, split)
     if hierarchy_csv:
-        pairs = _read_hierarchy_csv(hierarchy_csv)  # class -> superclass
+        pairs = read_hierarchy_csv(hierarchy_csv)  # class -> superclass
         present = _list_dirs(root)
         unknown = [c for c in present if c not in pairs]
         if unknown:
@@ -425,30 +318,6 @@ def folder_dataset(root, split="train", image_size=256, flip=True, coarse=False,
         class_names = [n if repeated[n] == 1 else d.replace(os.sep, "/") for n, d in zip(leaf, class_dirs)]
     return ImageListDataset(root, files, labels, make_hierarchy(class_names, superclass_names, superclass_of),
                             image_size, flip, coarse)
-
-
-def _read_hierarchy_csv(path):
-    """`class,superclass` rows (an optional header row `class,superclass`) -> {class: superclass}."""
-    if not os.path.isfile(path):
-        raise UserError(f"hierarchy CSV {path} not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:     # a byte-order mark (as Excel saves) is no name
-        try:
-            rows = list(csv.reader(f))
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise UserError(f"hierarchy CSV {path} is not UTF-8 text with `class,superclass` rows ({e})") from None
-    pairs = {}
-    for line_no, row in enumerate(rows, 1):
-        row = [cell.strip() for cell in row]
-        if not any(row) or (line_no == 1 and [c.lower() for c in row] == ["class", "superclass"]):
-            continue
-        if len(row) != 2 or not all(row):
-            raise UserError(f"{path}:{line_no}: expected `class,superclass`, got {','.join(row)!r}")
-        name, superclass = row
-        if pairs.setdefault(name, superclass) != superclass:
-            raise UserError(f"{path}:{line_no}: class {name!r} listed under {pairs[name]!r} and {superclass!r}")
-    if not pairs:
-        raise UserError(f"hierarchy CSV {path} has no class,superclass rows")
-    return pairs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -577,83 +446,6 @@ def _files_fingerprint(dataset):
     return digest.hexdigest()
 
 
-def _create_npy(path, dtype, shape):
-    """A zero-filled .npy whose disk blocks are allocated now (posix_fallocate): a full disk fails here, at once,
-    instead of killing the run with SIGBUS when a page of a sparse memmap is first written."""
-    header = dict(descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False, shape=tuple(shape))
-
-    def write(f):
-        np.lib.format.write_array_header_1_0(f, header)
-        os.posix_fallocate(f.fileno(), 0, f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
-
-    atomic_write(path, write)
-
-
-# The cache's arrays and their dtypes; their shapes follow from meta.json (cache_shapes).
-CACHE_ARRAYS = {"moments.npy": np.float16, "labels.npy": np.int64, "done.npy": np.bool_}
-
-
-def cache_shapes(meta):
-    n, (c, h, w) = meta["num_images"], meta["latent_shape"]
-    return {"moments.npy": (n, 2, 2 * c, h, w), "labels.npy": (n,), "done.npy": (n,)}
-
-
-def open_cache_arrays(path, meta, mode="r"):
-    """{file name: memmap} of a cache's arrays, each checked against meta.json (its dtype and shape), so that a file
-    cut short or of another cache is refused before done.npy is trusted."""
-    arrays = {}
-    for name, shape in cache_shapes(meta).items():
-        file = os.path.join(path, name)
-        try:
-            array = np.load(file, mmap_mode=mode)
-        except (OSError, ValueError, EOFError) as e:  # missing, empty, or shorter than its header says (cut short)
-            raise UserError(f"latent cache file {file} cannot be read ({e}): delete {path} and build it again") from None
-        if array.shape != tuple(shape) or array.dtype != CACHE_ARRAYS[name]:
-            raise UserError(f"latent cache file {file} holds {array.dtype} {list(array.shape)} where meta.json says "
-                            f"{np.dtype(CACHE_ARRAYS[name])} {list(shape)}: delete {path} and build it again")
-        arrays[name] = array
-    return arrays
-
-
-def read_cache_meta(path):
-    """<path>/meta.json, checked to describe a cache: one line naming the file otherwise."""
-    meta_path = os.path.join(path, "meta.json")
-    meta = read_json(meta_path, "latent cache's")
-    try:
-        n, shape = meta["num_images"], meta["latent_shape"]
-        ok = isinstance(n, int) and n >= 0 and isinstance(shape, list) and len(shape) == 3 and \
-            all(isinstance(s, int) and s > 0 for s in shape)
-    except (TypeError, KeyError) as e:
-        raise UserError(f"cannot read the latent cache's {meta_path}: {e!r}") from None
-    if not ok:
-        raise UserError(f"{meta_path}: num_images {n!r} and latent_shape {shape!r} are not a count and [C, h, w]")
-    vae = meta.get("vae")
-    if isinstance(vae, dict) and not (isinstance(vae.get("config"), dict) and VAE_FIELDS["scaling_factor"][0](
-            vae["config"].get("scaling_factor", LATENT_SCALE))):
-        raise UserError(f"{meta_path}: its vae record is not a VAE's identity (a config with a positive scaling_factor)")
-    return meta
-
-
-def _prepare_cache_dir(out_dir, meta):
-    """Create a new cache, or check that the one in out_dir is the same job (then it resumes)."""
-    meta_path = os.path.join(out_dir, "meta.json")
-    remove_stale_temp_files(out_dir)
-    if os.path.isfile(meta_path):
-        old = read_cache_meta(out_dir)
-        for key in ("format", "version", "data", "data_path", "split", "image_size", "num_images", "latent_shape",
-                    "vae", "files_sha256", "hierarchy"):
-            if old.get(key) != meta.get(key):
-                shown = (lambda v: "(differs)" if key == "hierarchy" else repr(v))
-                raise UserError(f"{out_dir} holds another latent cache ({key}: {shown(old.get(key))} there, "
-                                f"{shown(meta.get(key))} now): choose another --out or delete that directory")
-        open_cache_arrays(out_dir, old)               # the rows done.npy marks are really there
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    for name, shape in cache_shapes(meta).items():
-        _create_npy(os.path.join(out_dir, name), CACHE_ARRAYS[name], shape)
-    write_json(meta_path, meta)  # last: a cache without meta.json is simply rebuilt
-
-
 class _Indexed(Dataset):
     """dataset[indices[k]] with its index: (index, image, label)."""
 
@@ -690,7 +482,7 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT
                 num_images=n, latent_shape=list(mean0.shape[1:]), moments_dtype="float16",
                 hierarchy=dataset.hierarchy(), files_sha256=_files_fingerprint(dataset), complete=False)
 
-    on_rank0(lambda: _prepare_cache_dir(out_dir, meta))   # the others wait until the files exist
+    on_rank0(lambda: prepare_cache_dir(out_dir, meta))   # the others wait until the files exist
 
     arrays = open_cache_arrays(out_dir, meta, mode="r+")
     moments, labels, done = arrays["moments.npy"], arrays["labels.npy"], arrays["done.npy"]  # (N, 2, 2C, h, w), (N,)
@@ -727,43 +519,20 @@ class LatentCacheDataset(HierarchyMixin, Dataset):
     `vae.encode(x).latent_dist.sample().mul_(0.18215)` with random flips; scale is the latent scale of the VAE the
     cache records (0.18215 for the SD VAE).
 
-    expect: fields the cache must match, keys as in meta.json, e.g. dict(data="inat21", data_path=..., vae=
-    vae.identity()) (None values are not checked). A mismatch or an incomplete cache raises UserError saying what to run.
+    expect: fields the cache must match, keys as in meta.json, e.g. dict(data="inat21", data_path=...) (None values
+    are not checked; hardening.open_cache).
     """
 
     def __init__(self, path, expect=None, flip=True, coarse=False):
         self.path, self.flip = path, flip
-        if not os.path.isfile(os.path.join(path, "meta.json")):
-            raise UserError(f"no latent cache at {path} (no meta.json): build it with `python data.py cache "
-                            f"--data ... --data-path ... --vae ... --out {path}`")
-        self.meta = meta = read_cache_meta(path)
-        rebuild = meta.get("command") or f"python data.py cache ... --out {path}"
-        if (meta.get("format"), meta.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
-            raise UserError(f"{path} is not a version-{CACHE_VERSION} latent cache: rebuild it with `{rebuild}`")
-        for key, want in (expect or {}).items():
-            have = meta.get(key)
-            if key == "data_path" and want is not None and have is not None:
-                want, have = os.path.realpath(want), os.path.realpath(have)
-            if want is not None and have != want:
-                raise UserError(f"latent cache {path} was built with {key}={have!r} but this run has {key}={want!r}: "
-                                f"rebuild it with `python data.py cache ...` (was: `{rebuild}`) into another --out")
-        missing = [f for f in CACHE_ARRAYS if not os.path.isfile(os.path.join(path, f))]
-        if missing:
-            raise UserError(f"latent cache {path} lacks {', '.join(missing)}: rebuild it with `{rebuild}`")
-        arrays = open_cache_arrays(path, meta)
-        done = arrays["done.npy"]
-        if not meta.get("complete") or not done.all():
-            raise UserError(f"latent cache {path} is incomplete ({int(done.sum())} of {len(done)} images encoded): "
-                            f"re-run `{rebuild}` to resume it")
-        self.set_hierarchy(read_hierarchy(meta.get("hierarchy"), os.path.join(path, "meta.json")))
+        self.meta, arrays = open_cache(path, expect or {})
+        self.set_hierarchy(self.meta["hierarchy"])
         self.labels = np.array(arrays["labels.npy"])  # (N,)
-        if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < self.num_classes:
-            raise UserError(f"latent cache {path}: labels.npy holds class ids outside [0, {self.num_classes})")
         self.targets = self.labels.tolist()
         if coarse:
             self.make_coarse()
-        self.image_size, self.latent_shape = meta["image_size"], meta["latent_shape"]
-        self.scale = latent_scale(meta["vae"]) if isinstance(meta.get("vae"), dict) else LATENT_SCALE
+        self.image_size, self.latent_shape = self.meta["image_size"], self.meta["latent_shape"]
+        self.scale = latent_scale(self.meta["vae"]) if isinstance(self.meta.get("vae"), dict) else LATENT_SCALE
         self._moments = None  # opened lazily, once per DataLoader worker
 
     def __len__(self):

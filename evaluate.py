@@ -53,14 +53,14 @@ from tqdm import tqdm
 
 import data
 import figures
-from cli import (ArgumentParser, UserError, device_name, finite_float, folder_path, int_in, nonnegative_int,
-                 out_file, out_of_memory_advice, positive_int, run_cli)
+from hardening import (MANIFEST, ArgumentParser, UserError, atomic_write, check_hierarchy, device_name, file_sha256,
+                       find_file, find_weights, finite_float, folder_path, init_distributed, int_in, load_strict,
+                       lock_folder, nonnegative_int, npz_member_layout, on_rank0, out_file, out_of_memory_advice,
+                       positive_int, read_checkpoint, read_json, read_manifest, read_npz, read_provenance, release,
+                       remove_stale_temp_files, run_cli, statistics_file, stats_hierarchy, worker_init, write_csv,
+                       write_json)
 from fid_inception import FID_WEIGHTS, inception_features, load_inception, unit_images
-from files import (atomic_write, file_sha256, find_weights, lock_folder, release, remove_stale_temp_files,
-                   worker_init, write_csv, write_json)
-from model import load_strict, read_checkpoint
-from sources import (MANIFEST, collate_images, dataset_images, load_hierarchy, open_images, read_manifest,
-                     read_provenance, statistics_file, stats_hierarchy)
+from model import inat21_hierarchy
 from sample import add_sampler_args, guide_labels, load_for_sampling, sample_images, sampler_of
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
@@ -389,6 +389,173 @@ def lpips_diversity(lpips, images, labels, num_pairs=1000, seed=0, superclass_of
 
 
 # -------------------------------------------------------------------------------------------------------------
+# What is scored: images with their classes and hierarchy, and what they are (the provenance statistics keep)
+# -------------------------------------------------------------------------------------------------------------
+# A generate folder (OUT/samples.json says each image's class and the hierarchy), an .npz of images (arr_0
+# (N, H, W, 3) uint8; optional labels and hierarchy), a folder of unlabelled images, or a data.py dataset. An image
+# always travels with its own label. Every reader pickles, so DataLoader workers start under any start method.
+
+ADM_CROP = "ADM centre crop"
+
+
+class ImageSource(Dataset):
+    """Images to score. item i -> (uint8 [3, H, W], class id or -1), or None for a real image left out (its file
+    cannot be read; collate_images drops it, its label with it); `labels` (N,); `hierarchy` or None.
+
+    `read(i)` gives image i as uint8 (H, W, 3) (or None). `made`: what the images are, as statistics record it:
+    {"source": {"kind", ...}, "image_size": [H, W] as scored, "crop": ADM_CROP or "none"}."""
+
+    def __init__(self, name, read, labels, hierarchy, made):
+        self.name, self.read, self.hierarchy, self.made = name, read, hierarchy, made
+        self.labels = np.asarray(labels, np.int64)
+        if hierarchy is not None and self.labels.max(initial=-1) >= len(hierarchy["superclass_of"]):
+            raise UserError(f"{name}: class id {self.labels.max()} is outside its hierarchy "
+                            f"({len(hierarchy['superclass_of'])} classes)")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.read(i)  # (H, W, 3)
+        if image is None:
+            return None
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1), int(self.labels[i])   # a copy: maps are read-only
+
+
+def read_png(path, image_size=0):
+    image = data.read_rgb(path)  # any format and Pillow mode; a file it cannot read is a UserError naming it
+    return np.array(data.center_crop_arr(image, image_size) if image_size else image)  # (H, W, 3)
+
+
+class ImageFiles:
+    """read(i): image file i, centre-cropped to image_size (0: as it is)."""
+
+    def __init__(self, files, image_size=0):
+        self.files, self.image_size = files, image_size
+
+    def __call__(self, i):
+        return read_png(self.files[i], self.image_size)
+
+
+class DatasetImages:
+    """read(i): item i of a data.py dataset itself (data.exact_item) as uint8, or None when its file cannot be read."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __call__(self, i):
+        item = data.exact_item(self.dataset, i)  # ((3, H, W) in [-1, 1], class id) or None
+        return None if item is None else ((item[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+class NpzImages:
+    """read(i): row i of an .npz's arr_0, memory-mapped when the member is stored uncompressed (np.savez, ADM's
+    batches), so any N costs no memory; a compressed one (np.savez_compressed) is read whole, once per process."""
+
+    def __init__(self, path):
+        self.path, self.shape, self.dtype, self.offset = path, *npz_member_layout(path, "arr_0.npy")
+        self._array = None
+
+    def __getstate__(self):                    # a worker opens its own map (a pickled memmap would copy the data)
+        return {**self.__dict__, "_array": None}
+
+    def array(self):
+        if self._array is None:
+            if self.offset is None:
+                self._array = read_npz(self.path, ["arr_0"])["arr_0"]
+            else:
+                self._array = np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
+        return self._array
+
+    def __call__(self, i):
+        return self.array()[i]
+
+
+def dataset_images(dataset, name, data=None, split=None, root=None):
+    """Real images of a data.py dataset (no flips), as uint8 with its labels and hierarchy. Each is the item itself
+    (data.exact_item), so labels[i] is its class; a file that cannot be read is left out, with a warning.
+    data, split, root: what the dataset is (--data, --split, --data-path), for the statistics' provenance."""
+    size = dataset.image_size
+    made = dict(source=dict(kind="dataset", data=data, split=split, root=root and os.path.realpath(root)),
+                image_size=[size, size], crop=ADM_CROP if hasattr(dataset, "files") else "none")
+    return ImageSource(name, DatasetImages(dataset), dataset.targets, dataset.hierarchy(), made)
+
+
+def load_hierarchy(spec):
+    """--hierarchy: 'inat21' (the built-in iNat21 table) or a JSON file with the three hierarchy keys."""
+    return inat21_hierarchy() if spec == "inat21" else check_hierarchy(read_json(spec, "hierarchy"), spec)
+
+
+def open_images(path, image_size=0, hierarchy=None):
+    """A generate folder (samples.json says each image's class and the hierarchy), an .npz (arr_0 [N, H, W, 3]
+    uint8; optional labels and hierarchy), or a folder of unlabelled images. `hierarchy` overrides the file's;
+    `image_size` centre-crops and resizes every image to it (0: as they are)."""
+    crop = ADM_CROP if image_size else "none"
+    if os.path.isdir(path):
+        manifest = read_manifest(path)
+        if manifest is None:
+            files = [os.path.join(path, f) for f in data.list_images(path)]
+            if not files:
+                raise UserError(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) and no samples.json in {path}")
+            size = [image_size] * 2 if image_size else first_image_size(files[0])
+            made = dict(source=dict(kind="folder", folder=os.path.realpath(path)), image_size=size, crop=crop)
+            return ImageSource(path, ImageFiles(files, image_size), [-1] * len(files), hierarchy, made)
+        files = [os.path.join(path, f) for f, _ in manifest["images"]]
+        missing = sum(not os.path.isfile(f) for f in files)
+        if missing:
+            raise UserError(f"{path}: {missing} of {len(files)} images are not generated yet: finish them with the "
+                            "same `evaluate.py generate` command")
+        size = image_size or manifest["made_by"].get("image_size")
+        made = dict(source=dict(kind="generate", folder=os.path.realpath(path), made_by=manifest["made_by"]),
+                    image_size=[size, size] if isinstance(size, int) else first_image_size(files[0]), crop=crop)
+        return ImageSource(path, ImageFiles(files, image_size), [c for _, c in manifest["images"]],
+                           hierarchy or manifest["hierarchy"], made)
+    path = find_file(path)
+    images = NpzImages(path)
+    if len(images.shape) != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise UserError(f"{path}: expected images arr_0 [N, H, W, 3] uint8, found {images.dtype} {list(images.shape)}")
+    extra = read_npz(path, ["labels", "hierarchy"])
+    labels = extra["labels"] if "labels" in extra else np.full(images.shape[0], -1)
+    if labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu":
+        raise UserError(f"{path}: labels {labels.dtype} {list(labels.shape)} are not one class id per image")
+    made = dict(source=dict(kind="npz", file=os.path.realpath(path)),
+                image_size=[image_size] * 2 if image_size else list(images.shape[1:3]), crop=crop)
+    return ImageSource(path, CroppedImages(images, image_size) if image_size else images, labels,
+                       hierarchy or stats_hierarchy(extra, path), made)
+
+
+class CroppedImages:
+    """read(i): another reader's image i, centre-cropped and resized to image_size (ADM's preprocessing)."""
+
+    def __init__(self, read, image_size):
+        self.read, self.image_size = read, image_size
+
+    def __call__(self, i):
+        return np.array(data.center_crop_arr(Image.fromarray(np.asarray(self.read(i))), self.image_size))
+
+
+def first_image_size(path):
+    """[H, W] of an image file, from its header."""
+    try:
+        with Image.open(path) as image:
+            return [image.height, image.width]
+    except Exception as e:       # whatever Pillow raises: the file is unusable
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def collate_images(batch):
+    """ImageSource items -> ([B, 3, H, W] uint8, [B] labels), less the images left out (None); B may be 0."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return torch.zeros(0, 3, 0, 0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)  # [0, 3, 0, 0], [0]
+    images, labels = zip(*batch)
+    if len({tuple(x.shape) for x in images}) > 1:
+        raise UserError("images differ in size; pass --image-size to centre-crop and resize them")
+    return torch.stack(images), torch.tensor(labels)
+
+
+
+# -------------------------------------------------------------------------------------------------------------
 # stats and fid
 # -------------------------------------------------------------------------------------------------------------
 
@@ -591,7 +758,7 @@ def cmd_generate(args):
     if (args.num_samples is None) == (args.per_class is None):
         raise UserError("give exactly one of --num-samples and --per-class")
     sampler = sampler_of(args)                             # a bad --steps or interval fails before any work
-    rank, world, device = data.init_distributed(args.device)
+    rank, world, device = init_distributed(args.device)
     model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae)
     guide_labels(model, torch.zeros(1, dtype=torch.long), args.guidance, args.cfg_scale)  # has the table the rows?
     inception = fid_reference_fits(args, info["config"]["image_size"]) if args.fid and rank == 0 else None
@@ -614,7 +781,7 @@ def cmd_generate(args):
             release(held.pop(), undo=True)
             raise
     try:
-        data.on_rank0(claim)                                                    # the others wait for it
+        on_rank0(claim)                                                    # the others wait for it
         generate_into(args, model, vae, jobs, sampler, made_tag(made_by), rank, world, device)
         if rank == 0 and args.npz:
             write_npz(args)

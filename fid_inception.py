@@ -12,9 +12,7 @@ import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 from tqdm import tqdm
 
-from cli import UserError
-from files import file_sha256, find_weights
-from model import load_strict, read_checkpoint
+from hardening import UserError, file_sha256, find_weights, load_strict, read_checkpoint
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 

@@ -24,11 +24,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data
-from cli import UserError, nonnegative_int, out_file
-from files import atomic_write, read_json, write_csv, write_json
-from hierarchy import read_hierarchy
-from model import (LABEL_TABLE, METHODS, build_model, checkpoint_tensors, published_layout, read_checkpoint,
-                   resolve_checkpoint)
+from hardening import (UserError, atomic_write, check_hierarchy, checkpoint_tensors, nonnegative_int, out_file,
+                       read_checkpoint, read_json, resolve_checkpoint, write_csv, write_json)
+from model import LABEL_TABLE, METHODS, build_model, published_layout
 from sample import (CFG_SCALE, add_sampler_args, guide_labels, load_for_sampling, resolve_class, sample_images,
                     sampler_of)
 
@@ -289,7 +287,7 @@ def label_table(path):
         raise UserError(f"{path} holds no label table ({LABEL_TABLE})")
     if "config" in ckpt:
         method = ckpt["config"].get("method", "?")
-        hierarchy = None if ckpt.get("hierarchy") is None else read_hierarchy(ckpt["hierarchy"], path)
+        hierarchy = None if ckpt.get("hierarchy") is None else check_hierarchy(ckpt["hierarchy"], path)
         with torch.device("meta"):                              # which rows the method's table has, at no cost
             embedder = build_model(**ckpt["config"]).y_embedder
         K, S = embedder.num_classes, embedder.num_superclasses

@@ -16,23 +16,16 @@ hierarchy inside the DiT it builds). The SD VAE is in vae.py; files and user err
 State-dict keys and shapes are those of the official DiT release, so `DiT-XL-2-256x256.pt` and the
 authors' `FineDiffusion-iNat.pt` load as they are.
 """
-import argparse
-import glob
 import math
 import os
-import sys
-import warnings
-import zipfile
-import zlib
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError
-from files import PUBLISHED, atomic_write, file_sha256, find_file
-from hierarchy import inat21_hierarchy, read_hierarchy
+from hardening import (UserError, atomic_write, check_hierarchy, checkpoint_tensors, file_sha256, find_file,
+                       load_strict, read_checkpoint, refuse_non_finite, resolve_checkpoint)
 
 # Label substitution while training (§3.2.1). The paper gives no number: 0.1 is the authors' code's
 # `class_dropout_prob`, which there swaps a label for its superclass row.
@@ -154,6 +147,53 @@ class FinalLayer(nn.Module):
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))   # (N, T, p*p*C_out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The label hierarchy: subclasses and their superclasses (paper §3.2)
+# ----------------------------------------------------------------------------------------------------------
+
+def make_hierarchy(class_names, superclass_names, superclass_of):
+    """The hierarchy: a plain, JSON-able dict that datasets, latent caches, checkpoints, the TieredEmbedder, FID
+    statistics and generated samples carry unchanged. Names are data, never recovered from file names (iNat21 has
+    "Ray-finned Fishes")."""
+    return dict(class_names=[str(n) for n in class_names], superclass_names=[str(n) for n in superclass_names],
+                superclass_of=[int(s) for s in superclass_of])
+
+
+# Superclass ids are the row order of the authors' FineDiffusion-iNat.pt label table: do not reorder.
+INAT21_SUPERCLASSES = ["Plants", "Insects", "Birds", "Fungi", "Reptiles", "Mammals", "Ray-finned Fishes",
+                       "Amphibians", "Mollusks", "Arachnids", "Animalia"]
+
+# iNat21 sorts its 10,000 species by taxonomy, so each supercategory is a contiguous id range (inclusive).
+# Ids outside every range belong to the json's catch-all supercategory "Animalia" (worms, crustaceans, ...).
+INAT21_ID_RANGES = [
+    (4, 156, "Arachnids"),
+    (175, 2700, "Insects"),
+    (2756, 2938, "Ray-finned Fishes"),
+    (2939, 3108, "Amphibians"),
+    (3111, 4596, "Birds"),
+    (4613, 4858, "Mammals"),
+    (4859, 5171, "Reptiles"),
+    (5219, 5387, "Mollusks"),
+    (5388, 5728, "Fungi"),
+    (5729, 9999, "Plants"),
+]
+
+
+def inat21_superclass_of(num_classes=10000):
+    """superclass_of for iNat21 class ids 0..num_classes-1 from the built-in id-range table (no json needed)."""
+    superclass_of = [INAT21_SUPERCLASSES.index("Animalia")] * num_classes
+    for first, last, name in INAT21_ID_RANGES:
+        for k in range(first, min(last, num_classes - 1) + 1):
+            superclass_of[k] = INAT21_SUPERCLASSES.index(name)
+    return superclass_of
+
+
+def inat21_hierarchy():
+    """iNat21's hierarchy without its json (e.g. to sample the authors' checkpoint): classes named by their
+    5-digit id, as the dataset's folders begin (04021 is 04021_Animalia_...)."""
+    return make_hierarchy([f"{k:05d}" for k in range(10000)], INAT21_SUPERCLASSES, inat21_superclass_of())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -447,31 +487,6 @@ def count_table2(name="DiT-XL/2", image_size=256, num_classes=10000, num_supercl
     return rows
 
 
-def load_strict(module, state, source, assign=False, expected=None):
-    """module.load_state_dict(state), each tensor checked first, a mismatch one line naming the first odd tensor: every
-    tensor `expected` (default: all of the module's) there, with its shape, no other, all finite (a NaN weight draws
-    black images). assign: the module takes the state's tensors (built on the meta device: nothing is copied)."""
-    own = module.state_dict()
-    for key, tensor in (own if expected is None else expected).items():
-        if key not in state:
-            raise UserError(f"{source}: missing tensor '{key}'")
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise UserError(f"{source}: tensor '{key}' has shape {list(state[key].shape)}, expected {list(tensor.shape)}")
-    for key in state:
-        if key not in (own if expected is None else expected):
-            raise UserError(f"{source}: unexpected tensor '{key}'")
-    refuse_non_finite(state, source)
-    module.load_state_dict(state, strict=expected is None, assign=assign)
-
-
-def refuse_non_finite(state, source):
-    """One line naming the first tensor of a state dict that holds a NaN or an infinity."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"{source}: tensor '{key}' holds non-finite values (NaN or inf): the file is damaged, or "
-                            "was saved from a run that diverged")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: official DiT, the authors' FineDiffusion, ours (all tensors, or only the tuned ones: a "delta")
 # ----------------------------------------------------------------------------------------------------------
@@ -497,115 +512,6 @@ def save_checkpoint(path, **fields):
     The official {"model", "ema"} layout is a subset, so an exported checkpoint also loads in DiT's own code.
     """
     atomic_write(path, lambda f: torch.save(fields, f))
-
-
-def read_checkpoint(path):
-    """torch.load with weights_only=True (checkpoints are untrusted: a pickle is code); argparse.Namespace is
-    allowed because the official and the authors' training checkpoints store their args as one. `path` is read as
-    given (resolve_checkpoint and find_file say which file a user means)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is not a file")
-    check_zip_crc(path)
-    try:
-        # torch's warnings (e.g. on a plain pickle) would add lines to the one below, and its hints suggest
-        # weights_only=False: exactly what must not be done with an untrusted file
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refusals are UnpicklingErrors naming "GLOBAL module.Class"
-        msg = str(e)
-        if "GLOBAL " in msg:
-            name = msg.split("GLOBAL ", 1)[1].split()[0]
-            raise UserError(f"refusing to load {path}: it pickles {name!r}, not only tensors "
-                            "(checkpoints are untrusted input)") from None
-        first = msg.strip().splitlines()[0] if msg.strip() and "weights only" not in msg.lower() else type(e).__name__
-        raise UserError(f"cannot read {path}: not a readable torch checkpoint ({first})") from None
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{path} is not a checkpoint: it holds a {type(ckpt).__name__}, not a dict of tensors")
-    return _unwrapped(ckpt, path)
-
-
-# Wrappers that put a prefix on every tensor name of the model they wrap: DistributedDataParallel and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _unwrapped(ckpt, path):
-    """The checkpoint with a wrapper's prefix taken off the tensor names, where every name carries it (said once)."""
-    taken = set()
-    for key in [k for k in ("model", "ema") if k in ckpt] or [None]:
-        state = ckpt if key is None else ckpt[key]
-        while isinstance(state, dict) and state and (prefix := next(
-                (p for p in WRAPPER_PREFIXES if all(isinstance(k, str) and k.startswith(p) for k in state)), None)):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-            taken.add(prefix)
-        ckpt = state if key is None else {**ckpt, key: state}
-    if taken and int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: {path}: every tensor name starts with {' / '.join(sorted(taken))} (a model saved inside "
-              "DistributedDataParallel or torch.compile): the prefix is taken off", file=sys.stderr)
-    return ckpt
-
-
-def check_zip_crc(path):
-    """torch.save writes a zip archive, which stores a CRC-32 of every entry: a file damaged on a disk or in a copy
-    fails it, and is refused here instead of loading weights that are silently wrong. (Legacy non-zip files carry no
-    checksum.)"""
-    if not zipfile.is_zipfile(path):
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
-            if packed:              # torch.save stores every record as it is: inflating one could cost any memory
-                raise UserError(f"refusing to load {path}: its record {packed[0]} is compressed, which torch.save "
-                                "never writes (a damaged or crafted file)")
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-        damaged = str(e)
-    if damaged is not None:
-        raise UserError(f"{path} is damaged ({damaged} fails its CRC-32 check): copy or download it again")
-
-
-def checkpoint_tensors(ckpt, weights="ema"):
-    """The state dict in a checkpoint: its "ema" (what one samples with, as the official sampler) or "model"
-    entry, or the checkpoint itself when it is a bare state dict (DiT-XL-2-256x256.pt)."""
-    if "model" in ckpt or "ema" in ckpt:
-        state = ckpt.get(weights, ckpt.get("model"))
-    else:
-        state = ckpt
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError("the checkpoint holds no state dict of tensors")
-    return state
-
-
-def latest_checkpoint(folder):
-    """The newest training checkpoint (`.../checkpoints/*.pt`) under a run folder or results/, or None."""
-    found = glob.glob(os.path.join(glob.escape(folder), "**", "checkpoints", "*.pt"), recursive=True)   # a name, not a pattern
-    return max(found, key=os.path.getmtime) if found else None
-
-
-AUTHORS_CHECKPOINT = "FineDiffusion-iNat.pt"
-
-
-def resolve_checkpoint(path=None):
-    """The checkpoint file a user means: every command resolves --ckpt, --init and --resume here, and reads and
-    hashes the file it returns. A file as given, else under pretrained/ by its name; a run folder means its newest
-    training checkpoint; no path means the newest under results/, else pretrained/FineDiffusion-iNat.pt."""
-    if path is None:
-        found = latest_checkpoint("results")
-        if found is None and os.path.isfile(os.path.join("pretrained", AUTHORS_CHECKPOINT)):
-            found = os.path.join("pretrained", AUTHORS_CHECKPOINT)
-        if found is None:
-            raise UserError(f"no --ckpt given and none found (looked in results/**/checkpoints/*.pt and pretrained/"
-                            f"{AUTHORS_CHECKPOINT}): train one (python train.py --data toy, see README) or put "
-                            f"{AUTHORS_CHECKPOINT} in pretrained/; it is {PUBLISHED[AUTHORS_CHECKPOINT]}")
-        return found
-    path = find_file(path)
-    if os.path.isdir(path):
-        found = latest_checkpoint(path)
-        if found is None:
-            raise UserError(f"no checkpoint in {path} (looked for {path}/**/checkpoints/*.pt): train one first, or "
-                            "pass a checkpoint file")
-        return found
-    return path
 
 
 def dit_config_from_state(state):
@@ -717,7 +623,7 @@ def load_model(path, base=None, weights="ema", base_flag="--base"):
         load_strict(model, tensors, path)
         return model.eval(), dict(path=path, config=config, args={}, step=None, time_s=None, vae=None)
     config = _config_of(ckpt, path)
-    hierarchy = None if ckpt.get("hierarchy") is None else read_hierarchy(ckpt["hierarchy"], path)
+    hierarchy = None if ckpt.get("hierarchy") is None else check_hierarchy(ckpt["hierarchy"], path)
     model = build_model(**config, hierarchy=hierarchy)
     if ckpt.get("base"):                                         # the tuned tensors, over the base's
         load_pretrained(model, base_tensors(ckpt, base, base_flag))

@@ -30,11 +30,11 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from cli import (ArgumentParser, RunFailed, UserError, device_name, finite_float, folder_path, int_in,
-                 nonnegative_int, out_file, out_of_memory_advice, positive_int, precision_context, run_cli)
 from diffusion import TRAINED_STEPS, create_diffusion
-from files import atomic_write
-from model import AUTHORS_CHECKPOINT, load_model
+from hardening import (AUTHORS_CHECKPOINT, ArgumentParser, RunFailed, UserError, atomic_write, device_name, finite_float,
+                       folder_path, int_in, nonnegative_int, out_file, out_of_memory_advice, positive_int,
+                       precision_context, run_cli)
+from model import load_model
 from vae import LATENT_SCALE, AutoencoderKL, latent_scale, same_vae
 
 CFG_SCALE = 4.0         # paper §4.2: the guidance scale w of every table

@@ -46,29 +46,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench  # noqa: E402
-import cli  # noqa: E402
+sys.path.insert(0, os.path.join(HERE, "tools"))
+import gpu_check  # noqa: E402
+import hardening  # noqa: E402
 import data  # noqa: E402
 import diffusion as diffusion_module  # noqa: E402
 import evaluate  # noqa: E402
 import fid_inception  # noqa: E402
 import figures  # noqa: E402
-import sources  # noqa: E402
-import hierarchy as hierarchy_module  # noqa: E402
 import model as model_module  # noqa: E402
 import sample as sample_module  # noqa: E402
-import runs  # noqa: E402
 import toy as toy_module  # noqa: E402
 import train  # noqa: E402
 import vae as vae_module  # noqa: E402
 from diffusion import create_diffusion, space_timesteps  # noqa: E402
-from evaluate import (LPIPS, compute_stats, feature_stats, fid_table, frechet_distance, load_inception,  # noqa: E402
+from evaluate import (LPIPS, compute_stats, feature_stats, fid_table, frechet_distance, load_inception, open_images,  # noqa: E402
                       lpips_diversity, sample_pairs)
 from fid_inception import FIDInceptionV3, inception_features  # noqa: E402
-from sources import open_images  # noqa: E402
-from cli import UserError  # noqa: E402
+from hardening import UserError  # noqa: E402
 from model import (DiT_models, build_model, count_table2, dit_config_from_state, is_trainable, load_model,  # noqa: E402
                    load_pretrained, set_trainable)
-from vae import AutoencoderKL, load_safetensors  # noqa: E402
+from hardening import load_safetensors  # noqa: E402
+from vae import AutoencoderKL  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +89,7 @@ def run_main(module, *argv, capsys):
     """A script's command line run in this process, as run_cli runs it (seconds faster than run_script), reported
     as run_script reports it."""
     capsys.readouterr()
-    code = cli.run_cli(lambda: module.main([str(a) for a in argv]))
+    code = hardening.run_cli(lambda: module.main([str(a) for a in argv]))
     out = capsys.readouterr()
     return subprocess.CompletedProcess(argv, code, out.out, out.err)
 
@@ -148,7 +147,7 @@ def tiny_dit(**kw):
 
 def hierarchy_of(superclass_of):
     """A hierarchy with made-up names over the given superclass_of."""
-    return hierarchy_module.make_hierarchy([f"class{k}" for k in range(len(superclass_of))],
+    return model_module.make_hierarchy([f"class{k}" for k in range(len(superclass_of))],
                                            [f"super{s}" for s in range(max(superclass_of) + 1)], superclass_of)
 
 
@@ -165,7 +164,7 @@ def seeded_state(template, skip=("pos_embed",)):
     """Weights that any implementation can rebuild from the published tensor names and shapes alone.
 
     Tensor `name` is drawn from a generator seeded with crc32(name): the reference script
-    (reference/make_references.py) loads the same tensors into the official DiT, diffusers, pytorch-fid and
+    (tools/make_references.py) loads the same tensors into the official DiT, diffusers, pytorch-fid and
     lpips, so the fixtures carry only inputs and outputs, never weights. Scales keep activations O(1) through
     deep ReLU nets: weights ~ N(0, 2/fan_in) (He), norm scales ~ 1 + N(0, 0.1^2), BatchNorm variances in
     [0.5, 1.5], biases and other vectors ~ N(0, 0.1^2). `skip`: tensors each implementation computes itself
@@ -218,9 +217,8 @@ def test_the_reading_guide_names_only_what_exists_in_two_files_and_four_function
 
 def test_the_imports_form_a_tree_with_the_helpers_then_model_and_diffusion_at_the_bottom():
     import ast
-    layer = {"cli": 0, "files": 1, "hierarchy": 1, "model": 2, "diffusion": 0, "vae": 3, "data": 4, "sample": 5,
-             "sources": 5, "fid_inception": 3, "figures": 6, "runs": 5, "train": 6, "evaluate": 7, "bench": 8,
-             "toy": 0}
+    layer = {"hardening": 0, "diffusion": 0, "toy": 0, "model": 1, "vae": 1, "fid_inception": 1, "data": 2,
+             "sample": 2, "figures": 3, "train": 3, "evaluate": 4, "bench": 5}
     for name, level in layer.items():
         tree = ast.parse(open(os.path.join(HERE, f"{name}.py")).read())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
@@ -918,12 +916,12 @@ def test_q_sample_with_given_noise_is_exactly_sqrt_abar_x0_plus_sqrt_one_minus_a
 # ------------------------------------------------------------------------------------------------------------
 # Reference values: the official DiT, the authors' FineDiffusion, diffusers, pytorch-fid, lpips
 # ------------------------------------------------------------------------------------------------------------
-# reference/values.safetensors holds inputs and the reference implementations' outputs for small models whose
-# weights both sides draw with seeded_state; reference/make_references.py wrote it (its docstring: versions,
+# tools/reference_values.safetensors holds inputs and the reference implementations' outputs for small models whose
+# weights both sides draw with seeded_state; tools/make_references.py wrote it (its docstring: versions,
 # commits, command line). Tolerances absorb other CPU kernels (rtol 1e-5 for one forward pass, looser for
 # sampling loops that compound round-off) and still fail on any one-line numeric change.
 
-REFERENCE_VALUES = os.path.join(HERE, "reference", "values.safetensors")
+REFERENCE_VALUES = os.path.join(HERE, "tools", "reference_values.safetensors")
 REF_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4)
 REF_VAE_CONFIG = {  # diffusers' config.json of the reference script's small AutoencoderKL
     "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "act_fn": "silu", "block_out_channels": [32, 64],
@@ -942,7 +940,7 @@ CLI_VAE_CONFIG = {  # diffusers' config.json of the VAE of the reference script'
 
 @pytest.fixture(scope="module")
 def reference():
-    """{name: tensor} of reference/values.safetensors, read with our own .safetensors reader."""
+    """{name: tensor} of tools/reference_values.safetensors, read with our own .safetensors reader."""
     return load_safetensors(REFERENCE_VALUES)
 
 
@@ -980,7 +978,7 @@ def official_small_dit():
 
 def authors_fine_dit():
     """The authors' FineDiffusion layout: 10,000 iNat21 subclass rows + 11 superclass rows, LayerNorm affine."""
-    return seeded_dit(num_classes=10000, num_superclasses=11, hierarchy=hierarchy_module.inat21_hierarchy(),
+    return seeded_dit(num_classes=10000, num_superclasses=11, hierarchy=model_module.inat21_hierarchy(),
                       null_class=False, norm_affine=True)
 
 
@@ -2072,9 +2070,9 @@ def test_a_16bit_png_reads_as_its_8bit_original_in_training_statistics_and_evalu
     Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "b_16bit.png")
     dataset = data.build_dataset("folder", str(tmp_path), image_size=8, flip=False)
     assert torch.equal(dataset[0][0], dataset[1][0])
-    source = sources.dataset_images(dataset, "real")
+    source = evaluate.dataset_images(dataset, "real")
     assert torch.equal(source[0][0], source[1][0])
-    assert np.array_equal(sources.read_png(str(folder / "a_8bit.png")), sources.read_png(str(folder / "b_16bit.png")))
+    assert np.array_equal(evaluate.read_png(str(folder / "a_8bit.png")), evaluate.read_png(str(folder / "b_16bit.png")))
 
 
 def test_preview_rows_show_each_readable_image_of_their_class_once(tmp_path, capsys):
@@ -2456,7 +2454,7 @@ def test_inception_features_accept_a_tensor_or_a_loader_of_uint8_batches():
 
 def folder_images(root, size=16):
     """The real images of a two-level folder, as `evaluate.py stats --data folder` reads them."""
-    return sources.dataset_images(data.build_dataset("folder", str(root), size, split="val", flip=False), str(root))
+    return evaluate.dataset_images(data.build_dataset("folder", str(root), size, split="val", flip=False), str(root))
 
 
 def test_real_images_of_a_two_level_folder_carry_its_hierarchy_and_exact_pixels(labelled_folder):
@@ -2474,7 +2472,7 @@ def test_class_labelled_images_take_superclasses_from_a_hierarchy_file(tmp_path)
     np.savez(tmp_path / "gen.npz", arr_0=images, labels=np.array([0, 1, 2]))
     hierarchy = dict(class_names=["a", "b", "c"], superclass_names=["Fungi", "Birds"], superclass_of=[1, 0, 1])
     (tmp_path / "h.json").write_text(json.dumps(hierarchy))
-    source = open_images(str(tmp_path / "gen.npz"), 0, sources.load_hierarchy(str(tmp_path / "h.json")))
+    source = open_images(str(tmp_path / "gen.npz"), 0, evaluate.load_hierarchy(str(tmp_path / "h.json")))
     assert list(source.labels) == [0, 1, 2] and source.hierarchy == hierarchy
     assert list(evaluate.superclasses_of(source.labels, source.hierarchy)) == [1, 0, 1]
 
@@ -2482,7 +2480,7 @@ def test_class_labelled_images_take_superclasses_from_a_hierarchy_file(tmp_path)
 def test_stats_are_grouped_per_superclass(labelled_folder):
     stats = compute_stats(folder_images(labelled_folder), MeanColour(), progress=False)
     assert int(stats["count"]) == 30
-    assert sources.stats_hierarchy(stats)["superclass_names"] == ["Birds", "Fungi", "Plants"]
+    assert evaluate.stats_hierarchy(stats)["superclass_names"] == ["Birds", "Fungi", "Plants"]
     assert [int(stats[f"count_{s}"]) for s in range(3)] == [12, 6, 12]
     assert stats["mu_1"].shape == (3,) and stats["sigma_1"].shape == (3, 3)
     assert stats["mu_2"][0] > stats["mu_0"][0]  # Plants were tinted redder than Birds
@@ -2548,7 +2546,7 @@ def test_stats_of_a_tree_with_a_broken_file_count_each_image_once_under_its_own_
                         "--out", tmp_path / "x.npz", "--workers", "0", "--device", "cpu", capsys=capsys)
     assert proc.returncode == 0, proc.stderr
     stats = np.load(tmp_path / "x.npz")
-    assert sources.stats_hierarchy(stats)["superclass_names"] == ["A", "B"]
+    assert evaluate.stats_hierarchy(stats)["superclass_names"] == ["A", "B"]
     assert (int(stats["count"]), int(stats["count_0"]), int(stats["count_1"])) == (6, 3, 3)
     for s, superclass in enumerate(colours):
         alone = compute_stats(open_images(str(tmp_path / superclass)), MeanColour(), progress=False)
@@ -2648,7 +2646,7 @@ def test_cli_unreadable_image_in_a_worker_is_one_error_line(tmp_path, monkeypatc
     (tmp_path / "gen").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "gen" / "0.png")
     (tmp_path / "gen" / "9.png").write_bytes(b"not a png")
-    code = cli.run_cli(lambda: evaluate.main(["fid", "--real", str(tmp_path / "x.npz"), "--fake",
+    code = hardening.run_cli(lambda: evaluate.main(["fid", "--real", str(tmp_path / "x.npz"), "--fake",
                                                        str(tmp_path / "gen"), "--workers", "1", "--pairs", "0"]))
     stderr = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and stderr[-1].startswith("error: cannot read image") and "9.png" in stderr[-1]
@@ -2805,7 +2803,7 @@ def test_delta_checkpoint_of_dit_xl2_finediffusion_is_under_2_percent_of_the_ful
 
 def test_init_takes_the_newest_checkpoint_of_a_run_folder_given_by_an_absolute_path(tmp_path, base_ckpt):
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(base_ckpt)))     # .../run/checkpoints/0000001.pt
-    assert model_module.resolve_checkpoint(run_dir) == os.path.abspath(base_ckpt)
+    assert hardening.resolve_checkpoint(run_dir) == os.path.abspath(base_ckpt)
 
 
 @pytest.mark.parametrize("tune, table, rows, trained", [("full", "tiered", 32 + 8, 1.0),
@@ -3010,7 +3008,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base
         return terms
 
     monkeypatch.setattr(diffusion_module.GaussianDiffusion, "training_losses", poisoned)
-    with pytest.raises(cli.RunFailed, match=r"nan at step 3.*0000002\.pt"):
+    with pytest.raises(hardening.RunFailed, match=r"nan at step 3.*0000002\.pt"):
         run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "5", "--ckpt-every", "2",
                   "--run-dir", tmp_path)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000002.pt"]
@@ -3262,10 +3260,9 @@ BAD_ARGUMENTS = [
     ("bench", ["--image-size", "60"], ["--image-size 60", "multiple of 16"]),
     ("bench", ["--sample-batches", "1"], ["--sample-batches", ">= 2"]),
     ("bench", ["--device", "tpu"], ["--device"]),
-    ("bench", ["--gpu-check", "--device", "cpu"], ["--gpu-check runs on a CUDA GPU", "--device cpu"]),
-    ("bench", ["--gpu-check", "--quick", "--only", "train"], ["fixed plan", "--only, --quick would not apply"]),
-    ("bench", ["--gpu-check", "--precision", "fp32"], ["--precision would not apply"]),   # even as the default
-    ("bench", ["--peak-tflops", "500"], ["--peak-tflops is for --gpu-check"]),
+    ("bench", ["--gpu-check", "--only", "train"], ["unrecognized arguments: --only train"]),
+    ("bench", ["--gpu-check", "--sample-batches", "2"], ["unrecognized arguments: --sample-batches 2"]),
+    ("bench", ["--peak-tflops", "500"], ["unrecognized arguments: --peak-tflops 500"]),
     ("bench", ["--gpu-check", "--peak-tflops", "0"], ["--peak-tflops", "positive"]),
     ("evaluate", ["generate", "--ckpt", "ckpt.pt", "--out", "gen", "--num-samples", "1000000000000"],
      ["--num-samples", "[1, 1000000]"]),
@@ -3819,7 +3816,7 @@ def test_a_corrupt_cached_toy_classifier_is_trained_again(tmp_path, monkeypatch)
     monkeypatch.setattr(data, "ToyDataset", functools.partial(data.ToyDataset, images_per_class=4))
     (tmp_path / "toy_classifier_16px.pt").write_bytes(b"cut short by a full disk")
     assert isinstance(evaluate.toy_classifier(16, str(tmp_path), epochs=1), evaluate.ToyClassifier)
-    model_module.load_strict(evaluate.ToyClassifier(32), torch.load(tmp_path / "toy_classifier_16px.pt"), "cache")
+    hardening.load_strict(evaluate.ToyClassifier(32), torch.load(tmp_path / "toy_classifier_16px.pt"), "cache")
 
 
 def test_a_moved_base_is_asked_for_with_the_flag_each_script_has(tmp_path, base_ckpt, capsys):
@@ -3890,7 +3887,7 @@ def test_without_a_ckpt_the_newest_run_under_results_comes_before_the_authors_ch
     for path in ("pretrained/FineDiffusion-iNat.pt", "results/000-run/checkpoints/0000001.pt"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "wb").close()
-    assert model_module.resolve_checkpoint() == os.path.join("results", "000-run", "checkpoints", "0000001.pt")
+    assert hardening.resolve_checkpoint() == os.path.join("results", "000-run", "checkpoints", "0000001.pt")
 
 
 def test_the_designs_train_command_names_each_missing_file_where_it_looked_and_where_it_is_published(
@@ -3911,7 +3908,7 @@ def test_the_designs_train_command_names_each_missing_file_where_it_looked_and_w
 
 
 def test_under_torchrun_a_user_error_found_by_rank_0_stops_every_rank_and_is_said_once(tmp_path):
-    lock = runs.lock_run_dir(str(tmp_path / "run"))       # this process holds the run folder: only rank 0 can tell
+    lock = hardening.lock_folder(str(tmp_path / "run"))       # this process holds the run folder: only rank 0 can tell
     try:
         proc = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                           os.path.join(HERE, "train.py"), *TINY_TRAIN, "--init", "none", "--global-batch-size", "4",
@@ -3931,8 +3928,12 @@ def test_under_torchrun_a_user_error_found_by_rank_0_stops_every_rank_and_is_sai
 # bench.py and the README's quickstart
 # ------------------------------------------------------------------------------------------------------------
 
-def test_bench_quick_emits_json_with_every_figure(tmp_path):
-    proc = run_script("bench.py", "--quick", "--out", tmp_path / "bench.json")
+SMALL_BENCH = ["--model", "DiT-T/4", "--image-size", 64, "--batch", 4, "--sample-batches", 2, 4, "--repeats", 2,
+               "--warmup", 1, "--loop-repeats", 1]
+
+
+def test_bench_emits_json_with_every_figure(tmp_path):
+    proc = run_script("bench.py", *SMALL_BENCH, "--out", tmp_path / "bench.json")
     assert proc.returncode == 0, proc.stderr
     result = json.load(open(tmp_path / "bench.json"))
     assert set(result["train"]) == {"full", "bitfit", "difffit", "finediffusion"}
@@ -3948,8 +3949,8 @@ def test_bench_quick_emits_json_with_every_figure(tmp_path):
     assert "speed-up" in proc.stdout and "SD VAE decode, s per image" in proc.stdout
 
 
-def test_bench_quick_projects_each_samplers_cost_with_and_without_a_guidance_interval(tmp_path):
-    proc = run_script("bench.py", "--quick", "--only", "samplers", "--out", tmp_path / "bench.json")
+def test_bench_projects_each_samplers_cost_with_and_without_a_guidance_interval(tmp_path):
+    proc = run_script("bench.py", *SMALL_BENCH, "--only", "samplers", "--out", tmp_path / "bench.json")
     assert proc.returncode == 0, proc.stderr
     s = json.load(open(tmp_path / "bench.json"))["samplers"]
     runs = {(r["sampler"], r["steps"], r["guidance_interval"] is not None): r for r in s["runs"]}
@@ -3977,7 +3978,7 @@ def test_gpu_check_without_cuda_says_it_needs_a_gpu_in_one_line_and_writes_nothi
 
 
 def test_gpu_check_counts_model_flops_from_the_dit_papers_118_6_gflops_as_multiply_adds():
-    forward = bench.GPU_CHECK["forward_flops"]
+    forward = gpu_check.GPU_CHECK["forward_flops"]
     assert forward == 2 * 118.6e9                        # DiT paper Table 4, DiT-XL/2 at 256 px: 118.6 G multiply-adds
     with torch.device("meta"):                           # torch's own count: a multiply-add is 2 FLOPs
         dit = DiT_models["DiT-XL/2"](input_size=32)
@@ -3985,14 +3986,14 @@ def test_gpu_check_counts_model_flops_from_the_dit_papers_118_6_gflops_as_multip
             dit(torch.randn(1, 4, 32, 32), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     assert counter.get_total_flops() == pytest.approx(forward, rel=1e-3)
     # a step: forward + backward, 2x the forward for full fine-tuning, 1x for FineDiffusion
-    assert bench.step_flops("full", 256, forward) == pytest.approx(256 * 3 * 237.2e9)      # 182.2 PFLOP
-    assert bench.step_flops("finediffusion", 256, forward) == pytest.approx(256 * 2 * 237.2e9)
+    assert gpu_check.step_flops("full", 256, forward) == pytest.approx(256 * 3 * 237.2e9)      # 182.2 PFLOP
+    assert gpu_check.step_flops("finediffusion", 256, forward) == pytest.approx(256 * 2 * 237.2e9)
     run = dict(method="finediffusion", batch=256, seconds_per_step=0.5)
-    figures = bench.throughput(run, forward, peak=989)
+    figures = gpu_check.throughput(run, forward, peak=989)
     assert figures["images_per_s"] == 512
     assert figures["tflops"] == pytest.approx(121.4464 / 0.5)                               # 242.9 TFLOP/s
     assert figures["mfu"] == pytest.approx(242.8928 / 989)                                  # 24.6%
-    assert bench.throughput(run, forward, peak=None)["mfu"] is None
+    assert gpu_check.throughput(run, forward, peak=None)["mfu"] is None
 
 
 @pytest.mark.parametrize("gpu, peak", [("NVIDIA H100 80GB HBM3, 80 GiB", 989), ("NVIDIA H100 PCIe, 80 GiB", 756),
@@ -4000,8 +4001,8 @@ def test_gpu_check_counts_model_flops_from_the_dit_papers_118_6_gflops_as_multip
                                        ("NVIDIA L4, 22 GiB", 121), ("NVIDIA L40S, 45 GiB", None),
                                        ("NVIDIA GeForce RTX 4090, 24 GiB", 165), ("Tesla T4, 15 GiB", None), (None, None)])
 def test_gpu_check_takes_the_peak_from_the_datasheet_of_the_gpu_it_names(gpu, peak):
-    assert bench.peak_tflops(gpu) == peak
-    assert bench.peak_tflops(gpu, given=500.0) == 500.0                                      # --peak-tflops
+    assert gpu_check.peak_tflops(gpu) == peak
+    assert gpu_check.peak_tflops(gpu, given=500.0) == 500.0                                      # --peak-tflops
 
 
 def test_gpu_check_batch_search_doubles_until_a_batch_runs_out_of_memory():
@@ -4009,34 +4010,34 @@ def test_gpu_check_batch_search_doubles_until_a_batch_runs_out_of_memory():
         def step(batch):
             if batch > limit:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return lambda batch: bench.fits_in_memory(step, batch)
+        return lambda batch: gpu_check.fits_in_memory(step, batch)
 
-    assert bench.largest_batch(fits_up_to(300), 32, 2048) == (256, [[32, True], [64, True], [128, True], [256, True],
+    assert gpu_check.largest_batch(fits_up_to(300), 32, 2048) == (256, [[32, True], [64, True], [128, True], [256, True],
                                                                     [512, False]])
-    assert bench.largest_batch(fits_up_to(10 ** 6), 32, 128) == (128, [[32, True], [64, True], [128, True]])  # the cap
-    assert bench.largest_batch(fits_up_to(20), 32, 2048) == (16, [[32, False], [16, True]])   # 32 too large: halves
-    assert bench.largest_batch(fits_up_to(0), 4, 2048) == (None, [[4, False], [2, False], [1, False]])
+    assert gpu_check.largest_batch(fits_up_to(10 ** 6), 32, 128) == (128, [[32, True], [64, True], [128, True]])  # the cap
+    assert gpu_check.largest_batch(fits_up_to(20), 32, 2048) == (16, [[32, False], [16, True]])   # 32 too large: halves
+    assert gpu_check.largest_batch(fits_up_to(0), 4, 2048) == (None, [[4, False], [2, False], [1, False]])
 
     def broken(batch):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     with pytest.raises(RuntimeError, match="illegal memory access"):         # only running out of memory is "no fit"
-        bench.fits_in_memory(broken, 32)
+        gpu_check.fits_in_memory(broken, 32)
 
 
 def test_gpu_check_fails_a_measurement_whose_loss_is_not_finite():
     assert bench.read_losses([torch.tensor(0.25), torch.tensor(0.125)]) == [0.25, 0.125]
-    with pytest.raises(cli.RunFailed, match="loss is nan at step 2 of 3"):
+    with pytest.raises(hardening.RunFailed, match="loss is nan at step 2 of 3"):
         bench.read_losses([torch.tensor(0.25), torch.tensor(float("nan")), torch.tensor(0.125)])
-    with pytest.raises(cli.RunFailed, match="loss is inf at step 1 of 1"):
+    with pytest.raises(hardening.RunFailed, match="loss is inf at step 1 of 1"):
         bench.read_losses([torch.tensor(float("inf"), dtype=torch.float16)])
 
 
 def gpu_check_results(gpu="NVIDIA H100 80GB HBM3, 80 GiB"):
     """What --gpu-check records, as it would on an H100: some parts done, one failed, others not reached."""
-    plan = bench.GPU_CHECK
+    plan = gpu_check.GPU_CHECK
     done = dict(method="finediffusion", precision="bf16", compile=False, batch=256, seconds_per_step=0.5,
                 peak_memory_mb=61440, losses=[0.2, 0.1553])
-    done.update(bench.throughput(done, plan["forward_flops"], bench.peak_tflops(gpu)))
+    done.update(gpu_check.throughput(done, plan["forward_flops"], gpu_check.peak_tflops(gpu)))
     return dict(check="gpu", device="cuda", gpu=gpu, torch="2.5.1", plan=plan, peak_tflops=None, seconds=412.0,
                 search={"finediffusion": dict(batch=256, tried=[[32, True], [64, True], [128, True], [256, True],
                                                                 [512, False]]),
@@ -4051,7 +4052,7 @@ def gpu_check_results(gpu="NVIDIA H100 80GB HBM3, 80 GiB"):
 
 
 def test_gpu_check_table_reads_its_figures_from_the_results():
-    table = bench.gpu_check_report(gpu_check_results()).splitlines()
+    table = gpu_check.gpu_check_report(gpu_check_results()).splitlines()
     assert table[0].startswith("gpu-check on NVIDIA H100 80GB HBM3, 80 GiB, torch 2.5.1, 412 s: DiT-XL/2 at 256 px")
     assert "a forward pass is 237.2 GFLOP an image" in table[1] and "MFU against 989 TFLOP/s (datasheet" in table[1]
     rows = [line.split() for line in table if line.startswith("  finediffusion") or line.startswith("  full")]
@@ -4064,16 +4065,16 @@ def test_gpu_check_table_reads_its_figures_from_the_results():
     assert ("sampling: one 256x256 image, fine-grained guidance 4, DPM-Solver++(2M) in 20 steps, SD VAE decode, "
             "bf16: 0.71 s (4.20 s the first time)") in text
     assert table[-1] == "DDP smoke test: skipped: 1 GPU visible, the test needs 2"
-    unknown = bench.gpu_check_report(gpu_check_results(gpu="Tesla T4, 15 GiB"))
+    unknown = gpu_check.gpu_check_report(gpu_check_results(gpu="Tesla T4, 15 GiB"))
     assert "peak unknown for this GPU (give --peak-tflops)" in unknown and "      ?" in unknown
 
 
 def test_gpu_check_runs_out_of_time_part_by_part_and_keeps_a_table_and_json(tmp_path, monkeypatch, capsys):
     def no_worker(*args, **kwargs):
         raise AssertionError("a worker started after the budget was spent")
-    monkeypatch.setattr(bench, "run_worker", no_worker)
-    args = bench.parse_args(["--gpu-check", "--out", str(tmp_path / "gpu.json")])
-    bench.gpu_check(args, {**bench.GPU_CHECK, "budget_seconds": 0})
+    monkeypatch.setattr(gpu_check, "run_worker", no_worker)
+    args = gpu_check.parse_args(["--out", str(tmp_path / "gpu.json")])
+    gpu_check.gpu_check(args, {**gpu_check.GPU_CHECK, "budget_seconds": 0})
     out, err = capsys.readouterr()
     saved = json.load(open(tmp_path / "gpu.json"))
     assert all(s == {"skipped": "the time budget was spent"} for s in saved["search"].values())
@@ -4100,7 +4101,7 @@ def test_a_worker_past_its_time_is_stopped_with_the_processes_it_started(tmp_pat
             bench.run_worker("the DDP smoke test", ["--worker", "ddp", "--method", "finediffusion", "--model", "DiT-T/4",
                                                     "--image-size", "32", "--device", "cpu", "--precision", "fp32",
                                                     "--batch", "2", "--repeats", "1000000", "--out", marker],
-                             timeout=20, launcher=bench.TORCHRUN_2)
+                             timeout=20, launcher=gpu_check.TORCHRUN_2, script=gpu_check.ME)
     finally:
         stop.set()
         watcher.join()
@@ -4126,22 +4127,22 @@ def test_gpu_check_rehearsed_on_a_cpu_runs_every_part_and_records_it(tmp_path, m
     JSON. Workers run in this process (seconds, not a start-up each) except DDP: 2 processes under torchrun, gloo."""
     real_run_worker = bench.run_worker
 
-    def in_process(what, argv, timeout=None, launcher=()):
+    def in_process(what, argv, timeout=None, launcher=(), script=None):
         if launcher:
-            return real_run_worker(what, argv, timeout, launcher)
+            return real_run_worker(what, argv, timeout, launcher, script)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            bench.main([str(a) for a in argv])
+            (bench if script == bench.__file__ else gpu_check).main([str(a) for a in argv])
         return json.loads(printed.getvalue().strip().splitlines()[-1])
 
-    monkeypatch.setattr(bench, "run_worker", in_process)
-    monkeypatch.setattr(bench, "AutoencoderKL", functools.partial(AutoencoderKL, block_out_channels=(32, 32, 32, 32),
-                                                                  layers_per_block=1))
+    monkeypatch.setattr(gpu_check, "run_worker", in_process)
+    monkeypatch.setattr(gpu_check, "AutoencoderKL", functools.partial(AutoencoderKL, block_out_channels=(32, 32, 32, 32),
+                                                                      layers_per_block=1))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    plan = {**bench.GPU_CHECK, "model": "DiT-T/4", "image_size": 32, "first_batch": 2, "max_batch": 4,
+    plan = {**gpu_check.GPU_CHECK, "model": "DiT-T/4", "image_size": 32, "first_batch": 2, "max_batch": 4,
             "repeats": 1, "warmup": 1, "fp16_steps": 3, "compile": False, "ddp_batch": 2, "budget_seconds": 300}
-    args = bench.parse_args(["--gpu-check", "--out", str(tmp_path / "gpu.json")])
-    results = bench.gpu_check(args, plan)
+    args = gpu_check.parse_args(["--out", str(tmp_path / "gpu.json")])
+    results = gpu_check.gpu_check(args, plan)
     out, err = capsys.readouterr()
     assert json.load(open(tmp_path / "gpu.json")) == json.loads(json.dumps(results))
     for method in ("finediffusion", "full"):
@@ -4151,7 +4152,7 @@ def test_gpu_check_rehearsed_on_a_cpu_runs_every_part_and_records_it(tmp_path, m
                     ("full", "fp16", 4, 3)]
     for r in results["runs"]:
         assert r["seconds_per_step"] > 0 and all(math.isfinite(loss) for loss in r["losses"])
-        assert r["tflops"] == pytest.approx(bench.step_flops(r["method"], 4, plan["forward_flops"])
+        assert r["tflops"] == pytest.approx(gpu_check.step_flops(r["method"], 4, plan["forward_flops"])
                                             / r["seconds_per_step"] / 1e12)
         assert r["mfu"] is None                                   # a CPU has no datasheet peak
     assert results["sample"]["shape"] == [1, 32, 32, 3] and results["sample"]["seconds"] > 0
@@ -4562,7 +4563,7 @@ def racing_mkdir(monkeypatch, name):
     def mkdir_after_the_other_run(path, *args):
         if os.path.basename(path) == name and not os.path.exists(path) and not held:
             mkdir(path)
-            held.append(runs.lock_run_dir(path))           # the other run holds it from now on
+            held.append(hardening.lock_folder(path))           # the other run holds it from now on
         return mkdir(path, *args)
     monkeypatch.setattr(os, "mkdir", mkdir_after_the_other_run)
     return held
@@ -4575,7 +4576,7 @@ def test_two_auto_numbered_runs_started_together_get_two_folders_and_the_other_r
                     "--results-dir", tmp_path)
     assert held and os.path.basename(out["run_dir"]) == "001-DiT-T-4-full"
     with pytest.raises(UserError, match="in use by another training run"):      # the other run's lock is intact
-        runs.lock_run_dir(tmp_path / "000-DiT-T-4-full")
+        hardening.lock_folder(tmp_path / "000-DiT-T-4-full")
 
 
 def test_a_run_refused_a_folder_another_run_just_took_leaves_that_folder_alone(tmp_path, monkeypatch):
@@ -4585,7 +4586,7 @@ def test_a_run_refused_a_folder_another_run_just_took_leaves_that_folder_alone(t
                   "--run-dir", tmp_path / "run")
     assert held and sorted(os.listdir(tmp_path / "run")) == [".lock", "checkpoints"]
     with pytest.raises(UserError, match="in use by another training run"):
-        runs.lock_run_dir(tmp_path / "run")
+        hardening.lock_folder(tmp_path / "run")
 
 
 def test_statistics_of_pytorch_fid_and_of_adm_give_the_overall_fid_and_say_what_they_lack(tmp_path, capsys):
@@ -4661,7 +4662,7 @@ def test_a_checkpoint_that_cannot_be_written_names_the_last_good_one(tmp_path, b
             raise OSError(errno.EACCES, "Permission denied", path)
         save(path, **fields)
     monkeypatch.setattr(train, "save_checkpoint", read_only_the_second_time)
-    with pytest.raises(cli.RunFailed, match=r"Permission denied writing .*0000002\.pt; last good checkpoint: "
+    with pytest.raises(hardening.RunFailed, match=r"Permission denied writing .*0000002\.pt; last good checkpoint: "
                                                   r".*0000001\.pt.*make the folder writable"):
         run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every",
                   "1", "--run-dir", tmp_path)
@@ -4673,7 +4674,7 @@ def test_a_non_finite_loss_before_any_checkpoint_says_to_start_again(tmp_path, b
         terms = real(self, *a, **k)
         return {**terms, "loss": terms["loss"] * float("nan")}
     monkeypatch.setattr(diffusion_module.GaussianDiffusion, "training_losses", poisoned)
-    with pytest.raises(cli.RunFailed, match="nan at step 1: stopped; no checkpoint was written yet: start again"):
+    with pytest.raises(hardening.RunFailed, match="nan at step 1: stopped; no checkpoint was written yet: start again"):
         run_train(*TINY_TRAIN, "--init", base_ckpt, "--global-batch-size", "4", "--max-steps", "2", "--run-dir", tmp_path)
 
 
@@ -4696,7 +4697,7 @@ def test_fid_refuses_statistics_of_images_of_another_size_naming_both(labelled_f
     np.savez(images, arr_0=np.stack([source.read(i) for i in range(len(source))]))
     assert stats_cli("--images", images, "--image-size", 32, "--out", tmp_path / "r.npz", capsys=capsys).returncode == 0
     made = json.loads(str(np.load(tmp_path / "r.npz")["provenance"]))
-    assert made["image_size"] == [32, 32] and made["crop"] == sources.ADM_CROP and made["count"] == 30
+    assert made["image_size"] == [32, 32] and made["crop"] == evaluate.ADM_CROP and made["count"] == 30
     assert made["inception_sha256"] == MeanColour.weights_sha256 and made["source"]["kind"] == "npz"
     proc = fid_cli("--real", tmp_path / "r.npz", "--fake", images, "--image-size", 16, "--out-csv", tmp_path / "t.csv",
                    capsys=capsys)
@@ -5273,3 +5274,20 @@ def test_the_stop_save_is_written_even_if_a_dataloader_worker_dies_while_it_save
                     "--max-steps", 5, "--run-dir", tmp_path / "run", capsys=capsys)
     assert proc.returncode == 75 and "stopped: SIGTERM after step 2" in proc.stderr, proc.stderr
     assert torch.load(tmp_path / "run" / "checkpoints" / "0000002.pt", weights_only=True)["step"] == 2
+
+
+def test_a_stop_request_that_lands_just_after_the_ranks_agreed_is_taken_at_the_next_step_and_saved(tmp_path,
+                                                                                                   monkeypatch, capsys):
+    agreed, calls = hardening.StopRequest.agreed, []
+
+    def agreed_then_signalled(self):                    # SIGTERM arrives right after the ranks' answer for step 2
+        answer = agreed(self)
+        calls.append(answer)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return answer
+    monkeypatch.setattr(hardening.StopRequest, "agreed", agreed_then_signalled)
+    proc = run_main(train, *TINY_TRAIN, "--init", "none", "--global-batch-size", 4, "--max-steps", 10, "--run-dir",
+                    tmp_path / "run", capsys=capsys)
+    assert proc.returncode == 75 and "stopped: SIGTERM after step 3" in proc.stderr, proc.stderr
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["0000003.pt"]

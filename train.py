@@ -45,15 +45,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 import data
-from cli import (DISK_FULL, ArgumentParser, RunFailed, Stopped, UserError, decay_rate, device_name, folder_path,
-                 nonnegative_int, out_file, out_of_memory_advice, positive_float, positive_int, precision_context,
-                 probability, run_cli)
 from diffusion import create_diffusion
-from files import file_sha256, worker_init
+from hardening import (DISK_FULL, ArgumentParser, RunFailed, Stopped, UserError, all_ranks, append_line,
+                       checkpoint_tensors, decay_rate, device_name, file_sha256, folder_path, init_distributed,
+                       nonnegative_int, out_file, out_of_memory_advice, positive_float, positive_int, precision_context,
+                       probability, read_checkpoint, resolve_checkpoint, rng_state, run_cli, run_folder, set_rng_state,
+                       stop_signals, worker_init)
 from model import (LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, TABLES, DiT_models, build_model, check_image_size,
-                   checkpoint_tensors, default_table, load_model, load_pretrained, published_layout, read_checkpoint,
-                   resolve_checkpoint, save_checkpoint, set_trainable)
-from runs import all_ranks, append_line, rng_state, run_folder, set_rng_state, stop_signals
+                   default_table, load_model, load_pretrained, published_layout, save_checkpoint, set_trainable)
 from sample import CFG_SCALE, Sampler, guide_labels, sample_images, save_png
 from vae import AutoencoderKL, same_vae, scaled_latent
 
@@ -123,7 +122,7 @@ def main(argv=None):
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     if resume is not None and args.export:
         return export_resumed(args, resume)
-    rank, world, device = data.init_distributed(args.device)
+    rank, world, device = init_distributed(args.device)
     try:
         with start_run(args, resume, rank, world, device) as run:     # the DiT, what trains, AdamW, the EMA, data
             diffusion = create_diffusion(learn_sigma=run.model.learn_sigma)
@@ -135,7 +134,8 @@ def main(argv=None):
                     update_ema(run.ema, run.tuned, args.ema_decay)
                     run.step += 1
                     bar.update(1)
-                    last = run.step == args.max_steps or stop.agreed()
+                    stopping = stop.agreed()       # asked of any rank, read once: all ranks stop after the same step
+                    last = stopping or run.step == args.max_steps
                     if last:
                         stream.close()      # the DataLoader's workers end before the last save: none can break it
                     if run.step % args.log_every == 0 or last:
@@ -144,7 +144,7 @@ def main(argv=None):
                         save(run)
                     if rank == 0 and args.sample_every and run.step % args.sample_every == 0:
                         bar.write(f"samples: {sample_grid(run)}")
-                    if stop.signal:
+                    if stopping:
                         raise Stopped(f"{stop.name} after step {run.step}: {run.last_ckpt} is saved; continue with "
                                       f"--resume {run.run_dir}")
                     if last:

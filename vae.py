@@ -6,112 +6,17 @@ is a port, module for module and key for key, of diffusers' AutoencoderKL, so th
 `diffusion_pytorch_model.safetensors` (or `.bin`) loads without renaming. It is a separate published model, as
 LDM keeps its autoencoder apart from the diffusion model.
 """
-import json
-import math
 import os
-import struct
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError
-from files import PUBLISHED, file_sha256, find_file, read_json
-from model import load_strict, read_checkpoint
+from hardening import PUBLISHED, UserError, file_sha256, find_file, load_strict, read_json, read_tensors, vae_settings
 
 # SD-VAE latents times 0.18215 have unit variance (LDM, Rombach et al. 2022); DiT trains on the scaled latents. A
 # VAE's config.json says its own (`scaling_factor`); this is the default where it does not.
 LATENT_SCALE = 0.18215
-
-
-def _count(low, high):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-
-
-# The config.json fields this port reads -> (check, what it must be). The bounds refuse absurd sizes in one line;
-# the weights file must then hold every tensor of the config, shape for shape, before anything is allocated.
-VAE_FIELDS = {
-    "in_channels": (_count(1, 64), "an integer in [1, 64]"),
-    "out_channels": (_count(1, 64), "an integer in [1, 64]"),
-    "latent_channels": (_count(1, 64), "an integer in [1, 64]"),
-    "layers_per_block": (_count(1, 8), "an integer in [1, 8]"),
-    "norm_num_groups": (_count(1, 512), "an integer in [1, 512]"),
-    "block_out_channels": (lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 8 and all(map(_count(1, 4096), v)),
-                           "a list of 1 to 8 integers in [1, 4096]"),
-    "scaling_factor": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
-                       "a positive number"),
-}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# .safetensors, read with the standard library: u64 header length, JSON header, raw little-endian bytes
-# ----------------------------------------------------------------------------------------------------------
-
-# safetensors dtype tag -> (numpy little-endian dtype, torch dtype). BF16 has no numpy type: its bytes are
-# read as int16 and reinterpreted, which is exact (same 16 bits).
-_ST_DTYPES = {
-    "F64": ("<f8", torch.float64), "F32": ("<f4", torch.float32), "F16": ("<f2", torch.float16),
-    "BF16": ("<i2", torch.bfloat16), "I64": ("<i8", torch.int64), "I32": ("<i4", torch.int32),
-    "I16": ("<i2", torch.int16), "I8": ("i1", torch.int8), "U8": ("u1", torch.uint8), "BOOL": ("?", torch.bool),
-}
-
-
-def load_safetensors(path):
-    """Read a .safetensors file -> {name: tensor}.
-
-    The format: an 8-byte little-endian header length n, a JSON object of n bytes ({name: {"dtype", "shape",
-    "data_offsets": [begin, end]}}, and an optional "__metadata__"), then the data buffer, whose bytes the tensors'
-    [begin, end) ranges must tile exactly: no gap, no overlap. The file is untrusted input: every entry is checked
-    before anything sized by the file is read, and any fault is one line naming the file."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if n is None or n > size - 8:
-            raise UserError(f"{path}: not a valid .safetensors file (its header length does not fit the file)")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not a valid .safetensors file (its header is not JSON: {e})") from None
-        if not isinstance(header, dict):
-            raise UserError(f"{path}: not a valid .safetensors file (its header is not a JSON object)")
-        entries = sorted(_safetensors_entry(path, name, info) for name, info in header.items() if name != "__metadata__")
-        position = 0
-        for begin, end, name, _, _ in entries:              # by begin: each must start where the last one ended
-            if begin != position:
-                raise UserError(f"{path}: tensor '{name}' starts at byte {begin} of the data, not at {position}: its "
-                                "bytes " + ("overlap another tensor's" if begin < position else "leave a gap"))
-            position = end
-        if position != size - 8 - n:
-            raise UserError(f"{path}: the tensors cover {position} bytes of a {size - 8 - n}-byte data buffer")
-        buf = f.read()
-    out = {}
-    for begin, end, name, dtype, shape in entries:
-        np_dt, t_dt = _ST_DTYPES[dtype]
-        arr = np.frombuffer(buf, dtype=np_dt, count=math.prod(shape), offset=begin)
-        arr = arr.astype(arr.dtype.newbyteorder("="))     # an aligned, writable copy in native byte order
-        out[name] = torch.from_numpy(arr).view(t_dt).reshape(shape)  # view: int16 bits -> bfloat16
-    return out
-
-
-def _safetensors_entry(path, name, info):
-    """One header entry, checked -> (begin, end, name, dtype, shape)."""
-    def is_count(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-    if not isinstance(info, dict):
-        raise UserError(f"{path}: tensor '{name}' has no dtype/shape/data_offsets entry")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
-        raise UserError(f"{path}: tensor '{name}' has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(map(is_count, shape)):
-        raise UserError(f"{path}: tensor '{name}' has shape {shape!r}, not a list of sizes")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_count, offsets)) or offsets[0] > offsets[1]:
-        raise UserError(f"{path}: tensor '{name}' has data_offsets {offsets!r}, not [begin, end] byte offsets")
-    if offsets[1] - offsets[0] != math.prod(shape) * np.dtype(_ST_DTYPES[dtype][0]).itemsize:
-        raise UserError(f"{path}: tensor '{name}' spans {offsets[1] - offsets[0]} bytes, its {dtype} shape {shape} "
-                        "needs another count")
-    return offsets[0], offsets[1], name, dtype, shape
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,20 +216,11 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_config(cls, config, source="VAE config"):
-        """Build from a diffusers config.json dict, each field checked (keys other than the constructor's are
-        ignored); with torch.device("meta") around it, nothing is allocated (from_pretrained builds it so, and
-        allocates only what the weights file holds)."""
-        if not isinstance(config, dict):
-            raise UserError(f"{source} is not a JSON object of VAE settings")
-        kw = {k: config[k] for k in VAE_FIELDS if config.get(k) is not None}
-        for key, value in kw.items():
-            if not VAE_FIELDS[key][0](value):
-                raise UserError(f"{source}: {key} is {value!r}, not {VAE_FIELDS[key][1]}")
-        kw = dict(kw, **({"block_out_channels": tuple(kw["block_out_channels"])} if "block_out_channels" in kw else {}))
-        groups, widths = kw.get("norm_num_groups", 32), kw.get("block_out_channels", (128,))
-        if any(c % groups for c in widths):
-            raise UserError(f"{source}: norm_num_groups {groups} does not divide block_out_channels {list(widths)}")
-        return cls(**kw)
+        """Build from a diffusers config.json dict (keys other than the constructor's are ignored, each field checked);
+        under torch.device("meta") nothing is allocated, as from_pretrained builds it."""
+        kw = vae_settings(config, source)
+        return cls(**{**kw, **({"block_out_channels": tuple(kw["block_out_channels"])} if "block_out_channels" in kw
+                               else {})})
 
     def encode(self, x):                                   # (B, 3, H, W), in [-1, 1]
         moments = self.quant_conv(self.encoder(x))         # (B, 2*latent, H/8, W/8)
@@ -375,22 +271,12 @@ class AutoencoderKL(nn.Module):
             if os.path.basename(file) in _VAE_FILES or not isinstance(cfg, dict) or \
                     cfg.get("_class_name") == "AutoencoderKL" or "latent_channels" in cfg:
                 config = cfg
-        sd = load_safetensors(file) if file.endswith(".safetensors") else _torch_load_tensors(file)
+        sd = read_tensors(file)
         with torch.device("meta"):                          # sizes from the config cost nothing until they fit
             vae = cls.from_config(config, cfg_path)
         vae = vae.load_vae_state_dict(sd, source=file).eval()
         vae.weights_file = file
         return vae
-
-
-def _torch_load_tensors(path):
-    """A flat {name: tensor} state dict from a .bin / .pt file (read as untrusted input)."""
-    obj = read_checkpoint(path)
-    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # Lightning-style wrapper
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path}: expected a flat {{name: tensor}} state dict")
-    return obj
 
 
 def scaled_latent(mean, logvar, scale):

@@ -1,4 +1,4 @@
-"""Regenerate reference/values.safetensors: outputs of the independent reference implementations that this
+"""Regenerate tools/reference_values.safetensors: outputs of the independent reference implementations that this
 project's numerics are pinned to (the `*_equals_*` reference tests in test_all.py read the file).
 
 Never run in CI, and nothing here is imported by the project. The file holds only inputs and outputs (plain
@@ -54,14 +54,14 @@ How to regenerate (on any machine with Python 3.11; no GPU; about 20 seconds)
          pip install -r requirements.txt        # test_all.py (imported for seeded_state) imports the project
      (timm: the official models.py takes PatchEmbed, Attention and Mlp from it.)
   3. From the repository root:
-         python reference/make_references.py --dit-repo /tmp/DiT-official \
-             --finediffusion-repo /tmp/FineDiffusion-authors --out reference/values.safetensors
+         python tools/make_references.py --dit-repo /tmp/DiT-official \
+             --finediffusion-repo /tmp/FineDiffusion-authors --out tools/reference_values.safetensors
      The script is deterministic (one thread, seeded inputs, a single metadata entry): running it twice gives
      a byte-identical file. It prints the sha256 of what it wrote; then run the reference tests.
   4. On another CPU, other kernels change the last bits of most float values (about 1e-6 of a tensor's
      largest value; a uint8 pixel at a rounding edge by one level), and whether scipy's sqrtm fails in the
      FID singular case (item 6). To add a group without rewriting the groups the tests already pin, keep the
-     earlier file's tensors: add `--keep reference/values.safetensors`. The script then prints, for every
+     earlier file's tensors: add `--keep tools/reference_values.safetensors`. The script then prints, for every
      kept tensor this machine does not reproduce bit for bit, how far its own value is, and writes the kept
      tensors unchanged and only the new ones fresh.
 Nothing is downloaded: pytorch-fid's weight download is replaced by seeded weights, lpips is built with
@@ -518,10 +518,10 @@ def keep_earlier(out, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="regenerate reference/values.safetensors (see the module docstring)")
+    p = argparse.ArgumentParser(description="regenerate tools/reference_values.safetensors (see the module docstring)")
     p.add_argument("--dit-repo", required=True, help="checkout of facebookresearch/DiT")
     p.add_argument("--finediffusion-repo", required=True, help="checkout of FineDiffusion/FineDiffusion")
-    p.add_argument("--out", default=os.path.join(REPO, "reference", "values.safetensors"))
+    p.add_argument("--out", default=os.path.join(REPO, "tools", "reference_values.safetensors"))
     p.add_argument("--skip-source-check", action="store_true", help="accept other versions of the official files")
     p.add_argument("--keep", help="an earlier values file: its tensors are kept byte for byte where this run makes "
                                   "the same names (how far this run's values are from them is printed first)")
@@ -575,7 +575,7 @@ def main(argv=None):
                     lpips=getattr(lpips, "__version__", "0.1.4"), safetensors=safetensors.__version__,
                     timm=timm.__version__)
     # One metadata entry: safetensors writes a metadata dict in hash order, which would break byte-identity.
-    metadata = {"source": f"reference/make_references.py; facebookresearch/DiT {DIT_COMMIT}; FineDiffusion/FineDiffusion "
+    metadata = {"source": f"tools/make_references.py; facebookresearch/DiT {DIT_COMMIT}; FineDiffusion/FineDiffusion "
                           f"{FINEDIFFUSION_COMMIT}; " + ", ".join(f"{k} {v}" for k, v in versions.items())}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file({k: v.contiguous() for k, v in sorted(out.items())}, args.out, metadata=metadata)

@@ -1,8 +1,8 @@
 """Mutation check of the test suite: does it notice a one-line bug?
 
-    python mutate.py                  # every mutation; prints: mutation, caught by which tests (~20-30 min, 2 cores)
-    python mutate.py --only ddim vae  # the mutations whose name contains one of these words
-    python mutate.py --list           # the mutations, nothing run
+    python tools/mutate.py                  # every mutation; prints: mutation, caught by which tests (~20-30 min, 2 cores)
+    python tools/mutate.py --only ddim vae  # the mutations whose name contains one of these words
+    python tools/mutate.py --list           # the mutations, nothing run
 
 Each mutation replaces one exact snippet of one file in a scratch copy of the repository, runs the tests that
 specify that behaviour (a `pytest -k` expression) and reports which of them failed. A mutation that no test
@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
 # Selections of tests: the pins to independent implementations, and the closed-form answers.
 REFERENCE = "official or diffusers or pytorch_fid or lpips_package or authors"
@@ -73,9 +73,9 @@ MUTATIONS = [
      "        if hasattr(self, \"gamma1\"):\n            attn = self.gamma1 * attn\n", "", "difffit"),
     ("VAE logvar clamp missing", "vae.py",
      "return mean, logvar.clamp(-30.0, 20.0)", "return mean, logvar", "vae"),
-    ("safetensors F32 tag renamed", "vae.py",
+    ("safetensors F32 tag renamed", "hardening.py",
      "\"F32\": (\"<f4\", torch.float32)", "\"FP32\": (\"<f4\", torch.float32)", "safetensors or " + REFERENCE),
-    ("iNat21 Mollusks range off by one", "hierarchy.py",
+    ("iNat21 Mollusks range off by one", "model.py",
      "(5219, 5387, \"Mollusks\")", "(5219, 5386, \"Mollusks\")", "inat21"),
     ("EMA decay and 1 - decay swapped", "train.py",
      "ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)", "ema[name].mul_(1 - decay).add_(p.detach(), alpha=decay)",
@@ -324,13 +324,13 @@ MUTATIONS = [
     ("generate running out of memory is a traceback", "evaluate.py",
      "    with out_of_memory_advice(f\"--batch-size {max(1, args.batch_size // 2)}\", kept):",
      "    if True:", "out_of_memory_names"),
-    ("--local-rank refused", "cli.py",
+    ("--local-rank refused", "hardening.py",
      "        self.add_argument(\"--local-rank\", \"--local_rank\", dest=\"local_rank\", type=int, help=argparse.SUPPRESS)\n",
      "", "local_rank"),
-    ("JSON read in the locale's encoding", "files.py",
+    ("JSON read in the locale's encoding", "hardening.py",
      "        with open(path, encoding=\"utf-8\") as f:\n            return json.load(f)",
      "        with open(path) as f:\n            return json.load(f)", "ascii_locale"),
-    ("an .npz image reader that does not pickle", "sources.py",
+    ("an .npz image reader that does not pickle", "evaluate.py",
      "CroppedImages(images, image_size) if image_size else images,", "CroppedImages(images, image_size) if "
      "image_size else (lambda i: images(i)),", "spawn"),
     ("Inception: features of Mixed_7b (Mixed_7c skipped)", "fid_inception.py",
@@ -352,22 +352,24 @@ MUTATIONS = [
      "((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + i)", "((self.seed * 1_000_003) * 1_000_000_007 + i)",
      "reaches_the_dit"),
     # --- pre-emption as schedulers send it, names that are not patterns, loaded state checked --------------------
-    ("DataLoader workers die of the group's stop signal", "files.py",
+    ("DataLoader workers die of the group's stop signal", "hardening.py",
      "    for s in STOP_SIGNALS:\n        signal.signal(s, signal.SIG_IGN)\n", "", "whole_process_group"),
-    ("Ctrl-C is not a stop request", "cli.py",
+    ("Ctrl-C is not a stop request", "hardening.py",
      "STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)", "STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)",
      "whole_process_group"),
     ("the workers are still running while the stop is saved", "train.py",
      "                    if last:\n                        stream.close()", "                    if False:\n"
      "                        stream.close()", "while_it_saves"),
-    ("forked workers keep the run's lock", "files.py",
+    ("the stop re-read after the ranks agreed", "train.py", "                    if stopping:\n                        raise Stopped(",
+     "                    if stop.signal:\n                        raise Stopped(", "just_after_the_ranks_agreed"),
+    ("forked workers keep the run's lock", "hardening.py",
      "    for lock in LOCKS:\n        lock.close()\n", "", "sigkill"),
-    ("a run folder's name taken as a pattern", "model.py",
+    ("a run folder's name taken as a pattern", "hardening.py",
      "os.path.join(glob.escape(folder), \"**\"", "os.path.join(folder, \"**\"", "pattern or brackets"),
-    ("a new run into a folder named like a pattern is not refused", "runs.py",
+    ("a new run into a folder named like a pattern is not refused", "hardening.py",
      "glob.glob(os.path.join(glob.escape(run_dir), \"checkpoints\", \"*.pt\"))",
      "glob.glob(os.path.join(run_dir, \"checkpoints\", \"*.pt\"))", "pattern"),
-    ("samples.json names checked as written, not as resolved", "sources.py",
+    ("samples.json names checked as written, not as resolved", "hardening.py",
      "not is_inside(folder, os.path.join(folder, name)):", "os.path.isabs(name) or name.startswith(\"..\"):",
      "linked_out"),
     ("generate takes no lock on its folder", "evaluate.py",
@@ -382,19 +384,19 @@ MUTATIONS = [
     ("a delta loaded without the checks", "model.py",
      "        load_strict(model, tensors, path, expected=tuned)", "        model.load_state_dict(tensors, strict=False)",
      "damaged_or_hostile"),
-    ("a non-finite weight loaded", "model.py",
+    ("a non-finite weight loaded", "hardening.py",
      "        if tensor.is_floating_point() and not torch.isfinite(tensor).all():", "        if False:",
      "damaged_or_hostile"),
-    ("a compressed checkpoint record inflated", "model.py", "            if packed:", "            if False:",
+    ("a compressed checkpoint record inflated", "hardening.py", "            if packed:", "            if False:",
      "damaged_or_hostile"),
-    ("VAE config fields taken unchecked", "vae.py", "            if not VAE_FIELDS[key][0](value):",
-     "            if False:", "damaged_or_hostile"),
-    ("iNat21 categories taken unchecked", "data.py",
+    ("VAE config fields taken unchecked", "hardening.py", "        if not VAE_FIELDS[key][0](value):",
+     "        if False:", "damaged_or_hostile"),
+    ("iNat21 categories taken unchecked", "hardening.py",
      "        if not (isinstance(c, dict) and isinstance(c.get(\"id\"), int)", "        if False and (isinstance(c, dict) "
      "and isinstance(c.get(\"id\"), int)", "damaged_or_hostile"),
-    ("statistics counts taken unchecked", "sources.py",
+    ("statistics counts taken unchecked", "hardening.py",
      "        if name.startswith(\"count\") and", "        if False and", "damaged_or_hostile"),
-    ("an empty cache array is a traceback", "data.py", "except (OSError, ValueError, EOFError) as e:",
+    ("an empty cache array is a traceback", "hardening.py", "except (OSError, ValueError, EOFError) as e:",
      "except (OSError, ValueError) as e:", "damaged_or_hostile"),
 ]
 
