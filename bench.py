@@ -36,18 +36,18 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import toy
 import train
 from diffusion import create_diffusion
 from fid_inception import FIDInceptionV3, inception_features
-from hardening import (ArgumentParser, RunFailed, UserError, device_name, int_in, nonnegative_int, out_file, positive_int,
-                       precision_context, run_cli, write_json)
-from model import METHODS, DiT_models, build_model, check_image_size, make_hierarchy, set_trainable
+from hardening import (ArgumentParser, RunFailed, UserError, check_image_size, device_name, int_in, nonnegative_int,
+                       out_file, positive_int, precision_context, run_cli, write_json)
+from model import METHODS, DiT_models, build_model, make_hierarchy, set_trainable
+from sample import Sampler
 from vae import AutoencoderKL
-from sample import CFG_SCALE, Sampler, guide_labels, sample_images
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -184,7 +184,7 @@ def bench_data(args):
     torch.manual_seed(0)
     device = args.device
     vae = AutoencoderKL().to(device).eval()          # random weights: the cost is the same
-    images = data.ToyDataset(image_size=args.image_size, images_per_class=max(1, args.batch // 16 + 1), flip=False)
+    images = toy.ToyDataset(image_size=args.image_size, images_per_class=max(1, args.batch // 16 + 1), flip=False)
     _, step = trainer(args.model, args.image_size, args.batch, "finediffusion", device, args.precision)
     x, y = next(iter(torch.utils.data.DataLoader(images, batch_size=args.batch)))
     x, y = x.to(device), y.to(device)

@@ -36,81 +36,32 @@ import math
 import os
 import re
 import sys
-import warnings
 
 import numpy as np
-import scipy
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from scipy import linalg
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import alexnet
 from tqdm import tqdm
 
 import data
 import figures
+import toy
 from hardening import (MANIFEST, ArgumentParser, UserError, atomic_write, check_hierarchy, device_name, file_sha256,
                        find_file, find_weights, finite_float, folder_path, init_distributed, int_in, load_strict,
                        lock_folder, nonnegative_int, npz_member_layout, on_rank0, out_file, out_of_memory_advice,
                        positive_int, read_checkpoint, read_json, read_manifest, read_npz, read_provenance, release,
                        remove_stale_temp_files, run_cli, statistics_file, stats_hierarchy, worker_init, write_csv,
                        write_json)
-from fid_inception import FID_WEIGHTS, inception_features, load_inception, unit_images
+from fid_inception import FID_WEIGHTS, feature_stats, frechet_distance, inception_features, load_inception, unit_images
 from model import inat21_hierarchy
-from sample import add_sampler_args, guide_labels, load_for_sampling, sample_images, sampler_of
+from sample import add_sampler_args, guide_labels, load_for_sampling, sample_images, sample_pairs, sampler_of
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 LPIPS_LIN_WEIGHTS = "alex.pth"
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Frechet distance between two Gaussians (pytorch-fid's computation, float64)
-# -------------------------------------------------------------------------------------------------------------
-
-def feature_stats(features):
-    """Mean (D,) and covariance (D, D) (unbiased, as np.cov) of features (N, D), in float64."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise UserError(f"need at least 2 feature vectors for a covariance, got shape {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-_SCIPY_VERSION = tuple(int(v) for v in re.findall(r"\d+", scipy.__version__)[:2])
-
-
-def _sqrtm(a):
-    # pytorch-fid calls sqrtm(disp=False); SciPy 1.16 deprecates `disp` (removed in 1.18) without changing
-    # the square root itself, so pass it only where it exists and means "stay quiet".
-    if _SCIPY_VERSION < (1, 16):
-        return linalg.sqrtm(a, disp=False)[0]
-    return linalg.sqrtm(a)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as pytorch-fid computes it."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
-                        f"sigma {sigma1.shape} vs {sigma2.shape}")
-    diff = mu1 - mu2
-    covmean = _sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        # a singular product (fewer samples than dimensions): nudge both covariances off singularity
-        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # tiny imaginary parts are round-off; large ones mean the statistics are broken
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise UserError(f"sqrt(sigma1 sigma2) has an imaginary component of {np.max(np.abs(covmean.imag)):g}; "
-                            "the covariance estimates are unusable (too few images?)")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -307,32 +258,6 @@ class LPIPS(nn.Module):
             fx, fy = f.chunk(2)  # (N, C, h, w) each
             distance = distance + lin((fx - fy) ** 2).mean(dim=(1, 2, 3))  # (N,)
         return distance  # (N,)
-
-
-def sample_pairs(labels, num_pairs, rng):
-    """Index pairs (a, b), a != b, of images of the same class. num_pairs=None: every such pair once."""
-    labels = np.asarray(labels)
-    order = np.argsort(labels, kind="stable")  # image indices grouped by class
-    classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
-    keep = (classes >= 0) & (counts >= 2)  # unlabelled images and single-image classes form no pair
-    classes, starts, counts = classes[keep], starts[keep], counts[keep]
-    if len(classes) == 0:
-        raise UserError("LPIPS diversity needs at least two generated images of one class")
-    if num_pairs is None:
-        pairs = [(order[s + i], order[s + j])
-                 for s, n in zip(starts, counts) for i in range(n) for j in range(i + 1, n)]
-        a, b = np.array(pairs).T  # (P,) each
-        return a, b
-    # anchor uniform over the images that have a partner, partner uniform over the rest of its class
-    class_of_slot = np.repeat(np.arange(len(classes)), counts)  # class index of each grouped slot
-    slot_in_class = np.concatenate([np.arange(n) for n in counts])
-    eligible = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)])  # grouped slots
-    slots = rng.choice(eligible, size=num_pairs)
-    k = np.searchsorted(eligible, slots)
-    cls, rank = class_of_slot[k], slot_in_class[k]
-    other = rng.integers(0, counts[cls] - 1)  # among the n-1 other images of the class
-    other = other + (other >= rank)
-    return order[slots], order[starts[cls] + other]
 
 
 class _Pairs(Dataset):
@@ -840,186 +765,22 @@ def fid_reference_fits(args, image_size):
 
 
 # -------------------------------------------------------------------------------------------------------------
-# toy: paper Tables 1-2 in miniature, offline, on the built-in toy data
+# toy: paper Tables 1-2 in miniature, offline (toy.py scores; the table, its files and the sweep's figure here)
 # -------------------------------------------------------------------------------------------------------------
-# A small CNN classifier trained on real toy images (cached) stands in for the Inception network: it
-# says whether a sample shows the requested subclass and superclass, gives features for a Frechet distance,
-# and (unit-normalised feature maps, LPIPS-style) a distance between two samples of the same class. Each
-# checkpoint is scored by the classifier of its own toy set (toy or toy-base, recognised by its classes).
-# --cfg-scales sweeps the guidance scale w: at w = 1, eq. 1 is eps(x_t | c) whatever the guide, so every guide's
-# curve starts at the unguided (`none`) point.
-
-class ToyClassifier(nn.Module):
-    def __init__(self, num_classes, width=32):
-        super().__init__()
-        w = width
-        self.stages = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)),
-            nn.Sequential(nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2)),
-            nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU())])
-        self.fc = nn.Linear(4 * w, num_classes)
-
-    def feature_maps(self, x):                    # x: (N, 3, H, W) in [-1, 1]
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)                        # (N, w, H/2, W/2), (N, 2w, H/4, W/4), (N, 4w, H/4, W/4)
-        return maps
-
-    def forward(self, x):
-        features = self.feature_maps(x)[-1].mean(dim=(2, 3))  # (N, 4w)
-        return self.fc(features), features
-
-
-def toy_classifier(image_size, cache_dir="results", epochs=4, seed=0, toy_set="toy"):
-    """The classifier for images of a toy set (data.TOY_SETS) at `image_size`, trained once (a few CPU seconds)
-    on 256 real images per class -- more than the toy set's 50: it plays Inception, not a fine-tuned model -- and
-    cached."""
-    path = os.path.join(cache_dir, f"{toy_set.replace('-', '_')}_classifier_{image_size}px.pt")
-    train_set = data.toy_dataset(toy_set, image_size, "train", seed=seed, images_per_class=256)
-    with torch.random.fork_rng(devices=[]):   # the same classifier in every clone; the caller's RNG untouched
-        torch.manual_seed(seed)
-        net = ToyClassifier(train_set.num_classes)
-        if os.path.isfile(path):
-            try:
-                load_strict(net, read_checkpoint(path), path)
-                return net.eval()
-            except UserError as e:   # a cache, not an input: a damaged one is made again, not an error forever
-                print(f"note: retraining the toy classifier: {e}", file=sys.stderr)
-        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-        loader = DataLoader(train_set, batch_size=128, shuffle=True)
-        for _ in tqdm(range(epochs), desc="toy classifier (first use, cached)", unit="epoch"):
-            for x, y in loader:
-                loss = F.cross_entropy(net(x)[0], y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    os.makedirs(cache_dir, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(net.state_dict(), f))
-    return net.eval()
-
-
-@torch.no_grad()
-def toy_metrics(net, images, labels, superclass_of, real_features, pairs=200, seed=0):
-    """Subclass / superclass accuracy, classifier-feature FID and LPIPS-style diversity of images in [-1, 1]."""
-    logits, features = net(images)
-    pred = logits.argmax(1)
-    sc = torch.as_tensor(superclass_of)
-    a, b = sample_pairs(labels.numpy(), pairs, np.random.default_rng(seed))
-    maps_a, maps_b = net.feature_maps(images[a]), net.feature_maps(images[b])
-    unit = lambda m: m / (m.norm(dim=1, keepdim=True) + 1e-10)
-    diversity = sum(((unit(p) - unit(q)) ** 2).sum(1).mean(dim=(1, 2)) for p, q in zip(maps_a, maps_b))
-    return dict(sub_acc=(pred == labels).float().mean().item(), super_acc=(sc[pred] == sc[labels]).float().mean().item(),
-                fid=frechet_distance(*feature_stats(features.numpy()), *feature_stats(real_features)),
-                diversity=diversity.mean().item())
-
-
-def toy_images(dataset):
-    """All images (N, 3, H, W) in [-1, 1] and labels (N,) of a toy dataset."""
-    return torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.as_tensor(dataset.targets)
-
-
-def toy_set_of(hierarchy):
-    """The name of the toy set (data.TOY_SETS) whose classes a checkpoint has, or None."""
-    for name in data.TOY_SETS:
-        if data.toy_dataset(name, image_size=8, images_per_class=1).hierarchy() == hierarchy:
-            return name
-    return None
-
-
-def toy_settings(model, guidances, scales):
-    """(guidance, w) pairs to sample: ("none", None) once, every scale for each guide the table has rows for."""
-    for guidance in guidances:
-        if guidance == "none":
-            yield guidance, None
-            continue
-        try:
-            guide_labels(model, torch.zeros(1, dtype=torch.long), guidance)
-        except UserError:
-            continue                                   # this table has no row for that guide
-        yield from ((guidance, w) for w in scales)
-
-
-def toy_reference(name, size, args):
-    """The classifier of a toy set, the features of its real val images (the FID reference) and a row of
-    held-out real test images: the best a sampler could score."""
-    real = data.toy_dataset(name, size, "val", flip=False, seed=args.seed)
-    net = toy_classifier(size, args.cache_dir, args.classifier_epochs, toy_set=name)
-    with torch.no_grad():
-        real_features = net(toy_images(real)[0])[1].numpy()
-    held_out = data.toy_dataset(name, size, "test", flip=False, seed=args.seed, images_per_class=args.per_class)
-    row = dict(ckpt=f"real {name} images (test)", method="-", guidance="-", cfg_scale=None, step=None,
-               train_time_s=None, **toy_metrics(net, *toy_images(held_out), real.superclass_of, real_features,
-                                                 args.pairs, args.seed))
-    return net, real, real_features, row
-
 
 def cmd_toy(args):
-    sampler = sampler_of(args)                             # a bad --steps or interval fails before any work
     if args.plot:
         figures.figure_path(args.plot)
+    rows, sampler = toy.score_toy(args)
+    toy.print_toy_table(rows)
     seeds = args.seeds or [args.seed]
-    rows, references = [], {}
-    for ckpt in args.ckpt:
-        model, info, _ = load_for_sampling(ckpt)
-        path = info["path"]
-        size, name = info["config"]["image_size"], toy_set_of(model.hierarchy)
-        if not info["config"]["pixel_space"] or name is None:
-            raise UserError(f"{path} is not a toy checkpoint (train one with --data toy or toy-base)")
-        if (name, size) not in references:
-            references[name, size] = toy_reference(name, size, args)
-            rows.append(references[name, size][3])
-        net, real, real_features, _ = references[name, size]
-        y = torch.arange(real.num_classes).repeat_interleave(args.per_class)
-        method, done = info["config"].get("method", "?"), {}
-        settings = list(toy_settings(model, args.guidance, args.cfg_scales or [args.cfg_scale]))
-        for (guidance, scale), seed in tqdm([(g, seed) for g in settings for seed in seeds],
-                                            desc=f"sampling {figures.checkpoint_label(path)}", unit="setting"):
-            # w = 1 is the unguided sampler whatever the guide (eq. 1): sampled once, shared by those rows
-            key = ("none", 1.0, seed) if guidance == "none" or scale == 1.0 else (guidance, scale, seed)
-            if key not in done:
-                images = sample_images(model, y, guide_labels(model, y, *key[:2]), key[1], sampler, seed=seed,
-                                       progress=False)
-                x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
-                done[key] = toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, seed)
-            rows.append(dict(ckpt=figures.checkpoint_label(path), method=method, guidance=guidance, cfg_scale=scale,
-                             step=info.get("step"), train_time_s=info["time_s"], seed=seed,
-                             **sampler.record(), **done[key]))
-    print_toy_table(rows)
-    print(f"{sampler}; seeds {' '.join(map(str, seeds))}"
-          + (" (mean±half the range)" if len(seeds) > 1 else ""))
+    print(f"{sampler}; seeds {' '.join(map(str, seeds))}" + (" (mean±half the range)" if len(seeds) > 1 else ""))
     if args.out_json:
         write_json(args.out_json, rows)
     if args.out_csv:
         write_csv(args.out_csv, rows)
     if args.plot:
         figures.save_figure(args.plot, figures.tradeoff_panel(rows).image, rows)
-
-
-TOY_COLUMNS = [("sub_acc", "sub acc↑", 9, ".3f"), ("super_acc", "super acc↑", 11, ".3f"),
-               ("fid", "FID(cls)↓", 10, ".2f"), ("diversity", "diversity↑", 11, ".3f")]   # key, header, width, format
-
-
-def print_toy_table(rows):
-    """One line per checkpoint, guidance and scale: its metrics, or over several seeds `mean±half the range`
-    (two seeds: exactly the two values), so the seed-to-seed noise stands beside every figure."""
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["ckpt"], r["method"], r["guidance"], r["cfg_scale"]), []).append(r)
-    wider = 7 if any(len(g) > 1 for g in groups.values()) else 0
-    headers = "".join(f"{header:>{width + wider}}" for _, header, width, _ in TOY_COLUMNS)
-    print(f"{'checkpoint':<36}{'method':<15}{'guidance':<12}{'w':>5}{headers}{'train s':>9}")
-    for (ckpt, method, guidance, scale), group in groups.items():
-        cells = ""
-        for key, _, width, fmt in TOY_COLUMNS:
-            values = [r[key] for r in group]
-            cell = f"{sum(values) / len(values):{fmt}}"
-            if len(values) > 1:
-                cell += f"±{(max(values) - min(values)) / 2:{fmt}}"
-            cells += f"{cell:>{width + wider}}"
-        train_s = group[0]["train_time_s"]
-        print(f"{ckpt[:35]:<36}{method:<15}{guidance:<12}{'-' if scale is None else format(scale, 'g'):>5}{cells}"
-              f"{'-' if train_s is None else format(train_s, '.0f'):>9}")
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The FID Inception-v3: a port of the TF 2015-12-05 graph, the one behind every published FID (and pytorch-fid's).
+"""What pytorch-fid is: the FID Inception-v3, a port of the TF 2015-12-05 graph behind every published FID, and the
+Frechet distance of Gaussians fitted to its features (pytorch-fid's computation, float64).
 
 `load_inception(path)` loads the published pt_inception-2015-12-05-6726825d.pth as it is (torchvision Inception3 key
 names, a 1008-way fc) and maps images in [0, 1] (N, 3, H, W), any size, to 2048-d pool features: a bilinear resize to
@@ -6,10 +7,16 @@ names, a 1008-way fc) and maps images in [0, 1] (N, 3, H, W), any size, to 2048-
 reference, so the TF graph's quirks are reproduced here; its values equal pytorch-fid's for the same weights and
 images (test_all.py pins them). A published network, kept apart from evaluate.py as the SD VAE is from model.py.
 """
+import re
+import warnings
+
+import numpy as np
+import scipy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+from scipy import linalg
 from tqdm import tqdm
 
 from hardening import UserError, file_sha256, find_weights, load_strict, read_checkpoint
@@ -168,3 +175,47 @@ def inception_features(model, images, device="cpu", batch_size=50, progress=True
     if not features:
         raise UserError("no images to extract features from")
     return torch.cat(features).numpy()  # (N, 2048)
+
+
+# The Frechet distance of two Gaussians fitted to features: pytorch-fid's computation, in float64
+
+def feature_stats(features):
+    """Mean (D,) and covariance (D, D) (unbiased, as np.cov) of features (N, D), in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise UserError(f"need at least 2 feature vectors for a covariance, got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+_SCIPY_VERSION = tuple(int(v) for v in re.findall(r"\d+", scipy.__version__)[:2])
+
+
+def _sqrtm(a):
+    # pytorch-fid calls sqrtm(disp=False); SciPy 1.16 deprecates `disp` (removed in 1.18) without changing
+    # the square root itself, so pass it only where it exists and means "stay quiet".
+    if _SCIPY_VERSION < (1, 16):
+        return linalg.sqrtm(a, disp=False)[0]
+    return linalg.sqrtm(a)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as pytorch-fid computes it."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                        f"sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        # a singular product (fewer samples than dimensions): nudge both covariances off singularity
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # tiny imaginary parts are round-off; large ones mean the statistics are broken
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise UserError(f"sqrt(sigma1 sigma2) has an imaginary component of {np.max(np.abs(covmean.imag)):g}; "
+                            "the covariance estimates are unusable (too few images?)")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))

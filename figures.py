@@ -25,10 +25,9 @@ from tqdm import tqdm
 
 import data
 from hardening import (UserError, atomic_write, check_hierarchy, checkpoint_tensors, nonnegative_int, out_file,
-                       read_checkpoint, read_json, resolve_checkpoint, write_csv, write_json)
+                       read_checkpoint, read_json, resolve_checkpoint, resolve_class, write_csv, write_json)
 from model import LABEL_TABLE, METHODS, build_model, published_layout
-from sample import (CFG_SCALE, add_sampler_args, guide_labels, load_for_sampling, resolve_class, sample_images,
-                    sampler_of)
+from sample import CFG_SCALE, add_sampler_args, guide_labels, load_for_sampling, sample_images, sampler_of
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 128, 0)]

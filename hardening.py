@@ -111,6 +111,8 @@ def int_in(low, high=None):
 
 positive_int, nonnegative_int = int_in(1), int_in(0)
 finite_float = _typed(float, math.isfinite, "a finite number")
+multiple_of_8 = _typed(int, lambda v: v > 0 and v % 8 == 0,
+                       "a positive multiple of 8 (the SD VAE's latents are 8x smaller than the image)")
 positive_float = _typed(float, lambda v: 0 < v < math.inf, "a positive finite number")
 probability = _typed(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 decay_rate = _typed(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
@@ -1132,3 +1134,272 @@ def read_manifest(folder):
                 not is_inside(folder, os.path.join(folder, name)):
             raise UserError(f"{path}: the entry {entry!r} is not [a file name inside {folder}, its class]")
     return dict(manifest, hierarchy=hierarchy)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checks at the stage files' edges: training
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_train_args(args, world, data_root):
+    """train.py's mistakes found before any process starts work (every rank finds the same ones)."""
+    if args.global_batch_size % world:
+        raise UserError(f"--global-batch-size {args.global_batch_size} does not divide over {world} processes: "
+                        f"use a positive multiple of {world}")
+    if args.resume and args.export:
+        return
+    if not args.data and not args.latent_cache:
+        raise UserError("--data is required (inat21, folder or toy), or --latent-cache DIR")
+    if args.data in ("inat21", "folder") and not args.latent_cache and not os.path.isdir(data_root):
+        where = "; iNat21 is published at https://github.com/visipedia/inat_comp/tree/master/2021" \
+            if args.data == "inat21" else ""
+        raise UserError(f"--data {args.data}: no dataset at {data_root} (put it there or pass --data-path DIR){where}")
+
+
+def check_precision(precision, device):
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bf16 (e.g. a V100): use --precision fp16")
+
+
+def check_image_size(name, image_size, pixel_space):
+    """A DiT cuts its input (the pixels, or VAE latents 8x smaller) into patch x patch tokens: the side must be a
+    positive multiple of the patch (times 8 in latent space), else training fails at step 1 on shapes."""
+    unit = int(name.rsplit("/", 1)[1]) * (1 if pixel_space else 8)
+    if image_size < 1 or image_size % unit:
+        space = "pixels" if pixel_space else "VAE latents 8x smaller than the image"
+        raise UserError(f"--image-size {image_size}: {name} on {space} needs a positive multiple of {unit}")
+
+
+def check_toy_base(path, toy_base, sha256):
+    """The shipped toy base, if it is the --init, must be the file the repository shipped (not a changed or
+    half-checked-out one)."""
+    if path and os.path.isfile(toy_base) and os.path.samefile(path, toy_base) and file_sha256(path) != sha256:
+        raise UserError(f"{toy_base} is not the toy base this repository shipped (its sha256 differs): restore it "
+                        f"with `git checkout -- {toy_base}`")
+
+
+def check_fits_base(args, name, image_size):
+    for flag, given, found in (("--model", args.model, name), ("--image-size", args.image_size, image_size)):
+        if given is not None and given != found:
+            raise UserError(f"{flag} {given} does not match the --init checkpoint ({found}): leave it out")
+
+
+def check_training_inputs(cache, vae, pixel, image_size, latent_channels, cache_path):
+    """The latent cache (if any) must hold this DiT's latents, made by the VAE of this run (if it has one); the VAE
+    must make the DiT's latents."""
+    latents = [latent_channels, image_size // 8, image_size // 8]
+    if cache is not None and (pixel or cache.latent_shape != latents):
+        raise UserError(f"the latent cache holds {'x'.join(map(str, cache.latent_shape))} latents of "
+                        f"{cache.image_size}px images; this DiT takes " + (f"{image_size}px pixels" if pixel else
+                        f"{'x'.join(map(str, latents))} latents of {image_size}px images"))
+    if vae is not None:
+        vae.check_fits(latent_channels, image_size)
+    if cache is not None and vae is not None and not same_vae(cache.meta["vae"], vae.identity()):
+        raise UserError(f"the latent cache {cache_path} was built with another VAE than {vae.weights_file}")
+
+
+def same_vae(a, b):
+    """Are two VAE identities (vae.AutoencoderKL.identity) the same VAE: weights and config, a record without a latent
+    scale read as 0.18215 (made before it was recorded)?"""
+    fill = lambda v: dict(v, config={"scaling_factor": 0.18215, **v["config"]}) if isinstance(v, dict) else v
+    return fill(a) == fill(b)
+
+
+def check_same_classes(dataset_hierarchy, model_hierarchy, resume):
+    if dataset_hierarchy != model_hierarchy:
+        raise UserError(f"the data's classes differ from those of {resume}: resume with the same --data")
+
+
+def batches_per_epoch(items, per_process, local_batch):
+    if per_process < local_batch:
+        raise UserError(f"{items} training items give {per_process} per process, fewer than the per-process batch "
+                        f"{local_batch}: lower --global-batch-size")
+    return per_process // local_batch
+
+
+def check_losses(losses, step, last_ckpt):
+    """The losses of the last len(losses) steps up to `step`, or RunFailed at the first that is not finite: the run
+    stops before anything is saved, so the last checkpoint stays the last good state."""
+    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    if bad is not None:
+        kept = f"the last good checkpoint is {last_ckpt}: resume from it" if last_ckpt else \
+            "no checkpoint was written yet: start again"
+        raise RunFailed(f"loss is {losses[bad]} at step {step - len(losses) + bad + 1}: stopped; {kept} with a lower "
+                        "--lr or --precision fp32")
+    return losses
+
+
+@contextmanager
+def saving_checkpoint(path, step, last_ckpt):
+    """A checkpoint that cannot be written (a full disk, no permission) is one line naming the last good one (atomic
+    writes leave nothing half-written, and the earlier checkpoints intact)."""
+    try:
+        yield
+    except OSError as e:
+        why, fix = ("disk full", "free some space") if e.errno in DISK_FULL else (
+            e.strerror, "make the folder writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
+            "check the disk")
+        if last_ckpt:
+            raise RunFailed(f"{why} writing {path}; last good checkpoint: {last_ckpt}; nothing else lost; "
+                            f"{fix} and resume from it") from None
+        raise RunFailed(f"{why} writing {path}, the run's first checkpoint: its {step} steps are lost; "
+                        f"{fix} and start again") from None
+
+
+def append_log(path, line, say, failed):
+    """Append a line to the run's log; a log line is not worth the steps since the last checkpoint: if it cannot be
+    written (a full disk), warn once and train on. -> whether the log is failing."""
+    try:
+        append_line(path, line)
+        return False
+    except OSError as e:
+        if not failed:
+            say(f"warning: cannot append to log.jsonl ({e.strerror}); training goes on, logging to the console only "
+                "until it can")
+        return True
+
+
+def check_resume(args, ckpt, fixed):
+    """--resume names a training checkpoint, and changes nothing that fixes the model or its data."""
+    if "train" not in ckpt:
+        raise UserError(f"--resume {args.resume}: not a training checkpoint of this train.py (to start from it, use "
+                        "--init)")
+    for k in fixed:
+        if k in args.given and getattr(args, k) != ckpt["args"].get(k):
+            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: the resumed run has {ckpt['args'].get(k)} "
+                            f"and cannot change it; leave it out, or start a new run from it with --init {args.resume}")
+
+
+def check_resume_steps(args, ckpt):
+    if not args.export and args.max_steps <= ckpt["step"]:
+        raise UserError(f"--max-steps {args.max_steps}: {args.resume} is already at step {ckpt['step']}; pass a larger "
+                        "--max-steps to train on")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checks at the stage files' edges: checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def dit_shapes(state, table_key, sizes):
+    """A DiT's sizes read from a state dict's tensor shapes (a published file carries nothing else), or one line:
+    {size (a key of `sizes`, {name: (depth, width)}), patch, in_channels, num_patches, out_channels, rows}."""
+    try:
+        w = state["x_embedder.proj.weight"]                       # (D, C_in, p, p)
+        hidden, in_channels, patch = w.shape[0], w.shape[1], w.shape[2]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        shape = dict(patch=patch, in_channels=in_channels, num_patches=state["pos_embed"].shape[1],
+                     out_channels=state["final_layer.linear.weight"].shape[0] // (patch * patch),
+                     rows=state[table_key].shape[0])
+    except (KeyError, ValueError, IndexError, AttributeError) as e:
+        raise UserError(f"not a DiT state dict (missing or odd tensor {e})") from None
+    size = next((s for s, dims in sizes.items() if dims == (depth, hidden)), None)
+    if size is None:
+        raise UserError(f"no DiT configuration has depth {depth} and width {hidden}")
+    return dict(shape, size=size)
+
+
+def check_config(config, path):
+    """The `config` of one of our checkpoints (model.save_checkpoint's schema), checked to be one."""
+    needed = ("name", "image_size", "num_classes", "num_superclasses", "method")
+    if not isinstance(config, dict) or not all(k in config for k in needed):
+        raise UserError(f"{path}: its 'config' is not a DiT configuration (a dict of {', '.join(needed)})")
+    return dict(config)
+
+
+def delta_base(ckpt, base=None, base_flag="--base"):
+    """The base file of a delta checkpoint: `base` (where it moved) or the recorded path, refused unless its sha256 is
+    the one recorded at training time (a delta on another base draws silently wrong images)."""
+    try:
+        path = find_file(base or ckpt["base"]["path"])
+    except UserError as e:
+        where = f"if it moved, pass its new place with {base_flag}" if base_flag else "put it back there"
+        raise UserError(f"{e}; it is the base of this delta checkpoint: {where}") from None
+    if file_sha256(path) != ckpt["base"]["sha256"]:
+        raise UserError(f"base checkpoint {path} is not the one this delta was trained on (sha256 differs)")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checks at the stage files' edges: data and sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+def require_dir(root, folder, what, hint=""):
+    """--data-path `root` and the dataset's `folder` in it (a split: holding class folders), or one line saying where
+    the dataset goes."""
+    if not root:
+        raise UserError(f"{what}: no data path given (--data-path){hint}")
+    if not os.path.isdir(root):
+        raise UserError(f"{what}: {root} is not a directory (put the dataset there or pass --data-path){hint}")
+    if not os.path.isdir(folder):
+        present = ", ".join(d for d in sorted(os.listdir(root)) if d in ("train_mini", "train", "val")) or "none"
+        raise UserError(f"{what}: no {os.path.basename(folder)}/ folder in {root} (splits present: {present}){hint}")
+    with os.scandir(folder) as entries:
+        empty = not any(e.is_dir() and not e.name.startswith(".") for e in entries)
+    if folder != root and empty:
+        raise UserError(f"{what}: {folder} holds no class folders{hint}")
+
+
+def resolve_class(hierarchy, num_classes, class_id=None, class_name=None, flag="--class-id"):
+    """A class id from --class-id (or the command's `flag`) or --class-name (exact, else the one name containing it),
+    checked against the checkpoint's classes."""
+    if class_name is not None:
+        if hierarchy is None:
+            raise UserError("this checkpoint carries no class names: use --class-id")
+        names = hierarchy["class_names"]
+        exact = [i for i, n in enumerate(names) if n.lower() == class_name.lower()]
+        matches = exact or [i for i, n in enumerate(names) if class_name.lower() in n.lower()]
+        if len(matches) != 1:
+            some = ", ".join(names[i] for i in matches[:5])
+            raise UserError(f"--class-name {class_name!r} matches {len(matches)} classes{': ' + some if some else ''}")
+        return matches[0]
+    if class_id is None or not 0 <= class_id < num_classes:
+        raise UserError(f"{flag} must be in [0, {num_classes}) for this checkpoint, got {class_id}")
+    return class_id
+
+
+def check_guide_rows(has_rows, guidance):
+    """The label table must have the rows its guide reads (eq. 1: superclass rows; standard CFG: the null row)."""
+    if not has_rows and guidance == "superclass":
+        raise UserError("this checkpoint has no superclass rows: use --guidance null")
+    if not has_rows:
+        raise UserError("this checkpoint has no null row (FineDiffusion tables are K+S rows): use --guidance superclass")
+
+
+def check_interval(interval, trained_steps, guided=True):
+    """--guidance-interval LO HI as a (lo, hi) of trained timesteps, for a run that guides."""
+    if not 0 <= interval[0] <= interval[1] <= trained_steps - 1:
+        raise UserError(f"--guidance-interval {interval[0]} {interval[1]}: need 0 <= LO <= HI <= {trained_steps - 1}")
+    if not guided:
+        raise UserError("--guidance-interval needs guidance: --guidance superclass or null, --cfg-scale other than 1")
+    return tuple(interval)
+
+
+@contextmanager
+def refused_as(flags):
+    """A ValueError of the code inside (settings it cannot take) as one line naming the flags that chose them."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"{flags}: {e}") from None
+
+
+def check_decoder(decoder, trained_scale, trained_vae):
+    """A VAE must scale latents as the DiT was trained (else every image is off); another VAE than the training run's
+    (a record of it, or None) is named in a warning."""
+    if decoder.scaling_factor != trained_scale:
+        raise UserError(f"the VAE {decoder.weights_file} scales latents by {decoder.scaling_factor:g}, this DiT was "
+                        f"trained on latents scaled by {trained_scale:g}: decode with the VAE it was trained with (--vae)")
+    if trained_vae is not None and not same_vae(decoder.identity(), trained_vae) and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: decoding with {decoder.weights_file}, not the VAE this DiT was trained with "
+              f"(sha256 {str(trained_vae['sha256'])[:12]}...): the images may be off", file=sys.stderr)
+
+
+def check_samples(x, y, when):
+    """x (N, ...) unchanged, or RunFailed naming the classes whose samples are not finite: a NaN would be written as a
+    black image (the uint8 cast) and counted in the FID."""
+    bad = ~torch.isfinite(x.flatten(1)).all(dim=1)                            # (N,)
+    if bad.any():
+        classes = sorted(set(y[bad.to(y.device)].tolist()))
+        raise RunFailed(f"{int(bad.sum())} of {len(x)} samples are not finite {when} (class "
+                        f"{', '.join(map(str, classes[:5]))}{' ...' if len(classes) > 5 else ''}); none of them is "
+                        "written: check the checkpoint's weights, or sample with --precision fp32 or bf16")
+    return x

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hardening import (UserError, atomic_write, check_hierarchy, checkpoint_tensors, file_sha256, find_file,
-                       load_strict, read_checkpoint, refuse_non_finite, resolve_checkpoint)
+from hardening import (UserError, atomic_write, check_config, check_hierarchy, checkpoint_tensors, delta_base, dit_shapes,
+                       load_strict, read_checkpoint, resolve_checkpoint)
 
 # Label substitution while training (§3.2.1). The paper gives no number: 0.1 is the authors' code's
 # `class_dropout_prob`, which there swaps a label for its superclass row.
@@ -194,6 +194,19 @@ def inat21_hierarchy():
     """iNat21's hierarchy without its json (e.g. to sample the authors' checkpoint): classes named by their
     5-digit id, as the dataset's folders begin (04021 is 04021_Animalia_...)."""
     return make_hierarchy([f"{k:05d}" for k in range(10000)], INAT21_SUPERCLASSES, inat21_superclass_of())
+
+
+class HierarchyView:
+    """What a dataset tells of its hierarchy (self.hierarchy_, make_hierarchy's dict); targets[i]: item i's class."""
+
+    def hierarchy(self):
+        return self.hierarchy_
+
+    class_names = property(lambda self: self.hierarchy_["class_names"])
+    superclass_names = property(lambda self: self.hierarchy_["superclass_names"])
+    superclass_of = property(lambda self: self.hierarchy_["superclass_of"])
+    num_classes = property(lambda self: len(self.hierarchy_["class_names"]))
+    num_superclasses = property(lambda self: len(self.hierarchy_["superclass_names"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,10 +430,6 @@ def build_model(name, image_size, num_classes, num_superclasses=0, method="fined
     `pixel_space=True` (the built-in toy data). `hierarchy` (hierarchy.py) names the classes; a null table keeps it
     too, though it has no superclass rows.
     """
-    if name not in DiT_models:
-        raise UserError(f"unknown model {name!r}: choose one of {', '.join(DiT_models)}")
-    if method not in METHODS:
-        raise UserError(f"unknown tuning method {method!r}: choose one of {', '.join(METHODS)}")
     tiered = (table or default_table(method)) == "tiered"
     kw.setdefault("null_class", not tiered)
     kw.setdefault("norm_affine", method in ("difffit", "finediffusion"))
@@ -438,15 +447,6 @@ def default_table(method):
     return "tiered" if method == "finediffusion" else "null"
 
 
-def check_image_size(name, image_size, pixel_space):
-    """A DiT cuts its input (the pixels, or VAE latents 8x smaller) into patch x patch tokens: the image side must
-    be a positive multiple of the patch (times 8 in latent space), else training fails at step 1 on shapes."""
-    unit = int(name.rsplit("/", 1)[1]) * (1 if pixel_space else 8)
-    if image_size < 1 or image_size % unit:
-        space = "pixels" if pixel_space else "VAE latents 8x smaller than the image"
-        raise UserError(f"--image-size {image_size}: {name} on {space} needs a positive multiple of {unit}")
-
-
 def is_trainable(name, method):
     """Does `method` train the tensor called `name`? (pos_embed is fixed sin-cos and never trained.)"""
     if name == "pos_embed":
@@ -457,13 +457,7 @@ def is_trainable(name, method):
     bias = name.endswith(".bias")
     norm = ".norm" in name                                   # norm1, norm2, norm_final: LayerNorm affine
     gate = name.endswith(("gamma1", "gamma2"))
-    if method == "bitfit":
-        return table or bias
-    if method == "difffit":
-        return table or bias or norm or gate
-    if method == "finediffusion":
-        return table or bias or norm
-    raise UserError(f"unknown tuning method {method!r}: choose one of {', '.join(METHODS)}")
+    return {"bitfit": table or bias, "difffit": table or bias or norm or gate, "finediffusion": table or bias or norm}[method]
 
 
 def set_trainable(model, method):
@@ -514,73 +508,46 @@ def save_checkpoint(path, **fields):
     atomic_write(path, lambda f: torch.save(fields, f))
 
 
+def checkpoint_label(path):
+    """How tables name a checkpoint: `run/0001500` for results/run/checkpoints/0001500.pt, else the file name."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if os.path.basename(folder) == "checkpoints":
+        return f"{os.path.basename(os.path.dirname(folder))}/{os.path.splitext(name)[0]}"
+    return name
+
+
 def dit_config_from_state(state):
     """The DiT configuration from tensor shapes alone (all that the official files carry)."""
-    try:
-        w = state["x_embedder.proj.weight"]                       # (D, C_in, p, p)
-        hidden, in_channels, patch = w.shape[0], w.shape[1], w.shape[2]
-        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-        num_patches = state["pos_embed"].shape[1]
-        out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
-        rows = state[LABEL_TABLE].shape[0]
-    except (KeyError, ValueError, IndexError, AttributeError) as e:
-        raise UserError(f"not a DiT state dict (missing or odd tensor {e})") from None
-    size = next((s for s, (d, h, _) in _CONFIGS.items() if (d, h) == (depth, hidden)), None)
-    if size is None:
-        raise UserError(f"no DiT configuration has depth {depth} and width {hidden}")
-    return dict(name=f"DiT-{size}/{patch}", input_size=int(round(num_patches ** 0.5)) * patch,
-                in_channels=in_channels, learn_sigma=out_channels == 2 * in_channels, rows=rows,
+    shape = dit_shapes(state, LABEL_TABLE, {size: (d, h) for size, (d, h, _) in _CONFIGS.items()})
+    patch, in_channels = shape["patch"], shape["in_channels"]
+    return dict(name=f"DiT-{shape['size']}/{patch}", input_size=int(round(shape["num_patches"] ** 0.5)) * patch,
+                in_channels=in_channels, learn_sigma=shape["out_channels"] == 2 * in_channels, rows=shape["rows"],
                 norm_affine="blocks.0.norm1.weight" in state, difffit_gates="blocks.0.gamma1" in state)
 
 
-def load_pretrained(model, path_or_state):
+def load_pretrained(model, path_or_state, source="the base checkpoint"):
     """Load official DiT, authors' FineDiffusion or our (full) checkpoints into `model`, from a file or a loaded
-    checkpoint or state dict ({"model"|"ema": ...} wrappers too, EMA preferred); returns a report dict.
-
-    A label table of another size is re-initialised (new classes: N(0, 0.02) as DiT's init); LayerNorm
-    affine or DiffFit gates absent from the checkpoint start at the identity. Anything else that does not
-    fit is a UserError naming the tensor and both shapes.
-    """
+    checkpoint or state dict ({"model"|"ema": ...} wrappers too, EMA preferred) -> a report. A label table of another
+    size is re-initialised (N(0, 0.02), as DiT's init); LayerNorm affine and DiffFit gates the file lacks start at the
+    identity; anything else that does not fit is one line naming the tensor (hardening.load_strict)."""
     ckpt = read_checkpoint(resolve_checkpoint(path_or_state)) if isinstance(path_or_state, (str, os.PathLike)) \
         else path_or_state
-    state = checkpoint_tensors(ckpt)
-    refuse_non_finite(state, "the base checkpoint")
-    own = model.state_dict()
-    report = dict(loaded=[], reinitialised=[], identity=[])
-    new_state = {}
-    for k, v in state.items():
-        if k not in own:
-            hint = " (a LayerNorm affine: this checkpoint is FineDiffusion/DiffFit-tuned)" if ".norm" in k else ""
-            raise UserError(f"checkpoint tensor {k} {tuple(v.shape)} has no place in this model{hint}")
-        if v.shape == own[k].shape:
-            new_state[k] = v
-        elif k == LABEL_TABLE:
-            report["reinitialised"].append(f"{k}: {tuple(v.shape)} -> {tuple(own[k].shape)}")
-            nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
-        else:
-            raise UserError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
-    for k in own.keys() - state.keys():
-        if ".norm" in k or k.endswith(("gamma1", "gamma2")):
-            report["identity"].append(k)                     # already 1 / 0 from construction
-        else:
-            raise UserError(f"checkpoint lacks tensor {k} {tuple(own[k].shape)}")
-    model.load_state_dict(new_state, strict=False)
-    report["loaded"] = sorted(new_state)
+    state, own = dict(checkpoint_tensors(ckpt)), model.state_dict()
+    report = dict(reinitialised=[], identity=[k for k in own.keys() - state.keys()
+                                             if ".norm" in k or k.endswith(("gamma1", "gamma2"))])
+    if LABEL_TABLE in state and state[LABEL_TABLE].shape != own[LABEL_TABLE].shape:     # new classes, new rows
+        report["reinitialised"].append(f"{LABEL_TABLE}: {tuple(state.pop(LABEL_TABLE).shape)} -> "
+                                       f"{tuple(own[LABEL_TABLE].shape)}")
+        nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    skipped = set(report["identity"]) | ({LABEL_TABLE} if report["reinitialised"] else set())
+    load_strict(model, state, source, expected={k: v for k, v in own.items() if k not in skipped})
     return report
 
 
 def base_tensors(ckpt, base=None, base_flag="--base"):
-    """The tensors a delta checkpoint goes onto: its base file (`base`, if it moved, else the recorded path),
-    refused unless its sha256 is the one recorded at training time. base_flag: the flag of this script that
-    says where the base moved to (None: there is none)."""
-    try:
-        path = find_file(base or ckpt["base"]["path"])
-    except UserError as e:
-        where = f"if it moved, pass its new place with {base_flag}" if base_flag else "put it back there"
-        raise UserError(f"{e}; it is the base of this delta checkpoint: {where}") from None
-    if file_sha256(path) != ckpt["base"]["sha256"]:
-        raise UserError(f"base checkpoint {path} is not the one this delta was trained on (sha256 differs)")
-    return checkpoint_tensors(read_checkpoint(path))
+    """The tensors a delta checkpoint goes onto: its base file (`base`, if it moved, else the recorded path), the one
+    whose sha256 was recorded at training time (hardening.delta_base). base_flag: the flag that moves it."""
+    return checkpoint_tensors(read_checkpoint(delta_base(ckpt, base, base_flag)))
 
 
 # Published checkpoints carry tensors only. Their label-table layout (rows, LayerNorm affine) says whose they are:
@@ -622,7 +589,7 @@ def load_model(path, base=None, weights="ema", base_flag="--base"):
         model = DiT_models[config["name"]](**kwargs, hierarchy=hierarchy)
         load_strict(model, tensors, path)
         return model.eval(), dict(path=path, config=config, args={}, step=None, time_s=None, vae=None)
-    config = _config_of(ckpt, path)
+    config = check_config(ckpt["config"], path)
     hierarchy = None if ckpt.get("hierarchy") is None else check_hierarchy(ckpt["hierarchy"], path)
     model = build_model(**config, hierarchy=hierarchy)
     if ckpt.get("base"):                                         # the tuned tensors, over the base's
@@ -634,14 +601,6 @@ def load_model(path, base=None, weights="ema", base_flag="--base"):
     info = dict(path=path, config=config, args=ckpt.get("args") or {}, step=ckpt.get("step"),
                 time_s=ckpt.get("time_s"), vae=ckpt.get("vae"))
     return model.eval(), info
-
-
-def _config_of(ckpt, path):
-    """The `config` of one of our checkpoints (save_checkpoint's schema), checked to be one."""
-    config, needed = ckpt["config"], ("name", "image_size", "num_classes", "num_superclasses", "method")
-    if not isinstance(config, dict) or not all(k in config for k in needed):
-        raise UserError(f"{path}: its 'config' is not a DiT configuration (a dict of {', '.join(needed)})")
-    return dict(config)
 
 
 if __name__ == "__main__":

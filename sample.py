@@ -1,41 +1,36 @@
 """Generate images of one fine-grained class with fine-grained classifier-free guidance (paper §3.2.2).
 
-    python sample.py --class-id 4021                                   # newest checkpoint under results/
-    python sample.py --ckpt FineDiffusion-iNat.pt --vae sd-vae-ft-ema --class-id 4021   # the authors' model
+    python sample.py --class-id 4021                                   # the newest checkpoint under results/
+    python sample.py --ckpt FineDiffusion-iNat.pt --class-id 4021      # the authors' model
     python sample.py --class-name "disc/striped" --guidance null --cfg-scale 4 --sampler ddim --steps 50
-    python sample.py --class-id 4021 --sampler dpm++2m --steps 20 --guidance-interval 200 700
+    python sample.py --class-id 4021 --sampler dpm++2m-sde --steps 20 --guidance-interval 200 700
 
 Each sampling step runs the DiT on [x_t; x_t] with labels [c; guide] and mixes the two predictions (eq. 1):
     eps = eps(x_t | guide) + w * (eps(x_t | c) - eps(x_t | guide)),
-where the guide is the class's superclass row (`--guidance superclass`, the paper's), the null row
-(`--guidance null`, standard CFG) or nothing (`--guidance none`: one plain conditional prediction).
-Defaults are the paper's (§4.2): 250 DDPM steps, w = 4.0. Latent models decode through the SD VAE.
-
-Faster than the paper: `--sampler dpm++2m-sde --steps 20` (DPM-Solver++(2M) SDE, diffusion.py: 40 DiT
-evaluations an image; on the toy its FID is under DDPM-250's and the ODE form `dpm++2m` level with it), and
-`--guidance-interval LO HI` (Kynkäänniemi et al. 2024): eq. 1 only at the steps t with LO <= t <= HI, on the
-trained 0 ... 999 scale; the others run the DiT on the conditional half alone, so they cost half. Step t has
-noise level sigma_t = sqrt((1 - abar_t) / abar_t): 0.01 at t = 0, 0.34 at 100, 0.72 at 200, 1.24 at 300,
-2.04 at 400, 3.44 at 500, 6.17 at 600, 12.0 at 700, 25.7 at 800, 60.8 at 900, 157 at 999.
-
-What the console says the run uses (class, guide row, sampler, checkpoint, VAE) is read back from the objects the
-run samples with, never from the flags.
+the guide being the class's superclass row (--guidance superclass, the paper's), the null row (null: standard CFG) or
+nothing (none: eps(x_t | c) alone). Defaults are the paper's (§4.2): 250 DDPM steps, w = 4; latents decode through the
+SD VAE, in fp32. Faster: DPM-Solver++(2M) (SDE) in 20 steps (diffusion.py; 40 DiT evaluations an image), and
+--guidance-interval LO HI (Kynkäänniemi et al. 2024): eq. 1 only at the steps LO <= t <= HI of 0 ... 999, the others on
+the conditional half alone (half the cost). Step t has noise level sigma_t = sqrt((1 - abar_t) / abar_t): 0.34 at
+t = 100, 0.72 at 200, 1.24 at 300, 2.04 at 400, 3.44 at 500, 6.17 at 600, 12.0 at 700, 25.7 at 800, 157 at 999.
+What the console says a run uses (class, guide row, sampler, checkpoint, VAE) is read from what it samples with.
 """
 import math
 import os
 import sys
 from functools import partial
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+import hardening as guard
 from diffusion import TRAINED_STEPS, create_diffusion
-from hardening import (AUTHORS_CHECKPOINT, ArgumentParser, RunFailed, UserError, atomic_write, device_name, finite_float,
-                       folder_path, int_in, nonnegative_int, out_file, out_of_memory_advice, positive_int,
-                       precision_context, run_cli)
+from hardening import (AUTHORS_CHECKPOINT, ArgumentParser, atomic_write, device_name, finite_float, folder_path, int_in,
+                       nonnegative_int, out_file, out_of_memory_advice, positive_int, precision_context, run_cli)
 from model import load_model
-from vae import LATENT_SCALE, AutoencoderKL, latent_scale, same_vae
+from vae import LATENT_SCALE, AutoencoderKL, latent_scale
 
 CFG_SCALE = 4.0         # paper §4.2: the guidance scale w of every table
 STEPS = 250             # paper §4.2: DDPM sampling steps
@@ -84,9 +79,9 @@ def sample_images(model, y, guide=None, cfg_scale=CFG_SCALE, sampler=None, vae=N
 
     x = sampler.loop(model.learn_sigma)(eps_model, z.shape, z, model_kwargs=kwargs, progress=progress, device=device,
                                         randn_like=randn_like)
-    x = check_finite(x[: len(y)], y, f"after {sampler}")       # drop the guide half
+    x = guard.check_samples(x[: len(y)], y, f"after {sampler}")       # drop the guide half
     if vae is not None:
-        x = check_finite(vae.to(device).decode(x / vae.scaling_factor).float(), y, "once decoded by the VAE")
+        x = guard.check_samples(vae.to(device).decode(x / vae.scaling_factor).float(), y, "once decoded by the VAE")
     return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)  # (N, H, W, 3)
 
 
@@ -103,18 +98,6 @@ class ImageNoise:
         return z.repeat(len(x) // len(z), *[1] * (x.ndim - 1))               # (N or 2N, C, h, w)
 
 
-def check_finite(x, y, when):
-    """x (N, ...) unchanged, or RunFailed naming the classes whose samples are not finite: a NaN would be written as
-    a black image (the uint8 cast) and counted in the FID."""
-    bad = ~torch.isfinite(x.flatten(1)).all(dim=1)                            # (N,)
-    if bad.any():
-        classes = sorted(set(y[bad.to(y.device)].tolist()))
-        raise RunFailed(f"{int(bad.sum())} of {len(x)} samples are not finite {when} (class "
-                        f"{', '.join(map(str, classes[:5]))}{' ...' if len(classes) > 5 else ''}); none of them is "
-                        "written: check the checkpoint's weights, or sample with --precision fp32 or bf16")
-    return x
-
-
 def guide_labels(model, y, guidance, cfg_scale=CFG_SCALE):
     """Label-table rows (N,) of the guide half for classes y (N,): their superclass rows (eq. 1) or the null row
     (standard CFG); None when nothing guides (--guidance none, or w = 1, where eq. 1 is eps(x_t | c) alone)."""
@@ -122,14 +105,16 @@ def guide_labels(model, y, guidance, cfg_scale=CFG_SCALE):
     y = torch.as_tensor(y)
     if guidance == "none" or cfg_scale == 1.0:
         return None
+    guard.check_guide_rows(has_guide_rows(model, guidance), guidance)
     if guidance == "superclass":
-        if not emb.num_superclasses:
-            raise UserError("this checkpoint has no superclass rows: use --guidance null")
         return emb.superclass_ids(y.to(emb.superclass_of.device)).cpu()
-    if not emb.null_class:
-        raise UserError("this checkpoint has no null row (FineDiffusion tables are K+S rows): use --guidance "
-                        "superclass")
     return torch.full_like(y, emb.null_id)
+
+
+def has_guide_rows(model, guidance):
+    """Has the DiT's label table the rows of this guide (superclass rows and their hierarchy, or the null row)?"""
+    emb = model.y_embedder
+    return emb.null_class if guidance == "null" else emb.num_superclasses > 0
 
 
 def describe_guide(model, row):
@@ -164,25 +149,20 @@ class Sampler:
     timesteps `timesteps` (0 ... 999, in sampling order), and eq. 1 at the steps inside `interval` (lo, hi, both
     included; None: at every step, the paper's). Built before any work, so bad settings fail at once."""
 
-    def __init__(self, kind="ddpm", steps=None, interval=None):
+    def __init__(self, kind="ddpm", steps=None, interval=None, guided=True):
         self.kind, self.steps = kind, steps or DEFAULT_STEPS[kind]
-        if interval is not None and not 0 <= interval[0] <= interval[1] <= TRAINED_STEPS - 1:
-            raise UserError(f"--guidance-interval {interval[0]} {interval[1]}: need 0 <= LO <= HI <= "
-                            f"{TRAINED_STEPS - 1}")
-        self.interval = None if interval is None else tuple(interval)
+        self.interval = None if interval is None else guard.check_interval(interval, TRAINED_STEPS, guided)
         self.timesteps = self._diffusion(learn_sigma=True)[1]
 
     def _diffusion(self, learn_sigma):
         """(the sampling loop of this kind, its timesteps) for a DiT with or without the learned variance."""
-        try:
+        with guard.refused_as(f"--sampler {self.kind} --steps {self.steps}"):    # steps the schedule cannot take
             if self.kind in ("dpm++2m", "dpm++2m-sde"):
                 diffusion = create_diffusion("", learn_sigma=learn_sigma)
                 return (partial(diffusion.dpm_solver_sample_loop, steps=self.steps, sde=self.kind == "dpm++2m-sde"),
                         diffusion.dpm_solver_timesteps(self.steps))
-            spacing = f"ddim{self.steps}" if self.kind == "ddim" else str(self.steps)
-            diffusion = create_diffusion(spacing, learn_sigma=learn_sigma)
-        except ValueError as e:
-            raise UserError(f"--sampler {self.kind} --steps {self.steps}: {e}") from None
+            diffusion = create_diffusion(f"ddim{self.steps}" if self.kind == "ddim" else str(self.steps),
+                                         learn_sigma=learn_sigma)
         loop = diffusion.ddim_sample_loop if self.kind == "ddim" else diffusion.p_sample_loop
         return loop, diffusion.timestep_map[::-1]
 
@@ -226,9 +206,9 @@ def add_sampler_args(p, steps=None):
                    help="guide only at timesteps LO <= t <= HI of 0 ... 999 (default: every step, as the paper)")
 
 
-def sampler_of(args):
-    """The Sampler of the sampler flags, checked before any work."""
-    return Sampler(args.sampler, args.steps, args.guidance_interval)
+def sampler_of(args, guided=True):
+    """The Sampler of the sampler flags, checked before any work (`guided`: does the run guide at all?)."""
+    return Sampler(args.sampler, args.steps, args.guidance_interval, guided)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,31 +227,32 @@ def load_for_sampling(ckpt, base=None, vae=None):
     decoder = AutoencoderKL.from_pretrained(vae or info["args"].get("vae") or "sd-vae-ft-ema")
     decoder.check_fits(model.in_channels, info["config"]["image_size"])
     trained = LATENT_SCALE if info["vae"] is None else latent_scale(info["vae"])   # published DiTs: the SD VAE's
-    if decoder.scaling_factor != trained:
-        raise UserError(f"the VAE {decoder.weights_file} scales latents by {decoder.scaling_factor:g}, this DiT was "
-                        f"trained on latents scaled by {trained:g}: decode with the VAE it was trained with (--vae)")
-    if info["vae"] is not None and not same_vae(decoder.identity(), info["vae"]) and int(os.environ.get("RANK", 0)) == 0:
-        print(f"warning: decoding with {decoder.weights_file}, not the VAE this DiT was trained with "
-              f"(sha256 {str(info['vae']['sha256'])[:12]}...): the images may be off", file=sys.stderr)
+    guard.check_decoder(decoder, trained, info["vae"])
     return model, info, decoder
 
 
-def resolve_class(hierarchy, num_classes, class_id=None, class_name=None, flag="--class-id"):
-    """A class id from --class-id (or the command's `flag`) or --class-name, checked against the checkpoint's
-    classes."""
-    if class_name is not None:
-        if hierarchy is None:
-            raise UserError("this checkpoint carries no class names: use --class-id")
-        names = hierarchy["class_names"]
-        exact = [i for i, n in enumerate(names) if n.lower() == class_name.lower()]
-        matches = exact or [i for i, n in enumerate(names) if class_name.lower() in n.lower()]
-        if len(matches) != 1:
-            some = ", ".join(names[i] for i in matches[:5])
-            raise UserError(f"--class-name {class_name!r} matches {len(matches)} classes{': ' + some if some else ''}")
-        return matches[0]
-    if class_id is None or not 0 <= class_id < num_classes:
-        raise UserError(f"{flag} must be in [0, {num_classes}) for this checkpoint, got {class_id}")
-    return class_id
+def sample_pairs(labels, num_pairs, rng):
+    """Index pairs (a, b), a != b, of images of the same class. num_pairs=None: every such pair once."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")  # image indices grouped by class
+    classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    keep = (classes >= 0) & (counts >= 2)  # unlabelled images and single-image classes form no pair
+    classes, starts, counts = classes[keep], starts[keep], counts[keep]
+    if num_pairs is None:
+        pairs = [(order[s + i], order[s + j])
+                 for s, n in zip(starts, counts) for i in range(n) for j in range(i + 1, n)]
+        a, b = np.array(pairs).T  # (P,) each
+        return a, b
+    # anchor uniform over the images that have a partner, partner uniform over the rest of its class
+    class_of_slot = np.repeat(np.arange(len(classes)), counts)  # class index of each grouped slot
+    slot_in_class = np.concatenate([np.arange(n) for n in counts])
+    eligible = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)])  # grouped slots
+    slots = rng.choice(eligible, size=num_pairs)
+    k = np.searchsorted(eligible, slots)
+    cls, rank = class_of_slot[k], slot_in_class[k]
+    other = rng.integers(0, counts[cls] - 1)  # among the n-1 other images of the class
+    other = other + (other >= rank)
+    return order[slots], order[starts[cls] + other]
 
 
 # A grid of small images (the toy's 32 px) is enlarged, pixel for pixel, to about this many pixels a side per image.
@@ -317,13 +298,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    sampler = sampler_of(args)                                          # refused now, not after loading
+    sampler = sampler_of(args, guided=args.guidance != "none" and args.cfg_scale != 1.0)   # refused before loading
     precision_context(args.precision, torch.device(args.device).type)
-    if sampler.interval and (args.guidance == "none" or args.cfg_scale == 1.0):
-        raise UserError("--guidance-interval needs guidance: --guidance superclass or null, --cfg-scale other than 1")
     model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae)
     hierarchy = model.hierarchy
-    cls = resolve_class(hierarchy, model.y_embedder.num_classes, args.class_id, args.class_name)
+    cls = guard.resolve_class(hierarchy, model.y_embedder.num_classes, args.class_id, args.class_name)
     y = torch.full((args.num_samples,), cls)
     guide = guide_labels(model, y, args.guidance, args.cfg_scale)
     what = f"class {cls}" + (f" ({hierarchy['class_names'][cls]})" if hierarchy else "")

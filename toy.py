@@ -1,18 +1,43 @@
-"""The toy world's look: shapes, patterns and tints, rendered with numpy (data.ToyDataset turns them into datasets).
+"""The toy world: the embedded default that plays the paper's data on a CPU, with no download. Its renderer, its two
+datasets, and the classifier that scores samples of them (paper Tables 1-2 in miniature: `evaluate.py toy`).
 
 A toy image is a look -- a shape (8 families, each with its own hue), a pattern (6) and a tint (pale or deep) -- drawn
-upright with a small random offset and size, a random background and noise, anti-aliased by supersampling.
-`toy_looks` says which looks each of the two sets holds: toy-base every shape in 4 of its 6 patterns, in both tints
-(ImageNet's role), toy the 16 shape-pattern combinations the base never shows, in both tints (iNat21-mini's role).
-The pose varies little on purpose: a DiT small enough to train on 2 CPU cores in under an hour draws upright shapes
-recognisably, but not shapes turned and shifted at random (tried: blobs after 6,000 steps).
+upright with a small random offset and size, a random background and noise. The two sets mirror the paper's data:
+  toy-base  ImageNet's role: every shape in 4 of its 6 patterns, in both tints: 64 classes, 512 renders each. The
+            shipped base DiT (train.TOY_BASE) was pre-trained on it.
+  toy       iNat21-mini's role: the 16 shape-pattern combinations the base never shows, in both tints: 32 species in 8
+            superclasses (the shape families), a fixed 50 training images each.
+The pose varies little on purpose: a DiT small enough to train on 2 CPU cores in an hour draws upright shapes
+recognisably, not shapes turned and shifted at random. A small CNN trained on real toy images stands in for Inception:
+it says whether a sample shows its subclass and superclass, gives features for a Frechet distance, and (unit-normalised
+feature maps, as LPIPS) a distance between two samples of one class.
 """
+import os
+import sys
+
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from fid_inception import feature_stats, frechet_distance
+from hardening import UserError, atomic_write, load_strict, read_checkpoint
+from model import HierarchyView, checkpoint_label, make_hierarchy
+from sample import guide_labels, has_guide_rows, load_for_sampling, sample_images, sample_pairs, sampler_of
 
 TOY_SHAPES = ["disc", "square", "triangle", "cross", "diamond", "hexagon", "ellipse", "star"]
 TOY_PATTERNS = ["plain", "striped", "spotted", "eyed", "checkered", "ringed"]
 TOY_TINTS = ["pale", "deep"]
+# The two sets and their images per class: the base a broad world, the fine-grained one a fixed 50 per class whatever
+# the training --seed, as iNat21-mini's.
+TOY_SETS = {"toy-base": dict(images_per_class=512), "toy": dict(images_per_class=50, seed=0)}
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# The look of a toy image, rendered with numpy
+# ----------------------------------------------------------------------------------------------------------------
 
 def toy_unseen_patterns(shape):
     """The two patterns shape `shape` never wears in the base set (every pattern is worn by 5 or 6 other shapes)."""
@@ -132,3 +157,201 @@ def render_toy(looks, rngs, image_size, supersample=2):
     img += fg[:, None, None, :] * (shape_cover - mark_cover) + mark_rgb[:, None, None, :] * mark_cover
     img += 0.015 * noise
     return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)  # (B, H, W, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two datasets
+# ----------------------------------------------------------------------------------------------------------------
+
+_TOY_SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+class ToyDataset(HierarchyView, Dataset):
+    """`images_per_class` renders of each look of a toy set (toy_looks). Item i is class i // images_per_class,
+    instance i % images_per_class, rendered from the numpy rng seeded with (seed, split, class, instance): the same
+    image on any machine. A class's superclass is its shape."""
+
+    max_prerender_bytes = 256 << 20  # pre-render the whole set when it fits; otherwise render per item
+
+    def __init__(self, name="toy", image_size=32, images_per_class=50, seed=0, flip=True, split="train"):
+        self.name, self.looks = name, toy_looks(name)
+        self.image_size, self.images_per_class, self.seed, self.flip = image_size, images_per_class, seed, flip
+        self.split_id = _TOY_SPLITS[split]
+        names = ["/".join([TOY_SHAPES[f], TOY_PATTERNS[p], TOY_TINTS[t]]) for f, p, t in self.looks]
+        self.hierarchy_ = make_hierarchy(names, TOY_SHAPES, [f for f, _, _ in self.looks])
+        self.labels = np.repeat(np.arange(len(self.looks)), images_per_class)  # (N,): class of item i
+        self.targets = self.labels.tolist()
+        self.images = None  # (N, H, W, 3) uint8 when pre-rendered
+        if len(self) * image_size * image_size * 3 <= self.max_prerender_bytes:
+            self.images = np.concatenate([self.raw_images(range(i, min(i + 512, len(self))))
+                                          for i in range(0, len(self), 512)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def raw_images(self, indices):
+        """uint8 (B, H, W, 3) images of the given items (no flip), rendered afresh."""
+        classes = [int(self.labels[i]) for i in indices]
+        rngs = [np.random.default_rng([self.seed, self.split_id, c, i % self.images_per_class])
+                for c, i in zip(classes, indices)]
+        return render_toy([self.looks[c] for c in classes], rngs, self.image_size)
+
+    def __getitem__(self, index):
+        arr = self.images[index] if self.images is not None else self.raw_images([index])[0]  # (H, W, 3) uint8
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[index])
+
+
+def toy_dataset(name, image_size=32, split="train", flip=True, seed=0, **override):
+    """One of TOY_SETS; `override` changes its ToyDataset arguments (e.g. images_per_class for a classifier)."""
+    return ToyDataset(name, **{**dict(image_size=image_size, split=split, flip=flip, seed=seed), **TOY_SETS[name],
+                               **override})
+
+
+def toy_set_of(hierarchy):
+    """The name of the toy set whose classes a checkpoint has, or None."""
+    return next((name for name in TOY_SETS if toy_dataset(name, 8, images_per_class=1).hierarchy() == hierarchy), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring samples: the classifier, its metrics, the table (`evaluate.py toy`)
+# ----------------------------------------------------------------------------------------------------------------
+
+class ToyClassifier(nn.Module):
+    def __init__(self, num_classes, width=32):
+        super().__init__()
+        w = width
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU())])
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def feature_maps(self, x):                    # x: (N, 3, H, W) in [-1, 1]
+        maps = []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)                        # (N, w, H/2, W/2), (N, 2w, H/4, W/4), (N, 4w, H/4, W/4)
+        return maps
+
+    def forward(self, x):
+        features = self.feature_maps(x)[-1].mean(dim=(2, 3))  # (N, 4w)
+        return self.fc(features), features
+
+
+def toy_classifier(image_size, cache_dir="results", epochs=4, seed=0, toy_set="toy"):
+    """The classifier of a toy set's images at `image_size`, trained once (CPU seconds) on 256 real images a class --
+    more than the set's 50: it plays Inception, not a fine-tuned model -- and cached (a damaged cache is retrained)."""
+    path = os.path.join(cache_dir, f"{toy_set.replace('-', '_')}_classifier_{image_size}px.pt")
+    train_set = toy_dataset(toy_set, image_size, "train", seed=seed, images_per_class=256)
+    with torch.random.fork_rng(devices=[]):   # the same classifier in every clone; the caller's streams untouched
+        torch.manual_seed(seed)
+        net = ToyClassifier(train_set.num_classes)
+        if os.path.isfile(path):
+            try:
+                load_strict(net, read_checkpoint(path), path)
+                return net.eval()
+            except UserError as e:
+                print(f"note: retraining the toy classifier: {e}", file=sys.stderr)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        for _ in tqdm(range(epochs), desc="toy classifier (first use, cached)", unit="epoch"):
+            for x, y in DataLoader(train_set, batch_size=128, shuffle=True):
+                loss = F.cross_entropy(net(x)[0], y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(net.state_dict(), f))
+    return net.eval()
+
+
+@torch.no_grad()
+def toy_metrics(net, images, labels, superclass_of, real_features, pairs=200, seed=0):
+    """Subclass and superclass accuracy, classifier-feature FID and LPIPS-style diversity of images in [-1, 1]."""
+    logits, features = net(images)
+    pred, sc = logits.argmax(1), torch.as_tensor(superclass_of)
+    a, b = sample_pairs(labels.numpy(), pairs, np.random.default_rng(seed))
+    unit = lambda m: m / (m.norm(dim=1, keepdim=True) + 1e-10)
+    diversity = sum(((unit(p) - unit(q)) ** 2).sum(1).mean(dim=(1, 2))
+                    for p, q in zip(net.feature_maps(images[a]), net.feature_maps(images[b])))
+    return dict(sub_acc=(pred == labels).float().mean().item(), super_acc=(sc[pred] == sc[labels]).float().mean().item(),
+                fid=frechet_distance(*feature_stats(features.numpy()), *feature_stats(real_features)),
+                diversity=diversity.mean().item())
+
+
+def toy_images(dataset):
+    """All images (N, 3, H, W) in [-1, 1] and labels (N,) of a toy dataset."""
+    return torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.as_tensor(dataset.targets)
+
+
+def toy_reference(name, size, args):
+    """A toy set's classifier, the features of its real val images (the FID reference) and a row for held-out real
+    test images: the best a sampler could score."""
+    real = toy_dataset(name, size, "val", flip=False, seed=args.seed)
+    net = toy_classifier(size, args.cache_dir, args.classifier_epochs, toy_set=name)
+    with torch.no_grad():
+        real_features = net(toy_images(real)[0])[1].numpy()
+    held_out = toy_dataset(name, size, "test", flip=False, seed=args.seed, images_per_class=args.per_class)
+    row = dict(ckpt=f"real {name} images (test)", method="-", guidance="-", cfg_scale=None, step=None,
+               train_time_s=None, **toy_metrics(net, *toy_images(held_out), real.superclass_of, real_features,
+                                                 args.pairs, args.seed))
+    return net, real, real_features, row
+
+
+def score_toy(args):
+    """`evaluate.py toy`: each checkpoint sampled at every guide its table has rows for (w = 1 is the unguided sampler
+    whatever the guide, eq. 1: sampled once) and each seed, scored by its toy set's classifier -> the table's rows."""
+    sampler = sampler_of(args)                             # a bad --steps or interval fails before any work
+    rows, references = [], {}
+    for ckpt in args.ckpt:
+        model, info, _ = load_for_sampling(ckpt)
+        path, size, name = info["path"], info["config"]["image_size"], toy_set_of(model.hierarchy)
+        if not info["config"]["pixel_space"] or name is None:
+            raise UserError(f"{path} is not a toy checkpoint (train one with --data toy or toy-base)")
+        if (name, size) not in references:
+            references[name, size] = toy_reference(name, size, args)
+            rows.append(references[name, size][3])
+        net, real, real_features, _ = references[name, size]
+        y = torch.arange(real.num_classes).repeat_interleave(args.per_class)
+        settings = [(g, w) for g in args.guidance if g == "none" or has_guide_rows(model, g)
+                    for w in ([None] if g == "none" else args.cfg_scales or [args.cfg_scale])]
+        done = {}
+        for (guidance, scale), seed in tqdm([(g, seed) for g in settings for seed in args.seeds or [args.seed]],
+                                            desc=f"sampling {checkpoint_label(path)}", unit="setting"):
+            key = ("none", 1.0, seed) if guidance == "none" or scale == 1.0 else (guidance, scale, seed)
+            if key not in done:
+                images = sample_images(model, y, guide_labels(model, y, *key[:2]), key[1], sampler, seed=seed,
+                                       progress=False)
+                x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
+                done[key] = toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, seed)
+            rows.append(dict(ckpt=checkpoint_label(path), method=info["config"].get("method", "?"), guidance=guidance,
+                             cfg_scale=scale, step=info.get("step"), train_time_s=info["time_s"], seed=seed,
+                             **sampler.record(), **done[key]))
+    return rows, sampler
+
+
+TOY_COLUMNS = [("sub_acc", "sub acc↑", 9, ".3f"), ("super_acc", "super acc↑", 11, ".3f"),
+               ("fid", "FID(cls)↓", 10, ".2f"), ("diversity", "diversity↑", 11, ".3f")]   # key, header, width, format
+
+
+def print_toy_table(rows):
+    """A line per checkpoint, guidance and scale: its metrics, over several seeds `mean±half the range` (two seeds:
+    exactly the two values), so the seed-to-seed noise stands beside every figure."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["ckpt"], r["method"], r["guidance"], r["cfg_scale"]), []).append(r)
+    wider = 7 if any(len(g) > 1 for g in groups.values()) else 0
+    headers = "".join(f"{header:>{width + wider}}" for _, header, width, _ in TOY_COLUMNS)
+    print(f"{'checkpoint':<36}{'method':<15}{'guidance':<12}{'w':>5}{headers}{'train s':>9}")
+    for (ckpt, method, guidance, scale), group in groups.items():
+        cells = ""
+        for key, _, width, fmt in TOY_COLUMNS:
+            values = [r[key] for r in group]
+            cell = f"{sum(values) / len(values):{fmt}}" + (f"±{(max(values) - min(values)) / 2:{fmt}}"
+                                                          if len(values) > 1 else "")
+            cells += f"{cell:>{width + wider}}"
+        train_s = group[0]["train_time_s"]
+        print(f"{ckpt[:35]:<36}{method:<15}{guidance:<12}{'-' if scale is None else format(scale, 'g'):>5}{cells}"
+              f"{'-' if train_s is None else format(train_s, '.0f'):>9}")
