@@ -4,24 +4,21 @@
     python bench.py --device cuda --precision bf16 --model DiT-XL/2   # on a GPU: the paper's model
     python bench.py --sample-model DiT-XL/2 --sample-batches 2        # CPU seconds per DDPM step of XL
     python bench.py --only samplers --sample-model DiT-XL/2 --repeats 3 --warmup 1   # each sampler's cost at XL
+    python bench.py --gpu-check        # DiT-XL/2 on one CUDA GPU in 8 minutes: tools/gpu_check.py, never in CI
 
-It prints one table and writes JSON (--out, default results/bench.json):
+It prints one table and writes JSON (--out, default results/bench.json), a key per part (--only):
   train     seconds per training step and peak training memory for full / BitFit / DiffFit / FineDiffusion,
             each method's speed-up over full fine-tuning (paper: FineDiffusion 1.56x) and memory ratio.
   data      end-to-end training images/s reading the VAE-latent cache against encoding with the VAE each step.
   sampling  seconds per DDPM step with CFG at forward batch 2, 8, 32 (batch 2 = one image and its guide),
             and DDIM-50 and DPM-Solver++(2M)-20 against DDPM-250 wall time.
-  decode    seconds per image of the SD VAE decode in fp32 (what every command does, whatever --precision) and under the
-            autocast of --precision: what decoding in fp32 costs.
-  samplers  seconds per image of DDPM-250, DDIM-50 and DPM-Solver++(2M) at 10/15/20/25 steps, with guidance at
-            every step and in --guidance-interval: DiT evaluations per image, speed-up against DDPM-250, hours
-            for Table 1's 100K images on this machine. Projected from timed steps (see bench_samplers).
+  samplers  seconds per image of DDPM-250, DDIM-50 and DPM-Solver++(2M) at 10/15/20/25 steps, guided at every step
+            and in --guidance-interval: DiT evaluations, speed-up, hours for Table 1's 100K images (projected).
+  decode    seconds per image of the SD VAE decode in fp32 (what every command does) and under --precision.
   fid       FID Inception feature extraction, images/s.
 Every figure is the median of --repeats runs after --warmup runs; ratios compare figures of the same run.
 Training memory on a CPU is the peak resident set of a fresh process minus its size before the model was
 built (weights, gradients, optimizer state and activations); on CUDA, torch.cuda.max_memory_allocated.
-
-    python bench.py --gpu-check        # DiT-XL/2 on one CUDA GPU in 8 minutes: tools/gpu_check.py, never in CI
 """
 import argparse
 import json
@@ -69,13 +66,7 @@ def cuda_sync(device):
     return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
-def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB -> MiB (a high-water mark)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training steps, one tuning method per fresh process (so each peak memory is its own)
-# ----------------------------------------------------------------------------------------------------------
+# ---- Training steps, one tuning method per fresh process (so each peak memory is its own) ------------------
 
 CLASSES, SUPERCLASSES = 1000, 10        # the label table of the timed DiTs (its size hardly changes the cost)
 
@@ -86,9 +77,8 @@ def dealt_hierarchy(K, S):
 
 
 def trainer(model_name, image_size, batch, method, device, precision, compile=False, world=1):
-    """(model, step): a DiT set up for `method` and one training step as train.py runs it (train.train_step),
-    step(x, y) -> the loss (a 0-dim tensor), on a random batch of `batch` made here unless given another.
-    world > 1 (under torchrun): the DiT wrapped in DDP, as train.py wraps it."""
+    """(model, step): a DiT set up for `method` and step(x, y) -> the loss (0-dim) of train.py's train_step, on a random
+    batch of `batch` unless given another. world > 1 (under torchrun): the DiT wrapped in DDP, as train.py wraps it."""
     device = torch.device(device)
     with device:                        # built where it trains: DiT-XL/2 initialises in a second on a GPU
         model = build_model(model_name, image_size, CLASSES, SUPERCLASSES, method,
@@ -118,6 +108,7 @@ def train_worker(args):
     torch.manual_seed(0)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    rss_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB -> MiB, a high-water mark
     before = rss_mb()
     _, step = trainer(args.model, args.image_size, args.batch, args.method, args.device, args.precision, args.compile)
     losses = []
@@ -162,13 +153,10 @@ def run_worker(what, argv, timeout=None, launcher=(), script=os.path.join(HERE, 
 
 
 def bench_train(args):
-    results = {}
-    for method in METHODS:
-        results[method] = run_worker(
-            f"the {method} training benchmark",
-            ["--worker", "train", "--method", method, "--model", args.model, "--image-size", args.image_size,
-             "--batch", args.batch, "--device", args.device, "--precision", args.precision, "--repeats",
-             args.repeats, "--warmup", args.warmup] + (["--compile"] if args.compile else []))
+    flags = [a for name in ("model", "image_size", "batch", "device", "precision", "repeats", "warmup")
+             for a in (f"--{name.replace('_', '-')}", getattr(args, name))] + (["--compile"] if args.compile else [])
+    results = {method: run_worker(f"the {method} training benchmark", ["--worker", "train", "--method", method, *flags])
+               for method in METHODS}
     full = results["full"]
     for r in results.values():
         r["speedup_vs_full"] = full["seconds_per_step"] / r["seconds_per_step"]
@@ -176,9 +164,7 @@ def bench_train(args):
     return results
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data: the latent cache against encoding with the VAE every step
-# ----------------------------------------------------------------------------------------------------------
+# ---- Data: the latent cache against encoding with the VAE every step ---------------------------------------
 
 def bench_data(args):
     torch.manual_seed(0)
@@ -198,15 +184,14 @@ def bench_data(args):
         data.build_latent_cache(images, vae, cache_dir, batch_size=args.batch, num_workers=0, device=device,
                                 progress=False)
         cache = data.LatentCacheDataset(cache_dir)
-        batches = iter(torch.utils.data.DataLoader(cache, batch_size=args.batch, shuffle=True, drop_last=True))
+
+        def epochs():                   # as training reads the cache: reshuffled every epoch
+            while True:
+                yield from torch.utils.data.DataLoader(cache, batch_size=args.batch, shuffle=True, drop_last=True)
+        batches = epochs()
 
         def from_cache():
-            nonlocal batches
-            try:
-                z, labels = next(batches)
-            except StopIteration:
-                batches = iter(torch.utils.data.DataLoader(cache, batch_size=args.batch, shuffle=True, drop_last=True))
-                z, labels = next(batches)
+            z, labels = next(batches)
             step(z.to(device), labels.to(device))
 
         sync = cuda_sync(device)
@@ -215,34 +200,29 @@ def bench_data(args):
     return dict(cache_images_per_s=cached, vae_images_per_s=encoded, cache_speedup=cached / encoded)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sampling and FID features
-# ----------------------------------------------------------------------------------------------------------
+# ---- Sampling and FID features -----------------------------------------------------------------------------
 
 def sampling_dit(args, K=1000, S=10):
     """A FineDiffusion-layout DiT of --sample-model (random weights: the cost is the same) and its autocast."""
     torch.manual_seed(0)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
     with torch.device(args.device):     # built where it runs: DiT-XL/2 initialises in a second on a GPU
         model = DiT_models[args.sample_model](input_size=args.image_size // 8, num_classes=K, num_superclasses=S,
                                               hierarchy=dealt_hierarchy(K, S), null_class=False,
                                               norm_affine=True).eval()
-    return model, torch.autocast(torch.device(args.device).type, dtype=dtype) if dtype else nullcontext()
+    return model, precision_context(args.precision, torch.device(args.device).type)
 
 
 def bench_sampling(args):
-    device, K = args.device, 1000
-    model, autocast = sampling_dit(args, K)
-    sync = cuda_sync(device)
+    device, sync = args.device, cuda_sync(args.device)
+    model, autocast = sampling_dit(args)
 
     def cfg_model(x, t, **kw):
         with autocast:
             return model.forward_with_cfg(x, t, **kw).float()
 
     def one_step(diffusion, batch):
-        half = batch // 2
         x = torch.randn(batch, 4, args.image_size // 8, args.image_size // 8, device=device)
-        y = torch.randint(0, K, (half,), device=device)
+        y = torch.randint(0, 1000, (batch // 2,), device=device)              # half images, half their guides
         kw = dict(y=torch.cat([y, model.y_embedder.superclass_ids(y)]), cfg_scale=4.0)
         t = torch.full((batch,), diffusion.num_timesteps - 1, device=device)
         return lambda: diffusion.p_sample(cfg_model, x, t, model_kwargs=kw)
@@ -255,15 +235,12 @@ def bench_sampling(args):
         if args.loops:
             shape = (2, 4, args.image_size // 8, args.image_size // 8)
             kw = dict(y=torch.tensor([1, 10 + 1], device=device), cfg_scale=4.0)
-            ddim, full = create_diffusion("ddim50"), create_diffusion()
-            loops = dict(ddpm250=lambda: ddpm.p_sample_loop(cfg_model, shape, model_kwargs=kw, device=device),
-                         ddim50=lambda: ddim.ddim_sample_loop(cfg_model, shape, model_kwargs=kw, device=device),
-                         dpm20=lambda: full.dpm_solver_sample_loop(cfg_model, shape, steps=20, model_kwargs=kw,
-                                                                   device=device))
-            for name, fn in loops.items():
-                results[f"{name}_seconds"] = median_seconds(fn, args.loop_repeats, 0, sync)
-            results["ddim50_speedup"] = results["ddpm250_seconds"] / results["ddim50_seconds"]
-            results["dpm20_speedup"] = results["ddpm250_seconds"] / results["dpm20_seconds"]
+            for name, kind, steps in (("ddpm250", "ddpm", 250), ("ddim50", "ddim", 50), ("dpm20", "dpm++2m", 20)):
+                loop = Sampler(kind, steps).loop()
+                results[f"{name}_seconds"] = median_seconds(
+                    lambda: loop(cfg_model, shape, model_kwargs=kw, device=device), args.loop_repeats, 0, sync)
+            for name in ("ddim50", "dpm20"):
+                results[f"{name}_speedup"] = results["ddpm250_seconds"] / results[f"{name}_seconds"]
     return results
 
 
@@ -272,12 +249,10 @@ TABLE1_IMAGES = 100_000        # paper §4.3: the images behind each FID of Tabl
 
 
 def bench_samplers(args):
-    """Seconds per image of each sampler, guided at every step (the paper) and in --guidance-interval.
-
-    Projected, not run end to end (DDPM-250 of DiT-XL/2 takes about 16 CPU minutes per image): the DiT on
-    [x_t; x_t] (a guided step) and on x_t alone (a step outside the interval) is timed, median of --repeats
-    runs; the sampler's own arithmetic is timed by running its loop with a network that costs nothing; the VAE
-    decode once per batch. An image costs its steps' network times plus those two."""
+    """Seconds per image of each sampler, guided at every step (the paper) and in --guidance-interval, projected, not
+    run end to end (DDPM-250 of DiT-XL/2 takes about 16 CPU minutes per image): an image costs its steps' timed DiT
+    evaluations (on [x_t; x_t] guided, on x_t outside the interval), the sampler's own arithmetic (its loop timed
+    with a network that costs nothing) and the VAE decode of its batch."""
     device, sync, n = args.device, cuda_sync(args.device), args.sampler_images
     model, autocast = sampling_dit(args)
     x = torch.randn(2 * n, 4, args.image_size // 8, args.image_size // 8, device=device)    # [x_t; x_t]
@@ -332,24 +307,7 @@ def bench_fid(args):
                 batch=args.batch, image_size=args.image_size)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The report
-# ----------------------------------------------------------------------------------------------------------
-
-def samplers_report(s, device):
-    lo, hi = s["guidance_interval"]
-    lines = [f"samplers: {s['model']} at {s['image_size']} px on {device}, {s['images_per_batch']} image(s) per batch "
-             f"with the guide half; projected from timed steps, not run end to end:",
-             f"  guided step {s['seconds_per_guided_step']:.3f} s, conditional-half step "
-             f"{s['seconds_per_conditional_step']:.3f} s, VAE decode {s['decode_seconds_per_batch']:.3f} s per batch",
-             f"  {'sampler':<9}{'steps':>6}  {'guided steps':<20}{'DiT evals/image':>16}{'s/image':>10}{'speed-up':>10}"
-             f"{'h per 100K':>12}"]
-    for r in s["runs"]:
-        where = "all" if r["guidance_interval"] is None else f"{r['guided_steps']}, t in [{lo}, {hi}]"
-        lines.append(f"  {r['sampler']:<9}{r['steps']:>6}  {where:<20}{r['evaluations_per_image']:>16}"
-                     f"{r['seconds_per_image']:>10.2f}{r['speedup_vs_ddpm250']:>9.1f}x{r['hours_per_100k']:>12.1f}")
-    return lines
-
+# ---- The report --------------------------------------------------------------------------------------------
 
 def report(results):
     lines = [f"device {results['device']}, precision {results['precision']}, threads {results['threads']}"
@@ -360,32 +318,41 @@ def report(results):
         for method, r in results["train"].items():
             lines.append(f"  {method:<15}{r['seconds_per_step']:>9.3f}{r['speedup_vs_full']:>9.2f}x"
                          f"{r['peak_memory_mb']:>10.0f}{r['memory_vs_full']:>7.2f}x")
-    if "data" in results:
-        d = results["data"]
+    if d := results.get("data"):
         lines.append(f"training images/s: latent cache {d['cache_images_per_s']:.1f}, VAE every step "
                      f"{d['vae_images_per_s']:.2f} -> {d['cache_speedup']:.1f}x")
-    if "sampling" in results:
-        s = results["sampling"]
+    if s := results.get("sampling"):
         steps = ", ".join(f"batch {b}: {v:.3f}" for b, v in s["seconds_per_ddpm_step"].items())
         lines.append(f"sampling {s['model']} s per DDPM step with CFG: {steps}")
         if "ddim50_speedup" in s:
             lines.append(f"  batch 2 wall time: DDPM-250 {s['ddpm250_seconds']:.1f} s, DDIM-50 "
                          f"{s['ddim50_seconds']:.1f} s -> {s['ddim50_speedup']:.1f}x, DPM++(2M)-20 "
                          f"{s['dpm20_seconds']:.1f} s -> {s['dpm20_speedup']:.1f}x")
-    if "samplers" in results:
-        lines += samplers_report(results["samplers"], results["device"])
-    if "decode" in results:
-        d = results["decode"]
+    if s := results.get("samplers"):
+        lo, hi = s["guidance_interval"]
+        lines += [f"samplers: {s['model']} at {s['image_size']} px on {results['device']}, {s['images_per_batch']} "
+                  f"image(s) per batch with the guide half; projected from timed steps, not run end to end:",
+                  f"  guided step {s['seconds_per_guided_step']:.3f} s, conditional-half step "
+                  f"{s['seconds_per_conditional_step']:.3f} s, VAE decode {s['decode_seconds_per_batch']:.3f} s per "
+                  "batch",
+                  f"  {'sampler':<9}{'steps':>6}  {'guided steps':<20}{'DiT evals/image':>16}{'s/image':>10}"
+                  f"{'speed-up':>10}{'h per 100K':>12}"]
+        for r in s["runs"]:
+            where = "all" if r["guidance_interval"] is None else f"{r['guided_steps']}, t in [{lo}, {hi}]"
+            lines.append(f"  {r['sampler']:<9}{r['steps']:>6}  {where:<20}{r['evaluations_per_image']:>16}"
+                         f"{r['seconds_per_image']:>10.2f}{r['speedup_vs_ddpm250']:>9.1f}x{r['hours_per_100k']:>12.1f}")
+    if d := results.get("decode"):
         lines.append(f"SD VAE decode, s per image (batch {d['batch']}): fp32 {d['fp32_seconds_per_image']:.3f} (every "
                      f"command's), {d['precision']} autocast {d['precision_seconds_per_image']:.3f} -> fp32 costs "
                      f"{d['fp32_cost']:.2f}x")
-    if "fid" in results:
-        f = results["fid"]
-        lines.append(f"FID Inception features: {f['images_per_s']:.1f} images/s ({f['image_size']} px, batch {f['batch']})")
+    if f := results.get("fid"):
+        lines.append(f"FID Inception features: {f['images_per_s']:.1f} images/s ({f['image_size']} px, "
+                     f"batch {f['batch']})")
     return "\n".join(lines)
 
 
-WORKERS = dict(train=train_worker)
+PARTS = dict(train=bench_train, data=bench_data, sampling=bench_sampling, samplers=bench_samplers, decode=bench_decode,
+             fid=bench_fid)
 
 
 def parse_args(argv=None):
@@ -400,7 +367,8 @@ def parse_args(argv=None):
                    help="forward batches: half images, half their guides")
     p.add_argument("--no-loops", dest="loops", action="store_false",
                    help="skip DDPM-250 / DDIM-50 / DPM++(2M)-20 wall times")
-    p.add_argument("--sampler-images", type=positive_int, default=1, help="images per batch of the samplers part (CPU: 1)")
+    p.add_argument("--sampler-images", type=positive_int, default=1,
+                   help="images per batch of the samplers part (CPU: 1)")
     p.add_argument("--guidance-interval", type=int, nargs=2, default=[200, 700], metavar=("LO", "HI"),
                    help="the samplers part's guidance interval (an example: sigma_t 0.72 ... 12; what it saves "
                         "is the share of steps outside it)")
@@ -408,10 +376,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=positive_int, default=7)
     p.add_argument("--warmup", type=nonnegative_int, default=3)
     p.add_argument("--loop-repeats", type=positive_int, default=3)
-    p.add_argument("--only", nargs="+", choices=["train", "data", "sampling", "samplers", "decode", "fid"],
-                   default=["train", "data", "sampling", "samplers", "decode", "fid"], help="run only these parts")
+    p.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS), help="run only these parts")
     p.add_argument("--out", type=out_file, default="results/bench.json")
-    p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)    # one measurement, a fresh process
+    p.add_argument("--worker", choices=["train"], help=argparse.SUPPRESS)    # one measurement, in a fresh process
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sample_model = args.sample_model or args.model
@@ -428,16 +395,14 @@ def main(argv=None):
     if args.worker:
         if args.device.startswith("cuda:"):
             torch.cuda.set_device(args.device)   # peak memory and synchronize read the current GPU: this one
-        return WORKERS[args.worker](args)
+        return train_worker(args)
     for name in (args.model, args.sample_model):        # both run on latents of --image-size images
         check_image_size(name, args.image_size, pixel_space=False)
     results = dict(device=args.device, precision=args.precision, threads=torch.get_num_threads(), model=args.model,
                    image_size=args.image_size, batch=args.batch, compile=args.compile)
     Sampler(interval=args.guidance_interval)            # a bad interval fails before any work
-    run = dict(train=lambda: bench_train(args), data=lambda: bench_data(args), sampling=lambda: bench_sampling(args),
-               samplers=lambda: bench_samplers(args), decode=lambda: bench_decode(args), fid=lambda: bench_fid(args))
     for part in args.only:
-        results[part] = run[part]()
+        results[part] = PARTS[part](args)
     print(report(results))
     write_json(args.out, results)
     print(f"wrote {args.out}")

@@ -19,7 +19,6 @@ stores the VAE posterior (mean, logvar) of every image and of its mirror: Latent
 exp(logvar)) times the latent scale afresh each time, as encoding on the fly would.
 """
 import collections
-import functools
 import hashlib
 import itertools
 import os
@@ -166,7 +165,6 @@ class ImageListDataset(HierarchyView, Dataset):
         self.files = np.array([os.fsencode(f) for f in files])  # (N,) relative paths
         self.labels = np.asarray(labels, dtype=np.int64)  # (N,)
         self.targets = self.labels.tolist()
-        self.transform = dit_transform(image_size, flip)
         self._unreadable = set()  # indices that failed to decode in this process: skipped without retrying
 
     def __len__(self):
@@ -174,7 +172,8 @@ class ImageListDataset(HierarchyView, Dataset):
 
     def read(self, i):
         """Item i itself, (image, class id), or a UserError naming its file when that cannot be read."""
-        return self.transform(read_rgb(os.path.join(self.root, os.fsdecode(self.files[i])))), int(self.labels[i])
+        image = read_rgb(os.path.join(self.root, os.fsdecode(self.files[i])))
+        return dit_preprocess(image, self.image_size, self.flip), int(self.labels[i])
 
     def __getitem__(self, index):
         # A bad file must not end an epoch (or a 500K-image cache): the next readable item stands in, with its own
@@ -219,13 +218,13 @@ def center_crop_arr(pil_image, image_size):
     return Image.fromarray(arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size])
 
 
-def dit_transform(image_size, flip=True):
-    """PIL RGB image -> float tensor 3 x image_size x image_size in [-1, 1], as in DiT's train.py."""
-    steps = [transforms.Lambda(functools.partial(center_crop_arr, image_size=image_size))]  # partial: picklable
-    if flip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], inplace=True)]
-    return transforms.Compose(steps)
+def dit_preprocess(image, image_size, flip=True):
+    """PIL RGB image -> (3, image_size, image_size) in [-1, 1], as DiT's train.py: ADM centre crop, a random horizontal
+    flip (torchvision's draw: torch.rand(1) < 0.5), ToTensor, Normalize(0.5, 0.5)."""
+    x = transforms.functional.to_tensor(center_crop_arr(image, image_size))     # (3, H, W) in [0, 1]
+    if flip and torch.rand(1) < 0.5:
+        x = x.flip(-1)
+    return (x - 0.5) / 0.5
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,7 +259,7 @@ def dataset_root(name, data_path=None):
 
 def add_data_args(p, split="train_mini for inat21, else train", required=False):
     """The flags that name a dataset, for every command that reads one."""
-    p.add_argument("--data", choices=DATASETS, required=required, help="dataset (README: datasets)")
+    p.add_argument("--data", choices=DATASETS, required=required, help="dataset (README: the paper's workflow at scale)")
     p.add_argument("--data-path", help="dataset root; default: data/<--data> (inat21: the folder of its splits)")
     p.add_argument("--split", help=f"default: {split}")
     p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder of class folders")

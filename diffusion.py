@@ -15,9 +15,9 @@ eps-MSE plus the variational bound in which the mean is detached, so the bound t
 
 Numerics follow the official DiT diffusion: schedules in float64 numpy, gathered per timestep and only then
 cast to float32, and exactly one torch.randn_like(x) per sampling step, so the same model, noise and seed
-give the same samples. DPM-Solver++(2M) (Lu et al. 2022), not in the official code, solves the probability-flow
-ODE with the timesteps and updates of diffusers' DPMSolverMultistepScheduler (it draws no noise); its SDE
-variant (sde=True) solves the reverse SDE with the same timesteps and one randn_like(x) per step.
+give the same samples. DPM-Solver++(2M) (Lu et al. 2022), not in the official code, takes the timesteps and
+updates of diffusers' DPMSolverMultistepScheduler. Callers check the step counts they ask (sample.py's --steps); a
+count a schedule still cannot take (no DDIM stride gives it; 1000 DPM-Solver++ steps) is a ValueError they word.
 """
 import math
 
@@ -29,18 +29,12 @@ from tqdm.auto import tqdm
 TRAINED_STEPS = 1000
 
 
-def linear_betas(num_steps):
-    # DDPM's 1e-4 ... 0.02 over 1000 steps, rescaled so other step counts span the same range.
-    scale = 1000 / num_steps
-    return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
-
-
 def space_timesteps(num_timesteps, section_counts):
     """Which of the original steps a respaced sampler keeps.
 
-    "ddimN": N evenly strided steps starting at 0 (the DDIM paper's spacing). Otherwise comma-separated
-    counts, one per equal section of [0, T): each section keeps its count of evenly spaced steps, ends
-    included (so "250" keeps 0, 4.01, 8.02, ... rounded, ending at 999).
+    "ddimN": N evenly strided steps starting at 0 (the DDIM paper's spacing). Otherwise comma-separated counts, one
+    per equal section of [0, T), each at most its section's size: each section keeps its count of evenly spaced
+    steps, ends included (so "250" keeps 0, 4.01, 8.02, ... rounded, ending at 999).
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
@@ -54,8 +48,6 @@ def space_timesteps(num_timesteps, section_counts):
     start, kept = 0, []
     for i, count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
-        if size < count:
-            raise ValueError(f"cannot keep {count} steps out of a section of {size}")
         stride = (size - 1) / (count - 1) if count > 1 else 1
         position = 0.0
         for _ in range(count):
@@ -75,35 +67,21 @@ def mean_flat(x):
     return x.mean(dim=list(range(1, x.ndim)))
 
 
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def approx_standard_normal_cdf(x):
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log-likelihood of x in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)); DDPM's decoder."""
-    centered = x - means
+    cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))  # N(0, 1)'s, approx.
     inv_stdv = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    cdf_delta = cdf_plus - cdf_min
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+    cdf_plus = cdf(inv_stdv * (x - means + 1.0 / 255.0))       # the bin's upper edge
+    cdf_min = cdf(inv_stdv * (x - means - 1.0 / 255.0))        # and its lower one
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, torch.log(cdf_plus.clamp(min=1e-12)),     # the end bins reach to -inf, +inf
+                       torch.where(x > 0.999, torch.log((1.0 - cdf_min).clamp(min=1e-12)), log_cdf_delta))
 
 
 class GaussianDiffusion:
-    """A diffusion over a (possibly respaced) set of timesteps.
-
-    `timestep_map[i]` is the original step the i-th kept step stands for; the model is always called with
-    original steps, so a network trained on 1000 steps samples with 250 or 50.
-    """
+    """A diffusion over a (possibly respaced) set of timesteps. `timestep_map[i]` is the original step the i-th kept
+    step stands for; the model is always called with original steps, so a network trained on 1000 steps samples with
+    250 or 50."""
 
     def __init__(self, betas, learn_sigma=True, timestep_map=None):
         self.betas = betas = np.asarray(betas, dtype=np.float64)
@@ -134,13 +112,12 @@ class GaussianDiffusion:
     def q_posterior_mean_variance(self, x_start, x_t, t):
         mean = (gather(self.posterior_mean_coef1, t, x_t.shape) * x_start
                 + gather(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-        return mean, gather(self.posterior_variance, t, x_t.shape), gather(self.posterior_log_variance_clipped, t, x_t.shape)
+        return (mean, gather(self.posterior_variance, t, x_t.shape),
+                gather(self.posterior_log_variance_clipped, t, x_t.shape))
 
     def predict_xstart_from_eps(self, x_t, t, eps):
-        return gather(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
-
-    def predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return (gather(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+        return (gather(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
 
     # -- the model's reverse step --------------------------------------------------------------------------
     def call_model(self, model, x, t, model_kwargs):
@@ -167,12 +144,15 @@ class GaussianDiffusion:
 
     # -- training -----------------------------------------------------------------------------------------
     def vb_terms_bpd(self, x_start, x_t, t, model_output):
-        """One term of the variational bound in bits per dim: KL at t > 0, decoder NLL at t = 0."""
-        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        """One term of the variational bound in bits per dim: KL(q || p) at t > 0, decoder NLL at t = 0."""
+        true_mean, _, true_logvar = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
-        nll = mean_flat(nll) / math.log(2.0)
+        mean, logvar = out["mean"], out["log_variance"]
+        # KL(N(true_mean, e^true_logvar) || N(mean, e^logvar)), elementwise, in nats
+        kl = 0.5 * (-1.0 + logvar - true_logvar + torch.exp(true_logvar - logvar)
+                    + (true_mean - mean) ** 2 * torch.exp(-logvar))
+        kl = mean_flat(kl) / math.log(2.0)
+        nll = mean_flat(-discretized_gaussian_log_likelihood(x_start, mean, 0.5 * logvar)) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
@@ -180,17 +160,14 @@ class GaussianDiffusion:
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
         model_output = self.call_model(model, x_t, t, model_kwargs)
-        terms = {}
         if self.learn_sigma:
             eps, var_values = model_output.split(x_start.shape[1], dim=1)
-            frozen = torch.cat([eps.detach(), var_values], dim=1)
-            terms["vb"] = self.vb_terms_bpd(x_start, x_t, t, frozen)
+            vb = self.vb_terms_bpd(x_start, x_t, t, torch.cat([eps.detach(), var_values], dim=1))   # mean frozen
             model_output = eps
         else:
-            terms["vb"] = torch.zeros_like(t, dtype=x_start.dtype)
-        terms["mse"] = mean_flat((noise - model_output) ** 2)
-        terms["loss"] = terms["mse"] + terms["vb"]
-        return terms
+            vb = torch.zeros_like(t, dtype=x_start.dtype)
+        mse = mean_flat((noise - model_output) ** 2)
+        return dict(vb=vb, mse=mse, loss=mse + vb)
 
     # -- DDPM sampling ------------------------------------------------------------------------------------
     def p_sample(self, model, x, t, model_kwargs=None, randn_like=None):
@@ -213,7 +190,8 @@ class GaussianDiffusion:
         It still draws one randn_like(x) per step and discards it, as the official sampler does with eta = 0,
         so DDPM and DDIM consume the random stream alike."""
         out = self.p_mean_variance(self.call_model(model, x, t, model_kwargs), x, t)
-        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        eps = ((gather(self.sqrt_recip_alphas_cumprod, t, x.shape) * x - out["pred_xstart"])
+               / gather(self.sqrt_recipm1_alphas_cumprod, t, x.shape))          # eps_hat from x0_hat
         abar_prev = gather(self.alphas_cumprod_prev, t, x.shape)
         (randn_like or torch.randn_like)(x)
         return out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev) * eps
@@ -226,9 +204,7 @@ class GaussianDiffusion:
     def dpm_solver_timesteps(self, steps):
         """The original steps DPM-Solver++ calls the model at, from T - 1 down: `steps` points of
         linspace(0, T - 1, steps + 1), rounded, the 0 dropped (diffusers' "linspace" spacing; the step after the
-        last one goes to sigma = 0)."""
-        if not np.array_equal(self.timestep_map, np.arange(self.num_timesteps)):
-            raise ValueError("DPM-Solver++ chooses its own timesteps: call it on create_diffusion(\"\")")
+        last one goes to sigma = 0). Call it on create_diffusion(""): DPM-Solver++ chooses its own timesteps."""
         if not 1 <= steps < self.num_timesteps:        # T steps would round two points onto one (h = 0)
             raise ValueError(f"DPM-Solver++ takes at most {self.num_timesteps - 1} steps (and at least 1)")
         return np.linspace(0, self.num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
@@ -242,19 +218,16 @@ class GaussianDiffusion:
             x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i,
             D_i = (1 + 1 / (2 r_i)) x_theta(t_{i-1}) - 1 / (2 r_i) x_theta(t_{i-2}),
         with h_i = lambda_{t_i} - lambda_{t_{i-1}} and r_i = h_{i-1} / h_i; D_i = x_theta(t_{i-1}) (first order: DDIM)
-        on the first step, which has no earlier prediction. The last step goes to sigma = 0 (lambda = +inf), where
-        the first-order update is x_0 = x_theta: the sample is the last data prediction. eps is the first C
-        channels of the model's output; no noise is drawn (sde=False).
+        on the first step. The last step goes to sigma = 0 (lambda = +inf): the sample is the last data prediction.
+        eps is the first C channels of the model's output; the ODE draws no noise.
 
-        sde=True: DPM-Solver++(2M) SDE, the same multistep data prediction D_i applied to the reverse diffusion SDE
-        instead of the ODE (diffusers' algorithm_type="sde-dpmsolver++", solver_type="midpoint").
-        Solving the SDE's linear part exactly (variation of constants in lambda) gives
+        sde=True: DPM-Solver++(2M) SDE (diffusers' algorithm_type="sde-dpmsolver++", solver_type="midpoint"), the
+        same D_i in the reverse diffusion SDE, its linear part solved exactly (variation of constants in lambda):
             x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) e^{-h_i} x_{t_{i-1}} + alpha_{t_i} (1 - e^{-2 h_i}) D_i
                       + sigma_{t_i} sqrt(1 - e^{-2 h_i}) z_i,       z_i ~ N(0, I),
-        the noise's variance being the integral of the injected noise over the step. With D_i = x_theta this is
-        DDPM's ancestral step from t_{i-1} to t_i (DDIM with eta = 1). Each step draws exactly one z_i =
-        torch.randn_like(x) from the seeded global stream after its network call, as the DDPM sampler does: the
-        last one too, which the step to sigma = 0 multiplies by sigma = 0.
+        the noise's variance the integral of the injected noise over the step; with D_i = x_theta it is DDPM's
+        ancestral step (DDIM with eta = 1). Each step draws exactly one z_i = torch.randn_like(x) after its network
+        call, as the DDPM sampler does: the last one too (which the step to sigma = 0 multiplies by 0).
         """
         if device is None:
             device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
@@ -299,23 +272,13 @@ class GaussianDiffusion:
         return x
 
 
-def respaced_betas(betas, use_timesteps):
-    """betas of a chain that visits only `use_timesteps`, keeping every kept step's abar unchanged."""
-    abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
-    kept = sorted(use_timesteps)
-    new_betas, last = [], 1.0
-    for i in kept:
-        new_betas.append(1 - abar[i] / last)
-        last = abar[i]
-    return np.array(new_betas), np.array(kept)
-
-
-def create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma=True, diffusion_steps=TRAINED_STEPS):
-    """The diffusion of DiT: `timestep_respacing` "" (all 1000 steps, training), "250", "ddim50", "25,10"."""
-    if noise_schedule != "linear":
-        raise ValueError(f"unknown noise schedule {noise_schedule!r}: DiT uses 'linear'")
-    betas = linear_betas(diffusion_steps)
-    if not timestep_respacing:
-        timestep_respacing = str(diffusion_steps)
-    betas, timestep_map = respaced_betas(betas, space_timesteps(diffusion_steps, timestep_respacing))
-    return GaussianDiffusion(betas, learn_sigma=learn_sigma, timestep_map=timestep_map)
+def create_diffusion(timestep_respacing="", *, learn_sigma=True, diffusion_steps=TRAINED_STEPS):
+    """The diffusion of DiT on its linear schedule (the only one DiT uses): `timestep_respacing` "" (all 1000 steps,
+    training), "250", "ddim50", "25,10". Respaced, beta = 1 - abar_t / abar_(kept step before): abar is kept."""
+    # DDPM's 1e-4 ... 0.02 over 1000 steps, rescaled so other step counts span the same range
+    scale = 1000 / diffusion_steps
+    betas = np.linspace(scale * 0.0001, scale * 0.02, diffusion_steps, dtype=np.float64)
+    kept = sorted(space_timesteps(diffusion_steps, timestep_respacing or str(diffusion_steps)))
+    abar = np.cumprod(1.0 - betas)[kept]                      # (K,): abar at the kept steps
+    new_betas = 1 - abar / np.append(1.0, abar[:-1])
+    return GaussianDiffusion(new_betas, learn_sigma=learn_sigma, timestep_map=np.array(kept))

@@ -1,34 +1,23 @@
-"""Evaluation for FineDiffusion: FID (overall and per superclass) and LPIPS diversity (paper §4.3, Table 1),
-sample generation at scale, and the paper's tables in miniature on the built-in toy data.
+"""Paper Table 1: FID per superclass and overall, and LPIPS diversity, of samples drawn over the 10,000 iNat21 classes
+(§4.3); the toy tables and the paper's figures offline.
 
-    # Table 1: reference statistics of the real validation images, per superclass (iNat21 under data/inat21/)
+    # reference statistics of the real validation images, per superclass (iNat21 under data/inat21/)
     python evaluate.py stats --data inat21 --split val --out results/inat21_val.npz
-    # samples spread over the 10,000 classes (eq. 1, w = 4, 250 DDPM steps) on 8 GPUs, then FID and LPIPS
+    # 100,000 samples spread over the classes (eq. 1, w = 4, 250 DDPM steps) on 8 GPUs, then Table 1
     torchrun --nproc_per_node=8 evaluate.py generate --ckpt pretrained/FineDiffusion-iNat.pt --num-samples 100000 \
         --out samples/finediffusion --fid results/inat21_val.npz --out-csv results/table1.csv
     # or score generated images (a generate folder, or an .npz with arr_0 [N,H,W,3] uint8) later
     python evaluate.py fid --real results/inat21_val.npz --fake samples/finediffusion --out-csv results/table1.csv
-    # offline, on the toy: subclass/superclass accuracy, classifier FID and diversity of each checkpoint
-    python evaluate.py toy --ckpt results/toy-finediffusion-s0 results/toy-full-s0
-    # ... at several guidance scales, with the trade-off plot (FID (cls) against subclass accuracy)
-    python evaluate.py toy --ckpt results/toy-finediffusion-s0 results/toy-full-s0 --cfg-scales 1 1.5 2 3 4 6 --plot sweep.png
-    # the paper's figures: Fig. 7 (t-SNE of the label tables), Fig. 5 (one seed across methods), Fig. 2 and losses
-    python evaluate.py embeddings --ckpt results/toy-finediffusion-s0 results/toy-full-s0 --out fig7.png
-    python evaluate.py grid --ckpt results/toy-finediffusion-s0 results/toy-full-s0 --class-ids 8 9 10 11 --data toy --out fig5.png
-    python evaluate.py curves --runs results/toy-finediffusion-s0 results/toy-full-s0 --toy-json toy.json --out curves.png
+    # offline: the toy tables (accuracy, classifier FID, diversity) and the figures (figures.py)
+    python evaluate.py toy --ckpt results/toy-finediffusion-s0 results/toy-full-s0 --cfg-scales 1 2 4 --plot sweep.png
+    python evaluate.py embeddings --ckpt results/toy-finediffusion-s0 --out fig7.png           # Fig. 7
+    python evaluate.py grid --ckpt results/toy-finediffusion-s0 --class-ids 8 9 10 11 --data toy --out fig5.png
 
-The two numbers of Table 1:
-  - FID (Heusel et al. 2017), lower is better: the Frechet distance between Gaussians fitted to the 2048-d
-    Inception-v3 pool features of real and of generated images, overall and within each superclass.
-  - LPIPS (Zhang et al. 2018, v0.1, AlexNet), higher is better: the mean perceptual distance between two
-    generated images of the same class, i.e. how diverse the samples of one class are.
-FID numbers are only comparable when every detail of the feature extractor matches the reference, so the project
-carries its own port of the TF 2015-12-05 Inception graph that pytorch-fid uses (fid_inception.py, loading the
-published pt_inception-2015-12-05-6726825d.pth) and pytorch-fid's Frechet distance. Weight files are looked up as
-given, under pretrained/, then $TORCH_HOME/hub/checkpoints/; nothing is downloaded.
-
-Read in this order: FID (the Frechet distance), LPIPS, Table 1's rows; the stats/fid commands; generation at
-scale; the toy tables. What is scored is read by sources.py; the figures are drawn by figures.py.
+FID (Heusel et al. 2017), lower is better: the Frechet distance between Gaussians fitted to the 2048-d Inception-v3
+pool features of real and of generated images, overall and within each superclass. LPIPS (Zhang et al. 2018, v0.1,
+AlexNet), higher is better: the mean perceptual distance between two generated images of one class. FIDs compare only
+when every detail of the features matches, so fid_inception.py ports the TF Inception graph pytorch-fid uses, and
+statistics record what made them (image size and crop, Inception sha256): `fid` refuses to compare two that differ.
 """
 import hashlib
 import json
@@ -50,26 +39,23 @@ from tqdm import tqdm
 import data
 import figures
 import toy
-from hardening import (MANIFEST, ArgumentParser, UserError, atomic_write, check_hierarchy, device_name, file_sha256,
-                       find_file, find_weights, finite_float, folder_path, init_distributed, int_in, load_strict,
-                       lock_folder, nonnegative_int, npz_member_layout, on_rank0, out_file, out_of_memory_advice,
-                       positive_int, read_checkpoint, read_json, read_manifest, read_npz, read_provenance, release,
-                       remove_stale_temp_files, run_cli, statistics_file, stats_hierarchy, worker_init, write_csv,
-                       write_json)
 from fid_inception import FID_WEIGHTS, feature_stats, frechet_distance, inception_features, load_inception, unit_images
+from hardening import (MANIFEST, ArgumentParser, UserError, atomic_write, check_comparable, check_hierarchy,
+                       device_name, file_sha256, find_file, find_weights, folder_path, init_distributed,
+                       int_in, load_strict, lock_folder, nonnegative_int, npz_member_layout, on_rank0, out_file,
+                       out_of_memory_advice, positive_int, read_checkpoint, read_json, read_manifest, read_npz,
+                       read_provenance, release, remove_stale_temp_files, run_cli, statistics_file, stats_hierarchy,
+                       worker_init, write_csv, write_json)
 from model import inat21_hierarchy
 from sample import add_sampler_args, guide_labels, load_for_sampling, sample_images, sample_pairs, sampler_of
 
-ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
-LPIPS_LIN_WEIGHTS = "alex.pth"
+ALEXNET_WEIGHTS, LPIPS_LIN_WEIGHTS = "alexnet-owt-7be5be79.pth", "alex.pth"
 
 
-# -------------------------------------------------------------------------------------------------------------
-# Table 1: statistics per superclass, and its rows
-# -------------------------------------------------------------------------------------------------------------
-# A statistics .npz holds mu, sigma, count of all images, what made them (`provenance`: JSON of their source, the size
-# and crop they were scored at, the Inception weights' sha256, the count) and, when the images carry a hierarchy, that
-# hierarchy (as JSON) and mu_<s>, sigma_<s>, count_<s> for each superclass index s of it.
+# --- Table 1: statistics per superclass, and its rows ----------------------------------------------------------------
+# A statistics .npz holds mu, sigma and count of all images, `provenance` (JSON: their source, the size and crop they
+# were scored at, the Inception weights' sha256, the count) and, for images with a hierarchy, that hierarchy (JSON) and
+# mu_<s>, sigma_<s>, count_<s> for each superclass index s of it.
 
 def image_stats(features, labels=None, hierarchy=None, provenance=None):
     """Feature statistics of all images and of each superclass (when the images' classes and hierarchy are known)."""
@@ -91,9 +77,8 @@ def image_stats(features, labels=None, hierarchy=None, provenance=None):
 
 def superclasses_of(labels, hierarchy):
     """The superclass id of each image (-1 for an unlabelled one)."""
-    labels = np.asarray(labels, np.int64)
     superclass_of = np.append(np.asarray(hierarchy["superclass_of"], np.int64), -1)   # index -1: unlabelled
-    return superclass_of[labels]
+    return superclass_of[np.asarray(labels, np.int64)]
 
 
 def members(hierarchy, s):
@@ -102,14 +87,10 @@ def members(hierarchy, s):
 
 
 def fid_table(real, fake, lpips=None, overall_only=False):
-    """Rows like paper Table 1: one per superclass of the generated images, then Overall.
-
-    real, fake: statistics dicts. Superclasses are matched by name, never by position, and a row is given only where
-    both sides' superclass holds the same classes (else it would compare different things: it is dropped, and said).
-    lpips: lpips_diversity's result (per_superclass keyed by the generated images' superclass index) or None.
-    Returns [{"superclass", "fid" (max(0, d): a distance), "fid_raw" (d as computed), "lpips", "count_real",
-    "count_fake"}].
-    """
+    """Rows like paper Table 1, one per superclass of the generated images (in the reference's order), then Overall:
+    [{"superclass", "fid" (max(0, d): a distance), "fid_raw" (d as computed), "lpips", "count_real", "count_fake"}].
+    Superclasses are matched by name, never by position, and a row is given only where both sides' superclass holds
+    the same classes (else it would compare different things: it is dropped, and said). lpips: lpips_diversity's."""
     rows = []
     foreign = "count" not in real                  # another tool's reference statistics: the overall row alone
     fake_h = None if overall_only or foreign else stats_hierarchy(fake)
@@ -121,7 +102,7 @@ def fid_table(real, fake, lpips=None, overall_only=False):
         fake_names, real_names = fake_h["superclass_names"], real_h["superclass_names"]
         present = [s for s in range(len(fake_names)) if int(fake.get(f"count_{s}", 0)) > 0]
         dropped = [fake_names[s] for s in present if fake_names[s] not in real_names]
-        for r, name in enumerate(real_names):                  # rows in the reference's (the paper's) order
+        for r, name in enumerate(real_names):
             s = fake_names.index(name) if name in fake_names else None
             if s not in present:
                 continue
@@ -143,26 +124,21 @@ def fid_table(real, fake, lpips=None, overall_only=False):
 
 
 def fid_row(superclass, fid, lpips, count_real, count_fake):
-    """One row of Table 1. A distance is never negative: round-off can make d slightly so (identical sets give
-    -3e-5), so the table shows max(0, d) and keeps d as fid_raw."""
+    """One row of Table 1. Round-off can make d slightly negative (identical sets give -3e-5): the table shows
+    max(0, d), a distance, and keeps d as fid_raw."""
     return {"superclass": superclass, "fid": fid if math.isnan(fid) else max(0.0, fid), "fid_raw": fid,
             "lpips": lpips, "count_real": count_real, "count_fake": count_fake}
 
 
-def format_table(rows):
-    def num(v):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+def print_table(rows, csv_path=None, json_path=None, **meta):
+    """Table 1 on the console, and as CSV and/or JSON (NaN: an empty cell / null; fid_raw in the JSON alone)."""
+    num = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
     count = lambda v: "-" if v is None else v
     width = max(12, *(len(r["superclass"]) for r in rows))
-    lines = [f"{'':<{width}}  {'FID↓':>9}  {'LPIPS↑':>7}  {'n real':>7}  {'n fake':>7}"]
+    print(f"{'':<{width}}  {'FID↓':>9}  {'LPIPS↑':>7}  {'n real':>7}  {'n fake':>7}")
     for r in rows:
-        lines.append(f"{r['superclass']:<{width}}  {num(r['fid']):>9}  {num(r['lpips']):>7}  "
-                     f"{count(r['count_real']):>7}  {count(r['count_fake']):>7}")
-    return "\n".join(lines)
-
-
-def write_rows(rows, csv_path=None, json_path=None, **meta):
-    """Table 1 as CSV and/or JSON (NaN: an empty cell / null); the raw FID is kept in the JSON alone."""
+        print(f"{r['superclass']:<{width}}  {num(r['fid']):>9}  {num(r['lpips']):>7}  {count(r['count_real']):>7}  "
+              f"{count(r['count_fake']):>7}")
     clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
     if csv_path:
         write_csv(csv_path, [{k: v for k, v in r.items() if k != "fid_raw"} for r in clean])
@@ -171,9 +147,9 @@ def write_rows(rows, csv_path=None, json_path=None, **meta):
 
 
 def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progress=True):
-    """Feature statistics of an ImageSource (overall and per superclass), each image counted under the label it
-    came with: an image left out takes its label with it. They record what made them: the source, the size and
-    crop of its images (each checked to be that size), the Inception weights (model.weights_sha256), the count."""
+    """Feature statistics of an ImageSource, overall and per superclass, each image counted under its own label (an
+    image left out takes its label with it), recording what made them: the source, the size and crop of its images
+    (each checked to be that size), the Inception weights (model.weights_sha256) and the count."""
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_images,
                         pin_memory=torch.device(device).type == "cuda", worker_init_fn=worker_init)
     labels = []  # (B,) per batch, in step with the features of its images
@@ -193,14 +169,12 @@ def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progres
     return image_stats(features, torch.cat(labels).numpy(), source.hierarchy, provenance)
 
 
-# -------------------------------------------------------------------------------------------------------------
-# LPIPS v0.1 (AlexNet): perceptual distance, used as a diversity score of same-class samples
-# -------------------------------------------------------------------------------------------------------------
+# --- LPIPS v0.1 (AlexNet): the diversity of same-class samples -------------------------------------------------------
 
 class LPIPS(nn.Module):
     """LPIPS v0.1, AlexNet variant: images in [0, 1] -> one distance per image pair, shape (N,)."""
 
-    taps = (1, 4, 7, 9, 11)  # indices of the ReLUs in alexnet().features whose outputs are compared
+    taps = (1, 4, 7, 9, 11)  # the ReLUs of alexnet().features whose outputs are compared
     channels = (64, 192, 384, 256, 256)
 
     def __init__(self):
@@ -208,25 +182,23 @@ class LPIPS(nn.Module):
         self.features = alexnet().features  # key names as in the published alexnet-owt-7be5be79.pth
         # one learned 1x1 conv (no bias) per layer weighs the channels of the squared feature difference
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in self.channels)
-        # the ImageNet input normalisation of the lpips release, expressed for inputs in [-1, 1]
+        # the ImageNet input normalisation of the lpips release, for inputs in [-1, 1]
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
     def from_pretrained(cls, alexnet_path=None, lin_path=None):
-        """LPIPS with the published AlexNet trunk (alexnet-owt-7be5be79.pth; its classifier is not used) and the
-        v0.1 linear heads (alex.pth, tensors lin{i}.model.1.weight: index 1 follows a Dropout, a no-op here)."""
+        """LPIPS with the published AlexNet trunk (alexnet-owt-7be5be79.pth; its classifier unused) and the v0.1
+        linear heads (alex.pth: lin{i}.model.1.weight, index 1 following a Dropout, a no-op here)."""
         model = cls()
-        alexnet_path = find_weights(alexnet_path, ALEXNET_WEIGHTS)
-        trunk = {}
+        alexnet_path, lin_path = find_weights(alexnet_path, ALEXNET_WEIGHTS), find_weights(lin_path, LPIPS_LIN_WEIGHTS)
+        trunk, heads = {}, {}
         for key, value in read_checkpoint(alexnet_path).items():
             if not key.startswith(("features.", "classifier.")):
                 raise UserError(f"{alexnet_path}: unexpected tensor '{key}'")
             if key.startswith("features."):
                 trunk[key[len("features."):]] = value
         load_strict(model.features, trunk, alexnet_path)
-        lin_path = find_weights(lin_path, LPIPS_LIN_WEIGHTS)
-        heads = {}
         for key, value in read_checkpoint(lin_path).items():
             match = re.fullmatch(r"lin(\d)\.model\.1\.weight", key)
             if match is None:
@@ -238,25 +210,16 @@ class LPIPS(nn.Module):
             raise UserError(re.sub(r"'(\d)\.weight'", r"'lin\1.model.1.weight'", str(e))) from None
         return model.eval().requires_grad_(False)
 
-    def layer_features(self, x):  # x: (N, 3, H, W) in [-1, 1]
-        h = (x - self.shift) / self.scale
-        feats = []
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in self.taps:
-                feats.append(h)  # (N, 64|192|384|256|256, h_i, w_i)
-            if i == self.taps[-1]:
-                break  # the final max pool is not used
-        return feats
-
     def forward(self, x, y):  # x, y: (N, 3, H, W) in [0, 1]
-        feats = self.layer_features(torch.cat([x, y]) * 2 - 1)  # both images in one pass: (2N, C, h, w) each
+        h = (torch.cat([x, y]) * 2 - 1 - self.shift) / self.scale       # both images in one pass: (2N, 3, H, W)
         distance = 0
-        for f, lin in zip(feats, self.lins):
-            # unit-normalise each spatial feature vector over channels, so layers compare directions
-            f = f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-            fx, fy = f.chunk(2)  # (N, C, h, w) each
-            distance = distance + lin((fx - fy) ** 2).mean(dim=(1, 2, 3))  # (N,)
+        for i, layer in enumerate(self.features[:self.taps[-1] + 1]):   # the final max pool is not used
+            h = layer(h)
+            if i in self.taps:                                           # (2N, C, h, w)
+                # unit-normalise each spatial feature vector over channels, so layers compare directions
+                f = h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+                fx, fy = f.chunk(2)                                       # (N, C, h, w) each
+                distance = distance + self.lins[self.taps.index(i)]((fx - fy) ** 2).mean(dim=(1, 2, 3))  # (N,)
         return distance  # (N,)
 
 
@@ -270,29 +233,23 @@ class _Pairs(Dataset):
         return len(self.a)
 
     def __getitem__(self, i):
-        return _image_of(self.images[self.a[i]]), _image_of(self.images[self.b[i]])
-
-
-def _image_of(item):
-    return item[0] if isinstance(item, (tuple, list)) else item  # (image, label) from an ImageSource
+        first = lambda item: item[0] if isinstance(item, (tuple, list)) else item   # (image, label) of an ImageSource
+        return first(self.images[self.a[i]]), first(self.images[self.b[i]])
 
 
 def _group_means(values, groups):
-    """({group: mean of the values in it}, {group: count}) for integer group ids."""
+    """{group: mean of the values in it} for integer group ids."""
     ids, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=values)
-    return {int(g): float(v) for g, v in zip(ids, sums / counts)}, {int(g): int(n) for g, n in zip(ids, counts)}
+    return {int(g): float(v) for g, v in zip(ids, np.bincount(inverse, weights=values) / counts)}
 
 
 @torch.inference_mode()
 def lpips_diversity(lpips, images, labels, num_pairs=1000, seed=0, superclass_of=None, batch_size=32,
                     device="cpu", workers=0, progress=False):
-    """Mean LPIPS between random pairs of distinct generated images of the same class (higher = more diverse).
-
-    images: indexable, images(i,) -> (3, H, W) (uint8 or [0, 1] float) or a tuple starting with it.
-    labels: class id per image (-1: unlabelled). superclass_of: class id -> superclass id (optional).
-    Returns {"overall", "pairs", "per_class": {c: mean}, "per_superclass": {s: mean}, "pairs_per_superclass"}.
-    """
+    """Mean LPIPS between random pairs of distinct generated images of one class (higher: more diverse).
+    images[i]: (3, H, W) uint8 or [0, 1] float, or a tuple starting with it; labels: class id per image (-1:
+    unlabelled); superclass_of: class id -> superclass id (optional).
+    -> {"overall", "pairs", "per_class": {c: mean}, "per_superclass": {s: mean}}."""
     labels = np.asarray(labels, dtype=np.int64)
     a, b = sample_pairs(labels, num_pairs, np.random.default_rng(seed))
     loader = DataLoader(_Pairs(images, a, b), batch_size=batch_size, num_workers=workers,
@@ -300,35 +257,26 @@ def lpips_diversity(lpips, images, labels, num_pairs=1000, seed=0, superclass_of
     lpips = lpips.to(device).eval()
     distances = []
     for x, y in tqdm(loader, desc="lpips pairs", unit="batch", disable=not progress):
-        x, y = unit_images(x).to(device), unit_images(y).to(device)  # (B, 3, H, W) each
-        distances.append(lpips(x, y).float().cpu())
+        distances.append(lpips(unit_images(x).to(device), unit_images(y).to(device)).float().cpu())  # (B,)
     d = torch.cat(distances).double().numpy()  # (P,)
     pair_class = labels[a]  # (P,)
-    per_class, _ = _group_means(d, pair_class)
-    result = {"overall": float(d.mean()), "pairs": len(d), "per_class": per_class, "per_superclass": {},
-              "pairs_per_superclass": {}}
-    if superclass_of is not None:
-        pair_super = np.asarray(superclass_of)[pair_class]  # (P,)
-        result["per_superclass"], result["pairs_per_superclass"] = _group_means(d, pair_super)
-    return result
+    per_superclass = {} if superclass_of is None else _group_means(d, np.asarray(superclass_of)[pair_class])
+    return {"overall": float(d.mean()), "pairs": len(d), "per_class": _group_means(d, pair_class),
+            "per_superclass": per_superclass}
 
 
-# -------------------------------------------------------------------------------------------------------------
-# What is scored: images with their classes and hierarchy, and what they are (the provenance statistics keep)
-# -------------------------------------------------------------------------------------------------------------
-# A generate folder (OUT/samples.json says each image's class and the hierarchy), an .npz of images (arr_0
-# (N, H, W, 3) uint8; optional labels and hierarchy), a folder of unlabelled images, or a data.py dataset. An image
-# always travels with its own label. Every reader pickles, so DataLoader workers start under any start method.
+# --- What is scored: images with their classes and hierarchy, and what they are --------------------------------------
+# A generate folder (OUT/samples.json says each image's class and the hierarchy), an .npz of images (arr_0 (N, H, W,
+# 3) uint8; optional labels and hierarchy), a folder of unlabelled images, or a data.py dataset. An image always
+# travels with its own label. Every reader pickles, so DataLoader workers start under any start method.
 
 ADM_CROP = "ADM centre crop"
 
 
 class ImageSource(Dataset):
-    """Images to score. item i -> (uint8 [3, H, W], class id or -1), or None for a real image left out (its file
-    cannot be read; collate_images drops it, its label with it); `labels` (N,); `hierarchy` or None.
-
-    `read(i)` gives image i as uint8 (H, W, 3) (or None). `made`: what the images are, as statistics record it:
-    {"source": {"kind", ...}, "image_size": [H, W] as scored, "crop": ADM_CROP or "none"}."""
+    """Images to score: item i -> (uint8 [3, H, W], class id or -1), or None for a real image left out (its file cannot
+    be read; collate_images drops it with its label). `read(i)`: image i as uint8 (H, W, 3) or None. `made`: what the
+    images are, as statistics record it: {"source": {"kind", ...}, "image_size": [H, W] as scored, "crop"}."""
 
     def __init__(self, name, read, labels, hierarchy, made):
         self.name, self.read, self.hierarchy, self.made = name, read, hierarchy, made
@@ -374,8 +322,8 @@ class DatasetImages:
 
 
 class NpzImages:
-    """read(i): row i of an .npz's arr_0, memory-mapped when the member is stored uncompressed (np.savez, ADM's
-    batches), so any N costs no memory; a compressed one (np.savez_compressed) is read whole, once per process."""
+    """read(i): row i of an .npz's arr_0, memory-mapped where the member is stored uncompressed (np.savez, ADM's
+    batches): any N costs no memory; a compressed one (np.savez_compressed) is read whole, once per process."""
 
     def __init__(self, path):
         self.path, self.shape, self.dtype, self.offset = path, *npz_member_layout(path, "arr_0.npy")
@@ -384,22 +332,26 @@ class NpzImages:
     def __getstate__(self):                    # a worker opens its own map (a pickled memmap would copy the data)
         return {**self.__dict__, "_array": None}
 
-    def array(self):
+    def __call__(self, i):
         if self._array is None:
-            if self.offset is None:
-                self._array = read_npz(self.path, ["arr_0"])["arr_0"]
-            else:
-                self._array = np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
-        return self._array
+            self._array = read_npz(self.path, ["arr_0"])["arr_0"] if self.offset is None else \
+                np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
+        return self._array[i]
+
+
+class CroppedImages:
+    """read(i): another reader's image i, centre-cropped and resized to image_size (ADM's preprocessing)."""
+
+    def __init__(self, read, image_size):
+        self.read, self.image_size = read, image_size
 
     def __call__(self, i):
-        return self.array()[i]
+        return np.array(data.center_crop_arr(Image.fromarray(np.asarray(self.read(i))), self.image_size))
 
 
 def dataset_images(dataset, name, data=None, split=None, root=None):
-    """Real images of a data.py dataset (no flips), as uint8 with its labels and hierarchy. Each is the item itself
-    (data.exact_item), so labels[i] is its class; a file that cannot be read is left out, with a warning.
-    data, split, root: what the dataset is (--data, --split, --data-path), for the statistics' provenance."""
+    """Real images of a data.py dataset (no flips) with its labels and hierarchy, each the item itself (labels[i] is
+    its class); a file that cannot be read is left out, with a warning. data, split, root: for the provenance."""
     size = dataset.image_size
     made = dict(source=dict(kind="dataset", data=data, split=split, root=root and os.path.realpath(root)),
                 image_size=[size, size], crop=ADM_CROP if hasattr(dataset, "files") else "none")
@@ -412,27 +364,29 @@ def load_hierarchy(spec):
 
 
 def open_images(path, image_size=0, hierarchy=None):
-    """A generate folder (samples.json says each image's class and the hierarchy), an .npz (arr_0 [N, H, W, 3]
-    uint8; optional labels and hierarchy), or a folder of unlabelled images. `hierarchy` overrides the file's;
-    `image_size` centre-crops and resizes every image to it (0: as they are)."""
+    """A generate folder, an .npz (arr_0 [N, H, W, 3] uint8; optional labels and hierarchy) or a folder of unlabelled
+    images as an ImageSource. `hierarchy` overrides the file's; `image_size` centre-crops and resizes every image to
+    it (0: as they are)."""
     crop = ADM_CROP if image_size else "none"
+    size = [image_size] * 2 if image_size else None
     if os.path.isdir(path):
         manifest = read_manifest(path)
         if manifest is None:
             files = [os.path.join(path, f) for f in data.list_images(path)]
             if not files:
                 raise UserError(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) and no samples.json in {path}")
-            size = [image_size] * 2 if image_size else first_image_size(files[0])
-            made = dict(source=dict(kind="folder", folder=os.path.realpath(path)), image_size=size, crop=crop)
+            made = dict(source=dict(kind="folder", folder=os.path.realpath(path)),
+                        image_size=size or first_image_size(files[0]), crop=crop)
             return ImageSource(path, ImageFiles(files, image_size), [-1] * len(files), hierarchy, made)
         files = [os.path.join(path, f) for f, _ in manifest["images"]]
         missing = sum(not os.path.isfile(f) for f in files)
         if missing:
             raise UserError(f"{path}: {missing} of {len(files)} images are not generated yet: finish them with the "
                             "same `evaluate.py generate` command")
-        size = image_size or manifest["made_by"].get("image_size")
+        made_size = manifest["made_by"].get("image_size")
         made = dict(source=dict(kind="generate", folder=os.path.realpath(path), made_by=manifest["made_by"]),
-                    image_size=[size, size] if isinstance(size, int) else first_image_size(files[0]), crop=crop)
+                    image_size=size or ([made_size] * 2 if isinstance(made_size, int) else first_image_size(files[0])),
+                    crop=crop)
         return ImageSource(path, ImageFiles(files, image_size), [c for _, c in manifest["images"]],
                            hierarchy or manifest["hierarchy"], made)
     path = find_file(path)
@@ -440,23 +394,13 @@ def open_images(path, image_size=0, hierarchy=None):
     if len(images.shape) != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise UserError(f"{path}: expected images arr_0 [N, H, W, 3] uint8, found {images.dtype} {list(images.shape)}")
     extra = read_npz(path, ["labels", "hierarchy"])
-    labels = extra["labels"] if "labels" in extra else np.full(images.shape[0], -1)
+    labels = extra.get("labels", np.full(images.shape[0], -1))
     if labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu":
         raise UserError(f"{path}: labels {labels.dtype} {list(labels.shape)} are not one class id per image")
-    made = dict(source=dict(kind="npz", file=os.path.realpath(path)),
-                image_size=[image_size] * 2 if image_size else list(images.shape[1:3]), crop=crop)
+    made = dict(source=dict(kind="npz", file=os.path.realpath(path)), image_size=size or list(images.shape[1:3]),
+                crop=crop)
     return ImageSource(path, CroppedImages(images, image_size) if image_size else images, labels,
                        hierarchy or stats_hierarchy(extra, path), made)
-
-
-class CroppedImages:
-    """read(i): another reader's image i, centre-cropped and resized to image_size (ADM's preprocessing)."""
-
-    def __init__(self, read, image_size):
-        self.read, self.image_size = read, image_size
-
-    def __call__(self, i):
-        return np.array(data.center_crop_arr(Image.fromarray(np.asarray(self.read(i))), self.image_size))
 
 
 def first_image_size(path):
@@ -479,65 +423,32 @@ def collate_images(batch):
     return torch.stack(images), torch.tensor(labels)
 
 
+# --- stats and fid -------------------------------------------------------------------------------------------------
 
-# -------------------------------------------------------------------------------------------------------------
-# stats and fid
-# -------------------------------------------------------------------------------------------------------------
-
-def source_of(args, path):
-    """Images from --data (a dataset, real images) or a path (a generate folder, an .npz, a folder)."""
-    hierarchy = load_hierarchy(args.hierarchy) if args.hierarchy else None
+def scored_side(args, path):
+    """One side of a comparison: a statistics file's arrays as they are, or the images to describe (an ImageSource)
+    from --data (a dataset, real images) or a path (a generate folder, an .npz, a folder): images are never taken for
+    statistics."""
+    if path is not None and not os.path.isdir(path):
+        stats = statistics_file(path)
+        if stats is not None:
+            return stats
     if path is None:
         split = args.split or "val"
         dataset = data.build_dataset(args.data, args.data_path, args.image_size, split, flip=False,
                                      hierarchy_csv=args.hierarchy_csv)
         return dataset_images(dataset, args.data_path or args.data, args.data, split, args.data_path)
-    source = open_images(path, args.image_size or 0, hierarchy)
+    source = open_images(path, args.image_size or 0, load_hierarchy(args.hierarchy) if args.hierarchy else None)
     if source.hierarchy is None and (source.labels >= 0).any():
         print(f"note: {source.name} has class labels but no hierarchy (--hierarchy): overall statistics only",
               file=sys.stderr)
     return source
 
 
-def scored_side(args, path):
-    """One side of a comparison: a statistics file as it is (its arrays), or the images to describe (an
-    ImageSource). A folder or a file of images is never taken for statistics."""
-    if path is not None and not os.path.isdir(path):
-        stats = statistics_file(path)
-        if stats is not None:
-            return stats
-    return source_of(args, path)
-
-
 def made_of(side, inception):
     """What a side was (or will be) made from: a statistics file's provenance (None if it does not say), or the
     images' own record with the Inception weights that will describe them."""
-    if isinstance(side, dict):
-        return read_provenance(side)
-    return dict(side.made, inception_sha256=inception.weights_sha256)
-
-
-def check_comparable(real, fake, inception, names):
-    """Refuse to compare statistics of images of another size, or of another Inception network (either makes the
-    FID meaningless), in one line naming both values and what to do. What a side does not record is said once.
-    real, fake: scored_side's (or for fake, what it will be: a dict of image_size and inception_sha256)."""
-    made = [made_of(real, inception), fake if "image_size" in fake else made_of(fake, inception)]
-    unknown = [name for name, m in zip(names, made) if m is None]
-    if unknown:
-        print(f"note: {' and '.join(unknown)} do not record what made them (another tool's statistics, or ours from "
-              "before this was recorded): their image size and Inception weights cannot be checked", file=sys.stderr)
-        return
-    (real_size, fake_size), (real_net, fake_net) = ([m[k] for m in made] for k in ("image_size", "inception_sha256"))
-    if real_size != fake_size:
-        size = lambda v: "x".join(map(str, v))
-        fix = (f"make the statistics again with --image-size {fake_size[0]}, or pass --image-size {real_size[0]} to "
-               "score the generated images at theirs") if isinstance(real, dict) else "pass --image-size to score both"
-        raise UserError(f"{names[0]} holds {size(real_size)} px images and {names[1]} {size(fake_size)} px ones: "
-                        f"FID compares them at one size; {fix}")
-    if real_net != fake_net:
-        raise UserError(f"{names[0]} was described by the Inception weights sha256 {str(real_net)[:12]}... and "
-                        f"{names[1]} by {str(fake_net)[:12]}...: features of two networks are not comparable; pass "
-                        "--inception with the file the statistics were made with, or make them again")
+    return read_provenance(side) if isinstance(side, dict) else dict(side.made, inception_sha256=inception.weights_sha256)
 
 
 def stats_of(side, inception, args):
@@ -551,8 +462,7 @@ def stats_of(side, inception, args):
 def cmd_stats(args):
     if (args.images is None) == (args.data is None):
         raise UserError("give the images to describe: --data NAME (a dataset) or --images PATH")
-    source = source_of(args, args.images)
-    stats = stats_of(source, load_inception(args.inception), args)
+    stats = stats_of(scored_side(args, args.images), load_inception(args.inception), args)
     atomic_write(args.out, lambda f: np.savez(f, **stats))
     h = stats_hierarchy(stats)
     detail = f", {len(h['superclass_names'])} superclasses" if h else " (no hierarchy: overall only)"
@@ -565,18 +475,18 @@ LPIPS_MIN_SIZE = 31
 
 def lpips_for(source, args):
     """LPIPS diversity of the generated images, or None (with a note) when it cannot or should not be run."""
+    skipped = None
     if args.pairs <= 0:
         return None
     if source is None or not (source.labels >= 0).any():
-        print("note: LPIPS skipped: it needs generated images with their classes", file=sys.stderr)
-        return None
-    if not (np.bincount(source.labels[source.labels >= 0]) >= 2).any():   # a metric that cannot be computed
-        print("note: LPIPS skipped (its column is left empty): it needs at least two generated images of one class",
-              file=sys.stderr)
-        return None
-    if min(source.made["image_size"]) < LPIPS_MIN_SIZE:        # the LPIPS release refuses them too: no resize
-        print(f"note: LPIPS skipped (its column is left empty): its AlexNet needs images of at least "
-              f"{LPIPS_MIN_SIZE} px, these are {'x'.join(map(str, source.made['image_size']))}", file=sys.stderr)
+        skipped = "it needs generated images with their classes"
+    elif not (np.bincount(source.labels[source.labels >= 0]) >= 2).any():
+        skipped = "it needs at least two generated images of one class"
+    elif min(source.made["image_size"]) < LPIPS_MIN_SIZE:       # the LPIPS release refuses them too: no resize
+        skipped = (f"its AlexNet needs images of at least {LPIPS_MIN_SIZE} px, these are "
+                   f"{'x'.join(map(str, source.made['image_size']))}")
+    if skipped:
+        print(f"note: LPIPS skipped (its column is left empty): {skipped}", file=sys.stderr)
         return None
     try:
         model = LPIPS.from_pretrained(args.lpips_alex, args.lpips_lin)
@@ -596,28 +506,25 @@ def cmd_fid(args, inception=None):
     real, fake = scored_side(args, args.real), scored_side(args, args.fake)
     if inception is None and not (isinstance(real, dict) and isinstance(fake, dict)):
         inception = load_inception(args.inception)
-    check_comparable(real, fake, inception, [args.real or args.data, args.fake])   # before any feature is made
+    check_comparable(made_of(real, inception), made_of(fake, inception), [args.real or args.data, args.fake],
+                     isinstance(real, dict))                                # before any feature is made
     real_stats, fake_stats = stats_of(real, inception, args), stats_of(fake, inception, args)
     lpips = lpips_for(None if isinstance(fake, dict) else fake, args)
-    rows = fid_table(real_stats, fake_stats, lpips, args.overall_only)
-    print(format_table(rows))
-    write_rows(rows, args.out_csv, args.out_json, real=args.real, fake=args.fake,
-               real_made_by=read_provenance(real_stats), fake_made_by=read_provenance(fake_stats),
-               lpips_pairs=lpips["pairs"] if lpips else 0, seed=args.seed)
+    print_table(fid_table(real_stats, fake_stats, lpips, args.overall_only), args.out_csv, args.out_json,
+                real=args.real, fake=args.fake, real_made_by=read_provenance(real_stats),
+                fake_made_by=read_provenance(fake_stats), lpips_pairs=lpips["pairs"] if lpips else 0, seed=args.seed)
 
 
-# -------------------------------------------------------------------------------------------------------------
-# generate: samples for FID, spread over the classes, over any number of processes (torchrun), resumable
-# -------------------------------------------------------------------------------------------------------------
-# The work is cut into batches of (class, index) jobs; batch j is drawn by rank j % world, and each image from its own
-# noise stream, seeded by (seed, class, index) (image_seed), so an image depends on neither --batch-size nor the number
-# of GPUs, and an interrupted run resumes batch-wise. Images land as OUT/<class id>/<index>.png; OUT/samples.json
-# records what made them (checkpoint sha256, VAE and its latent scale, guidance, sampler, image size, ...), the
-# hierarchy and every image's class. A rerun resumes only what the same settings made: otherwise it stops, or with
-# --overwrite starts over.
+# --- generate: samples for FID over the classes, on any number of processes, resumable -------------------------------
+# The work is cut into batches of (class, index) jobs; batch j is drawn by rank j % world, each image from its own noise
+# stream seeded by (seed, class, index), so an image depends on neither --batch-size nor the number of GPUs, and a run
+# resumes batch by batch. Images land as OUT/<class id>/<index>.png; OUT/samples.json records what made them (the
+# checkpoint's sha256, the VAE and its latent scale, guidance, sampler, image size, ...), the hierarchy and each
+# image's class. A rerun resumes only what the same settings made: else it stops, or with --overwrite starts over.
 
 # The most images one generate run draws (10x Table 1's 100,000): its manifest lists each, so more is refused at once.
 MAX_IMAGES = 1_000_000
+MADE_BY_KEY = "finediffusion-made-by"   # the PNG text chunk that says under which settings an image was drawn
 
 
 def generation_jobs(num_classes, num_samples=None, per_class=None):
@@ -634,8 +541,8 @@ def generation_jobs(num_classes, num_samples=None, per_class=None):
 
 
 def image_seed(seed, class_id, index):
-    """The seed of one Table 1 image: a function of (--seed, class, index) alone, so the image is the same whatever
-    --batch-size, number of GPUs or resume draws it (64 bits from numpy's SeedSequence: distinct streams)."""
+    """The seed of one Table 1 image, a function of (--seed, class, index) alone (64 bits of numpy's SeedSequence:
+    distinct streams): the image is the same whatever --batch-size, number of GPUs or resume draws it."""
     return int(np.random.SeedSequence([seed, class_id, index]).generate_state(1, np.uint64)[0])
 
 
@@ -644,8 +551,8 @@ def job_file(class_id, index):
 
 
 def start_folder(out, manifest, overwrite):
-    """Write OUT/samples.json, or check that the one there is of the same settings (then the run resumes);
-    else refuse, or with `overwrite` delete the other settings' images and start over. Called holding OUT's lock."""
+    """Write OUT/samples.json, or check that the one there is of the same settings (then the run resumes); else
+    refuse, or with `overwrite` delete the other settings' images and start over. Called holding OUT's lock."""
     remove_stale_temp_files(out)                          # images a killed run was writing
     old = read_manifest(out)
     same = old is not None and (old["made_by"], old["images"]) == (manifest["made_by"], manifest["images"])
@@ -654,16 +561,15 @@ def start_folder(out, manifest, overwrite):
                             if old["made_by"].get(k) != v)
         raise UserError(f"{out} holds samples made with other settings ({changed}): choose another --out, or pass "
                         "--overwrite to start over")
-    if old is not None and not same:
-        for name, _ in old["images"]:       # each inside OUT once its links are followed (read_manifest checks it)
-            if os.path.isfile(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
+    for name, _ in old["images"] if old is not None and not same else []:   # each inside OUT (read_manifest checks)
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     write_json(os.path.join(out, MANIFEST), manifest, indent=None)
 
 
 def made_tag(made_by):
-    """What a generated PNG records of the settings it was drawn under (a text chunk): a resume keeps an image only if
-    it was made under the manifest it resumes."""
+    """What a generated PNG records of the settings it was drawn under: a resume keeps an image only if it was made
+    under the manifest it resumes."""
     return hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()
 
 
@@ -676,9 +582,6 @@ def made_under(path, tag):
         return False
 
 
-MADE_BY_KEY = "finediffusion-made-by"
-
-
 def cmd_generate(args):
     if (args.num_samples is None) == (args.per_class is None):
         raise UserError("give exactly one of --num-samples and --per-class")
@@ -688,8 +591,8 @@ def cmd_generate(args):
     guide_labels(model, torch.zeros(1, dtype=torch.long), args.guidance, args.cfg_scale)  # has the table the rows?
     inception = fid_reference_fits(args, info["config"]["image_size"]) if args.fid and rank == 0 else None
     jobs = generation_jobs(model.y_embedder.num_classes, args.num_samples, args.per_class)
-    # What the images depend on, read from what makes them (the checkpoint file read and the VAE by content, not
-    # by path; the sampler built): a rerun resumes only these.
+    # What the images depend on, read from what makes them (the checkpoint file read and the VAE by content, not by
+    # path; the sampler built): a rerun resumes only these.
     made_by = dict(ckpt_sha256=file_sha256(info["path"]), vae_sha256=vae.identity()["sha256"] if vae else None,
                    latent_scale=vae.scaling_factor if vae else None, guidance=args.guidance, cfg_scale=args.cfg_scale,
                    **sampler.record(), seed=args.seed, precision=args.precision,
@@ -726,6 +629,8 @@ def generate_into(args, model, vae, jobs, sampler, tag, rank, world, device):
     if rank == 0:
         print(f"{len(jobs)} images in {len(batches)} batches over {world} process(es); rank 0 has {len(mine)} to do",
               file=sys.stderr)
+    made = PngInfo()
+    made.add_text(MADE_BY_KEY, tag)
     kept = f"; the images written so far are kept: the same command with it resumes ({args.out})"
     with out_of_memory_advice(f"--batch-size {max(1, args.batch_size // 2)}", kept):
         for j in tqdm(mine, desc=f"generate (rank {rank})", disable=rank != 0):
@@ -734,8 +639,6 @@ def generate_into(args, model, vae, jobs, sampler, tag, rank, world, device):
             images = sample_images(model, classes, guide_labels(model, classes, args.guidance, args.cfg_scale),
                                    args.cfg_scale, sampler, vae, seeds, device, args.precision,
                                    progress=False)   # (B, H, W, 3) uint8
-            made = PngInfo()
-            made.add_text(MADE_BY_KEY, tag)
             for (c, i), image in zip(batches[j], images.numpy()):
                 atomic_write(os.path.join(args.out, job_file(c, i)),
                              lambda f: Image.fromarray(image).save(f, format="PNG", pnginfo=made))
@@ -759,14 +662,13 @@ def fid_reference_fits(args, image_size):
     if reference is None:
         raise UserError(f"--fid {args.fid}: not a statistics file (make one with `evaluate.py stats`)")
     inception = load_inception(args.inception)
-    made = dict(image_size=[image_size] * 2, inception_sha256=inception.weights_sha256)
-    check_comparable(reference, made, inception, [args.fid, f"the {image_size} px images of {args.ckpt}"])
+    check_comparable(read_provenance(reference), dict(image_size=[image_size] * 2,
+                                                      inception_sha256=inception.weights_sha256),
+                     [args.fid, f"the {image_size} px images of {args.ckpt}"], True)
     return inception
 
 
-# -------------------------------------------------------------------------------------------------------------
-# toy: paper Tables 1-2 in miniature, offline (toy.py scores; the table, its files and the sweep's figure here)
-# -------------------------------------------------------------------------------------------------------------
+# --- toy: paper Tables 1-2 in miniature, offline (toy.py scores) ------------------------------------------------------
 
 def cmd_toy(args):
     if args.plot:
@@ -783,15 +685,10 @@ def cmd_toy(args):
         figures.save_figure(args.plot, figures.tradeoff_panel(rows).image, rows)
 
 
-# -------------------------------------------------------------------------------------------------------------
-# Command line
-# -------------------------------------------------------------------------------------------------------------
+# --- Command line ----------------------------------------------------------------------------------------------------
 
 def add_image_args(p):
-    p.add_argument("--data", choices=data.DATASETS, help="real images: a dataset (data.py)")
-    p.add_argument("--data-path", help="dataset root; default: data/<--data>")
-    p.add_argument("--split", help="dataset split; default: val")
-    p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder dataset")
+    data.add_data_args(p, split="val")
     p.add_argument("--hierarchy", help="'inat21' or a JSON hierarchy, for images labelled by class only")
     p.add_argument("--image-size", type=positive_int, help="centre-crop and resize to this (ADM preprocessing); "
                    "default: datasets 256 (toy 32), generated images as they are")
@@ -805,10 +702,8 @@ def add_fid_args(p):
     p.add_argument("--overall-only", action="store_true", help="skip the per-superclass rows")
     p.add_argument("--lpips-alex", help=f"{ALEXNET_WEIGHTS} (default: as named, under pretrained/, in $TORCH_HOME)")
     p.add_argument("--lpips-lin", help=f"LPIPS v0.1 {LPIPS_LIN_WEIGHTS} (default: as named, under pretrained/)")
-    p.add_argument("--pairs", type=nonnegative_int, default=1000,
-                   help="random same-class pairs for LPIPS (0: no LPIPS)")
-    p.add_argument("--seed", type=nonnegative_int, default=0,
-                   help="seed of the LPIPS pairs (generate: and of the noise)")
+    p.add_argument("--pairs", type=nonnegative_int, default=1000, help="random same-class pairs for LPIPS (0: none)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the LPIPS pairs (generate: and the noise)")
     p.add_argument("--out-csv", type=out_file)
     p.add_argument("--out-json", type=out_file)
 
@@ -849,24 +744,7 @@ def main(argv=None):
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("toy", help="offline paper Tables 1-2 in miniature: accuracy, FID, diversity on the toy data")
-    p.add_argument("--ckpt", nargs="+", required=True, help="toy checkpoints or run folders (e.g. one per method)")
-    p.add_argument("--guidance", nargs="+", choices=["none", "null", "superclass"], default=["none", "null", "superclass"])
-    p.add_argument("--per-class", type=positive_int, default=16, help="samples of each class")
-    add_sampler_args(p, steps=50)
-    p.add_argument("--cfg-scales", nargs="+", type=finite_float, help="a guidance sweep: every guide at each of "
-                   "these scales (e.g. 1 1.5 2 3 4 6), instead of --cfg-scale alone")
-    p.add_argument("--pairs", type=positive_int, default=500, help="same-class pairs for the diversity")
-    p.add_argument("--seed", type=nonnegative_int, default=0,
-                   help="seed of the real reference images (and default noise seed)")
-    p.add_argument("--seeds", type=nonnegative_int, nargs="+", help="noise seeds, one row each in the JSON, "
-                   "mean±half the range in the table (default: --seed)")
-    p.add_argument("--cache-dir", type=folder_path, default="results", help="where the toy classifier is cached")
-    p.add_argument("--classifier-epochs", type=positive_int, default=4,
-                   help="training of the toy classifier, on first use")
-    p.add_argument("--out-json", type=out_file)
-    p.add_argument("--out-csv", type=out_file)
-    p.add_argument("--plot", type=out_file, help="PNG: FID (cls) against subclass accuracy, a curve per checkpoint and guide over the "
-                                  "scales (and PLOT.csv beside it)")
+    toy.add_toy_args(p)
     p.set_defaults(func=cmd_toy)
     figures.add_figure_commands(sub)
 

@@ -23,10 +23,9 @@ from hardening import UserError, file_sha256, find_weights, load_strict, read_ch
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 
-# The TF graph differs from torchvision's Inception3 in its pool branches: TF's 'SAME' average pooling divides
-# by the number of real pixels under the window (count_include_pad=False), and the last block max-pools.
-# Feature statistics, hence FID, move measurably if these are not reproduced. Convolutions, their BatchNorm
-# (eps 0.001) and the parameter names are torchvision's, so we build on its block classes.
+# The TF graph differs from torchvision's Inception3 in its pool branches: TF's 'SAME' average pooling divides by the
+# number of real pixels under the window (count_include_pad=False), and the last block max-pools; FID moves measurably
+# without them. Convolutions, their BatchNorm (eps 0.001) and the parameter names are torchvision's: we build on them.
 
 def tf_avg_pool(x):
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
@@ -36,47 +35,35 @@ class FIDInceptionA(InceptionA):
     """Mixed_5b/5c/5d: 1x1 | 5x5 | double 3x3 | TF avg pool + 1x1."""
 
     def forward(self, x):
-        branch1x1 = self.branch1x1(x)
-        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
-        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        branch_pool = self.branch_pool(tf_avg_pool(x))
-        return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], dim=1)
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(tf_avg_pool(x))], dim=1)
 
 
 class FIDInceptionC(InceptionC):
     """Mixed_6b-6e: 1x1 | factorised 7x7 | double factorised 7x7 | TF avg pool + 1x1."""
 
     def forward(self, x):
-        branch1x1 = self.branch1x1(x)
-        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        branch7x7dbl = self.branch7x7dbl_1(x)
-        branch7x7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(branch7x7dbl))
-        branch7x7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(branch7x7dbl))
-        branch_pool = self.branch_pool(tf_avg_pool(x))
-        return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], dim=1)
+        branch7x7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                          self.branch7x7dbl_5(self.branch7x7dbl_4(branch7x7dbl)),
+                          self.branch_pool(tf_avg_pool(x))], dim=1)
 
 
 class FIDInceptionE(InceptionE):
-    """Mixed_7b (TF avg pool) and Mixed_7c (max pool: a quirk of the TF graph): 1x1 | split 3x3 | split
-    double 3x3 | pool + 1x1."""
+    """Mixed_7b (TF avg pool), Mixed_7c (max pool, a TF quirk): 1x1 | split 3x3 | split double 3x3 | pool + 1x1."""
 
     def __init__(self, in_channels, pool):
         super().__init__(in_channels)
-        assert pool in ("avg", "max")
-        self.pool = pool
+        self.pool = pool                                    # "avg" or "max"
 
     def forward(self, x):
-        branch1x1 = self.branch1x1(x)
         branch3x3 = self.branch3x3_1(x)
-        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], dim=1)
         branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], dim=1)
-        if self.pool == "avg":
-            pooled = tf_avg_pool(x)
-        else:
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        branch_pool = self.branch_pool(pooled)
-        return torch.cat([branch1x1, branch3x3, branch3x3dbl, branch_pool], dim=1)
+        pooled = tf_avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3),
+                          self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl),
+                          self.branch_pool(pooled)], dim=1)
 
 
 class FIDInceptionV3(nn.Module):
@@ -100,8 +87,7 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = FIDInceptionE(1280, pool="avg")
         self.Mixed_7c = FIDInceptionE(2048, pool="max")
-        # The published graph classifies into 1008 classes. FID never uses the logits, but the weights file
-        # carries them, and keeping the layer lets it load strictly, as published.
+        # FID never uses the graph's 1008-way logits, but the published file carries them: kept, it loads strictly.
         self.fc = nn.Linear(2048, 1008)
 
     def forward(self, x):  # x: (N, 3, H, W) in [0, 1]
@@ -109,24 +95,12 @@ class FIDInceptionV3(nn.Module):
             raise ValueError(f"expected images of shape [N, 3, H, W], got {list(x.shape)}")
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # (N, 3, 299, 299)
         x = 2 * x - 1  # the TF graph expects [-1, 1]
-        x = self.Conv2d_1a_3x3(x)  # (N, 32, 149, 149)
-        x = self.Conv2d_2a_3x3(x)  # (N, 32, 147, 147)
-        x = self.Conv2d_2b_3x3(x)  # (N, 64, 147, 147)
-        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 64, 73, 73)
-        x = self.Conv2d_3b_1x1(x)  # (N, 80, 73, 73)
-        x = self.Conv2d_4a_3x3(x)  # (N, 192, 71, 71)
-        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 192, 35, 35)
-        x = self.Mixed_5b(x)  # (N, 256, 35, 35)
-        x = self.Mixed_5c(x)  # (N, 288, 35, 35)
-        x = self.Mixed_5d(x)  # (N, 288, 35, 35)
-        x = self.Mixed_6a(x)  # (N, 768, 17, 17)
-        x = self.Mixed_6b(x)  # (N, 768, 17, 17)
-        x = self.Mixed_6c(x)  # (N, 768, 17, 17)
-        x = self.Mixed_6d(x)  # (N, 768, 17, 17)
-        x = self.Mixed_6e(x)  # (N, 768, 17, 17)
-        x = self.Mixed_7a(x)  # (N, 1280, 8, 8)
-        x = self.Mixed_7b(x)  # (N, 2048, 8, 8)
-        x = self.Mixed_7c(x)  # (N, 2048, 8, 8)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 32, 149, 149) -> (N, 64, 147, 147)
+        x = self.Conv2d_3b_1x1(F.max_pool2d(x, kernel_size=3, stride=2))  # (N, 64, 73, 73) -> (N, 80, 73, 73)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(x), kernel_size=3, stride=2)  # (N, 192, 71, 71) -> (N, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (N, 256, 35, 35) -> (N, 288, 35, 35) twice
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))  # (N, 768, 17, 17) each
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (N, 1280, 8, 8) -> (N, 2048, 8, 8) twice
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
 
 
@@ -135,11 +109,9 @@ def load_inception(path=None):
     path = find_weights(path, FID_WEIGHTS)
     state = read_checkpoint(path)
     model = FIDInceptionV3()
-    # BatchNorm's step counter is irrelevant in eval; state dicts from older torch versions lack it.
-    for key, buffer in model.state_dict().items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = buffer
-    load_strict(model, state, path)
+    # BatchNorm's step counter is irrelevant in eval; state dicts from older torch versions lack it: take the model's.
+    counters = {k: b for k, b in model.state_dict().items() if k.endswith("num_batches_tracked")}
+    load_strict(model, {**counters, **state}, path)
     model.weights_sha256 = file_sha256(path)      # what statistics record of the network that described them
     return model.eval().requires_grad_(False)
 
@@ -164,12 +136,11 @@ def unit_images(images):
 def inception_features(model, images, device="cpu", batch_size=50, progress=True):
     """Features (N, 2048) (np.float32) of every image: `images` is one tensor (N, 3, H, W) or an iterable of
     batches (a DataLoader of (images, labels)), uint8 or floats in [0, 1]."""
-    if isinstance(images, torch.Tensor):
-        images = images.split(batch_size)
+    batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
     model = model.to(device).eval()
     features = []
     with _no_tf32():
-        for batch in tqdm(images, desc="inception features", unit="batch", disable=not progress):
+        for batch in tqdm(batches, desc="inception features", unit="batch", disable=not progress):
             x = unit_images(batch[0] if isinstance(batch, (tuple, list)) else batch)   # (B, 3, H, W) in [0, 1]
             features.append(model(x.to(device, non_blocking=True)).float().cpu())    # (B, 2048)
     if not features:
@@ -193,9 +164,7 @@ _SCIPY_VERSION = tuple(int(v) for v in re.findall(r"\d+", scipy.__version__)[:2]
 def _sqrtm(a):
     # pytorch-fid calls sqrtm(disp=False); SciPy 1.16 deprecates `disp` (removed in 1.18) without changing
     # the square root itself, so pass it only where it exists and means "stay quiet".
-    if _SCIPY_VERSION < (1, 16):
-        return linalg.sqrtm(a, disp=False)[0]
-    return linalg.sqrtm(a)
+    return linalg.sqrtm(a, disp=False)[0] if _SCIPY_VERSION < (1, 16) else linalg.sqrtm(a)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -205,7 +174,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                         f"sigma {sigma1.shape} vs {sigma2.shape}")
-    diff = mu1 - mu2
     covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         # a singular product (fewer samples than dimensions): nudge both covariances off singularity
@@ -218,4 +186,4 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise UserError(f"sqrt(sigma1 sigma2) has an imaginary component of {np.max(np.abs(covmean.imag)):g}; "
                             "the covariance estimates are unusable (too few images?)")
         covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float((mu1 - mu2).dot(mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))

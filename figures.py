@@ -1,17 +1,15 @@
 """The paper's figures, drawn with Pillow: the guidance sweep (FID (cls) against subclass accuracy), Fig. 7 (a t-SNE of
 each checkpoint's label table), Fig. 5 (one seed across methods) and Fig. 2 with the training curves (FID against
-training time). Commands of evaluate.py:
+training time). Commands of evaluate.py (RUNS: run folders, e.g. results/toy-finediffusion-s0 results/toy-full-s0):
 
     python evaluate.py toy --ckpt results/toy-* --cfg-scales 1 1.5 2 3 4 6 --plot sweep.png
-    python evaluate.py embeddings --ckpt results/toy-finediffusion-s0 results/toy-full-s0 --out fig7.png
-    python evaluate.py grid --ckpt results/toy-finediffusion-s0 results/toy-full-s0 --class-ids 8 9 10 11 --data toy \
-        --out fig5.png
-    python evaluate.py curves --runs results/toy-finediffusion-s0 results/toy-full-s0 --toy-json toy.json --out curves.png
+    python evaluate.py embeddings --ckpt RUNS --out fig7.png
+    python evaluate.py grid --ckpt RUNS --class-ids 8 9 10 11 --data toy --out fig5.png
+    python evaluate.py curves --runs RUNS --toy-json toy.json --out curves.png
 
 Pillow rather than matplotlib: a few scatter and line plots need no new dependency, and the tests check every figure
-wherever the suite runs. Panel is the one drawing helper: data -> pixels, axes, markers, lines, text, a legend.
-Every figure command writes FIGURE.png and, beside it, the numbers it shows: FIGURE.csv (and FIGURE.json where they do
-not fit one table).
+wherever the suite runs. Every figure command writes FIGURE.png and, beside it, the numbers it shows: FIGURE.csv (and
+FIGURE.json where they do not fit one table).
 """
 import json
 import math
@@ -62,14 +60,13 @@ def nice_ticks(lo, hi, count=5):
 def data_limits(values):
     """(lo, hi) covering the values with a margin, so no marker sits on the frame."""
     values = [float(v) for v in values if v is not None and math.isfinite(v)] or [0.0, 1.0]
-    lo, hi = min(values), max(values)
-    pad = 0.06 * (hi - lo) or 0.1 * abs(lo) or 1.0
-    return lo - pad, hi + pad
+    pad = 0.06 * (max(values) - min(values)) or 0.1 * abs(min(values)) or 1.0
+    return min(values) - pad, max(values) + pad
 
 
 class Panel:
     """One plot: data coordinates -> pixels inside `margin` (left, top, right, bottom), axes with ticks (or a bare
-    frame: t-SNE axes mean nothing), markers o + * s, lines, text, and a legend in the right margin."""
+    frame: t-SNE axes mean nothing), markers (see glyph), lines, and a legend in the right margin."""
 
     def __init__(self, title, xs, ys, xlabel="", ylabel="", size=PANEL_SIZE, margin=(70, 36, 220, 50), ticks=True):
         self.image = Image.new("RGB", size, "white")
@@ -103,41 +100,35 @@ class Panel:
         self.image.paste(label, (4, int((y0 + y1 - label.height) / 2)))
 
     def marker(self, x, y, colour, shape="o", r=4):
-        glyph(self.draw, self.xy(x, y), colour, shape, r)
+        self.glyph(self.xy(x, y), colour, shape, r)
 
     def line(self, xs, ys, colour, width=2):
         points = [self.xy(x, y) for x, y in zip(xs, ys)]
         if len(points) > 1:
             self.draw.line(points, fill=colour, width=width)
 
-    def text(self, x, y, text, colour=BLACK, size=11):
-        px, py = self.xy(x, y)
-        put_text(self.draw, (px + 6, py - 2), text, size, "lb", colour)
-
     def legend(self, entries):
         """entries: [(label, colour, shape)], right of the frame, where they hide no data."""
         x, y = self.box[2] + 8, self.box[1] + 6
         for i, (label, colour, shape) in enumerate(entries):
-            glyph(self.draw, (x + 8, y + 16 * i + 6), colour, shape, 4 if shape == "o" else 6)
+            self.glyph((x + 8, y + 16 * i + 6), colour, shape, 4 if shape == "o" else 6)
             put_text(self.draw, (x + 20, y + 16 * i + 6), label, 11, "lm")
 
-
-def glyph(draw, centre, colour, shape, r):
-    """A marker: o (disc), s (square), + (superclass row), * (star: subclass mean)."""
-    x, y = centre
-    if shape == "o":
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-    elif shape == "s":
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour, outline=BLACK)
-    elif shape == "+":
-        draw.line([(x - r, y), (x + r, y)], fill=colour, width=3)
-        draw.line([(x, y - r), (x, y + r)], fill=colour, width=3)
-    elif shape == "*":
-        draw.polygon([(x + (r if k % 2 == 0 else 0.45 * r) * math.sin(k * math.pi / 5),
-                       y - (r if k % 2 == 0 else 0.45 * r) * math.cos(k * math.pi / 5)) for k in range(10)],
-                     fill=colour, outline=BLACK)
-    else:
-        raise ValueError(shape)
+    def glyph(self, centre, colour, shape, r):
+        """A marker: o (disc), s (square), + (superclass row), * (star: subclass mean)."""
+        x, y = centre
+        if shape == "o":
+            self.draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+        elif shape == "s":
+            self.draw.rectangle([x - r, y - r, x + r, y + r], fill=colour, outline=BLACK)
+        elif shape == "+":
+            self.draw.line([(x - r, y), (x + r, y)], fill=colour, width=3)
+            self.draw.line([(x, y - r), (x, y + r)], fill=colour, width=3)
+        elif shape == "*":                                     # ten corners, at r and 0.45 r in turn
+            self.draw.polygon([(x + radius * math.sin(k * math.pi / 5), y - radius * math.cos(k * math.pi / 5))
+                               for k, radius in enumerate([r, 0.45 * r] * 5)], fill=colour, outline=BLACK)
+        else:
+            raise ValueError(shape)
 
 
 def tile(images, columns):
@@ -157,8 +148,7 @@ def figure_path(path):
 
 
 def save_figure(path, image, rows, extra=None):
-    """FIGURE.png, and beside it FIGURE.csv (`rows`: the numbers it shows) and, with `extra`, FIGURE.json."""
-    figure_path(path)
+    """FIGURE.png (a path figure_path took) and beside it FIGURE.csv of `rows` and, with `extra`, FIGURE.json."""
     atomic_write(path, lambda f: image.save(f, format="PNG"))
     stem = os.path.splitext(path)[0]
     write_csv(stem + ".csv", rows)
@@ -186,7 +176,8 @@ def tradeoff_panel(rows):
         for r in group:
             panel.marker(r["sub_acc"], r["fid"], colours[ckpt], shape[guidance], 6 if guidance == "superclass" else 4)
             if r["cfg_scale"]:
-                panel.text(r["sub_acc"], r["fid"], f"{r['cfg_scale']:g}", colours[ckpt])
+                px, py = panel.xy(r["sub_acc"], r["fid"])
+                put_text(panel.draw, (px + 6, py - 2), f"{r['cfg_scale']:g}", 11, "lb", colours[ckpt])
     panel.legend([(ckpt if guidance == "-" else f"{ckpt}: {guidance}", colours[ckpt], shape[guidance])
                   for ckpt, guidance in curves])
     return panel
@@ -208,12 +199,10 @@ def squared_distances(x):
 
 def conditional_affinities(sq_dist, perplexity, steps=100, tol=1e-5):
     """p_{j|i} = exp(-beta_i d_ij^2) / sum_{k != i} exp(-beta_i d_ik^2) [N, N], beta_i (= 1 / 2 sigma_i^2) found by
-    bisection so that each row's perplexity exp(H(P_i)) (H in nats) is `perplexity`: dense regions get narrow
-    Gaussians, sparse ones wide, so every point has about `perplexity` effective neighbours."""
-    n = len(sq_dist)
-    off = ~torch.eye(n, dtype=torch.bool, device=sq_dist.device)
+    bisection so that each row's perplexity exp(H(P_i)) (H in nats) is `perplexity`."""
+    off = ~torch.eye(len(sq_dist), dtype=torch.bool, device=sq_dist.device)
     d = sq_dist - sq_dist.masked_fill(~off, math.inf).min(1, keepdim=True).values  # p is shift-free; exp() safe
-    beta = torch.ones(n, 1, dtype=d.dtype, device=d.device)
+    beta = torch.ones_like(d[:, :1])                           # [N, 1]
     lo, hi = torch.zeros_like(beta), torch.full_like(beta, math.inf)
     target = math.log(perplexity)
     for _ in range(steps):
@@ -236,9 +225,8 @@ def tsne_affinities(sq_dist, perplexity):
 
 
 def tsne_gradient(p, y):
-    """(dKL(P || Q) / dY, Q) for the map Y [N, 2]: q_ij = (1 + |y_i - y_j|^2)^-1 / sum_{k != l} (1 + |y_k - y_l|^2)^-1
-    (Student-t, one degree of freedom: its heavy tail lets clusters separate), and the gradient (paper eq. 5)
-    dC/dy_i = 4 sum_j (p_ij - q_ij)(y_i - y_j)(1 + |y_i - y_j|^2)^-1."""
+    """(dKL(P || Q) / dY, Q) for the map Y [N, 2]: q_ij = (1 + |y_i - y_j|^2)^-1 / sum_{k != l} (1 + |y_k - y_l|^2)^-1,
+    and the gradient (paper eq. 5) dC/dy_i = 4 sum_j (p_ij - q_ij)(y_i - y_j)(1 + |y_i - y_j|^2)^-1."""
     num = 1 / (1 + squared_distances(y))
     num.fill_diagonal_(0)
     q = (num / num.sum()).clamp_min(1e-12)
@@ -250,8 +238,7 @@ def tsne(x, perplexity=30.0, iters=1000, seed=0, progress=False):
     """2-D t-SNE of rows x [N, D] -> (Y [N, 2], KL(P || Q) at the end)."""
     n = len(x)
     p = tsne_affinities(squared_distances(x), min(perplexity, (n - 1) / 3)).clamp_min(1e-12)
-    g = torch.Generator().manual_seed(seed)
-    y = (1e-2 * torch.randn(n, 2, generator=g, dtype=x.dtype)).to(x.device)
+    y = (1e-2 * torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)).to(x.device)
     update, gains = torch.zeros_like(y), torch.ones_like(y)
     lr = max(n / 12 / 4, 50.0)
     for it in tqdm(range(iters), desc="t-SNE", unit="iter", disable=not progress):
@@ -300,22 +287,19 @@ def label_table(path):
 
 
 def embed_label_table(table, K, S, superclass_of, args):
-    """Fig. 7's picture and number for one table: t-SNE of (subclass rows, at most --max-points of them; the S
-    superclass rows; the mean subclass row of each superclass), and the same-superclass share of each subclass's
-    nearest subclasses in 2-D and in the table's own space, on the same subclasses."""
-    sup = torch.as_tensor(superclass_of)
-    g = torch.Generator().manual_seed(args.seed)
-    keep = torch.arange(K)
+    """Fig. 7's picture and numbers for one table: t-SNE of (at most --max-points subclass rows, the S superclass
+    rows, each superclass's mean subclass row) and the same-superclass share of each subclass's nearest subclasses,
+    in 2-D and in the table's own space, on the same subclasses."""
+    sup, keep = torch.as_tensor(superclass_of), torch.arange(K)
     if 0 < args.max_points < K:                                 # a random subset, the same for every checkpoint
-        keep = torch.randperm(K, generator=g)[:args.max_points].sort().values
+        keep = torch.randperm(K, generator=torch.Generator().manual_seed(args.seed))[:args.max_points].sort().values
     present = sup.unique()
     means = torch.stack([table[:K][sup == s].mean(0) for s in present])    # of every subclass, not only those kept
     if len(keep) < 2:
         raise UserError(f"a label table of {len(keep)} subclass rows has no neighbours to count")
-    x = torch.cat([table[keep], table[K:K + S], means]).to(args.device)
-    y, kl = tsne(x, args.perplexity, args.iters, args.seed, progress=True)
-    y, n = y.cpu(), len(keep)
-    counts = torch.bincount(sup[keep]).double()
+    y, kl = tsne(torch.cat([table[keep], table[K:K + S], means]).to(args.device), args.perplexity, args.iters,
+                 args.seed, progress=True)
+    y, n, counts = y.cpu(), len(keep), torch.bincount(sup[keep]).double()
     k = min(args.neighbours, n - 1)
     return dict(points=n, neighbours=k,
                 same_superclass_2d=same_superclass_neighbours(y[:n], sup[keep], k),
@@ -327,7 +311,7 @@ def embed_label_table(table, K, S, superclass_of, args):
                 mean=[[*xy, int(s)] for xy, s in zip(y[n + S:].tolist(), present)])
 
 
-def embedding_panel(result, title, superclass_names):
+def embedding_panel(result, title):
     """Subclass rows as dots coloured by superclass, superclass rows as +, subclass means as stars."""
     points = result["subclass"] + result["superclass"] + result["mean"]
     panel = Panel(title, [p[0] for p in points], [p[1] for p in points], size=(640, 460),
@@ -339,10 +323,9 @@ def embedding_panel(result, title, superclass_names):
         panel.marker(x, y, colour(s), "*", 9)
     for x, y, s in result["superclass"]:                       # on top: a superclass row may sit on its mean
         panel.marker(x, y, colour(s), "+", 8)
-    legend = [(name[:24], colour(s), "o") for s, name in enumerate(superclass_names)][:20]
+    legend = [(name[:24], colour(s), "o") for s, name in enumerate(result["superclass_names"])][:20]
     panel.legend(legend + [("superclass row", BLACK, "+"), ("mean of subclasses", BLACK, "*")])
-    x0, _, _, y1 = panel.box
-    put_text(panel.draw, (x0 + 6, y1 - 6), f"same-superclass {result['neighbours']}-NN: 2-D "
+    put_text(panel.draw, (panel.box[0] + 6, panel.box[3] - 6), f"same-superclass {result['neighbours']}-NN: 2-D "
              f"{result['same_superclass_2d']:.2f}, table {result['same_superclass_original']:.2f} "
              f"(chance {result['chance']:.2f})", 12, "lb")
     return panel
@@ -352,21 +335,20 @@ def cmd_embeddings(args):
     figure_path(args.out)
     if args.iters < 1 or args.neighbours < 1 or args.perplexity <= 1:
         raise UserError("--iters and --neighbours must be positive and --perplexity above 1")
-    rows, results, panels = [], [], []
+    rows, results = [], []
     for path in map(resolve_checkpoint, args.ckpt):
         table, K, S, hierarchy, method = label_table(path)
         result = embed_label_table(table, K, S, hierarchy["superclass_of"], args)
-        row = dict(ckpt=checkpoint_label(path), method=method, classes=K, superclasses=S,
-                   **{k: v for k, v in result.items() if k not in ("subclass", "superclass", "mean")})
-        rows.append(row)
-        results.append(dict(**row, superclass_names=hierarchy["superclass_names"], subclass=result["subclass"],
-                            superclass=result["superclass"], mean=result["mean"]))
-        panels.append(embedding_panel(result, f"{row['ckpt']} ({method})", hierarchy["superclass_names"]).image)
+        points = {k: result.pop(k) for k in ("subclass", "superclass", "mean")}       # in the JSON, not the CSV
+        rows.append(dict(ckpt=checkpoint_label(path), method=method, classes=K, superclasses=S, **result))
+        results.append(dict(rows[-1], superclass_names=hierarchy["superclass_names"], **points))
     print(f"{'checkpoint':<36}{'method':<15}{'points':>7}   same-superclass share of the k nearest subclasses")
     print(f"{'':<58}{'k':>3}{'2-D':>7}{'table':>7}{'chance':>8}{'best':>6}")
     for r in rows:
         print(f"{r['ckpt'][:35]:<36}{r['method']:<15}{r['points']:>7}{r['neighbours']:>3}"
-              f"{r['same_superclass_2d']:>7.3f}{r['same_superclass_original']:>7.3f}{r['chance']:>8.3f}{r['best']:>6.3f}")
+              f"{r['same_superclass_2d']:>7.3f}{r['same_superclass_original']:>7.3f}{r['chance']:>8.3f}"
+              f"{r['best']:>6.3f}")
+    panels = [embedding_panel(r, f"{r['ckpt']} ({r['method']})").image for r in results]
     settings = dict(max_points=args.max_points, perplexity=args.perplexity, iters=args.iters, seed=args.seed)
     save_figure(args.out, tile(panels, min(len(panels), 4)), rows, dict(settings=settings, checkpoints=results))
 
@@ -378,30 +360,29 @@ GRID_LABEL_WIDTH, GRID_HEADER, GRID_PAD, GRID_MIN_CELL = 170, 40, 4, 96
 
 def grid_image(cells, row_labels, column_labels):
     """cells[r][c]: uint8 (H, W, 3) images, shown at max(H, GRID_MIN_CELL) pixels (small toy images enlarged
-    pixel by pixel); labels: a list of lines per row, one line per column. Size: GRID_LABEL_WIDTH + columns *
-    (cell + GRID_PAD) by GRID_HEADER + rows * (cell + GRID_PAD)."""
+    pixel by pixel) in steps of cell + GRID_PAD; labels: a list of lines per row and per column."""
     cell = max(cells[0][0].shape[0], GRID_MIN_CELL)
-    sheet = Image.new("RGB", (GRID_LABEL_WIDTH + len(column_labels) * (cell + GRID_PAD),
-                              GRID_HEADER + len(cells) * (cell + GRID_PAD)), "white")
+    step = cell + GRID_PAD
+    sheet = Image.new("RGB", (GRID_LABEL_WIDTH + len(column_labels) * step, GRID_HEADER + len(cells) * step), "white")
     draw = ImageDraw.Draw(sheet)
     fit = lambda text, width: next(text[:n] for n in range(len(text), -1, -1)      # cut to the width
                                    if draw.textlength(text[:n], font=font(11)) <= width)
     for c, label in enumerate(column_labels):
         for i, line in enumerate(label):
-            put_text(draw, (GRID_LABEL_WIDTH + c * (cell + GRID_PAD) + cell / 2, 6 + 15 * i), fit(line, cell), 11, "mt")
+            put_text(draw, (GRID_LABEL_WIDTH + c * step + cell / 2, 6 + 15 * i), fit(line, cell), 11, "mt")
     for r, (row, label) in enumerate(zip(cells, row_labels)):
-        top = GRID_HEADER + r * (cell + GRID_PAD)
+        top = GRID_HEADER + r * step
         for i, line in enumerate(label):
             put_text(draw, (6, top + 8 + 15 * i), fit(line, GRID_LABEL_WIDTH - 10), 11, "lt")
         for c, image in enumerate(row):
-            tile_image = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
-            sheet.paste(tile_image, (GRID_LABEL_WIDTH + c * (cell + GRID_PAD), top))
+            sheet.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (GRID_LABEL_WIDTH + c * step, top))
     return sheet
 
 
 def real_row(args, num_classes, image_size):
     """One real image of each --class-ids class (the first readable one of its class in --split) from --data."""
-    dataset = data.build_dataset(args.data, args.data_path, image_size, args.split or "val", flip=False,
+    split = args.split or "val"
+    dataset = data.build_dataset(args.data, args.data_path, image_size, split, flip=False,
                                  hierarchy_csv=args.hierarchy_csv)
     if dataset.num_classes != num_classes:
         raise UserError(f"--data {args.data} has {dataset.num_classes} classes, the checkpoints {num_classes}")
@@ -409,48 +390,42 @@ def real_row(args, num_classes, image_size):
     for c in args.class_ids:
         x, _ = next(data.readable_items(dataset, np.flatnonzero(targets == c)), (None, None))  # (3, H, W) in [-1, 1]
         if x is None:
-            raise UserError(f"--data {args.data} (split {args.split or 'val'}) has no readable image of class {c}")
+            raise UserError(f"--data {args.data} (split {split}) has no readable image of class {c}")
         images.append(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
     return images
 
 
 def cmd_grid(args):
     figure_path(args.out)
-    sampler = sampler_of(args)
+    sampler, y = sampler_of(args), torch.tensor(args.class_ids)
     cells, labels, rows, hierarchy, num_classes = [], [], [], None, None
     for ckpt in args.ckpt:
         model, info, vae = load_for_sampling(ckpt, vae=args.vae)
-        path = info["path"]
+        name, method = checkpoint_label(info["path"]), info["config"].get("method", "?")
         if cells and (model.hierarchy, model.y_embedder.num_classes) != (hierarchy, num_classes):
-            raise UserError(f"{path} has other classes than {args.ckpt[0]}: a grid compares methods on the same "
-                            "classes")
+            raise UserError(f"{info['path']} has other classes than {args.ckpt[0]}: a grid compares methods on the "
+                            "same classes")
         hierarchy, num_classes, size = model.hierarchy, model.y_embedder.num_classes, info["config"]["image_size"]
+        names = hierarchy["class_names"] if hierarchy else None
         for c in args.class_ids:
             resolve_class(hierarchy, num_classes, class_id=c, flag="--class-ids")
-        guidance = args.guidance
-        if guidance == "auto":                       # each method as it is meant to be sampled: eq. 1 or standard CFG
-            guidance = "superclass" if model.y_embedder.num_superclasses else "null"
-        y = torch.tensor(args.class_ids)
+        auto = "superclass" if model.y_embedder.num_superclasses else "null"     # eq. 1 where the table has the rows
+        guidance = auto if args.guidance == "auto" else args.guidance    # each method as it is meant to be sampled
         guide = guide_labels(model, y, guidance, args.cfg_scale)
-        images = sample_images(model, y, guide, args.cfg_scale, sampler, vae, args.seed, args.device,
-                               progress=False)   # every row: the same seed, the same noise
-        method = info["config"].get("method", "?")
-        cells.append(list(images.numpy()))
-        labels.append([checkpoint_label(path), method,
-                       "unguided" if guide is None else f"{guidance}, w = {args.cfg_scale:g}"])
-        rows += [dict(row=len(cells), ckpt=checkpoint_label(path), method=method, guidance=guidance,
+        cells.append(list(sample_images(model, y, guide, args.cfg_scale, sampler, vae, args.seed, args.device,
+                                        progress=False).numpy()))     # every row: the same seed, the same noise
+        labels.append([name, method, "unguided" if guide is None else f"{guidance}, w = {args.cfg_scale:g}"])
+        rows += [dict(row=len(cells), ckpt=name, method=method, guidance=guidance,
                       guide_row=None if guide is None else int(guide[i]), cfg_scale=args.cfg_scale,
-                      **sampler.record(), seed=args.seed, class_id=c)
+                      **sampler.record(), seed=args.seed, class_id=c, class_name=names[c] if names else None)
                  for i, c in enumerate(args.class_ids)]
         del model, vae
     if args.data:
         cells.insert(0, real_row(args, num_classes, size))
         labels.insert(0, ["real images", f"--data {args.data}"])
-        rows = [dict(row=0, ckpt="real", class_id=c) for c in args.class_ids] + rows
-    names = hierarchy["class_names"] if hierarchy else None
+        rows = [dict(row=0, ckpt="real", class_id=c, class_name=names[c] if names else None)
+                for c in args.class_ids] + rows
     columns = [[f"class {c}", names[c] if names else ""] for c in args.class_ids]
-    for r in rows:
-        r["class_name"] = names[r["class_id"]] if names else None
     save_figure(args.out, grid_image(cells, labels, columns), rows)
 
 
@@ -459,26 +434,6 @@ def cmd_grid(args):
 def time_unit(seconds):
     """A readable unit for a time axis that reaches `seconds`: (divisor, name)."""
     return (1, "s") if seconds < 300 else (60, "min") if seconds < 3 * 3600 else (3600, "h")
-
-
-def loss_panels(logs):
-    """Loss against step and against wall time, a curve per run."""
-    records = [r for log in logs.values() for r in log]
-    div, unit = time_unit(max(r["time_s"] for r in records))
-    by_step = Panel("training loss against step", [r["step"] for r in records], [r["loss"] for r in records],
-                    "step", "loss")
-    by_time = Panel("training loss against wall time", [r["time_s"] / div for r in records],
-                    [r["loss"] for r in records], f"wall time ({unit})", "loss")
-    for i, log in enumerate(logs.values()):
-        colour = PALETTE[i % len(PALETTE)]
-        by_step.line([r["step"] for r in log], [r["loss"] for r in log], colour)
-        by_time.line([r["time_s"] / div for r in log], [r["loss"] for r in log], colour)
-        if len(log) == 1:
-            by_step.marker(log[0]["step"], log[0]["loss"], colour)
-            by_time.marker(log[0]["time_s"] / div, log[0]["loss"], colour)
-    for panel in (by_step, by_time):
-        panel.legend([(name, PALETTE[i % len(PALETTE)], "o") for i, name in enumerate(logs)])
-    return [by_step, by_time]
 
 
 def fig2_panel(toy_rows, cfg_scale):
@@ -494,21 +449,22 @@ def fig2_panel(toy_rows, cfg_scale):
     curves, legend = {}, {}
     for r in rows:
         curves.setdefault((r["ckpt"].split("/")[0], r["method"], r["guidance"]), []).append(r)
-    shape = dict(none="s", null="o", superclass="*")
     for (_, method, guidance), group in curves.items():
         colour = PALETTE[METHODS.index(method) if method in METHODS else -1]
+        shape = dict(none="s", null="o", superclass="*").get(guidance, "o")
         group.sort(key=lambda r: r["train_time_s"])
         panel.line([r["train_time_s"] / div for r in group], [r["fid"] for r in group], colour)
         for r in group:
-            panel.marker(r["train_time_s"] / div, r["fid"], colour, shape.get(guidance, "o"), 6)
-        legend[f"{method} {guidance}"] = (colour, shape.get(guidance, "o"))
-    panel.legend([(label, colour, s) for label, (colour, s) in legend.items()])
+            panel.marker(r["train_time_s"] / div, r["fid"], colour, shape, 6)
+        legend[f"{method} {guidance}"] = (f"{method} {guidance}", colour, shape)
+    panel.legend(list(legend.values()))
     return panel, [dict(panel="fid_vs_time", run=r["ckpt"], method=r["method"], guidance=r["guidance"],
                         cfg_scale=r.get("cfg_scale"), step=r.get("step"), time_s=r["train_time_s"], fid=r["fid"])
                    for r in rows]
 
 
 def cmd_curves(args):
+    """Loss against step and against wall time, a curve per run; with --toy-json, Fig. 2 beside them."""
     figure_path(args.out)
     logs = {}
     for run in args.runs:
@@ -516,18 +472,27 @@ def cmd_curves(args):
         logs[name if name not in logs else run] = read_log(run)
     if not all(logs.values()):
         raise UserError(f"an empty training log among {', '.join(args.runs)}")
-    panels = loss_panels(logs)
+    records = [r for log in logs.values() for r in log]
+    div, unit = time_unit(max(r["time_s"] for r in records))
+    panels = []
+    for title, x, xlabel in (("step", lambda r: r["step"], "step"),
+                             ("wall time", lambda r: r["time_s"] / div, f"wall time ({unit})")):
+        panel = Panel(f"training loss against {title}", [x(r) for r in records], [r["loss"] for r in records],
+                      xlabel, "loss")
+        for i, log in enumerate(logs.values()):
+            panel.line([x(r) for r in log], [r["loss"] for r in log], PALETTE[i % len(PALETTE)])
+            if len(log) == 1:
+                panel.marker(x(log[0]), log[0]["loss"], PALETTE[i % len(PALETTE)])
+        panel.legend([(name, PALETTE[i % len(PALETTE)], "o") for i, name in enumerate(logs)])
+        panels.append(panel)
     rows = [dict(panel="loss", run=name, step=r["step"], time_s=r["time_s"], loss=r["loss"])
             for name, log in logs.items() for r in log]
     if args.toy_json:
-        toy_rows = []
-        for path in args.toy_json:
-            toy_rows += read_json(path, "toy table")
-        panel, fig2_rows = fig2_panel(toy_rows, args.cfg_scale)
+        panel, fig2_rows = fig2_panel([r for path in args.toy_json for r in read_json(path, "toy table")],
+                                      args.cfg_scale)
         panels.append(panel)
         rows += fig2_rows
     save_figure(args.out, tile([p.image for p in panels], len(panels)), rows)
-
 
 
 def checkpoint_label(path):

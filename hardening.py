@@ -1,18 +1,13 @@
 """The hardening behind every command, kept out of the stage files: a reader who skips this file still reads the whole
-method. Stage files call it at their edges: when they parse flags, load files, run processes and save results.
+method. The stage files call it at their edges: when they parse flags, load files, run processes and save results.
 
-  errors     UserError (the user's to fix: exit 2), RunFailed (the run's: exit 1), Stopped (pre-empted and saved:
-             exit 75): run_cli prints each as one `error:` / `stopped:` line, never a traceback; flags are typed and
-             refused at parse time; running out of memory is one line saying what to try.
-  processes  torchrun's ranks (rank 0 checks what the ranks share and hands every rank its verdict), stop requests
-             (a scheduler's SIGTERM / SIGUSR1, Ctrl-C) agreed by all ranks, DataLoader workers that leave signals and
-             locks to their main process.
-  writing    atomic writes (temp file + rename), JSON and CSV, folders held by one writer, run folders with their log
-             and the random streams an exact resume needs.
-  reading    what users bring, checked before use: checkpoints (weights_only, CRC-32, no compressed record, every tensor
-             against what it claims, all finite), .safetensors, images of any Pillow mode, JSON, hierarchies, FID
-             statistics, sample manifests, latent caches; published files looked up where users put them, never
-             downloaded.
+  errors     UserError (the user's to fix: exit 2), RunFailed (the run's: exit 1), Stopped (pre-empted and saved: exit
+             75), each one line from run_cli, never a traceback; flags typed and refused at parse time.
+  processes  torchrun's ranks (rank 0 checks what they share and hands each its verdict), stop requests agreed by all
+             ranks, DataLoader workers that leave signals and locks to their main process.
+  writing    atomic writes, folders held by one writer, run folders, the random streams an exact resume needs.
+  reading    what users bring, checked before use: checkpoints, .safetensors, images, JSON, hierarchies, latent caches,
+             FID statistics, sample manifests; published files looked up where users put them, never downloaded.
 """
 import argparse
 import atexit
@@ -45,9 +40,7 @@ import torch.distributed as dist
 from PIL import Image
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Errors and the command line
-# ----------------------------------------------------------------------------------------------------------------
+# --- Errors and the command line -------------------------------------------------------------------------------------
 
 class UserError(Exception):
     """A mistake the user can fix (a bad flag, a missing or mismatched file): one line, exit code 2."""
@@ -60,14 +53,14 @@ class RunFailed(Exception):
 
 
 class Stopped(Exception):
-    """A run asked to stop (a scheduler's SIGTERM or SIGUSR1 before it pre-empts the job, Ctrl-C) that saved what a
-    resume needs: one `stopped:` line, exit code 75 (EX_TEMPFAIL), which a requeue script reads as: resume me."""
+    """A run asked to stop (a scheduler's SIGTERM or SIGUSR1, Ctrl-C) that saved what a resume needs: one `stopped:`
+    line, exit code 75 (EX_TEMPFAIL), which a requeue script reads as: resume me."""
     exit_code = 75
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one line. Every command accepts and ignores --local-rank / --local_rank,
-    which `python -m torch.distributed.launch` adds: the rank comes from the environment, as under torchrun."""
+    """argparse, but a bad command line is one line. --local-rank / --local_rank (added by torch.distributed.launch)
+    is accepted and ignored: the rank comes from the environment, as under torchrun."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -83,8 +76,8 @@ class ArgumentParser(argparse.ArgumentParser):
         return args, rest
 
     def parse_given(self, argv=None):
-        """(args, the sorted dests of the flags the command line gives): parsed again over a namespace of sentinels
-        that only a given flag replaces (argparse cannot tell a default from a value equal to it)."""
+        """(args, the sorted dests of the flags given): parsed again over sentinels that only a given flag replaces
+        (argparse cannot tell a default from a value equal to it)."""
         args = self.parse_args(argv)
         unset = object()
         probe = self.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
@@ -110,9 +103,9 @@ def int_in(low, high=None):
 
 
 positive_int, nonnegative_int = int_in(1), int_in(0)
-finite_float = _typed(float, math.isfinite, "a finite number")
 multiple_of_8 = _typed(int, lambda v: v > 0 and v % 8 == 0,
                        "a positive multiple of 8 (the SD VAE's latents are 8x smaller than the image)")
+finite_float = _typed(float, math.isfinite, "a finite number")
 positive_float = _typed(float, lambda v: 0 < v < math.inf, "a positive finite number")
 probability = _typed(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 decay_rate = _typed(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
@@ -128,10 +121,9 @@ UNUSABLE_PATH = (errno.EISDIR, errno.ENOTDIR, errno.ENOENT, errno.EACCES, errno.
 
 
 def run_cli(main):
-    """Run a script's main() -> its exit code. UserError, RunFailed, an OSError (2 for a path the user named wrong, else
-    1: a full disk) and running out of memory (1) are one `error:` line; Stopped one `stopped:` line (75); Ctrl-C
-    outside a training loop one line (130). What was written stays. Under torchrun every rank fails alike, so rank 0
-    alone prints. Names print whatever the locale (escaped on an ASCII console)."""
+    """Run a script's main() -> its exit code. UserError, RunFailed, an OSError (2 for a path named wrong, else 1) and
+    out of memory (1) are one `error:` line; Stopped one `stopped:` line (75); Ctrl-C one line (130). What was written
+    stays. Under torchrun every rank fails alike: rank 0 alone prints, escaped on an ASCII console."""
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(errors="backslashreplace")
     atexit.unregister(kill_leftover_workers)
@@ -162,8 +154,7 @@ def _fail(message, exit_code, prefix="error: "):
 
 @contextmanager
 def out_of_memory_advice(advice, kept=""):
-    """A GPU's torch.OutOfMemoryError or the CPU's (MemoryError, or torch's allocator's RuntimeError) as RunFailed
-    naming what to try (`advice`, e.g. "--batch-size 32") and what was kept."""
+    """A GPU's or the CPU's out of memory as RunFailed naming what to try (`advice`) and what was kept."""
     try:
         yield
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
@@ -188,20 +179,17 @@ def precision_context(precision, device_type):
     return context
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Processes: torchrun's ranks, stop requests, DataLoader workers
-# ----------------------------------------------------------------------------------------------------------------
+# --- Processes: torchrun's ranks, stop requests, DataLoader workers --------------------------------------------------
 
 def init_distributed(device=None):
     """(rank, world size, device) of this process, joining the process group under torchrun (nccl on CUDA, gloo on a
     CPU). device: None for cuda:LOCAL_RANK where there is a GPU, else the CPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if device.index is None else device.index)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():       # long barriers (a rank's share of a latent cache) must not time out
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
@@ -209,9 +197,8 @@ def init_distributed(device=None):
 
 
 def on_rank0(work):
-    """work() on rank 0 alone (it creates or checks what the ranks share: a run folder, a cache, samples.json), its
-    result handed to every rank, or its error raised on every rank: a mistake stops all ranks before any starts work,
-    and run_cli prints it once."""
+    """work() on rank 0 alone (it makes or checks what the ranks share), its result, or its error, handed to every
+    rank: a mistake stops all ranks before any starts work, and run_cli prints it once."""
     result = error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -229,10 +216,9 @@ def on_rank0(work):
 
 def all_ranks(obj, world):
     """[obj of rank 0, obj of rank 1, ...]."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
+    out = [obj] * world
+    if world > 1:
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -241,9 +227,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
-    """A stop request, caught while `stop_signals` is active. `agreed()` after each step: has any process been asked?
-    All ranks answer alike after the same step, so that all save one checkpoint together (over gloo: the question
-    never waits for the GPU). Sent twice (to the process group, then forwarded by torchrun), it asks once."""
+    """A stop request caught by stop_signals. `agreed()` after each step: has any rank been asked? All ranks answer
+    alike after the same step, so that they save one checkpoint together (over gloo: it never waits for the GPU)."""
 
     def __init__(self, world):
         self.signal, self.group = None, None
@@ -275,9 +260,9 @@ def stop_signals(world):
 
 
 def worker_init(worker_id):
-    """Every DataLoader's worker_init_fn. A scheduler or Ctrl-C signals the whole process group: the workers leave it to
+    """Every DataLoader's worker_init_fn. A scheduler or Ctrl-C signals the whole process group: workers leave it to
     their main process, which ends its step, shuts them down and saves; and they close their copies of its folder
-    locks, so that a lock dies with the process that took it (kill -9 included), not seconds later with its workers."""
+    locks, so that a lock dies with the process that took it (kill -9 included), not later with its workers."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     for lock in LOCKS:
@@ -285,8 +270,8 @@ def worker_init(worker_id):
 
 
 def kill_leftover_workers():
-    """At exit, the DataLoader workers an error left running are killed: they ignore SIGTERM (worker_init), which
-    multiprocessing's own exit sends, then waits on without end."""
+    """At exit, kill the DataLoader workers an error left running: they ignore the SIGTERM multiprocessing's own exit
+    sends (worker_init), then wait on without end."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)        # torch's handler would raise for each, as a traceback
     for child in multiprocessing.active_children():
         if child.daemon:
@@ -294,9 +279,7 @@ def kill_leftover_workers():
             child.join()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Writing: atomic files, JSON and CSV, locked folders, run folders, random streams
-# ----------------------------------------------------------------------------------------------------------------
+# --- Writing: atomic files, JSON and CSV, locked folders, run folders, random streams --------------------------------
 
 class _WholeWrites(io.FileIO):
     """A file whose write() writes all it is given or raises, and keeps what it raised (torch.save turns an OSError of
@@ -322,7 +305,7 @@ _TEMP_FILE = re.compile(r"^\..+" + re.escape(TEMP_TAG) + r"(\d+)$")
 
 def atomic_write(path, write):
     """write(file) on a temp file beside `path`, then a rename over it: a crash or a full disk never leaves a
-    half-written checkpoint, image or table. A failed write is an OSError naming `path`."""
+    half-written file. A failed write is an OSError naming `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}{TEMP_TAG}{os.getpid()}")
@@ -348,9 +331,8 @@ def write_json(path, obj, indent=1):
 
 def write_csv(path, rows):
     """Rows (dicts) as CSV, UTF-8, columns in order of first appearance; None is an empty cell."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
     text = io.StringIO()
-    writer = csv.DictWriter(text, columns, lineterminator="\n")
+    writer = csv.DictWriter(text, list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
     writer.writeheader()
     writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
@@ -401,9 +383,8 @@ LOCKS = []       # the folder locks this process holds (worker_init closes a for
 
 
 def lock_folder(folder, taken_by="another training run", fix="wait for it to end or choose another --run-dir"):
-    """Take the exclusive lock <folder>/.lock (flock: the kernel drops it when its holder dies) and write who holds
-    it there -> the open lock file, to `release`. One line naming the holder when another process has it: two writers
-    in one folder would silently mix what they write."""
+    """Take the exclusive lock <folder>/.lock (flock: the kernel drops it when its holder dies), saying who holds it
+    there -> the open lock file, for `release`. Two writers in one folder would silently mix what they write."""
     os.makedirs(folder, exist_ok=True)
     created = not os.path.exists(os.path.join(folder, ".lock"))
     lock = open(os.path.join(folder, ".lock"), "a+", encoding="utf-8")
@@ -432,31 +413,30 @@ def release(lock, undo=False):
 
 def make_run_dir(args):
     """The run folder -> (path, whether this process made it): --run-dir, the run of --resume, or results/NNN-<model>-
-    <tune> with the next free NNN. mkdir is exclusive, so two runs started together never share a folder."""
+    <tune> with the next free NNN (mkdir is exclusive: two runs started together never share a folder)."""
     if args.run_dir or args.resume and os.path.basename(os.path.dirname(os.path.abspath(args.resume))) == "checkpoints":
         path = args.run_dir or os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        candidates = [path]
+    else:
+        os.makedirs(args.results_dir, exist_ok=True)
+        name = f"{args.model.replace('/', '-')}-{args.tune}"
+        candidates = (os.path.join(args.results_dir, f"{i:03d}-{name}") for i in
+                      range(len(os.listdir(args.results_dir)), 10 ** 9))
+    for path in candidates:
         try:
             os.mkdir(path)
             return path, True
         except FileExistsError:
-            return path, False
-    os.makedirs(args.results_dir, exist_ok=True)
-    index = len(os.listdir(args.results_dir))
-    while True:
-        path = os.path.join(args.results_dir, f"{index:03d}-{args.model.replace('/', '-')}-{args.tune}")
-        try:
-            os.mkdir(path)
-            return path, True
-        except FileExistsError:
-            index += 1
+            pass
+    return path, False            # --run-dir or the resumed run's folder, already there
 
 
 @contextmanager
 def run_folder(args, step):
-    """The run folder (results/NNN-.../ : checkpoints/, log.jsonl, samples/, .lock), made and locked by rank 0 for as
-    long as the run lasts; every rank learns its name, or why there is none. A killed run's temp files go, the log is
-    cut back to `step`, and a new run never writes over one with checkpoints (it resumes instead)."""
+    """The run folder (checkpoints/, log.jsonl, samples/, .lock), made and locked by rank 0 while the run lasts; every
+    rank learns its name, or why there is none. A killed run's temp files go, the log is cut back to `step`, and a
+    new run never writes over one with checkpoints (it resumes instead)."""
     held, made = [], []
 
     def claim():
@@ -475,10 +455,9 @@ def run_folder(args, step):
         yield on_rank0(claim)
     except BaseException:
         for run_dir in made:     # stopped before writing anything (a user mistake): take back what we made, no more
-            checkpoints = os.path.join(run_dir, "checkpoints")
-            if set(os.listdir(run_dir)) <= {".lock", "checkpoints"} and not os.listdir(checkpoints):
-                os.rmdir(checkpoints)
-                os.remove(os.path.join(run_dir, ".lock"))
+            if set(os.listdir(run_dir)) <= {".lock", "checkpoints"} and not os.listdir(f"{run_dir}/checkpoints"):
+                os.rmdir(f"{run_dir}/checkpoints")
+                os.remove(f"{run_dir}/.lock")
                 os.rmdir(run_dir)
         raise
     finally:
@@ -487,12 +466,11 @@ def run_folder(args, step):
 
 
 def trim_log(run_dir, step):
-    """Cut the log after its last line of a step <= `step`: a run resumed from an older checkpoint redoes the later
-    steps (a line cut short by a crash goes too). Lines are in step order: a truncation, needing no free space."""
-    path = os.path.join(run_dir, "log.jsonl")
+    """Cut the log after its last line of a step <= `step` (and a line cut short by a crash): a run resumed from an
+    older checkpoint redoes the later steps. A truncation, needing no free space."""
+    path, keep = os.path.join(run_dir, "log.jsonl"), 0
     if not os.path.isfile(path):
         return
-    keep = 0
     with open(path, "rb") as f:
         for line in f:
             try:
@@ -525,9 +503,7 @@ def set_rng_state(state, device):
     random.setstate((version, tuple(py_state), gauss))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reading what users bring: published files, checkpoints, .safetensors, images, JSON
-# ----------------------------------------------------------------------------------------------------------------
+# --- Reading what users bring: published files, checkpoints, .safetensors, images, JSON ------------------------------
 
 # The published files this project reads, and where to get them. None is ever downloaded by the code.
 PUBLISHED = {
@@ -548,14 +524,14 @@ def find_file(path, also=(), published=None):
     """A file or folder the user names: as given, else pretrained/<its name>, else the places in `also`. Missing: one
     line naming every place looked and, for a published file (`published`: its name), where it is published."""
     path = os.fspath(path)
-    name = os.path.basename(os.path.normpath(path))
-    places = list(dict.fromkeys([path, os.path.join("pretrained", name), *also]))
-    for place in places:
-        if os.path.exists(place):
-            return place
-    published = published or name
-    where = f"; {published} is published at {PUBLISHED[published]}: put it in pretrained/" if published in PUBLISHED else ""
-    raise UserError(f"{path} not found (looked in {', '.join(places)}){where}")
+    places = list(dict.fromkeys([path, os.path.join("pretrained", os.path.basename(os.path.normpath(path))), *also]))
+    found = next((place for place in places if os.path.exists(place)), None)
+    if found is None:
+        published = published or os.path.basename(os.path.normpath(path))
+        where = f"; {published} is published at {PUBLISHED[published]}: put it in pretrained/" \
+            if published in PUBLISHED else ""
+        raise UserError(f"{path} not found (looked in {', '.join(places)}){where}")
+    return found
 
 
 def find_weights(path, filename):
@@ -580,9 +556,8 @@ def read_json(path, what="JSON file"):
 
 
 def read_checkpoint(path):
-    """torch.load(weights_only=True) of a checkpoint (a pickle is code), allowing argparse.Namespace (the official and
-    the authors' training checkpoints keep their args in one), after the zip's CRC-32 checks; a wrapper's prefix is
-    taken off its tensor names. `path` is read as given."""
+    """torch.load(weights_only=True) of a checkpoint (a pickle is code; argparse.Namespace allowed: the official and
+    the authors' training checkpoints keep their args in one), after check_zip; a wrapper's name prefix taken off."""
     if not os.path.isfile(path):
         raise UserError(f"{path} is not a file")
     check_zip(path)
@@ -594,9 +569,8 @@ def read_checkpoint(path):
     except Exception as e:  # weights_only refusals are UnpicklingErrors naming "GLOBAL module.Class"
         msg = str(e)
         if "GLOBAL " in msg:
-            name = msg.split("GLOBAL ", 1)[1].split()[0]
-            raise UserError(f"refusing to load {path}: it pickles {name!r}, not only tensors "
-                            "(checkpoints are untrusted input)") from None
+            raise UserError(f"refusing to load {path}: it pickles {msg.split('GLOBAL ', 1)[1].split()[0]!r}, not only "
+                            "tensors (checkpoints are untrusted input)") from None
         first = msg.strip().splitlines()[0] if msg.strip() and "weights only" not in msg.lower() else type(e).__name__
         raise UserError(f"cannot read {path}: not a readable torch checkpoint ({first})") from None
     if not isinstance(ckpt, dict):
@@ -605,11 +579,10 @@ def read_checkpoint(path):
 
 
 def check_zip(path):
-    """torch.save writes a zip of stored records, each with a CRC-32: a file damaged on a disk or in a copy, or a
-    compressed record (which torch never writes, and which could inflate to any size), is refused before it is read.
-    (Legacy non-zip files carry no checksum.)"""
+    """torch.save writes a zip of stored records with CRC-32s: a file damaged on a disk or in a copy, or a compressed
+    record (torch never writes one; it could inflate to any size), is refused before it is read."""
     if not zipfile.is_zipfile(path):
-        return
+        return                                            # a legacy non-zip file carries no checksum
     try:
         with zipfile.ZipFile(path) as archive:
             packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
@@ -653,34 +626,22 @@ def checkpoint_tensors(ckpt, weights="ema"):
 
 
 def load_strict(module, state, source, assign=False, expected=None):
-    """module.load_state_dict(state), each tensor checked first, a mismatch one line naming the first odd tensor: every
-    tensor `expected` (default: all of the module's) there, with its shape, no other, all finite (a NaN weight draws
-    black images). assign: the module takes the state's tensors (built on the meta device: nothing is copied)."""
+    """module.load_state_dict(state), checked first: every tensor `expected` (default: the module's) there with its
+    shape, no other, all finite (a NaN weight draws black images); else one line naming the first odd tensor.
+    assign: the module (built on the meta device) takes the state's tensors, copying nothing."""
     own = module.state_dict() if expected is None else expected
     for key, tensor in own.items():
         if key not in state:
             raise UserError(f"{source}: missing tensor '{key}'")
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise UserError(f"{source}: tensor '{key}' has shape {list(state[key].shape)}, expected {list(tensor.shape)}")
-    for key in state:
+    for key, tensor in state.items():
         if key not in own:
             raise UserError(f"{source}: unexpected tensor '{key}'")
-    refuse_non_finite(state, source)
-    module.load_state_dict(state, strict=expected is None, assign=assign)
-
-
-def refuse_non_finite(state, source):
-    """One line naming the first tensor of a state dict that holds a NaN or an infinity."""
-    for key, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"{source}: tensor '{key}' holds non-finite values (NaN or inf): the file is damaged, or "
                             "was saved from a run that diverged")
-
-
-def latest_checkpoint(folder):
-    """The newest training checkpoint (`.../checkpoints/*.pt`) under a run folder or results/, or None."""
-    found = glob.glob(os.path.join(glob.escape(folder), "**", "checkpoints", "*.pt"), recursive=True)   # a name
-    return max(found, key=os.path.getmtime) if found else None
+    module.load_state_dict(state, strict=expected is None, assign=assign)
 
 
 AUTHORS_CHECKPOINT = "FineDiffusion-iNat.pt"
@@ -688,25 +649,23 @@ AUTHORS_CHECKPOINT = "FineDiffusion-iNat.pt"
 
 def resolve_checkpoint(path=None):
     """The checkpoint file a user means (--ckpt, --init, --resume): a file as given, else under pretrained/ by its name;
-    a run folder means its newest training checkpoint; no path means the newest under results/, else
+    a run folder means its newest training checkpoint; no path, the newest under results/, else
     pretrained/FineDiffusion-iNat.pt."""
+    newest = lambda folder: max(glob.glob(os.path.join(glob.escape(folder), "**", "checkpoints", "*.pt"),
+                                          recursive=True), key=os.path.getmtime, default=None)
     if path is None:
-        found = latest_checkpoint("results")
-        if found is None and os.path.isfile(os.path.join("pretrained", AUTHORS_CHECKPOINT)):
-            found = os.path.join("pretrained", AUTHORS_CHECKPOINT)
+        authors = os.path.join("pretrained", AUTHORS_CHECKPOINT)
+        found = newest("results") or (authors if os.path.isfile(authors) else None)
         if found is None:
             raise UserError(f"no --ckpt given and none found (looked in results/**/checkpoints/*.pt and pretrained/"
                             f"{AUTHORS_CHECKPOINT}): train one (python train.py --data toy, see README) or put "
                             f"{AUTHORS_CHECKPOINT} in pretrained/; it is {PUBLISHED[AUTHORS_CHECKPOINT]}")
         return found
     path = find_file(path)
-    if os.path.isdir(path):
-        found = latest_checkpoint(path)
-        if found is None:
-            raise UserError(f"no checkpoint in {path} (looked for {path}/**/checkpoints/*.pt): train one first, or "
-                            "pass a checkpoint file")
-        return found
-    return path
+    if os.path.isdir(path) and newest(path) is None:
+        raise UserError(f"no checkpoint in {path} (looked for {path}/**/checkpoints/*.pt): train one first, or pass a "
+                        "checkpoint file")
+    return newest(path) if os.path.isdir(path) else path
 
 
 # .safetensors, read with the standard library: u64 header length, JSON header, raw little-endian bytes. Tag ->
@@ -719,9 +678,9 @@ _ST_DTYPES = {
 
 
 def load_safetensors(path):
-    """A .safetensors file -> {name: tensor}: an 8-byte little-endian header length n, a JSON object of n bytes ({name:
-    {"dtype", "shape", "data_offsets": [begin, end]}}, and an optional "__metadata__"), then the data, whose bytes the
-    tensors' ranges must tile exactly. Every entry is checked before anything the file sizes is read."""
+    """A .safetensors file -> {name: tensor}: a u64 header length n, a JSON object of n bytes ({name: {"dtype",
+    "shape", "data_offsets": [begin, end]}}, optional "__metadata__"), then the data, which the tensors' byte ranges
+    must tile exactly. Every entry is checked before anything the file sizes is read."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -755,8 +714,7 @@ def load_safetensors(path):
 
 def _safetensors_entry(path, name, info):
     """One header entry, checked -> (begin, end, name, dtype, shape)."""
-    def is_count(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    is_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
     if not isinstance(info, dict):
         raise UserError(f"{path}: tensor '{name}' has no dtype/shape/data_offsets entry")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -783,45 +741,34 @@ def read_tensors(path):
     return obj
 
 
-# Pillow's convert("RGB") is right for 8-bit modes only: it clips wider ones (a 16-bit grayscale PNG reads as white).
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
 def read_rgb(path):
     """The one image reader (training, the latent cache, statistics, evaluation): the image at `path` as a PIL RGB
-    image, or one line naming the file. By Pillow mode: 8-bit modes as Pillow converts them (alpha dropped), P and PA
-    through RGBA (a palette's transparency read without a warning); I;16* and I 16-bit integers scaled by 255/65535
-    (I outside [0, 65535] refused: its scale is unknown); F floats taken as [0, 1] (outside it: refused, not guessed).
-    Pillow's warnings about metadata (EXIF, a very large image) are not about the pixels read, and are not shown."""
+    image, or one line naming the file. 8-bit modes as Pillow converts them (P and PA through RGBA, alpha dropped);
+    Pillow's convert clips wider ones, so 16-bit integers (I;16*, I) are scaled by 255/65535 and floats (F) read as
+    [0, 1], values outside refused (their scale is unknown). Pillow's metadata warnings are not about the pixels."""
     try:
         with warnings.catch_warnings(action="ignore"), Image.open(path) as image:
             image.load()  # decodes: a corrupt or truncated file fails here
-            return _rgb_of(image)
+            mode = image.mode
+            if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                values = np.asarray(image)  # (H, W): uint16 of either byte order, int32 or float32
+                top = 1.0 if mode == "F" else 65535
+                low, high = float(values.min()), float(values.max())
+                if not 0 <= low <= high <= top:  # NaN fails here too
+                    raise ValueError(f"Pillow mode {mode} holds values in [{low:g}, {high:g}], outside the [0, {top:g}] "
+                                     "it is read as: the scale of this file is unknown")
+                return Image.fromarray(np.rint(values * (255 / top)).astype(np.uint8)).convert("RGB")
+            if mode in ("P", "PA"):
+                return image.convert("RGBA").convert("RGB")
+            try:
+                return image.convert("RGB")
+            except ValueError:
+                raise ValueError(f"Pillow mode {mode} has no conversion to RGB") from None
     except Exception as err:  # whatever Pillow raises (OSError, SyntaxError, ValueError, zlib.error, ...): unusable
         raise UserError(f"cannot read image {path}: {err}") from None
 
 
-def _rgb_of(image):
-    mode = image.mode
-    if mode in SIXTEEN_BIT_MODES or mode == "F":
-        values = np.asarray(image)  # (H, W): uint16 of either byte order, int32 or float32
-        top = 1.0 if mode == "F" else 65535
-        low, high = float(values.min()), float(values.max())
-        if not 0 <= low <= high <= top:  # NaN fails here too
-            raise ValueError(f"Pillow mode {mode} holds values in [{low:g}, {high:g}], outside the [0, {top:g}] it "
-                             f"is read as: the scale of this file is unknown")
-        return Image.fromarray(np.rint(values * (255 / top)).astype(np.uint8)).convert("RGB")
-    if mode in ("P", "PA"):
-        return image.convert("RGBA").convert("RGB")
-    try:
-        return image.convert("RGB")
-    except ValueError:
-        raise ValueError(f"Pillow mode {mode} has no conversion to RGB") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading what users bring: hierarchies, configs, latent caches, FID statistics, sample manifests
-# ----------------------------------------------------------------------------------------------------------------
+# --- Reading what users bring: hierarchies, configs, latent caches, FID statistics, sample manifests -----------------
 
 def check_hierarchy(obj, source):
     """A hierarchy read from a file (a checkpoint, a cache, statistics, a manifest, --hierarchy): checked to be one
@@ -1136,9 +1083,7 @@ def read_manifest(folder):
     return dict(manifest, hierarchy=hierarchy)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The checks at the stage files' edges: training
-# ----------------------------------------------------------------------------------------------------------------
+# --- The checks at the stage files' edges: training ------------------------------------------------------------------
 
 def check_train_args(args, world, data_root):
     """train.py's mistakes found before any process starts work (every rank finds the same ones)."""
@@ -1183,9 +1128,9 @@ def check_fits_base(args, name, image_size):
             raise UserError(f"{flag} {given} does not match the --init checkpoint ({found}): leave it out")
 
 
-def check_training_inputs(cache, vae, pixel, image_size, latent_channels, cache_path):
-    """The latent cache (if any) must hold this DiT's latents, made by the VAE of this run (if it has one); the VAE
-    must make the DiT's latents."""
+def check_training_inputs(cache, vae, pixel, image_size, latent_channels, cache_path, same_vae):
+    """The latent cache (if any) must hold this DiT's latents, made by the VAE of this run (if it has one: same_vae
+    says whether the two are one); the VAE must make the DiT's latents."""
     latents = [latent_channels, image_size // 8, image_size // 8]
     if cache is not None and (pixel or cache.latent_shape != latents):
         raise UserError(f"the latent cache holds {'x'.join(map(str, cache.latent_shape))} latents of "
@@ -1193,15 +1138,8 @@ def check_training_inputs(cache, vae, pixel, image_size, latent_channels, cache_
                         f"{'x'.join(map(str, latents))} latents of {image_size}px images"))
     if vae is not None:
         vae.check_fits(latent_channels, image_size)
-    if cache is not None and vae is not None and not same_vae(cache.meta["vae"], vae.identity()):
+    if not same_vae:
         raise UserError(f"the latent cache {cache_path} was built with another VAE than {vae.weights_file}")
-
-
-def same_vae(a, b):
-    """Are two VAE identities (vae.AutoencoderKL.identity) the same VAE: weights and config, a record without a latent
-    scale read as 0.18215 (made before it was recorded)?"""
-    fill = lambda v: dict(v, config={"scaling_factor": 0.18215, **v["config"]}) if isinstance(v, dict) else v
-    return fill(a) == fill(b)
 
 
 def check_same_classes(dataset_hierarchy, model_hierarchy, resume):
@@ -1275,9 +1213,7 @@ def check_resume_steps(args, ckpt):
                         "--max-steps to train on")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The checks at the stage files' edges: checkpoints
-# ----------------------------------------------------------------------------------------------------------------
+# --- The checks at the stage files' edges: checkpoints ---------------------------------------------------------------
 
 def dit_shapes(state, table_key, sizes):
     """A DiT's sizes read from a state dict's tensor shapes (a published file carries nothing else), or one line:
@@ -1318,9 +1254,7 @@ def delta_base(ckpt, base=None, base_flag="--base"):
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The checks at the stage files' edges: data and sampling
-# ----------------------------------------------------------------------------------------------------------------
+# --- The checks at the stage files' edges: data and sampling ---------------------------------------------------------
 
 def require_dir(root, folder, what, hint=""):
     """--data-path `root` and the dataset's `folder` in it (a split: holding class folders), or one line saying where
@@ -1382,13 +1316,13 @@ def refused_as(flags):
         raise UserError(f"{flags}: {e}") from None
 
 
-def check_decoder(decoder, trained_scale, trained_vae):
+def check_decoder(decoder, trained_scale, trained_vae, same_vae):
     """A VAE must scale latents as the DiT was trained (else every image is off); another VAE than the training run's
-    (a record of it, or None) is named in a warning."""
+    (trained_vae: its record, or None; same_vae: is it the decoder?) is named in a warning."""
     if decoder.scaling_factor != trained_scale:
         raise UserError(f"the VAE {decoder.weights_file} scales latents by {decoder.scaling_factor:g}, this DiT was "
                         f"trained on latents scaled by {trained_scale:g}: decode with the VAE it was trained with (--vae)")
-    if trained_vae is not None and not same_vae(decoder.identity(), trained_vae) and int(os.environ.get("RANK", 0)) == 0:
+    if not same_vae and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: decoding with {decoder.weights_file}, not the VAE this DiT was trained with "
               f"(sha256 {str(trained_vae['sha256'])[:12]}...): the images may be off", file=sys.stderr)
 
@@ -1403,3 +1337,26 @@ def check_samples(x, y, when):
                         f"{', '.join(map(str, classes[:5]))}{' ...' if len(classes) > 5 else ''}); none of them is "
                         "written: check the checkpoint's weights, or sample with --precision fp32 or bf16")
     return x
+
+
+def check_comparable(real, fake, names, real_is_file):
+    """Refuse to compare images of two sizes, or features of two Inception networks (either makes the FID
+    meaningless), in one line naming both and what to do. real, fake: what made each side ({"image_size",
+    "inception_sha256"}, or None where a file does not say: said once)."""
+    unknown = [name for name, made in zip(names, (real, fake)) if made is None]
+    if unknown:
+        print(f"note: {' and '.join(unknown)} do not record what made them (another tool's statistics, or ours from "
+              "before this was recorded): their image size and Inception weights cannot be checked", file=sys.stderr)
+        return
+    size = lambda v: "x".join(map(str, v))
+    if real["image_size"] != fake["image_size"]:
+        fix = (f"make the statistics again with --image-size {fake['image_size'][0]}, or pass --image-size "
+               f"{real['image_size'][0]} to score the generated images at theirs") if real_is_file else \
+            "pass --image-size to score both"
+        raise UserError(f"{names[0]} holds {size(real['image_size'])} px images and {names[1]} "
+                        f"{size(fake['image_size'])} px ones: FID compares them at one size; {fix}")
+    if real["inception_sha256"] != fake["inception_sha256"]:
+        raise UserError(f"{names[0]} was described by the Inception weights sha256 {str(real['inception_sha256'])[:12]}"
+                        f"... and {names[1]} by {str(fake['inception_sha256'])[:12]}...: features of two networks are "
+                        "not comparable; pass --inception with the file the statistics were made with, or make them "
+                        "again")

@@ -10,8 +10,8 @@ Read it in this order:
           row with probability SUPERCLASS_PROB, which trains eps(x_t | c_p), the guide of eq. 1.
   §3.2.2  DiT.forward_with_cfg: fine-grained classifier-free guidance, eq. 1.
   Table 2 is_trainable / set_trainable: which tensors `full`, `bitfit`, `difffit` and `finediffusion` train.
-Then the checkpoints: one schema, one writer, one resolver of what a user names, one loader (which puts the
-hierarchy inside the DiT it builds). The SD VAE is in vae.py; files and user errors in files.py and cli.py.
+Then the checkpoints: one schema, one writer, one loader (which puts the hierarchy inside the DiT it builds). The SD
+VAE is in vae.py; reading files and refusing what does not fit, in hardening.py.
 
 State-dict keys and shapes are those of the official DiT release, so `DiT-XL-2-256x256.pt` and the
 authors' `FineDiffusion-iNat.pt` load as they are.
@@ -262,7 +262,7 @@ class TieredEmbedder(nn.Module):
 
     def superclass_ids(self, y):
         """Table rows of the superclasses of subclass labels y (the c_p of eq. 1)."""
-        if self.class_names is None:       # rows K + 0 for every class: silently the wrong guide (issue 17)
+        if self.class_names is None:       # rows K + 0 for every class: silently the wrong guide
             raise UserError(f"this DiT's label table has {self.num_superclasses} superclass rows but no hierarchy "
                             "says which subclass belongs to which")
         return self.num_classes + self.superclass_of[y]

@@ -30,7 +30,7 @@ from diffusion import TRAINED_STEPS, create_diffusion
 from hardening import (AUTHORS_CHECKPOINT, ArgumentParser, atomic_write, device_name, finite_float, folder_path, int_in,
                        nonnegative_int, out_file, out_of_memory_advice, positive_int, precision_context, run_cli)
 from model import load_model
-from vae import LATENT_SCALE, AutoencoderKL, latent_scale
+from vae import LATENT_SCALE, AutoencoderKL, latent_scale, same_vae
 
 CFG_SCALE = 4.0         # paper §4.2: the guidance scale w of every table
 STEPS = 250             # paper §4.2: DDPM sampling steps
@@ -227,7 +227,7 @@ def load_for_sampling(ckpt, base=None, vae=None):
     decoder = AutoencoderKL.from_pretrained(vae or info["args"].get("vae") or "sd-vae-ft-ema")
     decoder.check_fits(model.in_channels, info["config"]["image_size"])
     trained = LATENT_SCALE if info["vae"] is None else latent_scale(info["vae"])   # published DiTs: the SD VAE's
-    guard.check_decoder(decoder, trained, info["vae"])
+    guard.check_decoder(decoder, trained, info["vae"], info["vae"] is None or same_vae(decoder.identity(), info["vae"]))
     return model, info, decoder
 
 

@@ -23,9 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fid_inception import feature_stats, frechet_distance
-from hardening import UserError, atomic_write, load_strict, read_checkpoint
+from hardening import (UserError, atomic_write, finite_float, folder_path, load_strict, nonnegative_int, out_file,
+                       positive_int, read_checkpoint)
 from model import HierarchyView, checkpoint_label, make_hierarchy
-from sample import guide_labels, has_guide_rows, load_for_sampling, sample_images, sample_pairs, sampler_of
+from sample import (add_sampler_args, guide_labels, has_guide_rows, load_for_sampling, sample_images, sample_pairs,
+                    sampler_of)
 
 TOY_SHAPES = ["disc", "square", "triangle", "cross", "diamond", "hexagon", "ellipse", "star"]
 TOY_PATTERNS = ["plain", "striped", "spotted", "eyed", "checkered", "ringed"]
@@ -298,6 +300,26 @@ def toy_reference(name, size, args):
                train_time_s=None, **toy_metrics(net, *toy_images(held_out), real.superclass_of, real_features,
                                                  args.pairs, args.seed))
     return net, real, real_features, row
+
+
+def add_toy_args(p):
+    """The flags of `evaluate.py toy`."""
+    p.add_argument("--ckpt", nargs="+", required=True, help="toy checkpoints or run folders (e.g. one per method)")
+    p.add_argument("--guidance", nargs="+", choices=["none", "null", "superclass"], default=["none", "null", "superclass"])
+    p.add_argument("--per-class", type=positive_int, default=16, help="samples of each class")
+    add_sampler_args(p, steps=50)
+    p.add_argument("--cfg-scales", nargs="+", type=finite_float, help="a guidance sweep: every guide at each of "
+                   "these scales (e.g. 1 1.5 2 3 4 6), instead of --cfg-scale alone")
+    p.add_argument("--pairs", type=positive_int, default=500, help="same-class pairs for the diversity")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the real reference images (and default noise)")
+    p.add_argument("--seeds", type=nonnegative_int, nargs="+", help="noise seeds, one row each in the JSON, "
+                   "mean±half the range in the table (default: --seed)")
+    p.add_argument("--cache-dir", type=folder_path, default="results", help="where the toy classifier is cached")
+    p.add_argument("--classifier-epochs", type=positive_int, default=4, help="training of the toy classifier, on first use")
+    p.add_argument("--out-json", type=out_file)
+    p.add_argument("--out-csv", type=out_file)
+    p.add_argument("--plot", type=out_file, help="PNG: FID (cls) against subclass accuracy, a curve per checkpoint and "
+                   "guide over the scales (and PLOT.csv beside it)")
 
 
 def score_toy(args):

@@ -12,9 +12,9 @@ which trains eps(x_t | c_p), the guide of eq. 1; the IDDPM hybrid loss; AdamW (l
 tensors --tune trains (Table 2: FineDiffusion's label table, biases and LayerNorm affine, 1.77% of DiT-XL/2) and their
 EMA (0.9999). Frozen tensors get no weight gradient, no all-reduce and no AdamW state: the 1.56x speed-up.
 
-Read train_step, then main: start_run builds the DiT from its base (--init) or the run it resumes, then the run folder,
-the data, what trains, AdamW and the EMA; batches feeds the loop. A checkpoint (model.save_checkpoint) holds only the
-tuned tensors over a base file (a "delta"), and what --resume needs to continue bit for bit. Defaults are the paper's;
+Read train_step, then main: start_run builds the DiT from its base (--init) or the run it resumes, the run folder, the
+data, what trains, AdamW and the EMA; batches feeds the loop. A checkpoint (model.save_checkpoint) holds only the tuned
+tensors over a base file (a "delta"), and what --resume needs to continue bit for bit. Defaults are the paper's;
 --data toy takes the toy's recipe (RECIPES).
 """
 import argparse
@@ -44,7 +44,7 @@ from model import (LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, TABLES, DiT_models
                    load_pretrained, published_layout, save_checkpoint, set_trainable)
 from sample import CFG_SCALE, Sampler, guide_labels, sample_images, save_png
 from toy import TOY_SETS
-from vae import AutoencoderKL, scaled_latent
+from vae import AutoencoderKL, same_vae, scaled_latent
 
 PAPER_INIT, VAE = "DiT-XL-2-256x256.pt", "sd-vae-ft-ema"     # looked up as given, then under pretrained/
 # The toy world's published base (ImageNet's DiT-XL/2 in miniature), shipped in the repository, and its sha256.
@@ -63,9 +63,7 @@ RECIPES = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The method: one training step (§3.1, §3.2.1), the EMA
-# ----------------------------------------------------------------------------------------------------------
+# --- The method: one training step (§3.1, §3.2.1), the EMA -----------------------------------------------------------
 
 def train_step(net, diffusion, opt, scaler, x, y, autocast):
     """Forward, hybrid loss (IDDPM: eps-MSE + VB), backward, AdamW. -> the loss, a 0-dim tensor on the device (reading
@@ -96,9 +94,7 @@ def with_ema(state, ema):
     return {k: ema.get(k, v) for k, v in state.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training, top to bottom
-# ----------------------------------------------------------------------------------------------------------
+# --- Training, top to bottom -----------------------------------------------------------------------------------------
 
 def main(argv=None):
     """Fine-tune (§3.2): the set-up, then the loop. -> dict(final_ckpt, run_dir, step) of this process's run."""
@@ -106,13 +102,18 @@ def main(argv=None):
     resume = read_resume(args) if args.resume else None
     guard.check_train_args(args, int(os.environ.get("WORLD_SIZE", 1)), data.dataset_root(args.data, args.data_path))
     if resume is not None and args.export:
-        return export_resumed(args, resume)
+        export(args.export, resumed_model(args, resume), resume["ema"], resume, resume["args"])
+        print(f"exported step {resume['step']} of {args.resume} to {args.export}")
+        return dict(final_ckpt=args.resume, run_dir=None, step=resume["step"])
     rank, world, device = guard.init_distributed(args.device)
     try:
         with start_run(args, resume, rank, world, device) as run:     # the DiT, what trains, AdamW, the EMA, data
             diffusion = create_diffusion(learn_sigma=run.model.learn_sigma)
             bar = tqdm(total=args.max_steps, initial=run.step, desc="training", disable=rank != 0, dynamic_ncols=True)
-            with bar, guard.stop_signals(world) as stop, guard.out_of_memory_advice(smaller_batch(args, world)):
+            half = max(world, args.global_batch_size // 2 // world * world)    # what to try when out of memory
+            advice = (f"--global-batch-size {half} ({half // world} per process) instead of {args.global_batch_size} "
+                      f"({args.global_batch_size // world}), or --grad-checkpointing")
+            with bar, guard.stop_signals(world) as stop, guard.out_of_memory_advice(advice):
                 stream = batches(run)                                 # from where a resumed run left off
                 for x, y in stream:
                     run.window.append(train_step(run.net, diffusion, run.opt, run.scaler, x, y, run.autocast))
@@ -135,7 +136,8 @@ def main(argv=None):
                     if last:
                         break
             if rank == 0 and args.export:
-                export(args.export, run.model, run.ema, run.config, run.vae, run.step, run.time_s(), saved_args(args))
+                export(args.export, run.model, run.ema, dict(config=run.config, vae=run.vae, step=run.step,
+                                                             time_s=run.time_s()), saved_args(args))
                 print(f"exported {args.export}")
     finally:
         if dist.is_initialized():
@@ -191,23 +193,19 @@ def batches(run):
     items = SeededItems(dataset, args.seed)
     encoder = run.vae_model if run.vae_model is not None and not args.latent_cache else None
     while True:
-        for x, y in epoch_loader(items, sampler, run.epoch, run.position, local_batch, args, run.device):
+        sampler.set_epoch(run.epoch)   # a new shuffle each epoch, the same on every rank and on every resume
+        items.epoch = run.epoch        # (workers receive a copy of `items` when the loader's iterator is created)
+        # the loader has its own generator: making its iterator draws nothing from the training streams
+        loader = DataLoader(items, batch_size=local_batch, sampler=SkipSampler(sampler, run.position * local_batch),
+                            num_workers=args.num_workers, pin_memory=run.device.type == "cuda", drop_last=True,
+                            generator=torch.Generator().manual_seed(args.seed * 100_003 + run.epoch),
+                            worker_init_fn=guard.worker_init)
+        for x, y in loader:
             run.position += 1
             if run.position == per_epoch:
                 run.epoch, run.position = run.epoch + 1, 0
             x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
             yield (x if encoder is None else encode(encoder, x)), y            # (N, C, H, W), (N,)
-
-
-def epoch_loader(items, sampler, epoch, position, local_batch, args, device):
-    """The DataLoader of one epoch, starting after `position` batches; its own generator, so that making the iterator
-    draws nothing from the training streams (a resume would diverge)."""
-    sampler.set_epoch(epoch)   # a new shuffle each epoch, the same on every rank and on every resume
-    items.epoch = epoch        # (workers receive a copy of `items` when the loader's iterator is created)
-    return DataLoader(items, batch_size=local_batch, sampler=SkipSampler(sampler, position * local_batch),
-                      num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                      generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch),
-                      worker_init_fn=guard.worker_init)
 
 
 class SkipSampler(torch.utils.data.Sampler):
@@ -245,9 +243,7 @@ def encode(vae, x):
     return scaled_latent(*vae.encode(x), vae.scaling_factor)   # (N, 4, H/8, W/8)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Set-up: flags, precision, the base and the model, the data
-# ----------------------------------------------------------------------------------------------------------
+# --- Set-up: flags, precision, the base and the model, the data ------------------------------------------------------
 
 def recipe_help(flag):
     return "default: " + ", ".join(f"{v[flag]:g} (paper)" if k == "paper" else f"{k}: {v[flag]:g}"
@@ -338,8 +334,8 @@ def choose_base(args, cache):
 
 def fresh_model(args, dataset, base_path, base, extra, say):
     """A new run's DiT, its config and its base {"path", "sha256"} (None: every tensor is saved). The base's tensors
-    start it (a label table of another size re-initialised); a delta base is first put back on its own base, and
-    the run then saves every tensor (deltas on deltas would chain)."""
+    start it (a label table of another size re-initialised); a delta base is first put back on its own base, and the
+    run then saves every tensor (deltas on deltas would chain)."""
     config = dict(name=args.model, image_size=args.image_size, num_classes=dataset.num_classes,
                   num_superclasses=dataset.num_superclasses, method=args.tune,
                   table=args.table or default_table(args.tune), **extra)
@@ -359,23 +355,15 @@ def data_and_vae(args, cache, pixel, image_size):
     """The training items (a latent cache, or images; built by rank 0 alone under torchrun) and, for a latent DiT,
     the VAE that encodes images (unless cached) and decodes sample grids -> (dataset, vae or None, its identity)."""
     vae = None if pixel or (cache and not args.sample_every) else AutoencoderKL.from_pretrained(args.vae or VAE)
-    guard.check_training_inputs(cache, vae, pixel, image_size, LATENT_CHANNELS, args.latent_cache)
+    guard.check_training_inputs(cache, vae, pixel, image_size, LATENT_CHANNELS, args.latent_cache,
+                                cache is None or vae is None or same_vae(cache.meta["vae"], vae.identity()))
     dataset = cache or guard.on_rank0(lambda: data.build_dataset(
         args.data, args.data_path, args.image_size, args.split, flip=True, seed=args.seed,
         hierarchy_csv=args.hierarchy_csv))
     return dataset, vae, vae.identity() if vae else cache.meta["vae"] if cache else None
 
 
-def smaller_batch(args, world):
-    """What to try when a step runs out of memory: half the batch per process, or recomputing activations."""
-    batch, half = args.global_batch_size, max(world, args.global_batch_size // 2 // world * world)
-    return (f"--global-batch-size {half} ({half // world} per process) instead of {batch} ({batch // world}), or "
-            "--grad-checkpointing")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The state of a run, its checkpoints and its log
-# ----------------------------------------------------------------------------------------------------------
+# --- The state of a run, its checkpoints and its log -----------------------------------------------------------------
 
 @dataclass
 class Run:
@@ -433,11 +421,12 @@ def save(run):
     run.last_ckpt = path
 
 
-def export(path, model, ema, config, vae, step, time_s, args):
-    """A standalone checkpoint: every tensor and its EMA, no base, no training state."""
+def export(path, model, ema, made, args):
+    """A standalone checkpoint: every tensor and its EMA, no base, no training state. made: config, vae, step, time_s."""
     state = model.state_dict()
-    save_checkpoint(path, model=state, ema=with_ema(state, ema), base=None, config=config, hierarchy=model.hierarchy,
-                    vae=vae, step=step, time_s=time_s, args=args)
+    save_checkpoint(path, model=state, ema=with_ema(state, ema), base=None, config=made["config"],
+                    hierarchy=model.hierarchy, vae=made.get("vae"), step=made["step"], time_s=made.get("time_s"),
+                    args=args)
 
 
 def saved_args(args):
@@ -461,20 +450,16 @@ def log(run, bar):
     """One log line on the console and in <run>/log.jsonl: the mean loss since the last line, speed, memory."""
     window = read_losses(run)
     elapsed, run.clock = max(time.time() - run.clock, 1e-9), time.time()
+    peak = torch.cuda.max_memory_allocated(run.device) / 2 ** 30 if run.device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20          # Linux reports KiB
     record = dict(step=run.step, epoch=run.epoch, time_s=run.time_s(), loss=sum(window) / max(len(window), 1),
                   steps_per_s=len(window) / elapsed, images_per_s=len(window) * run.args.global_batch_size / elapsed,
-                  peak_mem_gb=peak_memory_gb(run.device))
+                  peak_mem_gb=peak)
     if run.rank == 0:
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         run.log_failed = guard.append_log(os.path.join(run.run_dir, "log.jsonl"), json.dumps(record), bar.write,
                                           run.log_failed)
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux reports KiB
 
 
 @torch.no_grad()
@@ -499,9 +484,7 @@ def sample_grid(run):
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Resume: continue a run exactly where one of its checkpoints left off
-# ----------------------------------------------------------------------------------------------------------
+# --- Resume: continue a run exactly where one of its checkpoints left off --------------------------------------------
 
 NOT_RESUMED = {"resume", "export", "run_dir", "init", "given"}     # --init on a resume: where its base moved to
 # What fixes the model or its data: a resumed run cannot change it (paths may move: --data-path, --latent-cache, --vae).
@@ -546,14 +529,6 @@ def restore_training_state(run, ckpt, say):
     run.step, run.epoch, run.position = ckpt["step"], state["epoch"], state["position"]
     run.time_before, run.last_ckpt = ckpt["time_s"], run.args.resume
     say(f"resumed {run.args.resume} at step {run.step} (epoch {run.epoch}, batch {run.position})")
-
-
-def export_resumed(args, resume):
-    """--resume CKPT --export FILE: the checkpoint as a standalone file, without training."""
-    export(args.export, resumed_model(args, resume), resume["ema"], resume["config"], resume.get("vae"), resume["step"],
-           resume.get("time_s"), resume["args"])
-    print(f"exported step {resume['step']} of {args.resume} to {args.export}")
-    return dict(final_ckpt=args.resume, run_dir=None, step=resume["step"])
 
 
 if __name__ == "__main__":

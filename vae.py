@@ -1,10 +1,10 @@
-"""The Stable Diffusion VAE (AutoencoderKL) that latent DiTs work in, and the .safetensors reader it loads with.
+"""The Stable Diffusion VAE (AutoencoderKL) that latent DiTs work in (LDM, Rombach et al. 2022).
 
-DiT trains and samples on SD-VAE latents (LDM, Rombach et al. 2022): `sd-vae-ft-ema` (or `-mse`) maps 3 x H x W
-images in [-1, 1] to (4, H/8, W/8) diagonal Gaussians, and latents are scaled by 0.18215 to unit variance. This
-is a port, module for module and key for key, of diffusers' AutoencoderKL, so the published
-`diffusion_pytorch_model.safetensors` (or `.bin`) loads without renaming. It is a separate published model, as
-LDM keeps its autoencoder apart from the diffusion model.
+DiT trains and samples on SD-VAE latents: `sd-vae-ft-ema` (or `-mse`) maps 3 x H x W images in [-1, 1] to
+(4, H/8, W/8) diagonal Gaussians, latents scaled by 0.18215 to unit variance. A port, module for module and key for
+key (module and attribute names as diffusers'), of diffusers' AutoencoderKL, so the published
+`diffusion_pytorch_model.safetensors` (or `.bin`) loads without renaming; a separate published model, as LDM keeps
+its autoencoder apart from the diffusion model. AutoencoderKL's docstring shows its use.
 """
 import os
 
@@ -19,11 +19,6 @@ from hardening import PUBLISHED, UserError, file_sha256, find_file, load_strict,
 LATENT_SCALE = 0.18215
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The Stable Diffusion VAE (AutoencoderKL), key for key the diffusers layout of sd-vae-ft-ema / -mse
-# ----------------------------------------------------------------------------------------------------------
-# Module and attribute names follow diffusers exactly, so published state dicts load without renaming.
-
 class VAEResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv3x3 twice, plus a residual (1x1 conv when the width changes). No time embedding."""
     def __init__(self, cin, cout, groups=32, eps=1e-6):
@@ -37,9 +32,7 @@ class VAEResnetBlock(nn.Module):
     def forward(self, x):                                  # (B, cin, H, W)
         h = self.conv1(F.silu(self.norm1(x)))              # (B, cout, H, W)
         h = self.conv2(F.silu(self.norm2(h)))              # (dropout is 0 in the SD VAE)
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h                                       # output_scale_factor 1
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h     # output_scale_factor 1
 
 
 class VAEAttention(nn.Module):
@@ -70,52 +63,28 @@ class VAEMidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class VAEDownsample(nn.Module):
-    """Asymmetric zero pad (right and bottom only) then a stride-2 3x3 conv: H x W -> H/2 x W/2 exactly."""
-    def __init__(self, c):
+class VAEResample(nn.Module):
+    """down: asymmetric zero pad (right and bottom only), then a stride-2 3x3 conv: H x W -> H/2 x W/2 exactly.
+    up: nearest-neighbour 2x, then a 3x3 conv."""
+    def __init__(self, c, down):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
+        self.down = down
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0) if down else nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
-
-
-class VAEUpsample(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 conv."""
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
+        if self.down:
+            return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class VAEDownBlock(nn.Module):
-    """diffusers' DownEncoderBlock2D: `n` resnets, then (except in the last block) a downsampler."""
-    def __init__(self, cin, cout, n, groups, downsample):
+class VAEBlock(nn.Sequential):
+    """diffusers' DownEncoderBlock2D (down) or UpDecoderBlock2D, run in order: `n` resnets, then, if `resample` (all
+    blocks but the last, which has no such keys at all), a VAEResample under diffusers' name, down- or upsamplers."""
+    def __init__(self, cin, cout, n, groups, down, resample):
         super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
-        if downsample:  # the last block has no 'downsamplers' keys at all
-            self.downsamplers = nn.ModuleList([VAEDownsample(cout)])
-
-    def forward(self, x):
-        for r in self.resnets:
-            x = r(x)
-        return self.downsamplers[0](x) if hasattr(self, "downsamplers") else x
-
-
-class VAEUpBlock(nn.Module):
-    """diffusers' UpDecoderBlock2D: `n` resnets, then (except in the last block) an upsampler."""
-    def __init__(self, cin, cout, n, groups, upsample):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
-        if upsample:
-            self.upsamplers = nn.ModuleList([VAEUpsample(cout)])
-
-    def forward(self, x):
-        for r in self.resnets:
-            x = r(x)
-        return self.upsamplers[0](x) if hasattr(self, "upsamplers") else x
+        self.resnets = nn.Sequential(*[VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        if resample:
+            self.add_module("downsamplers" if down else "upsamplers", nn.Sequential(VAEResample(cout, down)))
 
 
 class VAEEncoder(nn.Module):
@@ -123,18 +92,15 @@ class VAEEncoder(nn.Module):
         super().__init__()
         chs = list(block_out_channels)
         self.conv_in = nn.Conv2d(in_channels, chs[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([
-            VAEDownBlock(chs[max(i - 1, 0)], c, layers_per_block, groups, downsample=i < len(chs) - 1)
+        self.down_blocks = nn.Sequential(*[
+            VAEBlock(chs[max(i - 1, 0)], c, layers_per_block, groups, down=True, resample=i < len(chs) - 1)
             for i, c in enumerate(chs)])
         self.mid_block = VAEMidBlock(chs[-1], groups)
         self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chs[-1], out_channels, 3, padding=1)
 
     def forward(self, x):                                  # (B, 3, H, W)
-        x = self.conv_in(x)
-        for b in self.down_blocks:
-            x = b(x)                                       # halves H, W in all blocks but the last
-        x = self.mid_block(x)
+        x = self.mid_block(self.down_blocks(self.conv_in(x)))    # the blocks halve H, W in all but the last
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2*latent, H/f, W/f)
 
 
@@ -144,16 +110,14 @@ class VAEDecoder(nn.Module):
         rev = list(reversed(block_out_channels))           # the decoder walks the widths back up: 512, 512, 256, 128
         self.conv_in = nn.Conv2d(in_channels, rev[0], 3, padding=1)
         self.mid_block = VAEMidBlock(rev[0], groups)
-        self.up_blocks = nn.ModuleList([
-            VAEUpBlock(rev[max(i - 1, 0)], c, layers_per_block + 1, groups, upsample=i < len(rev) - 1)
+        self.up_blocks = nn.Sequential(*[
+            VAEBlock(rev[max(i - 1, 0)], c, layers_per_block + 1, groups, down=False, resample=i < len(rev) - 1)
             for i, c in enumerate(rev)])
         self.conv_norm_out = nn.GroupNorm(groups, rev[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(rev[-1], out_channels, 3, padding=1)
 
     def forward(self, z):                                  # (B, latent, h, w)
-        x = self.mid_block(self.conv_in(z))
-        for b in self.up_blocks:
-            x = b(x)                                       # doubles H, W in all blocks but the last
+        x = self.up_blocks(self.mid_block(self.conv_in(z)))      # the blocks double H, W in all but the last
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 3, H, W)
 
 
@@ -181,12 +145,9 @@ def convert_vae_state_dict(sd):
 def vae_weights_file(path):
     """The weights file of a VAE given as a file, a diffusers folder, or a pipeline folder with vae/."""
     path = find_file(path, published="sd-vae-ft-ema")
-    if os.path.isfile(path):
-        return path
-    for folder in (path, os.path.join(path, "vae")):
-        for name in _VAE_FILES:
-            if os.path.isfile(os.path.join(folder, name)):
-                return os.path.join(folder, name)
+    for file in [path] + [os.path.join(d, name) for d in (path, os.path.join(path, "vae")) for name in _VAE_FILES]:
+        if os.path.isfile(file):
+            return file
     raise UserError(f"no {' or '.join(_VAE_FILES)} in {path}; {_VAE_HELP}")
 
 
@@ -206,21 +167,18 @@ class AutoencoderKL(nn.Module):
                            norm_num_groups=norm_num_groups, scaling_factor=scaling_factor)
         self.scaling_factor = scaling_factor
         self.weights_file = None                           # set by from_pretrained: the VAE's identity
+        shape = block_out_channels, layers_per_block, norm_num_groups
         # the encoder predicts mean and log-variance, hence 2 * latent channels
-        self.encoder = VAEEncoder(in_channels, 2 * latent_channels, block_out_channels, layers_per_block,
-                                  norm_num_groups)
+        self.encoder = VAEEncoder(in_channels, 2 * latent_channels, *shape)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
-        self.decoder = VAEDecoder(latent_channels, out_channels, block_out_channels, layers_per_block,
-                                  norm_num_groups)
+        self.decoder = VAEDecoder(latent_channels, out_channels, *shape)
 
     @classmethod
     def from_config(cls, config, source="VAE config"):
         """Build from a diffusers config.json dict (keys other than the constructor's are ignored, each field checked);
         under torch.device("meta") nothing is allocated, as from_pretrained builds it."""
-        kw = vae_settings(config, source)
-        return cls(**{**kw, **({"block_out_channels": tuple(kw["block_out_channels"])} if "block_out_channels" in kw
-                               else {})})
+        return cls(**vae_settings(config, source))
 
     def encode(self, x):                                   # (B, 3, H, W), in [-1, 1]
         moments = self.quant_conv(self.encoder(x))         # (B, 2*latent, H/8, W/8)
@@ -231,9 +189,8 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))       # (B, 3, 8h, 8w), roughly in [-1, 1]
 
     def check_fits(self, in_channels, image_size):
-        """Refuse a VAE whose latents are not a latent DiT's before any step: the DiT takes `in_channels`
-        latents 8x smaller than its `image_size` px images (else: images of the wrong size, or a failure at
-        decode after all the sampling steps)."""
+        """Refuse, before any step, a VAE whose latents are not the DiT's: `in_channels` latents 8x smaller than its
+        `image_size` px images (else: images of the wrong size, or a failure at decode after all the sampling steps)."""
         factor = 2 ** (len(self.config["block_out_channels"]) - 1)
         channels = self.config["latent_channels"]
         if channels != in_channels or factor != 8 or image_size % factor:
