@@ -223,7 +223,7 @@ def bench_sampling(args):
     def one_step(diffusion, batch):
         x = torch.randn(batch, 4, args.image_size // 8, args.image_size // 8, device=device)
         y = torch.randint(0, 1000, (batch // 2,), device=device)              # half images, half their guides
-        kw = dict(y=torch.cat([y, model.y_embedder.superclass_ids(y)]), cfg_scale=4.0)
+        kw = dict(y=torch.cat([y, model.y_embedder.tier_ids(y)]), cfg_scale=4.0)
         t = torch.full((batch,), diffusion.num_timesteps - 1, device=device)
         return lambda: diffusion.p_sample(cfg_model, x, t, model_kwargs=kw)
 
@@ -257,7 +257,7 @@ def bench_samplers(args):
     model, autocast = sampling_dit(args)
     x = torch.randn(2 * n, 4, args.image_size // 8, args.image_size // 8, device=device)    # [x_t; x_t]
     y = torch.randint(0, 1000, (n,), device=device)
-    y = torch.cat([y, model.y_embedder.superclass_ids(y)])
+    y = torch.cat([y, model.y_embedder.tier_ids(y)])
     t = torch.full((2 * n,), 500, device=device)
     vae = AutoencoderKL().to(device).eval()          # random weights: the cost is the same
     with torch.no_grad(), autocast:

@@ -7,13 +7,17 @@ hierarchy, DiT's preprocessing, and a cache of VAE latents.
     torchrun --nproc_per_node=8 data.py cache ...                             # each rank encodes its share
 
 Every dataset yields (image, class id), the image 3 x H x W in [-1, 1], and holds its hierarchy (model.make_hierarchy:
-class_names, superclass_names, superclass_of), which caches, checkpoints, statistics and samples carry unchanged.
+class_names, superclass_names, superclass_of, and the ranks between: genus, family, ...), which caches, checkpoints,
+statistics and samples carry unchanged; `train.py --tiers` gives any of its ranks rows in the label table.
   inat21    <root>/{train_mini,train,val}/NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_epithet/*.jpg and the jsons.
             Class id = index of the sorted folder name (NNNNN on the full set); superclass = the json's
-            supercategory, else the built-in id table, in the row order of the authors' checkpoint.
+            supercategory, else the built-in id table, in the row order of the authors' checkpoint; genus ...
+            kingdom: the json's.
   folder    root/<superclass>/<class>/* (VegFru: 25 superclasses, 292 subclasses), or root/<class>/* with a
-            --hierarchy-csv of `class,superclass` rows.
-  toy, toy-base   the built-in toy world (toy.py): iNat21-mini's and ImageNet's roles, rendered, no download.
+            --hierarchy-csv of `class,superclass` rows (or `class,genus,superclass`: a column a rank, named by the
+            header, the superclass last).
+  toy, toy-base   the built-in toy world (toy.py): iNat21-mini's and ImageNet's roles, rendered, no download;
+            shape families (superclass) over shape-pattern genera over tinted species.
 Preprocessing is DiT's: ADM centre crop, random flip, [-1, 1]; an unreadable image is skipped with a warning. The cache
 stores the VAE posterior (mean, logvar) of every image and of its mirror: LatentCacheDataset draws z ~ N(mean,
 exp(logvar)) times the latent scale afresh each time, as encoding on the fly would.
@@ -35,10 +39,10 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import toy
-from hardening import (CACHE_FORMAT, CACHE_VERSION, ArgumentParser, UserError, atomic_write, folder_path,
-                       inat21_categories, init_distributed, nonnegative_int, on_rank0, open_cache, open_cache_arrays,
-                       multiple_of_8, out_file, positive_int, prepare_cache_dir, read_hierarchy_csv, read_rgb, require_dir, run_cli,
-                       worker_init, write_json)
+from hardening import (CACHE_FORMAT, CACHE_VERSION, INAT21_RANKS, ArgumentParser, UserError, atomic_write,
+                       folder_path, inat21_categories, init_distributed, multiple_of_8, nonnegative_int, on_rank0,
+                       open_cache, open_cache_arrays, out_file, positive_int, prepare_cache_dir, read_hierarchy_csv,
+                       read_rgb, require_dir, run_cli, worker_init, write_json)
 from model import INAT21_SUPERCLASSES, HierarchyView, inat21_superclass_of, make_hierarchy
 from vae import LATENT_SCALE, AutoencoderKL, latent_scale, scaled_latent
 
@@ -66,7 +70,7 @@ def inat21_dataset(root, split="train_mini", image_size=256, flip=True):
     table, animalia = inat21_superclass_of(10000), INAT21_SUPERCLASSES.index("Animalia")  # without a json
     superclass_names = list(INAT21_SUPERCLASSES)
     index = {name: s for s, name in enumerate(superclass_names)}
-    class_names, superclass_of = [], []
+    class_names, superclass_of, lineages = [], [], []
     for k, class_dir in enumerate(class_dirs):
         parts = class_dir.split("_")
         official_id = int(parts[0]) if parts[0].isdigit() else k  # NNNNN is the id in the full 10,000-class set
@@ -78,9 +82,13 @@ def inat21_dataset(root, split="train_mini", image_size=256, flip=True):
         superclass_of.append(index[supercategory] if supercategory else
                              table[official_id] if official_id < len(table) else animalia)
         class_names.append(category.get("name") or (" ".join(parts[6:]) if len(parts) >= 8 else class_dir))
+        # genus ... kingdom, where the json carries the taxonomy (the published one does for every species)
+        lineages.append([category[r] for r in INAT21_RANKS] + [superclass_names[superclass_of[-1]]]
+                        if all(category.get(r) for r in INAT21_RANKS) else None)
+    ranks = ranks_between(INAT21_RANKS, lineages) if None not in lineages else []
     files, labels = _scan_classes(split_dir, class_dirs, range(len(class_dirs)))
-    return ImageListDataset(split_dir, files, labels, make_hierarchy(class_names, superclass_names, superclass_of),
-                            image_size, flip)
+    return ImageListDataset(split_dir, files, labels,
+                            make_hierarchy(class_names, superclass_names, superclass_of, ranks), image_size, flip)
 
 
 def _inat21_categories(root, split):
@@ -97,17 +105,18 @@ def folder_dataset(root, split="train", image_size=256, flip=True, hierarchy_csv
     data arranged either way gets the same ids, which do not shift when a split lacks a class."""
     require_dir(root, root, "folder dataset")
     root = os.path.join(root, split) if split and os.path.isdir(os.path.join(root, split)) else root
+    ranks = []
     if hierarchy_csv:
-        pairs = read_hierarchy_csv(hierarchy_csv)  # class -> superclass
+        nodes, between = read_hierarchy_csv(hierarchy_csv)  # class -> [its node at each rank], the superclass last
         present = _list_dirs(root)
-        unknown = [c for c in present if c not in pairs]
+        unknown = [c for c in present if c not in nodes]
         if unknown:
             raise UserError(f"{len(unknown)} class folders of {root} are not in {hierarchy_csv}, "
                             f"e.g. {', '.join(unknown[:5])}")
-        class_names = sorted(pairs, key=lambda c: (pairs[c], c))                  # in id order
-        superclass_names = sorted(set(pairs.values()))
-        index = {name: s for s, name in enumerate(superclass_names)}
-        superclass_of = [index[pairs[c]] for c in class_names]
+        class_names = sorted(nodes, key=lambda c: (nodes[c][-1], c))                  # in id order
+        superclass_names = sorted({lineage[-1] for lineage in nodes.values()})
+        superclass_of = [superclass_names.index(nodes[c][-1]) for c in class_names]
+        ranks = ranks_between(between, [nodes[c] for c in class_names])
         ids = {c: k for k, c in enumerate(class_names)}
         files, labels = _scan_classes(root, present, [ids[c] for c in present])
     else:
@@ -125,8 +134,19 @@ def folder_dataset(root, split="train", image_size=256, flip=True, hierarchy_csv
         leaf = [os.path.basename(d) for d in class_dirs]
         repeated = collections.Counter(leaf)    # a name under two superclasses is qualified: "superclass/class"
         class_names = [n if repeated[n] == 1 else d.replace(os.sep, "/") for n, d in zip(leaf, class_dirs)]
-    return ImageListDataset(root, files, labels, make_hierarchy(class_names, superclass_names, superclass_of),
+    return ImageListDataset(root, files, labels, make_hierarchy(class_names, superclass_names, superclass_of, ranks),
                             image_size, flip)
+
+
+def ranks_between(names, lineages):
+    """make_hierarchy's `ranks` from each class's lineage (its node at each rank of `names`, finest first, then its
+    superclass). A node is its name and all above it, so two genera of one name in two families stay two."""
+    ranks = []
+    for i, rank in enumerate(names):
+        index = {}                                                   # node -> id, in order of first appearance
+        of = [index.setdefault(tuple(lineage[i:]), len(index)) for lineage in lineages]
+        ranks.append(dict(rank=rank, names=[node[0] for node in index], of=of))
+    return ranks
 
 
 def _list_dirs(folder):
@@ -389,7 +409,8 @@ def cmd_cache(args):
 def cmd_info(args):
     dataset, split, _ = dataset_of(args)
     counts = np.bincount(dataset.targets, minlength=dataset.num_classes)
-    print(f"{args.data} {split}: {len(dataset)} images, {dataset.num_classes} classes, "
+    between = "".join(f"{len(r['names'])} {r['rank']} nodes, " for r in dataset.hierarchy().get("ranks", []))
+    print(f"{args.data} {split}: {len(dataset)} images, {dataset.num_classes} classes, {between}"
           f"{dataset.num_superclasses} superclasses")
     superclass_of = np.asarray(dataset.superclass_of)
     for s, name in enumerate(dataset.superclass_names):

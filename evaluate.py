@@ -47,7 +47,7 @@ from hardening import (MANIFEST, ArgumentParser, UserError, atomic_write, check_
                        read_provenance, release, remove_stale_temp_files, run_cli, statistics_file, stats_hierarchy,
                        worker_init, write_csv, write_json)
 from model import inat21_hierarchy
-from sample import add_sampler_args, guide_labels, load_for_sampling, sample_images, sample_pairs, sampler_of
+from sample import add_guidance_arg, add_sampler_args, guide_labels, load_for_sampling, sample_images, sample_pairs, sampler_of
 
 ALEXNET_WEIGHTS, LPIPS_LIN_WEIGHTS = "alexnet-owt-7be5be79.pth", "alex.pth"
 
@@ -734,7 +734,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start over when OUT holds samples of other settings")
     p.add_argument("--num-samples", type=int_in(1, MAX_IMAGES), help="in all, spread evenly over the classes")
     p.add_argument("--per-class", type=int_in(1, MAX_IMAGES), help="or this many of every class")
-    p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
+    add_guidance_arg(p)
     add_sampler_args(p)
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--npz", type=out_file, help="also pack every image into this .npz (arr_0, labels, hierarchy)")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import data
 from hardening import (UserError, atomic_write, check_hierarchy, checkpoint_tensors, nonnegative_int, out_file,
                        read_checkpoint, read_json, resolve_checkpoint, resolve_class, write_csv, write_json)
-from model import LABEL_TABLE, METHODS, build_model, published_layout
+from model import LABEL_TABLE, METHODS, build_model, nodes_at, published_layout, rank_names, two_levels
 from sample import CFG_SCALE, add_sampler_args, guide_labels, load_for_sampling, sample_images, sampler_of
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -265,8 +265,9 @@ def same_superclass_neighbours(x, superclass, k=10, chunk=2048):
 
 
 def label_table(path):
-    """(table [rows, D] of EMA weights, K, S, hierarchy, method) of a checkpoint, read from the file alone: only
-    the table is needed, so no DiT is built and no base file or VAE is needed (the authors' XL file is 2.7 GB)."""
+    """(subclass rows [K, D], superclass rows [S, D] of the EMA table, hierarchy, method) of a checkpoint, read from
+    the file alone: only the table is needed, so no DiT is built and no base file or VAE is needed (the authors' XL
+    file is 2.7 GB)."""
     ckpt = read_checkpoint(path)
     state = checkpoint_tensors(ckpt)                            # ours (a delta too: every method tunes the table)
     if LABEL_TABLE not in state:
@@ -275,36 +276,44 @@ def label_table(path):
         method = ckpt["config"].get("method", "?")
         hierarchy = None if ckpt.get("hierarchy") is None else check_hierarchy(ckpt["hierarchy"], path)
         with torch.device("meta"):                              # which rows the method's table has, at no cost
-            embedder = build_model(**ckpt["config"]).y_embedder
-        K, S = embedder.num_classes, embedder.num_superclasses
+            embedder = build_model(**ckpt["config"], hierarchy=hierarchy).y_embedder
+        K, S, start = embedder.num_classes, embedder.num_superclasses, embedder.tier_start.get("superclass")
     else:                                                       # official DiT / the authors': as load_model reads them
         _, config, hierarchy = published_layout(state)
-        K, S = config["num_classes"], config["num_superclasses"]
+        K, S, start = config["num_classes"], config["num_superclasses"], config["num_classes"]
         method = "finediffusion" if S else "?"
     if hierarchy is None:
         raise UserError(f"{path} carries no class hierarchy: its subclasses cannot be coloured by superclass")
-    return state[LABEL_TABLE].float(), K, S, hierarchy, method
+    table = state[LABEL_TABLE].float()
+    return table[:K], table[start:start + S] if S else table[:0], hierarchy, method
 
 
-def embed_label_table(table, K, S, superclass_of, args):
-    """Fig. 7's picture and numbers for one table: t-SNE of (at most --max-points subclass rows, the S superclass
-    rows, each superclass's mean subclass row) and the same-superclass share of each subclass's nearest subclasses,
-    in 2-D and in the table's own space, on the same subclasses."""
-    sup, keep = torch.as_tensor(superclass_of), torch.arange(K)
+def embed_label_table(table, supers, hierarchy, args):
+    """Fig. 7's picture and numbers for one table: t-SNE of (at most --max-points subclass rows, the superclass
+    rows, each superclass's mean subclass row) and the share of each subclass's nearest subclasses that share its
+    node at each rank (the superclass; genus ... where the hierarchy has them), in 2-D and in the table's own space,
+    on the same subclasses."""
+    K, S = len(table), len(supers)
+    sup, keep = torch.as_tensor(hierarchy["superclass_of"]), torch.arange(K)
     if 0 < args.max_points < K:                                 # a random subset, the same for every checkpoint
         keep = torch.randperm(K, generator=torch.Generator().manual_seed(args.seed))[:args.max_points].sort().values
     present = sup.unique()
-    means = torch.stack([table[:K][sup == s].mean(0) for s in present])    # of every subclass, not only those kept
+    means = torch.stack([table[sup == s].mean(0) for s in present])    # of every subclass, not only those kept
     if len(keep) < 2:
         raise UserError(f"a label table of {len(keep)} subclass rows has no neighbours to count")
-    y, kl = tsne(torch.cat([table[keep], table[K:K + S], means]).to(args.device), args.perplexity, args.iters,
+    y, kl = tsne(torch.cat([table[keep], supers, means]).to(args.device), args.perplexity, args.iters,
                  args.seed, progress=True)
-    y, n, counts = y.cpu(), len(keep), torch.bincount(sup[keep]).double()
+    y, n = y.cpu(), len(keep)
     k = min(args.neighbours, n - 1)
-    return dict(points=n, neighbours=k,
-                same_superclass_2d=same_superclass_neighbours(y[:n], sup[keep], k),
-                same_superclass_original=same_superclass_neighbours(table[keep], sup[keep], k),
-                chance=float((counts * (counts - 1)).sum() / (n * (n - 1))),
+    shares = {}
+    for rank in rank_names(hierarchy):                          # the superclass last: its keys as before ranks
+        node = torch.as_tensor(nodes_at(hierarchy, rank)[1])[keep]
+        counts = torch.bincount(node).double()
+        shares.update({f"same_{rank}_2d": same_superclass_neighbours(y[:n], node, k),
+                       f"same_{rank}_original": same_superclass_neighbours(table[keep], node, k),
+                       **({} if rank == "superclass" else {f"chance_{rank}": float((counts * (counts - 1)).sum() /
+                                                                                    (n * (n - 1)))})})
+    return dict(points=n, neighbours=k, **shares, chance=float((counts * (counts - 1)).sum() / (n * (n - 1))),
                 best=float(((counts[sup[keep]] - 1).clamp(max=k) / k).mean()), kl=kl,
                 subclass=[[*xy, int(c), int(sup[c])] for xy, c in zip(y[:n].tolist(), keep)],
                 superclass=[[*xy, s] for s, xy in enumerate(y[n:n + S].tolist())],
@@ -337,8 +346,9 @@ def cmd_embeddings(args):
         raise UserError("--iters and --neighbours must be positive and --perplexity above 1")
     rows, results = [], []
     for path in map(resolve_checkpoint, args.ckpt):
-        table, K, S, hierarchy, method = label_table(path)
-        result = embed_label_table(table, K, S, hierarchy["superclass_of"], args)
+        table, supers, hierarchy, method = label_table(path)
+        K, S = len(table), len(supers)
+        result = embed_label_table(table, supers, hierarchy, args)
         points = {k: result.pop(k) for k in ("subclass", "superclass", "mean")}       # in the JSON, not the CSV
         rows.append(dict(ckpt=checkpoint_label(path), method=method, classes=K, superclasses=S, **result))
         results.append(dict(rows[-1], superclass_names=hierarchy["superclass_names"], **points))
@@ -348,6 +358,9 @@ def cmd_embeddings(args):
         print(f"{r['ckpt'][:35]:<36}{r['method']:<15}{r['points']:>7}{r['neighbours']:>3}"
               f"{r['same_superclass_2d']:>7.3f}{r['same_superclass_original']:>7.3f}{r['chance']:>8.3f}"
               f"{r['best']:>6.3f}")
+        for rank in [key[5:-3] for key in r if key.startswith("same_") and key.endswith("_2d")][:-1]:  # genus, ...
+            print(f"{'':<36}{'same ' + rank:<28}{r[f'same_{rank}_2d']:>7.3f}{r[f'same_{rank}_original']:>7.3f}"
+                  f"{r[f'chance_{rank}']:>8.3f}")
     panels = [embedding_panel(r, f"{r['ckpt']} ({r['method']})").image for r in results]
     settings = dict(max_points=args.max_points, perplexity=args.perplexity, iters=args.iters, seed=args.seed)
     save_figure(args.out, tile(panels, min(len(panels), 4)), rows, dict(settings=settings, checkpoints=results))
@@ -402,7 +415,7 @@ def cmd_grid(args):
     for ckpt in args.ckpt:
         model, info, vae = load_for_sampling(ckpt, vae=args.vae)
         name, method = checkpoint_label(info["path"]), info["config"].get("method", "?")
-        if cells and (model.hierarchy, model.y_embedder.num_classes) != (hierarchy, num_classes):
+        if cells and (two_levels(model.hierarchy), model.y_embedder.num_classes) != (two_levels(hierarchy), num_classes):
             raise UserError(f"{info['path']} has other classes than {args.ckpt[0]}: a grid compares methods on the "
                             "same classes")
         hierarchy, num_classes, size = model.hierarchy, model.y_embedder.num_classes, info["config"]["image_size"]
@@ -538,8 +551,8 @@ def add_figure_commands(sub):
     p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints or run folders: one row each")
     p.add_argument("--class-ids", nargs="+", type=int, required=True)
     p.add_argument("--out", type=out_file, required=True, help="PNG to write; OUT.csv beside it")
-    p.add_argument("--guidance", choices=["auto", "superclass", "null", "none"], default="auto",
-                   help="auto: superclass rows (eq. 1) where the table has them, else the null row (standard CFG)")
+    p.add_argument("--guidance", default="auto", help="auto: superclass rows (eq. 1) where the table has them, else "
+                   "the null row (standard CFG); or superclass, another tier of the tables (e.g. genus), null, none")
     add_sampler_args(p)
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--vae", help="SD VAE for latent models; default: the checkpoint's, else sd-vae-ft-ema")

@@ -109,6 +109,10 @@ finite_float = _typed(float, math.isfinite, "a finite number")
 positive_float = _typed(float, lambda v: 0 < v < math.inf, "a positive finite number")
 probability = _typed(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 decay_rate = _typed(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
+rank_list = _typed(lambda v: [r.strip() for r in v.split(",")], lambda v: all(v) and len(set(v)) == len(v),
+                   "a comma-separated list of distinct ranks, e.g. genus,superclass")
+weight_list = _typed(lambda v: [float(w) for w in v.split(",")], lambda v: all(0 <= w < math.inf for w in v) and sum(v),
+                     "comma-separated weights >= 0, not all 0, e.g. 0.5,0.5")
 folder_path = _typed(str, lambda v: not os.path.exists(v) or os.path.isdir(v), "a folder (it is a file)")
 out_file = _typed(str, lambda v: not os.path.isdir(v), "a file to write (it is a folder)")
 device_name = _typed(str, lambda v: v == "cpu" or re.fullmatch(r"cuda(:\d+)?", v) and torch.cuda.is_available(),
@@ -772,43 +776,57 @@ def read_rgb(path):
 
 def check_hierarchy(obj, source):
     """A hierarchy read from a file (a checkpoint, a cache, statistics, a manifest, --hierarchy): checked to be one
-    (model.make_hierarchy's layout: names as text, superclass_of integers in range), else one line naming the file."""
+    (model.make_hierarchy's layout: names as text, each class's node at each rank an integer in range), else one line
+    naming the file."""
     keys = ("class_names", "superclass_names", "superclass_of")
-    if not isinstance(obj, dict) or set(obj) != set(keys) or not all(isinstance(obj[k], list) for k in keys):
-        raise UserError(f"{source}: its hierarchy is not a dict of the lists {', '.join(keys)}")
-    names, supers, of = obj["class_names"], obj["superclass_names"], obj["superclass_of"]
-    if not all(isinstance(n, str) for n in names + supers) or len(of) != len(names) or \
-            not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < len(supers) for s in of):
+    if not isinstance(obj, dict) or not set(keys) <= set(obj) <= {*keys, "ranks"} or \
+            not all(isinstance(obj[k], list) for k in (*keys, "ranks") if k in obj):
+        raise UserError(f"{source}: its hierarchy is not a dict of the lists {', '.join(keys)} (and ranks)")
+    levels = [(obj["superclass_names"], obj["superclass_of"])]
+    for r in obj.get("ranks", []):
+        if not (isinstance(r, dict) and set(r) == {"rank", "names", "of"} and isinstance(r["rank"], str)
+                and r["rank"] != "superclass" and isinstance(r["names"], list) and isinstance(r["of"], list)):
+            raise UserError(f"{source}: its hierarchy's ranks are not dicts of rank, names and of")
+        levels.append((r["names"], r["of"]))
+    names = obj["class_names"]
+    if not all(isinstance(n, str) for n in names) or not all(
+            all(isinstance(n, str) for n in nodes) and len(of) == len(names) and
+            all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(nodes) for i in of)
+            for nodes, of in levels):
         raise UserError(f"{source}: its hierarchy is damaged (names must be text, and superclass_of one superclass "
                         "id in range for each class)")
     return obj
 
 
 def read_hierarchy_csv(path):
-    """`class,superclass` rows (an optional header row) -> {class: superclass}."""
+    """`class,superclass` rows, or rows of a class and its node at each rank under a header naming them
+    (`class,genus,superclass`: the last column is the superclass) -> ({class: [node at each rank]}, ranks between)."""
     if not os.path.isfile(path):
         raise UserError(f"hierarchy CSV {path} not found")
     with open(path, newline="", encoding="utf-8-sig") as f:     # a byte-order mark (as Excel saves) is no name
         try:
-            rows = list(csv.reader(f))
+            rows = [[cell.strip() for cell in row] for row in csv.reader(f)]
         except (UnicodeDecodeError, csv.Error) as e:
             raise UserError(f"hierarchy CSV {path} is not UTF-8 text with `class,superclass` rows ({e})") from None
-    pairs = {}
+    header = rows[0] if rows and rows[0] and rows[0][0].lower() == "class" else ["class", "superclass"]
+    expected = ",".join(header)
+    nodes = {}
     for line_no, row in enumerate(rows, 1):
-        row = [cell.strip() for cell in row]
-        if not any(row) or (line_no == 1 and [c.lower() for c in row] == ["class", "superclass"]):
+        if not any(row) or (line_no == 1 and row is header):
             continue
-        if len(row) != 2 or not all(row):
-            raise UserError(f"{path}:{line_no}: expected `class,superclass`, got {','.join(row)!r}")
-        name, superclass = row
-        if pairs.setdefault(name, superclass) != superclass:
-            raise UserError(f"{path}:{line_no}: class {name!r} listed under {pairs[name]!r} and {superclass!r}")
-    if not pairs:
-        raise UserError(f"hierarchy CSV {path} has no class,superclass rows")
-    return pairs
+        if len(row) != len(header) or not all(row):
+            raise UserError(f"{path}:{line_no}: expected `{expected}`, got {','.join(row)!r}")
+        if nodes.setdefault(row[0], row[1:]) != row[1:]:
+            raise UserError(f"{path}:{line_no}: class {row[0]!r} listed under {','.join(nodes[row[0]])!r} and "
+                            f"{','.join(row[1:])!r}")
+    if len(header) < 2 or not nodes:
+        raise UserError(f"hierarchy CSV {path} has no {expected} rows")
+    return nodes, header[1:-1]
 
 
-INAT21_TEXT_FIELDS = ("name", "supercategory", "image_dir_name")     # the text fields of a category this project reads
+# The text fields of a category this project reads; the ranks between the species and its supercategory, finest first.
+INAT21_RANKS = ("genus", "family", "order", "class", "phylum", "kingdom")
+INAT21_TEXT_FIELDS = ("name", "supercategory", "image_dir_name", *INAT21_RANKS)
 
 
 def inat21_categories(path):
@@ -1236,7 +1254,8 @@ def dit_shapes(state, table_key, sizes):
 def check_config(config, path):
     """The `config` of one of our checkpoints (model.save_checkpoint's schema), checked to be one."""
     needed = ("name", "image_size", "num_classes", "num_superclasses", "method")
-    if not isinstance(config, dict) or not all(k in config for k in needed):
+    if not isinstance(config, dict) or not all(k in config for k in needed) or \
+            not isinstance(config.get("tiers", []), list) or not all(isinstance(r, str) for r in config.get("tiers", [])):
         raise UserError(f"{path}: its 'config' is not a DiT configuration (a dict of {', '.join(needed)})")
     return dict(config)
 
@@ -1290,12 +1309,25 @@ def resolve_class(hierarchy, num_classes, class_id=None, class_name=None, flag="
     return class_id
 
 
-def check_guide_rows(has_rows, guidance):
-    """The label table must have the rows its guide reads (eq. 1: superclass rows; standard CFG: the null row)."""
-    if not has_rows and guidance == "superclass":
-        raise UserError("this checkpoint has no superclass rows: use --guidance null")
-    if not has_rows:
+def check_guide_rows(tiers, has_null, guidance):
+    """The label table must have the rows its guide reads (eq. 1: a tier's rows; standard CFG: the null row)."""
+    if guidance == "null" and not has_null:
         raise UserError("this checkpoint has no null row (FineDiffusion tables are K+S rows): use --guidance superclass")
+    if guidance == "superclass" and guidance not in tiers:
+        raise UserError("this checkpoint has no superclass rows: use --guidance null")
+    if guidance not in (*tiers, "null"):
+        raise UserError(f"--guidance {guidance}: this checkpoint's label table has rows for "
+                        f"{', '.join(tiers) or 'no rank'}{' and a null row' if has_null else ''}: use one of them")
+
+
+def check_tiers(tiers, ranks, tier_probs):
+    """--tiers: ranks of the data's hierarchy; --tier-probs: one weight a tier."""
+    unknown = [r for r in tiers if r not in ranks]
+    if unknown:
+        raise UserError(f"--tiers {','.join(tiers)}: the data's hierarchy has no rank {', '.join(unknown)} (its ranks: "
+                        f"{', '.join(ranks)})")
+    if tier_probs is not None and len(tier_probs) != len(tiers):
+        raise UserError(f"--tier-probs: {len(tier_probs)} weights for the {len(tiers)} tiers {','.join(tiers)}")
 
 
 def check_interval(interval, trained_steps, guided=True):

@@ -153,12 +153,37 @@ class FinalLayer(nn.Module):
 # The label hierarchy: subclasses and their superclasses (paper §3.2)
 # ----------------------------------------------------------------------------------------------------------
 
-def make_hierarchy(class_names, superclass_names, superclass_of):
+def make_hierarchy(class_names, superclass_names, superclass_of, ranks=()):
     """The hierarchy: a plain, JSON-able dict that datasets, latent caches, checkpoints, the TieredEmbedder, FID
     statistics and generated samples carry unchanged. Names are data, never recovered from file names (iNat21 has
-    "Ray-finned Fishes")."""
-    return dict(class_names=[str(n) for n in class_names], superclass_names=[str(n) for n in superclass_names],
-                superclass_of=[int(s) for s in superclass_of])
+    "Ray-finned Fishes"). `ranks`: the ranks between the class and its superclass, finest first, each
+    {"rank": "genus", "names": [node names], "of": [node of each class]}; kept only where there are some, so a
+    hierarchy of two levels is the same dict as before ranks existed."""
+    hierarchy = dict(class_names=[str(n) for n in class_names], superclass_names=[str(n) for n in superclass_names],
+                     superclass_of=[int(s) for s in superclass_of])
+    if ranks:
+        hierarchy["ranks"] = [dict(rank=str(r["rank"]), names=[str(n) for n in r["names"]], of=[int(i) for i in r["of"]])
+                              for r in ranks]
+    return hierarchy
+
+
+def rank_names(hierarchy):
+    """The ranks above the class, finest first: those between (e.g. genus, family), then the superclass."""
+    return [r["rank"] for r in hierarchy.get("ranks", [])] + ["superclass"]
+
+
+def nodes_at(hierarchy, rank):
+    """(node names, node of each class) at one rank of the hierarchy."""
+    if rank == "superclass":
+        return hierarchy["superclass_names"], hierarchy["superclass_of"]
+    return next((r["names"], r["of"]) for r in hierarchy.get("ranks", []) if r["rank"] == rank)
+
+
+def two_levels(hierarchy):
+    """The classes and their superclasses alone: what must agree between a run and its data or statistics (files made
+    before ranks existed have no more); None for None."""
+    return hierarchy and make_hierarchy(hierarchy["class_names"], hierarchy["superclass_names"],
+                                        hierarchy["superclass_of"])
 
 
 # Superclass ids are the row order of the authors' FineDiffusion-iNat.pt label table: do not reorder.
@@ -214,65 +239,78 @@ class HierarchyView:
 # ----------------------------------------------------------------------------------------------------------
 
 class TieredEmbedder(nn.Module):
-    """Paper §3.2.1: one table of K subclass rows, S superclass rows and (optionally) one null row.
+    """Paper §3.2.1: one table of K subclass rows, a block of rows for each tier of the hierarchy (the paper's: the
+    S superclasses) and (optionally) one null row.
 
-    Row layout: [0, K) subclasses, [K, K+S) superclasses, K+S null. With S = 0 and a null row this is the
-    official DiT LabelEmbedder (key `embedding_table`, K+1 rows), which the baselines use.
-    In training, each subclass label is replaced by its superclass row with probability `superclass_prob`
-    (so the network also learns eps(x_t | c_p), the guide of eq. 1) and by the null row with `null_prob`
-    (standard CFG's eps(x_t | ∅)). In eval mode labels pass through untouched.
+    Row layout: [0, K) subclasses, then each tier's nodes in the order of `tier_sizes` ({rank: rows}; the paper's
+    {"superclass": S} gives [K, K+S)), then the null row. With no tiers and a null row this is the official DiT
+    LabelEmbedder (key `embedding_table`, K+1 rows), which the baselines use.
+    In training, each subclass label is replaced by its node at one tier with probability `superclass_prob` (so the
+    network also learns eps(x_t | c_p), the guide of eq. 1; the tier drawn by `tier_probs`, uniform by default) and
+    by the null row with `null_prob` (standard CFG's eps(x_t | ∅)). In eval mode labels pass through untouched.
     """
 
-    def __init__(self, num_classes, hidden_size, num_superclasses=0, hierarchy=None, null_class=True,
-                 superclass_prob=0.0, null_prob=0.0):
+    def __init__(self, num_classes, hidden_size, tier_sizes=None, hierarchy=None, null_class=True,
+                 superclass_prob=0.0, null_prob=0.0, tier_probs=None):
         super().__init__()
-        self.num_classes, self.num_superclasses, self.null_class = num_classes, num_superclasses, null_class
-        self.superclass_prob, self.null_prob = superclass_prob, null_prob
-        rows = num_classes + num_superclasses + int(null_class)
-        self.embedding_table = nn.Embedding(rows, hidden_size)
-        # The hierarchy lives here and nowhere else in a built DiT: the superclass_of buffer that picks the rows of
-        # eq. 1 is what `hierarchy` reports, so a run can only name the superclass it guides with. A buffer, so it
-        # moves with the model; not in the state dict (published checkpoints carry no hierarchy).
-        self.class_names = self.superclass_names = None
-        self.register_buffer("superclass_of", torch.zeros(num_classes, dtype=torch.long), persistent=False)
+        self.num_classes, self.null_class = num_classes, null_class
+        self.tier_sizes = dict(tier_sizes or {})
+        starts = np.cumsum([num_classes, *self.tier_sizes.values()])
+        self.tier_start = {rank: int(start) for rank, start in zip(self.tier_sizes, starts)}   # first row of a tier
+        self.num_superclasses = self.tier_sizes.get("superclass", 0)
+        self.superclass_prob, self.null_prob, self.tier_probs = superclass_prob, null_prob, tier_probs
+        self.embedding_table = nn.Embedding(int(starts[-1]) + int(null_class), hidden_size)
+        # The hierarchy lives here and nowhere else in a built DiT: the node_of buffer that picks the guide rows of
+        # eq. 1 is what `hierarchy` reports, so a run can only name the nodes it guides with. A buffer, so it moves
+        # with the model; not in the state dict (published checkpoints carry no hierarchy).
+        self.class_names = self.ranks = self.node_names = None
+        self.register_buffer("node_of", torch.zeros(1, num_classes, dtype=torch.long), persistent=False)  # (R, K)
         if hierarchy is not None:
             self._set_hierarchy(hierarchy)
 
     def _set_hierarchy(self, hierarchy):
-        names, supers = hierarchy["class_names"], hierarchy["superclass_names"]
-        if len(names) != self.num_classes or (self.num_superclasses and len(supers) != self.num_superclasses):
-            raise UserError(f"a hierarchy of {len(names)} classes in {len(supers)} superclasses does not fit a label "
-                            f"table of {self.num_classes} subclass and {self.num_superclasses} superclass rows")
-        self.class_names, self.superclass_names = list(names), list(supers)
-        with torch.no_grad():
-            self.superclass_of.copy_(torch.as_tensor(hierarchy["superclass_of"], dtype=torch.long))
+        names, ranks = hierarchy["class_names"], rank_names(hierarchy)
+        sizes = {rank: len(nodes_at(hierarchy, rank)[0]) for rank in ranks}
+        if len(names) != self.num_classes or any(sizes.get(r) != n for r, n in self.tier_sizes.items()):
+            rows = ", ".join(f"{n} {rank}" for rank, n in self.tier_sizes.items()) or "0 superclass"
+            raise UserError(f"a hierarchy of {len(names)} classes in {sizes['superclass']} superclasses does not fit a "
+                            f"label table of {self.num_classes} subclass and {rows} rows")
+        self.class_names, self.ranks = list(names), ranks
+        self.node_names = {rank: list(nodes_at(hierarchy, rank)[0]) for rank in ranks}
+        self.node_of = torch.as_tensor([nodes_at(hierarchy, rank)[1] for rank in ranks],
+                                       device=self.node_of.device)                                   # (R, K)
 
     @property
     def hierarchy(self):
-        """The hierarchy (hierarchy.py) this table is used with, its superclass_of read back from the buffer that
-        chooses the guide rows; None when none is known (the official DiT's ImageNet classes)."""
+        """The hierarchy this table is used with, every node read back from the buffer that chooses the guide rows;
+        None when none is known (the official DiT's ImageNet classes)."""
         if self.class_names is None:
             return None
-        return dict(class_names=list(self.class_names), superclass_names=list(self.superclass_names),
-                    superclass_of=self.superclass_of.tolist())
+        of = dict(zip(self.ranks, self.node_of.tolist()))
+        between = [dict(rank=rank, names=self.node_names[rank], of=of[rank]) for rank in self.ranks[:-1]]
+        return make_hierarchy(self.class_names, self.node_names["superclass"], of["superclass"], between)
 
     @property
     def null_id(self):
-        return self.num_classes + self.num_superclasses
+        return self.num_classes + sum(self.tier_sizes.values())
 
-    def superclass_ids(self, y):
-        """Table rows of the superclasses of subclass labels y (the c_p of eq. 1)."""
+    def tier_ids(self, y, rank="superclass"):
+        """Table rows of the nodes at tier `rank` of subclass labels y (the superclass's: the c_p of eq. 1)."""
         if self.class_names is None:       # rows K + 0 for every class: silently the wrong guide
             raise UserError(f"this DiT's label table has {self.num_superclasses} superclass rows but no hierarchy "
                             "says which subclass belongs to which")
-        return self.num_classes + self.superclass_of[y]
+        return self.tier_start[rank] + self.node_of[self.ranks.index(rank)][y]
 
     def substitute(self, y):
-        """Training-time label substitution: y -> superclass row (p = superclass_prob), -> null (p = null_prob)."""
+        """Training-time label substitution: y -> its node at a tier (p = superclass_prob), -> null (p = null_prob)."""
         is_sub = y < self.num_classes                            # labels that are already rows stay as they are
-        if self.num_superclasses and self.superclass_prob > 0:
-            to_super = (torch.rand(y.shape[0], device=y.device) < self.superclass_prob) & is_sub
-            y = torch.where(to_super, self.superclass_ids(y.clamp(max=self.num_classes - 1)), y)
+        if self.tier_sizes and self.superclass_prob > 0:
+            to_tier = (torch.rand(y.shape[0], device=y.device) < self.superclass_prob) & is_sub
+            up = torch.stack([self.tier_ids(y.clamp(max=self.num_classes - 1), r) for r in self.tier_sizes])  # (T, N)
+            if len(up) > 1:                # which tier: one draw more (none for the paper's one tier: its stream kept)
+                probs = torch.tensor(self.tier_probs or [1.0] * len(up), device=y.device)
+                up = up.gather(0, torch.multinomial(probs, y.shape[0], replacement=True)[None])         # (1, N)
+            y = torch.where(to_tier, up[0], y)
         if self.null_class and self.null_prob > 0:
             to_null = torch.rand(y.shape[0], device=y.device) < self.null_prob
             y = torch.where(to_null, torch.full_like(y, self.null_id), y)
@@ -291,11 +329,14 @@ class TieredEmbedder(nn.Module):
 class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  num_classes=1000, num_superclasses=0, hierarchy=None, null_class=True, superclass_prob=None,
-                 null_prob=None, learn_sigma=True, norm_affine=False, difffit_gates=False):
+                 null_prob=None, learn_sigma=True, norm_affine=False, difffit_gates=False, tier_sizes=None,
+                 tier_probs=None):
         super().__init__()
+        if tier_sizes is None:                                   # the paper's table: the superclass rows alone
+            tier_sizes = {"superclass": num_superclasses} if num_superclasses else {}
         # Substitution defaults follow from which rows exist (a table with both trains both guides).
         if superclass_prob is None:
-            superclass_prob = SUPERCLASS_PROB if num_superclasses else 0.0
+            superclass_prob = SUPERCLASS_PROB if tier_sizes else 0.0
         if null_prob is None:
             null_prob = NULL_PROB if null_class else 0.0
         self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
@@ -305,8 +346,8 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = TieredEmbedder(num_classes, hidden_size, num_superclasses, hierarchy, null_class,
-                                         superclass_prob, null_prob)
+        self.y_embedder = TieredEmbedder(num_classes, hidden_size, tier_sizes, hierarchy, null_class, superclass_prob,
+                                         null_prob, tier_probs)
         num_patches = (input_size // patch_size) ** 2
         # Fixed sin-cos positions: a Parameter (for the official key `pos_embed`) that is never trained.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
@@ -419,24 +460,29 @@ LABEL_TABLE = "y_embedder.embedding_table.weight"
 
 
 def build_model(name, image_size, num_classes, num_superclasses=0, method="finediffusion", hierarchy=None,
-                pixel_space=False, table=None, **kw):
+                pixel_space=False, table=None, tiers=None, tier_sizes=None, **kw):
     """A fresh DiT laid out for a tuning method.
 
     `finediffusion`: K+S label rows (no null row, as the authors' checkpoints) and LayerNorm affine.
     `full`, `bitfit`: the standard K+1 table with null dropout 0.1. `difffit`: that, plus LayerNorm affine
     and one scalar gate per branch. `table` overrides the method's label table: "tiered" (K+S rows, the guide of
     eq. 1) or "null" (K+1 rows, standard CFG's guide), so that what is tuned and how it is guided can be told apart.
+    `tiers`: the ranks of the hierarchy a tiered table has rows for (default the paper's ["superclass"]; e.g.
+    ["genus", "superclass"]), or their `tier_sizes` ({rank: rows}) where there is no hierarchy (Table 2's counts).
     `image_size` is in pixels: the DiT sees 8x smaller VAE latents, or the pixels themselves (3 channels) with
-    `pixel_space=True` (the built-in toy data). `hierarchy` (hierarchy.py) names the classes; a null table keeps it
-    too, though it has no superclass rows.
+    `pixel_space=True` (the built-in toy data). `hierarchy` names the classes; a null table keeps it too.
     """
     tiered = (table or default_table(method)) == "tiered"
+    if tier_sizes is None:
+        tier_sizes = {r: num_superclasses if r == "superclass" else len(nodes_at(hierarchy, r)[0])
+                      for r in tiers or ["superclass"]}
     kw.setdefault("null_class", not tiered)
     kw.setdefault("norm_affine", method in ("difffit", "finediffusion"))
     kw.setdefault("difffit_gates", method == "difffit")
     input_size, in_channels = (image_size, 3) if pixel_space else (image_size // 8, LATENT_CHANNELS)
     return DiT_models[name](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                            num_superclasses=num_superclasses if tiered else 0, hierarchy=hierarchy, **kw)
+                            tier_sizes={r: n for r, n in tier_sizes.items() if n and tiered}, hierarchy=hierarchy,
+                            **kw)
 
 
 TABLES = ("tiered", "null")
@@ -471,12 +517,13 @@ def set_trainable(model, method):
     return trainable, total
 
 
-def count_table2(name="DiT-XL/2", image_size=256, num_classes=10000, num_superclasses=11):
-    """Rows of paper Table 2: (method, trainable, total), counted on the meta device (no allocation)."""
+def count_table2(name="DiT-XL/2", image_size=256, num_classes=10000, tier_sizes=None):
+    """Rows of paper Table 2: (method, trainable, total), counted on the meta device (no allocation). tier_sizes: the
+    tiered table's rows per rank (default iNat21's 11 superclasses, the paper's)."""
     rows = []
     with torch.device("meta"):
         for method in METHODS:
-            model = build_model(name, image_size, num_classes, num_superclasses, method)
+            model = build_model(name, image_size, num_classes, method=method, tier_sizes=tier_sizes or {"superclass": 11})
             rows.append((method, *set_trainable(model, method)))
     return rows
 
@@ -612,3 +659,7 @@ if __name__ == "__main__":
     for method, trainable, total in count_table2():
         full_total = full_total or total
         print(f"{method:<15}{trainable / 1e6:>11.2f}M{100 * trainable / full_total:>8.2f}%   {paper[method]}")
+    genera = 4884      # iNat21's genera (Van Horn et al. 2021); `python data.py info --data inat21` counts its json's
+    trainable = dict((m, n) for m, n, _ in count_table2(tier_sizes=dict(genus=genera, superclass=11)))["finediffusion"]
+    print(f"finediffusion with train.py --tiers genus,superclass ({genera:,} genus rows more): "
+          f"{trainable / 1e6:.2f}M ({100 * trainable / full_total:.2f}%)")

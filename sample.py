@@ -7,8 +7,9 @@
 
 Each sampling step runs the DiT on [x_t; x_t] with labels [c; guide] and mixes the two predictions (eq. 1):
     eps = eps(x_t | guide) + w * (eps(x_t | c) - eps(x_t | guide)),
-the guide being the class's superclass row (--guidance superclass, the paper's), the null row (null: standard CFG) or
-nothing (none: eps(x_t | c) alone). Defaults are the paper's (§4.2): 250 DDPM steps, w = 4; latents decode through the
+the guide being the class's superclass row (--guidance superclass, the paper's), its node's row at another tier of
+the table (e.g. --guidance genus, for a DiT trained with --tiers genus,superclass), the null row (null: standard CFG)
+or nothing (none: eps(x_t | c) alone). Defaults are the paper's (§4.2): 250 DDPM steps, w = 4; latents decode through the
 SD VAE, in fp32. Faster: DPM-Solver++(2M) (SDE) in 20 steps (diffusion.py; 40 DiT evaluations an image), and
 --guidance-interval LO HI (Kynkäänniemi et al. 2024): eq. 1 only at the steps LO <= t <= HI of 0 ... 999, the others on
 the conditional half alone (half the cost). Step t has noise level sigma_t = sqrt((1 - abar_t) / abar_t): 0.34 at
@@ -99,22 +100,23 @@ class ImageNoise:
 
 
 def guide_labels(model, y, guidance, cfg_scale=CFG_SCALE):
-    """Label-table rows (N,) of the guide half for classes y (N,): their superclass rows (eq. 1) or the null row
-    (standard CFG); None when nothing guides (--guidance none, or w = 1, where eq. 1 is eps(x_t | c) alone)."""
+    """Label-table rows (N,) of the guide half for classes y (N,): their nodes' rows at the tier `guidance` (eq. 1 with
+    "superclass"; "genus" etc. where the table has those rows) or the null row (standard CFG); None when nothing guides
+    (--guidance none, or w = 1, where eq. 1 is eps(x_t | c) alone)."""
     emb = model.y_embedder
     y = torch.as_tensor(y)
     if guidance == "none" or cfg_scale == 1.0:
         return None
-    guard.check_guide_rows(has_guide_rows(model, guidance), guidance)
-    if guidance == "superclass":
-        return emb.superclass_ids(y.to(emb.superclass_of.device)).cpu()
-    return torch.full_like(y, emb.null_id)
+    guard.check_guide_rows(list(emb.tier_sizes), emb.null_class, guidance)
+    if guidance == "null":
+        return torch.full_like(y, emb.null_id)
+    return emb.tier_ids(y.to(emb.node_of.device), guidance).cpu()
 
 
 def has_guide_rows(model, guidance):
-    """Has the DiT's label table the rows of this guide (superclass rows and their hierarchy, or the null row)?"""
+    """Has the DiT's label table the rows of this guide (a tier's rows, or the null row)?"""
     emb = model.y_embedder
-    return emb.null_class if guidance == "null" else emb.num_superclasses > 0
+    return emb.null_class if guidance == "null" else guidance in emb.tier_sizes
 
 
 def describe_guide(model, row):
@@ -122,8 +124,8 @@ def describe_guide(model, row):
     emb = model.y_embedder
     if row == emb.null_id and emb.null_class:
         return f"the null row {row} (standard CFG)"
-    hierarchy = model.hierarchy
-    return f"superclass row {row} ({hierarchy['superclass_names'][row - emb.num_classes]})"
+    rank = next(r for r, start in emb.tier_start.items() if start <= row < start + emb.tier_sizes[r])
+    return f"{rank} row {row} ({emb.node_names[rank][row - emb.tier_start[rank]]})"
 
 
 def interval_guidance(model, lo, hi):
@@ -206,6 +208,11 @@ def add_sampler_args(p, steps=None):
                    help="guide only at timesteps LO <= t <= HI of 0 ... 999 (default: every step, as the paper)")
 
 
+def add_guidance_arg(p):
+    p.add_argument("--guidance", default="superclass", help="the guide of eq. 1: superclass (the paper's), any other "
+                   "rank the label table has rows for (train.py --tiers, e.g. genus), null (standard CFG) or none")
+
+
 def sampler_of(args, guided=True):
     """The Sampler of the sampler flags, checked before any work (`guided`: does the run guide at all?)."""
     return Sampler(args.sampler, args.steps, args.guidance_interval, guided)
@@ -283,7 +290,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=positive_int, default=8,
                    help="images drawn at once, from one noise stream of --seed as in the authors' and DiT's sample.py: "
                         "an image depends on --num-samples (evaluate.py generate draws each from its own)")
-    p.add_argument("--guidance", choices=["superclass", "null", "none"], default="superclass")
+    add_guidance_arg(p)
     p.add_argument("--guide-all-channels", action="store_true",
                    help="guide all eps channels (the official release guides the first 3 only)")
     add_sampler_args(p)

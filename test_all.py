@@ -340,7 +340,7 @@ def test_forward_with_cfg_equals_equation_1_from_two_plain_forwards(guidance, gu
     model = randomize(tiny_dit(null_class=True)).eval()
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 10])
     y = torch.tensor([1, 9])
-    y_guide = model.y_embedder.superclass_ids(y) if guidance == "superclass" else torch.full_like(y, model.y_embedder.null_id)
+    y_guide = model.y_embedder.tier_ids(y) if guidance == "superclass" else torch.full_like(y, model.y_embedder.null_id)
     w = 4.0
     with torch.no_grad():
         cond, guide = model(x, t, y), model(x, t, y_guide)
@@ -1067,7 +1067,7 @@ def test_superclass_guidance_equals_the_authors_finediffusion_dit(reference):
     r = {k[len("fine.cfg."):]: v for k, v in reference.items() if k.startswith("fine.cfg.")}
     model = authors_fine_dit()
     classes, guide = r["y"].chunk(2)
-    assert torch.equal(model.y_embedder.superclass_ids(classes), guide)          # the authors' iNat21 map
+    assert torch.equal(model.y_embedder.tier_ids(classes), guide)          # the authors' iNat21 map
     with torch.no_grad():
         out = model.forward_with_cfg(r["x"], r["t"], r["y"], 4.0)
     assert_matches(out, r["out"], 1e-5)
@@ -1488,7 +1488,7 @@ def test_the_authors_file_loads_with_each_class_mapped_to_the_authors_superclass
     model, info = load_model(str(published_files / "pretrained" / "FineDiffusion-iNat.pt"))
     classes = torch.tensor([4021, 100, 2800, 170, 9999] + CLASS_OF_EACH_SUPERCLASS)
     expected = [10000 + authors_superclass(c) for c in classes.tolist()]
-    assert model.y_embedder.superclass_ids(classes).tolist() == expected
+    assert model.y_embedder.tier_ids(classes).tolist() == expected
     assert model.hierarchy["superclass_names"] == AUTHORS_SUPERCLASS_NAMES
 
 
@@ -1592,7 +1592,7 @@ def test_the_console_names_the_guide_row_the_dit_receives_even_when_it_is_not_th
         published_files, monkeypatch, capsys, label_lookups):
     """Whatever picks the rows, the line reports the row used: here a (deliberately) wrong superclass map."""
     monkeypatch.chdir(published_files)
-    monkeypatch.setattr(model_module.TieredEmbedder, "superclass_ids", lambda self, y: self.num_classes + 3 + 0 * y)
+    monkeypatch.setattr(model_module.TieredEmbedder, "tier_ids", lambda self, y, rank: self.num_classes + 3 + 0 * y)
     proc = run_main(sample_module, "--class-id", 4021, "--ckpt", "FineDiffusion-iNat.pt", "--num-samples", 1,
                     "--steps", 2, "--out", "s.png", capsys=capsys)
     assert proc.returncode == 0, proc.stderr
@@ -5316,3 +5316,248 @@ def test_a_stop_request_that_lands_just_after_the_ranks_agreed_is_taken_at_the_n
                     tmp_path / "run", capsys=capsys)
     assert proc.returncode == 75 and "stopped: SIGTERM after step 3" in proc.stderr, proc.stderr
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["0000003.pt"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tiers beyond the superclass: ranks in the hierarchy, their rows in the label table, guidance from any of them
+# ------------------------------------------------------------------------------------------------------------
+
+INAT_RANKED = {  # folder name -> (json supercategory, genus, family): a beech and two oaks of one family, a sunfish
+    "05729_Plantae_Tracheophyta_Magnoliopsida_Fagales_Fagaceae_Fagus_sylvatica": ("Plants", "Fagus", "Fagaceae"),
+    "05730_Plantae_Tracheophyta_Magnoliopsida_Fagales_Fagaceae_Quercus_alba": ("Plants", "Quercus", "Fagaceae"),
+    "05731_Plantae_Tracheophyta_Magnoliopsida_Fagales_Fagaceae_Quercus_rubra": ("Plants", "Quercus", "Fagaceae"),
+    "02756_Animalia_Chordata_Actinopterygii_Perciformes_Centrarchidae_Lepomis_macrochirus":
+        ("Ray-finned Fishes", "Lepomis", "Centrarchidae"),
+}
+
+
+def make_ranked_inat21(root):
+    """iNat21's layout with a json whose categories carry their whole taxonomy, as the published one does."""
+    categories = []
+    for k, folder in enumerate(sorted(INAT_RANKED)):
+        for j in range(2):
+            write_image(os.path.join(root, "train_mini", folder, f"img{j}.jpg"), (50 * k, 90, 30 * j))
+        supercategory, genus, family = INAT_RANKED[folder]
+        _, kingdom, phylum, klass, order, _, _, epithet = folder.split("_")
+        categories.append({"id": int(folder[:5]), "name": f"{genus} {epithet}", "supercategory": supercategory,
+                           "kingdom": kingdom, "phylum": phylum, "class": klass, "order": order, "family": family,
+                           "genus": genus, "specific_epithet": epithet, "image_dir_name": folder})
+    with open(os.path.join(root, "train_mini.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(categories=categories, images=[], annotations=[]), f)
+
+
+def test_an_inat21_json_puts_each_species_in_its_genus_and_family_and_the_table_gets_a_row_for_each(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_ranked_inat21("data/inat21")
+    os.makedirs("pretrained")
+    torch.save(DiT_models["DiT-T/2"](input_size=2, num_classes=1000).state_dict(), "pretrained/DiT-XL-2-256x256.pt")
+    write_tiny_vae("pretrained/sd-vae-ft-ema")
+    proc = run_main(train, "--data", "inat21", "--tiers", "genus,family,superclass", "--max-steps", "1",
+                    "--global-batch-size", "2", "--num-workers", "0", "--run-dir", "run", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    model, _ = load_model("run")
+    # ids by folder name: the sunfish (02756) first, then beech, oak, oak
+    assert model.hierarchy["class_names"] == ["Lepomis macrochirus", "Fagus sylvatica", "Quercus alba", "Quercus rubra"]
+    ranks = {r["rank"]: [r["names"][i] for i in r["of"]] for r in model.hierarchy["ranks"]}
+    assert ranks["genus"] == ["Lepomis", "Fagus", "Quercus", "Quercus"]
+    assert ranks["family"] == ["Centrarchidae", "Fagaceae", "Fagaceae", "Fagaceae"]
+    assert ranks["kingdom"] == ["Animalia", "Plantae", "Plantae", "Plantae"]
+    assert [model.hierarchy["superclass_names"][s] for s in model.hierarchy["superclass_of"]] == \
+        ["Ray-finned Fishes", "Plants", "Plants", "Plants"]
+    emb, y = model.y_embedder, torch.arange(4)
+    assert emb.embedding_table.weight.shape[0] == 4 + 3 + 2 + 11      # species, genera, families, superclasses
+    assert emb.tier_ids(y, "genus").tolist() == [4, 5, 6, 6]
+    assert emb.tier_ids(y, "family").tolist() == [7, 8, 8, 8]
+    assert emb.tier_ids(y, "superclass").tolist() == [9 + 6, 9 + 0, 9 + 0, 9 + 0]    # the authors' superclass order
+
+
+def test_a_hierarchy_csv_names_its_ranks_in_its_header_and_the_superclass_comes_last(tmp_path, capsys):
+    species = {"Quercus alba": ("Quercus", "Fagaceae", "Plants"), "Quercus rubra": ("Quercus", "Fagaceae", "Plants"),
+               "Fagus sylvatica": ("Fagus", "Fagaceae", "Plants"),
+               "Lepomis macrochirus": ("Lepomis", "Centrarchidae", "Ray-finned Fishes")}
+    for k, name in enumerate(species):
+        write_image(str(tmp_path / "flat" / name / "a.jpg"), (60 * k, 20, 20))
+    with open(tmp_path / "tree.csv", "w", encoding="utf-8") as f:
+        f.write("class,genus,family,superclass\n" + "".join(f"{c},{','.join(v)}\n" for c, v in species.items()))
+    ds = data.build_dataset("folder", str(tmp_path / "flat"), image_size=16, hierarchy_csv=str(tmp_path / "tree.csv"))
+    h = ds.hierarchy()
+    assert [r["rank"] for r in h["ranks"]] == ["genus", "family"]
+    for rank, column in (("genus", 0), ("family", 1), ("superclass", 2)):
+        names, of = model_module.nodes_at(h, rank)
+        assert [names[i] for i in of] == [species[c][column] for c in h["class_names"]]
+    proc = run_main(data, "info", "--data", "folder", "--data-path", tmp_path / "flat", "--hierarchy-csv",
+                    tmp_path / "tree.csv", capsys=capsys)
+    assert "4 classes, 3 genus nodes, 2 family nodes, 2 superclasses" in proc.stdout, proc.stdout
+
+
+def test_a_three_column_csv_without_a_header_is_one_error_line(tmp_path, capsys):
+    write_image(str(tmp_path / "flat" / "Quercus alba" / "a.jpg"))
+    (tmp_path / "tree.csv").write_text("Quercus alba,Quercus,Plants\n")
+    proc = run_main(data, "info", "--data", "folder", "--data-path", tmp_path / "flat", "--hierarchy-csv",
+                    tmp_path / "tree.csv", capsys=capsys)
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        f"error: {tmp_path / 'tree.csv'}:1: expected `class,superclass`, got 'Quercus alba,Quercus,Plants'"
+
+
+def toy_embedder(superclass_prob, tier_probs=None, tiers=("genus", "superclass")):
+    toy = toy_module.ToyDataset("toy", image_size=8, images_per_class=1).hierarchy()
+    sizes = {r: len(model_module.nodes_at(toy, r)[0]) for r in tiers}
+    return model_module.TieredEmbedder(32, 8, sizes, toy, null_class=False, superclass_prob=superclass_prob,
+                                       tier_probs=tier_probs), toy
+
+
+@pytest.mark.parametrize("tier_probs, genus_share", [(None, 0.5), ([1.0, 3.0], 0.25)])
+def test_substitution_swaps_a_label_for_its_own_node_at_each_tier_at_the_rate_asked(tier_probs, genus_share):
+    emb, toy = toy_embedder(0.3, tier_probs)
+    torch.manual_seed(0)
+    y = torch.randint(0, 32, (200_000,))
+    out = emb.substitute(y)
+    genus, superclass = torch.tensor(toy["ranks"][0]["of"]), torch.tensor(toy["superclass_of"])
+    to_genus, to_super = out == 32 + genus[y], out == 32 + 16 + superclass[y]
+    assert ((out == y) | to_genus | to_super).all()                  # a label's own genus or superclass, or itself
+    sigma = math.sqrt(0.25 / len(y))
+    assert abs(to_genus.float().mean().item() - 0.3 * genus_share) < 5 * sigma
+    assert abs(to_super.float().mean().item() - 0.3 * (1 - genus_share)) < 5 * sigma
+
+
+def test_the_paper_s_one_tier_draws_the_same_substitutions_as_before_tiers_existed():
+    emb, toy = toy_embedder(0.1, tiers=("superclass",))
+    torch.manual_seed(3)
+    y = torch.randint(0, 32, (1000,))
+    out = emb.substitute(y)
+    torch.manual_seed(3)                                       # the paper's rule, written out: one uniform per label
+    torch.randint(0, 32, (1000,))
+    expected = torch.where(torch.rand(1000) < 0.1, 32 + torch.tensor(toy["superclass_of"])[y], y)
+    assert torch.equal(out, expected)
+
+
+@pytest.fixture(scope="module")
+def tiered_delta(tmp_path_factory):
+    """A FineDiffusion run with --tiers genus,superclass on the toy data, from a base trained on toy-base: a delta."""
+    root = tmp_path_factory.mktemp("tiered")
+    base = run_train(*TINY_TRAIN, "--data", "toy-base", "--init", "none", "--global-batch-size", "4", "--max-steps", "1",
+                     "--run-dir", root / "base")["final_ckpt"]
+    run_train(*TINY_TRAIN, "--init", base, "--tiers", "genus,superclass", "--global-batch-size", "4", "--max-steps",
+              "2", "--ckpt-every", "1", "--run-dir", root / "fine")
+    return root / "fine"
+
+
+@pytest.mark.parametrize("guidance", ["genus", "superclass"])
+def test_sample_py_guides_from_the_rank_asked_and_the_console_names_the_row_and_node_the_dit_receives(
+        tiered_delta, tmp_path, capsys, label_lookups, guidance):
+    names = toy_module.ToyDataset("toy", images_per_class=1).class_names
+    proc = run_main(sample_module, "--ckpt", tiered_delta, "--class-id", 29, "--guidance", guidance, "--num-samples", 2,
+                    "--steps", 2, "--out", tmp_path / "s.png", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    conditional, guide = guide_halves(label_lookups)
+    # rows: 32 species, then 16 genera (a genus: a shape and pattern, in both tints), then 8 shape families
+    row, node = dict(genus=(32 + 29 // 2, names[29].rsplit("/", 1)[0]),
+                     superclass=(32 + 16 + 29 // 4, names[29].split("/")[0]))[guidance]
+    assert (conditional == 29).all() and (guide == row).all()
+    assert f"guided by {guidance} row {row} ({node}), w = 4" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["grid", "generate"])
+def test_grid_and_generate_guide_from_the_genus_rows(tiered_delta, tmp_path, capsys, label_lookups, command):
+    argv = dict(grid=("grid", "--class-ids", 0, 5, 29, "--out", tmp_path / "g.png"),
+                generate=("generate", "--per-class", 1, "--out", tmp_path / "gen"))[command]
+    proc = run_main(evaluate, *argv, "--ckpt", tiered_delta, "--guidance", "genus", "--steps", 2, capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    conditional, guide = guide_halves(label_lookups)
+    assert guide.tolist() == [32 + c // 2 for c in conditional.tolist()]
+
+
+def test_a_tiered_run_resumes_and_still_guides_from_its_genus_rows(tiered_delta, tmp_path, capsys, label_lookups):
+    run = tmp_path / "run"
+    shutil.copytree(tiered_delta, run)
+    assert run_train("--resume", run / "checkpoints" / "0000001.pt", "--max-steps", 3)["step"] == 3
+    label_lookups.clear()
+    proc = run_main(sample_module, "--ckpt", run, "--class-id", 6, "--guidance", "genus", "--num-samples", 1,
+                    "--steps", 2, "--out", tmp_path / "s.png", capsys=capsys)
+    assert proc.returncode == 0 and "from " + str(run / "checkpoints" / "0000003.pt") in proc.stderr, proc.stderr
+    assert (guide_halves(label_lookups)[1] == 32 + 3).all()
+    assert_one_line_error(run_main(train, "--resume", run / "checkpoints" / "0000003.pt", "--tiers", "superclass",
+                                   "--max-steps", 4, capsys=capsys), "--tiers", "cannot change it")
+
+
+def test_train_substitutes_to_the_tier_tier_probs_asks_for(tmp_path, capsys, label_lookups):
+    base = run_train(*TINY_TRAIN, "--data", "toy-base", "--init", "none", "--global-batch-size", "4", "--max-steps", "1",
+                     "--run-dir", tmp_path / "base")["final_ckpt"]
+    for probs, block in (("1,0", range(32, 48)), ("0,1", range(48, 56))):
+        label_lookups.clear()
+        run_train(*TINY_TRAIN, "--init", base, "--tiers", "genus,superclass", "--superclass-prob", 1, "--tier-probs",
+                  probs, "--global-batch-size", "4", "--max-steps", "2", "--run-dir", tmp_path / probs)
+        trained = torch.cat([rows for _, rows in label_lookups[:2]])        # the two steps' labels, as looked up
+        assert len(trained) == 8 and all(r in block for r in trained.tolist()), (probs, trained)
+
+
+@pytest.mark.parametrize("flags, words", [(["--tiers", "family,superclass"], ["no rank family", "genus, superclass"]),
+                                          (["--tiers", "genus,superclass", "--tier-probs", "1"], ["1 weights", "2 tiers"]),
+                                          (["--tiers", "genus,genus"], ["distinct ranks"])])
+def test_tiers_the_data_does_not_have_are_one_error_line(tmp_path, capsys, flags, words):
+    proc = run_main(train, *TINY_TRAIN, "--init", "none", *flags, "--max-steps", 1, "--run-dir", tmp_path / "run",
+                    capsys=capsys)
+    assert_one_line_error(proc, *words)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_the_default_tiers_make_the_same_checkpoint_as_naming_the_superclass(tmp_path):
+    runs = [run_train(*TINY_TRAIN, "--init", "none", *flag, "--global-batch-size", "4", "--max-steps", "2",
+                      "--run-dir", tmp_path / str(k))["final_ckpt"] for k, flag in enumerate([[], ["--tiers", "superclass"]])]
+    a, b = (torch.load(path, weights_only=True) for path in runs)
+    assert a["config"] == b["config"] and "tiers" not in a["config"]
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_a_checkpoint_whose_hierarchy_has_no_ranks_resumes_on_data_that_has_them(tmp_path):
+    out = run_train(*TINY_TRAIN, "--init", "none", "--global-batch-size", "4", "--max-steps", "1", "--ckpt-every", "1",
+                    "--run-dir", tmp_path / "run")
+    ckpt = torch.load(out["final_ckpt"], weights_only=True)
+    ckpt["hierarchy"] = {k: ckpt["hierarchy"][k] for k in ("class_names", "superclass_names", "superclass_of")}
+    torch.save(ckpt, out["final_ckpt"])                           # as written before ranks existed
+    assert run_train("--resume", out["final_ckpt"], "--max-steps", 2)["step"] == 2
+
+
+def test_a_hierarchy_whose_rank_points_past_its_nodes_is_one_error_line(tmp_path, capsys):
+    path = toy_checkpoint(tmp_path / "fd.pt", "finediffusion", tiers=["genus", "superclass"])
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["hierarchy"]["ranks"][0]["of"][5] = 16                  # genus 16 of 16
+    torch.save(ckpt, path)
+    proc = run_main(sample_module, "--ckpt", path, "--class-id", 1, "--steps", 2, "--out", tmp_path / "s.png",
+                    capsys=capsys)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {path}: its hierarchy is damaged"), proc.stderr
+
+
+def test_embeddings_report_the_neighbour_share_at_every_rank(tmp_path):
+    path = toy_checkpoint(tmp_path / "fd.pt", "finediffusion", tiers=["genus", "superclass"])
+    ckpt = torch.load(path, weights_only=True)
+    table = ckpt["model"][model_module.LABEL_TABLE]                # 32 species, 16 genera, 8 superclasses
+    with torch.no_grad():                                         # each species beside its genus' other tint
+        table[:32] = 10 * torch.randn(16, table.shape[1]).repeat_interleave(2, 0) + torch.randn(32, table.shape[1])
+    torch.save(ckpt, path)
+    evaluate.main(["embeddings", "--ckpt", path, "--out", str(tmp_path / "f.png"), "--neighbours", "1",
+                   "--iters", "250", "--device", "cpu"])
+    with open(tmp_path / "f.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["same_genus_original"]) == 1.0 and float(row["chance_genus"]) == pytest.approx(1 / 31)
+    assert float(row["same_superclass_original"]) == 1.0          # a genus lies inside its shape family
+
+
+def test_tint_accuracy_is_the_classifiers_choice_between_the_two_species_of_the_true_genus():
+    labels = torch.tensor([0, 0, 5, 5, 29, 29])
+    logits = torch.zeros(6, 32)
+    for i, ranked in enumerate([[0], [1], [9, 5, 4], [9, 4, 5], [29], [28]]):   # each image's classes, best first
+        logits[i, ranked] = torch.arange(len(ranked), 0, -1, dtype=torch.float)
+
+    class Net:                                     # a classifier whose choices are known: the logits above
+        def __call__(self, x):
+            return logits, torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+
+        def feature_maps(self, x):
+            return [x]
+
+    hierarchy = toy_module.ToyDataset("toy", image_size=8, images_per_class=1).hierarchy()
+    found = toy_module.toy_metrics(Net(), torch.randn(6, 3, 4, 4), labels, hierarchy, np.random.randn(50, 4), pairs=6)
+    # species 2k and 2k+1 form genus k: right tint in images 0, 2 (9 is another genus; 5 beats 4) and 4
+    assert found["tint_acc"] == pytest.approx(3 / 6) and found["sub_acc"] == pytest.approx(2 / 6)

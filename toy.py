@@ -5,13 +5,14 @@ A toy image is a look -- a shape (8 families, each with its own hue), a pattern 
 upright with a small random offset and size, a random background and noise. The two sets mirror the paper's data:
   toy-base  ImageNet's role: every shape in 4 of its 6 patterns, in both tints: 64 classes, 512 renders each. The
             shipped base DiT (train.TOY_BASE) was pre-trained on it.
-  toy       iNat21-mini's role: the 16 shape-pattern combinations the base never shows, in both tints: 32 species in 8
-            superclasses (the shape families), a fixed 50 training images each.
+  toy       iNat21-mini's role: the 16 shape-pattern combinations the base never shows, in both tints: 32 species in 16
+            genera (shape and pattern) in 8 superclasses (the shape families), a fixed 50 training images each.
 The pose varies little on purpose: a DiT small enough to train on 2 CPU cores in an hour draws upright shapes
 recognisably, not shapes turned and shifted at random. A small CNN trained on real toy images stands in for Inception:
-it says whether a sample shows its subclass and superclass, gives features for a Frechet distance, and (unit-normalised
+it says whether a sample shows its subclass, its tint within its genus and its superclass, gives features for a Frechet distance, and (unit-normalised
 feature maps, as LPIPS) a distance between two samples of one class.
 """
+import math
 import os
 import sys
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from fid_inception import feature_stats, frechet_distance
 from hardening import (UserError, atomic_write, finite_float, folder_path, load_strict, nonnegative_int, out_file,
                        positive_int, read_checkpoint)
-from model import HierarchyView, checkpoint_label, make_hierarchy
+from model import HierarchyView, checkpoint_label, make_hierarchy, nodes_at, two_levels
 from sample import (add_sampler_args, guide_labels, has_guide_rows, load_for_sampling, sample_images, sample_pairs,
                     sampler_of)
 
@@ -171,7 +172,7 @@ _TOY_SPLITS = {"train": 0, "val": 1, "test": 2}
 class ToyDataset(HierarchyView, Dataset):
     """`images_per_class` renders of each look of a toy set (toy_looks). Item i is class i // images_per_class,
     instance i % images_per_class, rendered from the numpy rng seeded with (seed, split, class, instance): the same
-    image on any machine. A class's superclass is its shape."""
+    image on any machine. A class's superclass is its shape, its genus its shape and pattern."""
 
     max_prerender_bytes = 256 << 20  # pre-render the whole set when it fits; otherwise render per item
 
@@ -180,7 +181,10 @@ class ToyDataset(HierarchyView, Dataset):
         self.image_size, self.images_per_class, self.seed, self.flip = image_size, images_per_class, seed, flip
         self.split_id = _TOY_SPLITS[split]
         names = ["/".join([TOY_SHAPES[f], TOY_PATTERNS[p], TOY_TINTS[t]]) for f, p, t in self.looks]
-        self.hierarchy_ = make_hierarchy(names, TOY_SHAPES, [f for f, _, _ in self.looks])
+        genera = list(dict.fromkeys((f, p) for f, p, _ in self.looks))          # a shape and a pattern: the genus
+        genus = dict(rank="genus", names=["/".join([TOY_SHAPES[f], TOY_PATTERNS[p]]) for f, p in genera],
+                     of=[genera.index((f, p)) for f, p, _ in self.looks])
+        self.hierarchy_ = make_hierarchy(names, TOY_SHAPES, [f for f, _, _ in self.looks], [genus])
         self.labels = np.repeat(np.arange(len(self.looks)), images_per_class)  # (N,): class of item i
         self.targets = self.labels.tolist()
         self.images = None  # (N, H, W, 3) uint8 when pre-rendered
@@ -214,7 +218,8 @@ def toy_dataset(name, image_size=32, split="train", flip=True, seed=0, **overrid
 
 def toy_set_of(hierarchy):
     """The name of the toy set whose classes a checkpoint has, or None."""
-    return next((name for name in TOY_SETS if toy_dataset(name, 8, images_per_class=1).hierarchy() == hierarchy), None)
+    return next((name for name in TOY_SETS if hierarchy is not None and
+                 two_levels(toy_dataset(name, 8, images_per_class=1).hierarchy()) == two_levels(hierarchy)), None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,15 +275,19 @@ def toy_classifier(image_size, cache_dir="results", epochs=4, seed=0, toy_set="t
 
 
 @torch.no_grad()
-def toy_metrics(net, images, labels, superclass_of, real_features, pairs=200, seed=0):
-    """Subclass and superclass accuracy, classifier-feature FID and LPIPS-style diversity of images in [-1, 1]."""
+def toy_metrics(net, images, labels, hierarchy, real_features, pairs=200, seed=0):
+    """Subclass, superclass and tint accuracy (the species among the two of its true genus: what a genus guide
+    should sharpen), classifier-feature FID and LPIPS-style diversity of images in [-1, 1]."""
     logits, features = net(images)
-    pred, sc = logits.argmax(1), torch.as_tensor(superclass_of)
+    pred, sc = logits.argmax(1), torch.as_tensor(nodes_at(hierarchy, "superclass")[1])
+    genus = torch.as_tensor(nodes_at(hierarchy, "genus")[1])
+    in_genus = logits.masked_fill(genus[None, :] != genus[labels][:, None], -math.inf).argmax(1)   # (N,)
     a, b = sample_pairs(labels.numpy(), pairs, np.random.default_rng(seed))
     unit = lambda m: m / (m.norm(dim=1, keepdim=True) + 1e-10)
     diversity = sum(((unit(p) - unit(q)) ** 2).sum(1).mean(dim=(1, 2))
                     for p, q in zip(net.feature_maps(images[a]), net.feature_maps(images[b])))
     return dict(sub_acc=(pred == labels).float().mean().item(), super_acc=(sc[pred] == sc[labels]).float().mean().item(),
+                tint_acc=(in_genus == labels).float().mean().item(),
                 fid=frechet_distance(*feature_stats(features.numpy()), *feature_stats(real_features)),
                 diversity=diversity.mean().item())
 
@@ -297,7 +306,7 @@ def toy_reference(name, size, args):
         real_features = net(toy_images(real)[0])[1].numpy()
     held_out = toy_dataset(name, size, "test", flip=False, seed=args.seed, images_per_class=args.per_class)
     row = dict(ckpt=f"real {name} images (test)", method="-", guidance="-", cfg_scale=None, step=None,
-               train_time_s=None, **toy_metrics(net, *toy_images(held_out), real.superclass_of, real_features,
+               train_time_s=None, **toy_metrics(net, *toy_images(held_out), real.hierarchy(), real_features,
                                                  args.pairs, args.seed))
     return net, real, real_features, row
 
@@ -305,7 +314,8 @@ def toy_reference(name, size, args):
 def add_toy_args(p):
     """The flags of `evaluate.py toy`."""
     p.add_argument("--ckpt", nargs="+", required=True, help="toy checkpoints or run folders (e.g. one per method)")
-    p.add_argument("--guidance", nargs="+", choices=["none", "null", "superclass"], default=["none", "null", "superclass"])
+    p.add_argument("--guidance", nargs="+", choices=["none", "null", "superclass", "genus"],
+                   default=["none", "null", "superclass"], help="guides, each where the table has its rows")
     p.add_argument("--per-class", type=positive_int, default=16, help="samples of each class")
     add_sampler_args(p, steps=50)
     p.add_argument("--cfg-scales", nargs="+", type=finite_float, help="a guidance sweep: every guide at each of "
@@ -347,14 +357,14 @@ def score_toy(args):
                 images = sample_images(model, y, guide_labels(model, y, *key[:2]), key[1], sampler, seed=seed,
                                        progress=False)
                 x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (N, 3, H, W) in [-1, 1]
-                done[key] = toy_metrics(net, x, y, real.superclass_of, real_features, args.pairs, seed)
+                done[key] = toy_metrics(net, x, y, real.hierarchy(), real_features, args.pairs, seed)
             rows.append(dict(ckpt=checkpoint_label(path), method=info["config"].get("method", "?"), guidance=guidance,
                              cfg_scale=scale, step=info.get("step"), train_time_s=info["time_s"], seed=seed,
                              **sampler.record(), **done[key]))
     return rows, sampler
 
 
-TOY_COLUMNS = [("sub_acc", "sub acc↑", 9, ".3f"), ("super_acc", "super acc↑", 11, ".3f"),
+TOY_COLUMNS = [("sub_acc", "sub acc↑", 9, ".3f"), ("super_acc", "super acc↑", 11, ".3f"), ("tint_acc", "tint acc↑", 10, ".3f"),
                ("fid", "FID(cls)↓", 10, ".2f"), ("diversity", "diversity↑", 11, ".3f")]   # key, header, width, format
 
 

@@ -8,7 +8,8 @@
 
 One step (§3.1, §3.2.1; train_step): images x, or their SD-VAE latents z = 0.18215 (mean + sigma eps), with subclass
 labels y; t ~ U{0..999}; the TieredEmbedder swaps y for its superclass row with probability --superclass-prob (0.1),
-which trains eps(x_t | c_p), the guide of eq. 1; the IDDPM hybrid loss; AdamW (lr 1e-4, no weight decay) on the
+which trains eps(x_t | c_p), the guide of eq. 1 (--tiers genus,superclass: rows for genera too, a label swapped for
+its genus or its superclass); the IDDPM hybrid loss; AdamW (lr 1e-4, no weight decay) on the
 tensors --tune trains (Table 2: FineDiffusion's label table, biases and LayerNorm affine, 1.77% of DiT-XL/2) and their
 EMA (0.9999). Frozen tensors get no weight gradient, no all-reduce and no AdamW state: the 1.56x speed-up.
 
@@ -39,9 +40,9 @@ import data
 import hardening as guard
 from diffusion import create_diffusion
 from hardening import (ArgumentParser, Stopped, all_ranks, decay_rate, device_name, folder_path, nonnegative_int,
-                       out_file, positive_float, positive_int, probability, run_cli)
+                       out_file, positive_float, positive_int, probability, rank_list, run_cli, weight_list)
 from model import (LATENT_CHANNELS, METHODS, SUPERCLASS_PROB, TABLES, DiT_models, build_model, default_table, load_model,
-                   load_pretrained, published_layout, save_checkpoint, set_trainable)
+                   load_pretrained, published_layout, rank_names, save_checkpoint, set_trainable, two_levels)
 from sample import CFG_SCALE, Sampler, guide_labels, sample_images, save_png
 from toy import TOY_SETS
 from vae import AutoencoderKL, same_vae, scaled_latent
@@ -161,7 +162,7 @@ def start_run(args, resume, rank, world, device):
             model, config, base = fresh_model(args, dataset, base_path, base, extra, say)
         else:
             model, config, base = resumed_model(args, resume), resume["config"], resume["base"]
-            guard.check_same_classes(dataset.hierarchy(), model.hierarchy, args.resume)
+            guard.check_same_classes(two_levels(dataset.hierarchy()), two_levels(model.hierarchy), args.resume)
         trainable, total = set_trainable(model, config["method"])
         model.to(device).train()
         model.grad_checkpointing = args.grad_checkpointing
@@ -171,9 +172,12 @@ def start_run(args, resume, rank, world, device):
         opt = torch.optim.AdamW([p for _, p in tuned], lr=args.lr, weight_decay=0)        # after DDP's broadcast
         run = Run(args, config, base, vae_identity, vae, dataset, model, net, tuned, opt, scaler, autocast, rank,
                   world, device, run_dir, ema={name: p.detach().clone() for name, p in tuned})
+        tiers = model.y_embedder.tier_sizes                                       # the rows the table has
         say(f"{config['name']} {config['image_size']}px {'pixels' if pixel else 'latents'}, {config['num_classes']} "
             f"classes / {config['num_superclasses']} superclasses, --tune {config['method']}: {trainable / 1e6:.2f}M "
-            f"of {total / 1e6:.2f}M parameters trained ({100 * trainable / total:.2f}%), {world} process(es)")
+            f"of {total / 1e6:.2f}M parameters trained ({100 * trainable / total:.2f}%), {world} process(es)"
+            + ("" if list(tiers) in ([], ["superclass"]) else
+               f"; tier rows: {', '.join(f'{n} {rank}' for rank, n in tiers.items())}"))
         seed_everything(args.seed * world + rank)        # per-rank timesteps, noise and label substitutions
         if resume is not None:
             restore_training_state(run, resume, say)
@@ -268,7 +272,11 @@ def parse_args(argv=None):
                    "superclass rows, eq. 1) or null (a null row, standard CFG); default: finediffusion's tiered, the "
                    "baselines' null")
     p.add_argument("--superclass-prob", type=probability, default=SUPERCLASS_PROB,
-                   help="label -> superclass substitution (§3.2.1; the authors' value)")
+                   help="label -> superclass substitution (§3.2.1; the authors' value); with --tiers, to a tier's node")
+    p.add_argument("--tiers", type=rank_list, help="ranks of the hierarchy with rows in a tiered table, e.g. "
+                   "genus,superclass (default: superclass, the paper's table)")
+    p.add_argument("--tier-probs", type=weight_list, help="how often substitution picks each tier, e.g. 0.5,0.5 "
+                   "(default: uniform)")
     p.add_argument("--lr", type=positive_float, help=recipe_help("lr"))
     p.add_argument("--global-batch-size", type=positive_int, help="over all processes; " + recipe_help("global_batch_size"))
     p.add_argument("--max-steps", type=positive_int, help=recipe_help("max_steps"))
@@ -336,11 +344,14 @@ def fresh_model(args, dataset, base_path, base, extra, say):
     """A new run's DiT, its config and its base {"path", "sha256"} (None: every tensor is saved). The base's tensors
     start it (a label table of another size re-initialised); a delta base is first put back on its own base, and the
     run then saves every tensor (deltas on deltas would chain)."""
+    guard.check_tiers(args.tiers or ["superclass"], rank_names(dataset.hierarchy()), args.tier_probs)
+    tiers = {} if args.tiers in (None, ["superclass"]) else dict(tiers=args.tiers)     # the paper's: config as before
     config = dict(name=args.model, image_size=args.image_size, num_classes=dataset.num_classes,
                   num_superclasses=dataset.num_superclasses, method=args.tune,
-                  table=args.table or default_table(args.tune), **extra)
+                  table=args.table or default_table(args.tune), **tiers, **extra)
     seed_everything(args.seed)   # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(**config, hierarchy=dataset.hierarchy(), superclass_prob=args.superclass_prob)
+    model = build_model(**config, hierarchy=dataset.hierarchy(), superclass_prob=args.superclass_prob,
+                        tier_probs=args.tier_probs)
     if base is None:
         return model, config, None
     chained = bool(base.get("base"))
@@ -488,7 +499,7 @@ def sample_grid(run):
 
 NOT_RESUMED = {"resume", "export", "run_dir", "init", "given"}     # --init on a resume: where its base moved to
 # What fixes the model or its data: a resumed run cannot change it (paths may move: --data-path, --latent-cache, --vae).
-FIXED_ON_RESUME = ("model", "image_size", "tune", "table", "data", "split")
+FIXED_ON_RESUME = ("model", "image_size", "tune", "table", "tiers", "data", "split")
 
 
 def read_resume(args):
@@ -507,7 +518,7 @@ def resumed_model(args, ckpt):
     """The run's DiT with its trained (not EMA) tensors; a delta goes onto its base (--init: if it moved)."""
     base = os.path.abspath(guard.resolve_checkpoint(args.init)) if args.init and args.init.lower() != "none" else None
     model, _ = load_model(args.resume, base=base, weights="model", base_flag="--init")
-    model.y_embedder.superclass_prob = args.superclass_prob
+    model.y_embedder.superclass_prob, model.y_embedder.tier_probs = args.superclass_prob, args.tier_probs
     return model
 
 
