@@ -1,4 +1,4 @@
-"""Data for FineDiffusion (paper §4.1): iNaturalist 2021 with its superclasses, any folder of images with a
+"""Data for FineDiffusion (paper §4.1): iNaturalist 2021 with its superclasses, VegFru, any folder of images with a
 hierarchy, DiT's preprocessing, and a cache of VAE latents.
 
     python data.py info --data inat21 --data-path data/inat21 --split val     # counts per superclass
@@ -13,9 +13,11 @@ statistics and samples carry unchanged; `train.py --tiers` gives any of its rank
             Class id = index of the sorted folder name (NNNNN on the full set); superclass = the json's
             supercategory, else the built-in id table, in the row order of the authors' checkpoint; genus ...
             kingdom: the json's.
-  folder    root/<superclass>/<class>/* (VegFru: 25 superclasses, 292 subclasses), or root/<class>/* with a
-            --hierarchy-csv of `class,superclass` rows (or `class,genus,superclass`: a column a rank, named by the
-            header, the superclass last).
+  vegfru    <root>/vegfru_list/{vegfru,supvegfru}_{train,val,test}.txt, the split lists of VegFru's download: each
+            image (veg200_images/<subclass>/*.jpg, fru92_images/...) with its subclass (0 ... 291) and superclass
+            (0 ... 24). A subclass is named by its images' folder; the lists pair it with its images' superclass.
+  folder    root/<superclass>/<class>/*, or root/<class>/* with a --hierarchy-csv of `class,superclass` rows (or
+            `class,genus,superclass`: a column a rank, named by the header, the superclass last).
   toy, toy-base   the built-in toy world (toy.py): iNat21-mini's and ImageNet's roles, rendered, no download;
             shape families (superclass) over shape-pattern genera over tinted species.
 Preprocessing is DiT's: ADM centre crop, random flip, [-1, 1]; an unreadable image is skipped with a warning. The cache
@@ -42,8 +44,8 @@ import toy
 from hardening import (CACHE_FORMAT, CACHE_VERSION, INAT21_RANKS, ArgumentParser, UserError, atomic_write,
                        folder_path, inat21_categories, init_distributed, multiple_of_8, nonnegative_int, on_rank0,
                        open_cache, open_cache_arrays, out_file, positive_int, prepare_cache_dir, read_hierarchy_csv,
-                       read_rgb, require_dir, run_cli, worker_init, write_json)
-from model import INAT21_SUPERCLASSES, HierarchyView, inat21_superclass_of, make_hierarchy
+                       read_rgb, read_vegfru_lists, require_dir, run_cli, worker_init, write_json)
+from model import INAT21_SUPERCLASSES, HierarchyView, inat21_superclass_of, make_hierarchy, vegfru_hierarchy
 from vae import LATENT_SCALE, AutoencoderKL, latent_scale, scaled_latent
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -136,6 +138,13 @@ def folder_dataset(root, split="train", image_size=256, flip=True, hierarchy_csv
         class_names = [n if repeated[n] == 1 else d.replace(os.sep, "/") for n, d in zip(leaf, class_dirs)]
     return ImageListDataset(root, files, labels, make_hierarchy(class_names, superclass_names, superclass_of, ranks),
                             image_size, flip)
+
+
+def vegfru_dataset(root, split="train", image_size=256, flip=True):
+    """VegFru from its own split lists (hardening.read_vegfru_lists): the images of vegfru_<split>.txt with their
+    subclass ids, the hierarchy from every split's lists (so train, val and test share ids and names)."""
+    splits, class_names, superclass_of = read_vegfru_lists(root, split)
+    return ImageListDataset(root, *splits[split], vegfru_hierarchy(class_names, superclass_of), image_size, flip)
 
 
 def ranks_between(names, lineages):
@@ -251,18 +260,20 @@ def dit_preprocess(image, image_size, flip=True):
 # One entry point, and the flags that name a dataset
 # ----------------------------------------------------------------------------------------------------------------
 
-DATASETS = ("inat21", "folder", *toy.TOY_SETS)
+DATASETS = ("inat21", "vegfru", "folder", *toy.TOY_SETS)
 
 
 def build_dataset(name, data_path=None, image_size=None, split=None, flip=True, seed=0, hierarchy_csv=None):
-    """'inat21' | 'folder' | 'toy' | 'toy-base' -> a Dataset of (image in [-1, 1], class id) holding its hierarchy.
-    Defaults (None): the root data/<name>/ (toy sets are rendered), the split train_mini for iNat21 and train for
+    """'inat21' | 'vegfru' | 'folder' | 'toy' | 'toy-base' -> a Dataset of (image in [-1, 1], class id) holding its
+    hierarchy. Defaults (None): the root data/<name>/ (toy sets are rendered), the split train_mini for iNat21 and train for
     the others, 32 px for the toy sets and 256 for the others."""
     data_path = dataset_root(name, data_path)
     split = split or ("train_mini" if name == "inat21" else "train")
     image_size = image_size or default_image_size(name)
     if name == "inat21":
         return inat21_dataset(data_path, split, image_size, flip)
+    if name == "vegfru":
+        return vegfru_dataset(data_path, split, image_size, flip)
     if name == "folder":
         return folder_dataset(data_path, split, image_size, flip, hierarchy_csv)
     return toy.toy_dataset(name, image_size, split, flip, seed)
@@ -274,13 +285,14 @@ def default_image_size(name):
 
 def dataset_root(name, data_path=None):
     """--data-path, else data/<name>/; None for the toy sets, which are rendered."""
-    return data_path or (os.path.join("data", name) if name in ("inat21", "folder") else None)
+    return data_path or (os.path.join("data", name) if name in ("inat21", "vegfru", "folder") else None)
 
 
 def add_data_args(p, split="train_mini for inat21, else train", required=False):
     """The flags that name a dataset, for every command that reads one."""
     p.add_argument("--data", choices=DATASETS, required=required, help="dataset (README: the paper's workflow at scale)")
-    p.add_argument("--data-path", help="dataset root; default: data/<--data> (inat21: the folder of its splits)")
+    p.add_argument("--data-path", help="dataset root; default: data/<--data> (inat21: the folder of its splits; vegfru: "
+                                       "the folder of vegfru_list/)")
     p.add_argument("--split", help=f"default: {split}")
     p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder of class folders")
 
@@ -305,8 +317,9 @@ class _Indexed(Dataset):
 def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT_WORKERS, meta=None, device=None,
                        progress=True):
     """Encode every image of `dataset` (built with flip=False) and its mirror with vae.encode(x) -> (mean, logvar),
-    and store the moments; an interrupted cache resumes. Under torchrun each rank encodes a contiguous share (one
-    node: the ranks share out_dir's page cache); rank 0 writes meta.json. meta: its extra fields. -> the meta dict."""
+    and store the moments; an interrupted cache resumes. Under torchrun each rank encodes an even share of the images
+    left (a contiguous run of them; one node: the ranks share out_dir's page cache), and rank 0's bar counts the
+    world's images; rank 0 writes meta.json. meta: its extra fields. -> the meta dict."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = vae.to(device).eval()
@@ -318,14 +331,19 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT
     meta = dict(format=CACHE_FORMAT, version=CACHE_VERSION, **(meta or {}), image_size=int(x0.shape[-1]),
                 num_images=n, latent_shape=list(mean0.shape[1:]), moments_dtype="float16",
                 hierarchy=dataset.hierarchy(), files_sha256=files, complete=False)
-    on_rank0(lambda: prepare_cache_dir(out_dir, meta))   # the others wait until the files exist
+
+    def images_left():
+        prepare_cache_dir(out_dir, meta)
+        return np.flatnonzero(~open_cache_arrays(out_dir, meta)["done.npy"])
+    left = on_rank0(images_left)         # read before any rank writes; the others wait until the files exist
     arrays = open_cache_arrays(out_dir, meta, mode="r+")
     moments, labels, done = arrays["moments.npy"], arrays["labels.npy"], arrays["done.npy"]  # (N, 2, 2C, h, w), (N,)
-    todo = [i for i in range(rank * n // world, (rank + 1) * n // world) if not done[i]]
-    loader = DataLoader(_Indexed(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=worker_init)
-    with torch.no_grad():
-        for index, x, y in tqdm(loader, desc=f"encoding {len(todo)} of {n} images", disable=not progress or rank):
+    shares = np.array_split(left, world)                 # rank 0's the largest: its last step is the world's last
+    loader = DataLoader(_Indexed(dataset, shares[rank].tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init)
+    bar = tqdm(total=len(left), unit="img", desc=f"encoding {len(left)} of {n} images", disable=not progress or rank)
+    with torch.no_grad(), bar:
+        for step, (index, x, y) in enumerate(loader):
             x = x.to(device, non_blocking=True)  # (B, 3, H, W)
             mean, logvar = vae.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w) each
             both = torch.cat([mean, logvar], dim=1).float()  # (2B, 2C, h, w)
@@ -337,6 +355,7 @@ def build_latent_cache(dataset, vae, out_dir, batch_size=32, num_workers=DEFAULT
             labels.flush()
             done[rows] = True  # only once the data is on disk
             done.flush()
+            bar.update(sum(min(batch_size, max(0, len(share) - step * batch_size)) for share in shares))  # the world's
     if world > 1:
         dist.barrier()
     if rank == 0:

@@ -14,10 +14,13 @@
     python evaluate.py grid --ckpt results/toy-finediffusion-s0 --class-ids 8 9 10 11 --data toy --out fig5.png
 
 FID (Heusel et al. 2017), lower is better: the Frechet distance between Gaussians fitted to the 2048-d Inception-v3
-pool features of real and of generated images, overall and within each superclass. LPIPS (Zhang et al. 2018, v0.1,
-AlexNet), higher is better: the mean perceptual distance between two generated images of one class. FIDs compare only
-when every detail of the features matches, so fid_inception.py ports the TF Inception graph pytorch-fid uses, and
-statistics record what made them (image size and crop, Inception sha256): `fid` refuses to compare two that differ.
+pool features of real and of generated images, overall and within each superclass; beside it, from the same Inception
+pass, the metrics the field prints (fid_inception.py): sFID, KID, Inception Score, precision and recall. LPIPS (Zhang
+et al. 2018, v0.1, AlexNet), higher is better: the mean perceptual distance between two generated images of one class.
+Where a superclass has fewer images than FID's 2048 dimensions (five of iNat21's in val), read KID: FID is biased by
+the count, KID is not. FIDs compare only when every detail of the features matches, so fid_inception.py ports the TF
+Inception graph pytorch-fid uses, and statistics record what made them (image size and crop, Inception sha256): `fid`
+refuses to compare two that differ.
 """
 import hashlib
 import json
@@ -39,13 +42,15 @@ from tqdm import tqdm
 import data
 import figures
 import toy
-from fid_inception import FID_WEIGHTS, feature_stats, frechet_distance, inception_features, load_inception, unit_images
+from fid_inception import (FID_WEIGHTS, IS_SPLITS, KID_SUBSET_SIZE, KID_SUBSETS, PR_NEIGHBOURS, feature_stats,
+                           frechet_distance, inception_features, inception_score, kernel_inception_distance,
+                           load_inception, precision_recall, unit_images)
 from hardening import (MANIFEST, ArgumentParser, UserError, atomic_write, check_comparable, check_hierarchy,
                        device_name, file_sha256, find_file, find_weights, folder_path, init_distributed,
                        int_in, load_strict, lock_folder, nonnegative_int, npz_member_layout, on_rank0, out_file,
                        out_of_memory_advice, positive_int, read_checkpoint, read_json, read_manifest, read_npz,
                        read_provenance, release, remove_stale_temp_files, run_cli, statistics_file, stats_hierarchy,
-                       worker_init, write_csv, write_json)
+                       worker_init, write_csv, write_json, write_npz_rows)
 from model import inat21_hierarchy
 from sample import add_guidance_arg, add_sampler_args, guide_labels, load_for_sampling, sample_images, sample_pairs, sampler_of
 
@@ -53,25 +58,41 @@ ALEXNET_WEIGHTS, LPIPS_LIN_WEIGHTS = "alexnet-owt-7be5be79.pth", "alex.pth"
 
 
 # --- Table 1: statistics per superclass, and its rows ----------------------------------------------------------------
-# A statistics .npz holds mu, sigma and count of all images, `provenance` (JSON: their source, the size and crop they
-# were scored at, the Inception weights' sha256, the count) and, for images with a hierarchy, that hierarchy (JSON) and
-# mu_<s>, sigma_<s>, count_<s> for each superclass index s of it.
+# A statistics .npz holds, of all images: count; mu and sigma (FID); spatial_mu and spatial_sigma (sFID); isc (the
+# Inception Score's mean and std); `features`, the pool features themselves (float32), which KID and precision/recall
+# need: every one, for both metrics depend on how many they compare (100,000 iNat21 val images: 819 MB); `provenance`
+# (JSON: their source, the size and crop they were scored at, the Inception weights' sha256, the count). For images
+# with a hierarchy, that hierarchy (JSON), `superclass` (each feature's) and, for each superclass index s of it,
+# count_<s>, mu_<s>, sigma_<s>, spatial_mu_<s>, spatial_sigma_<s>, isc_<s>. Files made before sFID, KID, IS and
+# precision/recall were added lack their parts: those columns are left empty.
 
-def image_stats(features, labels=None, hierarchy=None, provenance=None):
-    """Feature statistics of all images and of each superclass (when the images' classes and hierarchy are known)."""
-    mu, sigma = feature_stats(features)
-    stats = {"mu": mu, "sigma": sigma, "count": np.int64(len(features))}
+def image_stats(features, labels=None, hierarchy=None, provenance=None, logits=None, spatial=None):
+    """Statistics of all images and of each superclass (when the images' classes and hierarchy are known). features:
+    pool features (N, D); logits (N, C) and spatial features (N, 2023): the same pass's (forward_all), where given."""
+    stats = {"count": np.int64(len(features)), "features": np.asarray(features, np.float32),
+             **group_stats(features, logits, spatial)}
     if provenance is not None:
         stats["provenance"] = np.array(json.dumps(provenance))
     if hierarchy is None or labels is None or not (np.asarray(labels) >= 0).any():
         return stats
     stats["hierarchy"] = np.array(json.dumps(hierarchy))
-    superclasses = superclasses_of(labels, hierarchy)
+    stats["superclass"] = superclasses = superclasses_of(labels, hierarchy)   # (N,)
     for s in range(len(hierarchy["superclass_names"])):
-        group = features[superclasses == s]
-        stats[f"count_{s}"] = np.int64(len(group))
-        if len(group) >= 2:  # a covariance needs two images
-            stats[f"mu_{s}"], stats[f"sigma_{s}"] = feature_stats(group)
+        group = superclasses == s
+        stats[f"count_{s}"] = np.int64(group.sum())
+        if group.sum() >= 2:  # a covariance needs two images
+            stats.update(group_stats(features[group], *(None if a is None else a[group] for a in (logits, spatial)),
+                                     suffix=f"_{s}"))
+    return stats
+
+
+def group_stats(features, logits=None, spatial=None, suffix=""):
+    """One group's FID mean and covariance, its sFID ones and its Inception Score (where given), named with `suffix`."""
+    stats = dict(zip(("mu" + suffix, "sigma" + suffix), feature_stats(features)))
+    if spatial is not None:
+        stats.update(zip(("spatial_mu" + suffix, "spatial_sigma" + suffix), feature_stats(spatial)))
+    if logits is not None:
+        stats["isc" + suffix] = np.array(inception_score(logits))   # (mean, std)
     return stats
 
 
@@ -86,11 +107,11 @@ def members(hierarchy, s):
     return {n for n, p in zip(hierarchy["class_names"], hierarchy["superclass_of"]) if p == s}
 
 
-def fid_table(real, fake, lpips=None, overall_only=False):
-    """Rows like paper Table 1, one per superclass of the generated images (in the reference's order), then Overall:
-    [{"superclass", "fid" (max(0, d): a distance), "fid_raw" (d as computed), "lpips", "count_real", "count_fake"}].
-    Superclasses are matched by name, never by position, and a row is given only where both sides' superclass holds
-    the same classes (else it would compare different things: it is dropped, and said). lpips: lpips_diversity's."""
+def fid_table(real, fake, lpips=None, overall_only=False, device="cpu"):
+    """Rows like paper Table 1, one per superclass of the generated images (in the reference's order), then Overall
+    (metric_row's). Superclasses are matched by name, never by position, and a row is given only where both sides'
+    superclass holds the same classes (else it would compare different things: it is dropped, and said).
+    lpips: lpips_diversity's."""
     rows = []
     foreign = "count" not in real                  # another tool's reference statistics: the overall row alone
     fake_h = None if overall_only or foreign else stats_hierarchy(fake)
@@ -109,36 +130,66 @@ def fid_table(real, fake, lpips=None, overall_only=False):
             if members(real_h, r) != members(fake_h, s):
                 dropped.append(name)
                 continue
-            fid = math.nan
-            if f"mu_{r}" in real and f"mu_{s}" in fake:
-                fid = frechet_distance(real[f"mu_{r}"], real[f"sigma_{r}"], fake[f"mu_{s}"], fake[f"sigma_{s}"])
-            rows.append(fid_row(name, fid, lpips["per_superclass"].get(s, math.nan) if lpips else math.nan,
-                                int(real.get(f"count_{r}", 0)), int(fake[f"count_{s}"])))
+            rows.append(metric_row(name, part(real, r), part(fake, s),
+                                   lpips["per_superclass"].get(s, math.nan) if lpips else math.nan, device))
         if dropped:
             print(f"note: no per-superclass row for {', '.join(dropped)}: the reference statistics' hierarchy holds "
                   "other classes there (or none), so those FIDs would compare different things", file=sys.stderr)
-    rows.append(fid_row("Overall", frechet_distance(real["mu"], real["sigma"], fake["mu"], fake["sigma"]),
-                        lpips["overall"] if lpips else math.nan, None if foreign else int(real["count"]),
-                        int(fake["count"])))
+    rows.append(metric_row("Overall", part(real), part(fake), lpips["overall"] if lpips else math.nan, device))
+    for side, name in ((real, "reference"), (fake, "generated images'")):
+        if "count" in side and "features" not in side:
+            print(f"note: the {name} statistics were made before sFID, KID, IS and precision/recall: their columns "
+                  "are left empty; make them again with `evaluate.py stats` to fill them", file=sys.stderr)
     return rows
 
 
-def fid_row(superclass, fid, lpips, count_real, count_fake):
-    """One row of Table 1. Round-off can make d slightly negative (identical sets give -3e-5): the table shows
-    max(0, d), a distance, and keeps d as fid_raw."""
+def part(stats, s=None):
+    """One side's statistics of superclass s (None: of all its images), named without the suffix _<s>."""
+    suffix = "" if s is None else f"_{s}"
+    got = {n: stats[n + suffix] for n in ("count", "mu", "sigma", "spatial_mu", "spatial_sigma", "isc")
+           if n + suffix in stats}
+    if "features" in stats:
+        got["features"] = stats["features"] if s is None else stats["features"][stats["superclass"] == s]
+    return got
+
+
+def metric_row(superclass, real, fake, lpips, device="cpu"):
+    """One row of Table 1 from two sides' part()s: {"superclass", "fid" (max(0, d): a distance), "fid_raw" (d as
+    computed), "sfid", "kid", "kid_std", "is", "is_std" (the generated images'), "precision", "recall", "lpips",
+    "count_real", "count_fake", "kid_subset" (the subset size KID drew: 1000, or a side's count where it has fewer)}.
+    Round-off can make d slightly negative (identical sets give -3e-5): the table shows max(0, d), and keeps d as
+    fid_raw. A metric whose parts a side lacks, or that needs more images than it has, is NaN."""
+    both = lambda name: name in real and name in fake
+    fid = frechet_distance(real["mu"], real["sigma"], fake["mu"], fake["sigma"]) if both("mu") else math.nan
+    sfid = frechet_distance(real["spatial_mu"], real["spatial_sigma"], fake["spatial_mu"], fake["spatial_sigma"]) \
+        if both("spatial_mu") else math.nan
+    kid, kid_std, subset = kernel_inception_distance(fake["features"], real["features"]) if both("features") else \
+        (math.nan, math.nan, None)
+    precision, recall = precision_recall(real["features"], fake["features"], device=device) if both("features") else \
+        (math.nan, math.nan)
+    is_mean, is_std = map(float, fake.get("isc", (math.nan, math.nan)))
+    count = lambda side: int(side["count"]) if "count" in side else None
     return {"superclass": superclass, "fid": fid if math.isnan(fid) else max(0.0, fid), "fid_raw": fid,
-            "lpips": lpips, "count_real": count_real, "count_fake": count_fake}
+            "sfid": sfid if math.isnan(sfid) else max(0.0, sfid), "kid": kid, "kid_std": kid_std, "is": is_mean,
+            "is_std": is_std, "precision": precision, "recall": recall, "lpips": lpips, "count_real": count(real),
+            "count_fake": count(fake), "kid_subset": subset}
 
 
 def print_table(rows, csv_path=None, json_path=None, **meta):
     """Table 1 on the console, and as CSV and/or JSON (NaN: an empty cell / null; fid_raw in the JSON alone)."""
-    num = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+    num = lambda v, digits=3: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
     count = lambda v: "-" if v is None else v
     width = max(12, *(len(r["superclass"]) for r in rows))
-    print(f"{'':<{width}}  {'FID↓':>9}  {'LPIPS↑':>7}  {'n real':>7}  {'n fake':>7}")
+    print(f"{'':<{width}}  {'FID↓':>9}  {'sFID↓':>9}  {'KID↓':>7}  {'IS↑':>7}  {'Prec↑':>6}  {'Rec↑':>6}  "
+          f"{'LPIPS↑':>7}  {'n real':>7}  {'n fake':>7}")
     for r in rows:
-        print(f"{r['superclass']:<{width}}  {num(r['fid']):>9}  {num(r['lpips']):>7}  {count(r['count_real']):>7}  "
-              f"{count(r['count_fake']):>7}")
+        print(f"{r['superclass']:<{width}}  {num(r['fid']):>9}  {num(r['sfid']):>9}  {num(r['kid'], 4):>7}  "
+              f"{num(r['is'], 2):>7}  {num(r['precision']):>6}  {num(r['recall']):>6}  {num(r['lpips']):>7}  "
+              f"{count(r['count_real']):>7}  {count(r['count_fake']):>7}")
+    fewer = [f"{r['superclass']} ({r['kid_subset']})" for r in rows if (r["kid_subset"] or math.inf) < KID_SUBSET_SIZE]
+    if fewer:
+        print(f"note: KID drew subsets of fewer than {KID_SUBSET_SIZE} images where a side has fewer (kid_subset): "
+              f"{', '.join(fewer)}", file=sys.stderr)
     clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
     if csv_path:
         write_csv(csv_path, [{k: v for k, v in r.items() if k != "fid_raw"} for r in clean])
@@ -164,9 +215,10 @@ def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progres
                 labels.append(y)
                 yield x, y  # (B, 3, H, W), (B,)
 
-    features = inception_features(model, images(), device, progress=False)  # (N, 2048), source order
-    provenance = dict(source.made, count=len(features), inception_sha256=model.weights_sha256)
-    return image_stats(features, torch.cat(labels).numpy(), source.hierarchy, provenance)
+    out = inception_features(model, images(), device, progress=False)  # pool (N, 2048), logits, spatial: source order
+    provenance = dict(source.made, count=len(out["pool"]), inception_sha256=model.weights_sha256)
+    return image_stats(out["pool"], torch.cat(labels).numpy(), source.hierarchy, provenance, out["logits"],
+                       out["spatial"])
 
 
 # --- LPIPS v0.1 (AlexNet): the diversity of same-class samples -------------------------------------------------------
@@ -322,21 +374,26 @@ class DatasetImages:
 
 
 class NpzImages:
-    """read(i): row i of an .npz's arr_0, memory-mapped where the member is stored uncompressed (np.savez, ADM's
-    batches): any N costs no memory; a compressed one (np.savez_compressed) is read whole, once per process."""
+    """read(i): row i of an .npz's arr_0, read alone at its byte offset where the member is stored uncompressed
+    (np.savez, ADM's batches, ours): any N costs one image of memory (a memory map's pages would count in the RSS as
+    they are read, all N by the end of a pass); a compressed one (np.savez_compressed) is read whole, once a process."""
 
     def __init__(self, path):
         self.path, self.shape, self.dtype, self.offset = path, *npz_member_layout(path, "arr_0.npy")
+        self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
         self._array = None
 
-    def __getstate__(self):                    # a worker opens its own map (a pickled memmap would copy the data)
+    def __getstate__(self):                    # a worker reads the compressed array itself (not a pickled copy)
         return {**self.__dict__, "_array": None}
 
     def __call__(self, i):
-        if self._array is None:
-            self._array = read_npz(self.path, ["arr_0"])["arr_0"] if self.offset is None else \
-                np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
-        return self._array[i]
+        if self.offset is None:
+            if self._array is None:
+                self._array = read_npz(self.path, ["arr_0"])["arr_0"]
+            return self._array[i]
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + i * self.row_bytes)
+            return np.frombuffer(f.read(self.row_bytes), self.dtype).reshape(self.shape[1:])
 
 
 class CroppedImages:
@@ -462,11 +519,16 @@ def stats_of(side, inception, args):
 def cmd_stats(args):
     if (args.images is None) == (args.data is None):
         raise UserError("give the images to describe: --data NAME (a dataset) or --images PATH")
-    stats = stats_of(scored_side(args, args.images), load_inception(args.inception), args)
+    side = scored_side(args, args.images)
+    if args.npz and isinstance(side, dict):
+        raise UserError(f"--npz: {args.images} holds statistics, not images to write")
+    stats = stats_of(side, load_inception(args.inception), args)
     atomic_write(args.out, lambda f: np.savez(f, **stats))
     h = stats_hierarchy(stats)
     detail = f", {len(h['superclass_names'])} superclasses" if h else " (no hierarchy: overall only)"
     print(f"wrote {args.out}: {int(stats['count'])} images{detail}")
+    if args.npz:                     # the same images again, those left out left out: as many as were described
+        write_npz(args.npz, side, int(stats["count"]), args)
 
 
 # AlexNet's strided convolution and two 3x3 max pools leave no pixel of an image under 31 px (lpips then fails).
@@ -510,9 +572,11 @@ def cmd_fid(args, inception=None):
                      isinstance(real, dict))                                # before any feature is made
     real_stats, fake_stats = stats_of(real, inception, args), stats_of(fake, inception, args)
     lpips = lpips_for(None if isinstance(fake, dict) else fake, args)
-    print_table(fid_table(real_stats, fake_stats, lpips, args.overall_only), args.out_csv, args.out_json,
+    print_table(fid_table(real_stats, fake_stats, lpips, args.overall_only, args.device), args.out_csv, args.out_json,
                 real=args.real, fake=args.fake, real_made_by=read_provenance(real_stats),
-                fake_made_by=read_provenance(fake_stats), lpips_pairs=lpips["pairs"] if lpips else 0, seed=args.seed)
+                fake_made_by=read_provenance(fake_stats), lpips_pairs=lpips["pairs"] if lpips else 0, seed=args.seed,
+                kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE, is_splits=IS_SPLITS,
+                pr_neighbours=PR_NEIGHBOURS)
 
 
 # --- generate: samples for FID over the classes, on any number of processes, resumable -------------------------------
@@ -612,7 +676,8 @@ def cmd_generate(args):
         on_rank0(claim)                                                    # the others wait for it
         generate_into(args, model, vae, jobs, sampler, made_tag(made_by), rank, world, device)
         if rank == 0 and args.npz:
-            write_npz(args)
+            samples = open_images(args.out)
+            write_npz(args.npz, samples, len(samples), args)
         if rank == 0 and args.fid:
             args.real, args.fake, args.hierarchy, args.image_size = args.fid, args.out, None, None
             cmd_fid(args, inception)
@@ -646,13 +711,27 @@ def generate_into(args, model, vae, jobs, sampler, tag, rank, world, device):
         dist.barrier()
 
 
-def write_npz(args):
-    """generate --npz: every image of OUT in one .npz (arr_0, labels, hierarchy), as DiT's users hand to ADM's evaluator."""
-    source = open_images(args.out)
-    arrays = np.stack([source.read(i) for i in range(len(source))])
-    atomic_write(args.npz, lambda f: np.savez(f, arr_0=arrays, labels=source.labels,
-                                              hierarchy=np.array(json.dumps(source.hierarchy))))
-    print(f"wrote {args.npz}: {len(arrays)} images", file=sys.stderr)
+def write_npz(path, source, count, args):
+    """An ImageSource's images in one .npz as ADM's evaluator reads them, arr_0 uint8 [N, H, W, 3] (generate --npz:
+    the samples; stats --npz: a reference batch of the real images, cropped and sized as scored), with their labels
+    and hierarchy. Streamed: memory holds a batch, whatever N. count: the images that will come (unreadable ones are
+    left out, with their labels)."""
+    loader = DataLoader(source, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_images,
+                        worker_init_fn=worker_init)
+    # one array, not a tensor kept a batch: small blocks kept between the batches' large ones fragment the C heap,
+    # which then grows by about a batch a step
+    labels = np.empty(count, np.int64)
+
+    def batches():
+        done = 0
+        for x, y in tqdm(loader, desc=f"writing {path}", unit="batch"):
+            if len(y):
+                yield x.permute(0, 2, 3, 1).numpy()  # (B, H, W, 3); the writer stops past `count` images
+                labels[done:done + len(y)], done = y.numpy(), done + len(y)
+
+    hierarchy = {} if source.hierarchy is None else {"hierarchy": np.array(json.dumps(source.hierarchy))}
+    write_npz_rows(path, count, batches(), lambda: dict(labels=labels, **hierarchy))
+    print(f"wrote {path}: {count} images", file=sys.stderr)
 
 
 def fid_reference_fits(args, image_size):
@@ -716,6 +795,8 @@ def main(argv=None):
     p = sub.add_parser("stats", help="reference Inception statistics (per superclass) of real or generated images")
     p.add_argument("--images", help="a generate folder, an .npz (arr_0 [N,H,W,3] uint8) or a folder of images")
     p.add_argument("--out", type=out_file, required=True, help="statistics .npz to write")
+    p.add_argument("--npz", type=out_file, help="also write the images as an ADM reference batch (arr_0 uint8 "
+                   "[N,H,W,3], labels, hierarchy), cropped and sized as described")
     add_image_args(p)
     p.set_defaults(func=cmd_stats)
 

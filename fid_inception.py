@@ -1,12 +1,16 @@
 """What pytorch-fid is: the FID Inception-v3, a port of the TF 2015-12-05 graph behind every published FID, and the
-Frechet distance of Gaussians fitted to its features (pytorch-fid's computation, float64).
+Frechet distance of Gaussians fitted to its features (pytorch-fid's computation, float64); and the other metrics the
+field computes from the same network's one pass: sFID, KID, Inception Score, precision and recall.
 
 `load_inception(path)` loads the published pt_inception-2015-12-05-6726825d.pth as it is (torchvision Inception3 key
 names, a 1008-way fc) and maps images in [0, 1] (N, 3, H, W), any size, to 2048-d pool features: a bilinear resize to
-299, scaled to [-1, 1]. FID numbers are only comparable when every detail of the feature extractor matches the
-reference, so the TF graph's quirks are reproduced here; its values equal pytorch-fid's for the same weights and
-images (test_all.py pins them). A published network, kept apart from evaluate.py as the SD VAE is from model.py.
+299, scaled to [-1, 1]; `forward_all` gives the fc's logits and sFID's spatial features from the same pass. FID numbers
+are only comparable when every detail of the feature extractor matches the reference, so the TF graph's quirks are
+reproduced here; its values equal pytorch-fid's for the same weights and images, and KID, IS and precision/recall
+equal torch-fidelity's, sFID ADM's evaluator's, for the same features (test_all.py pins them). A published network,
+kept apart from evaluate.py as the SD VAE is from model.py.
 """
+import math
 import re
 import warnings
 
@@ -67,7 +71,8 @@ class FIDInceptionE(InceptionE):
 
 
 class FIDInceptionV3(nn.Module):
-    """Images in [0, 1], (N, 3, H, W) of any size -> 2048-d pool_3 features ((N, 2048))."""
+    """Images in [0, 1], (N, 3, H, W) of any size -> 2048-d pool_3 features ((N, 2048)); `forward_all`: with the
+    logits and the spatial features of the same pass."""
 
     def __init__(self):
         super().__init__()
@@ -87,10 +92,14 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = FIDInceptionE(1280, pool="avg")
         self.Mixed_7c = FIDInceptionE(2048, pool="max")
-        # FID never uses the graph's 1008-way logits, but the published file carries them: kept, it loads strictly.
+        # The graph's 1008-way classifier: the Inception Score reads its logits.
         self.fc = nn.Linear(2048, 1008)
 
     def forward(self, x):  # x: (N, 3, H, W) in [0, 1]
+        return self.forward_all(x)[0]  # (N, 2048)
+
+    def forward_all(self, x):  # x: (N, 3, H, W) in [0, 1]
+        """-> pool features (N, 2048), logits (N, 1008) and spatial features (N, 2023), from one pass."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape [N, 3, H, W], got {list(x.shape)}")
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # (N, 3, 299, 299)
@@ -99,9 +108,29 @@ class FIDInceptionV3(nn.Module):
         x = self.Conv2d_3b_1x1(F.max_pool2d(x, kernel_size=3, stride=2))  # (N, 64, 73, 73) -> (N, 80, 73, 73)
         x = F.max_pool2d(self.Conv2d_4a_3x3(x), kernel_size=3, stride=2)  # (N, 192, 71, 71) -> (N, 192, 35, 35)
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (N, 256, 35, 35) -> (N, 288, 35, 35) twice
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))  # (N, 768, 17, 17) each
+        x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x))))  # (N, 768, 17, 17) each
+        spatial = spatial_features(x)  # (N, 2023)
+        x = self.Mixed_6e(x)  # (N, 768, 17, 17)
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (N, 1280, 8, 8) -> (N, 2048, 8, 8) twice
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
+        pool = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
+        # IS reads the logits without the fc's bias, over all 1008 classes: torch-fidelity's "logits_unbiased", and
+        # ADM's evaluator multiplies by the weights alone too.
+        return pool, pool @ self.fc.weight.T, spatial  # (N, 2048), (N, 1008), (N, 2023)
+
+
+def spatial_features(mixed_6d):
+    """sFID's features (Nash et al. 2021, as ADM's evaluator takes them): the first 7 channels of the TF graph's
+    tensor `mixed_6/conv:0` (17x17), flattened in TF's (H, W, C) order: Mixed_6d's output (N, C, 17, 17) -> (N, 2023).
+
+    The correspondence, and its evidence. The graph names its blocks mixed, mixed_1, ..., mixed_10 in order (Mixed_5b
+    ... Mixed_7c), so mixed_6 is Mixed_6d; in a block, `conv` is the 1x1 branch: torch-fidelity's map of the graph's
+    weights to these names (utils/util_convert_inception_weights.py) sends mixed_6/conv/conv2d_params and
+    mixed_6/conv/batchnorm to Mixed_6d.branch1x1.conv and .bn. A layer's ops in the graph are <name>/Conv2D,
+    <name>/batchnorm, <name>/CheckNumerics, <name>/control_dependency and <name>, no Relu op besides: the op named
+    after the layer is its ReLU, so the tensor is branch1x1's output (the op's type is inferred from that list: we did
+    not run the TF graph). Mixed_6d concatenates branch1x1 first, so the block's first 7 channels are its first 7.
+    The Frechet distance does not depend on the order of the dimensions; TF's is kept all the same."""
+    return mixed_6d[:, :7].permute(0, 2, 3, 1).flatten(1)  # (N, 7, 17, 17) -> (N, 17, 17, 7) -> (N, 2023)
 
 
 def load_inception(path=None):
@@ -134,18 +163,19 @@ def unit_images(images):
 
 @torch.inference_mode()
 def inception_features(model, images, device="cpu", batch_size=50, progress=True):
-    """Features (N, 2048) (np.float32) of every image: `images` is one tensor (N, 3, H, W) or an iterable of
-    batches (a DataLoader of (images, labels)), uint8 or floats in [0, 1]."""
+    """What one Inception pass gives of every image: {"pool": (N, 2048), "logits": (N, 1008), "spatial": (N, 2023)}
+    (np.float32). `images` is one tensor (N, 3, H, W) or an iterable of batches (a DataLoader of (images, labels)),
+    uint8 or floats in [0, 1]."""
     batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
     model = model.to(device).eval()
-    features = []
+    outputs = []
     with _no_tf32():
         for batch in tqdm(batches, desc="inception features", unit="batch", disable=not progress):
             x = unit_images(batch[0] if isinstance(batch, (tuple, list)) else batch)   # (B, 3, H, W) in [0, 1]
-            features.append(model(x.to(device, non_blocking=True)).float().cpu())    # (B, 2048)
-    if not features:
+            outputs.append([o.float().cpu() for o in model.forward_all(x.to(device, non_blocking=True))])
+    if not outputs:
         raise UserError("no images to extract features from")
-    return torch.cat(features).numpy()  # (N, 2048)
+    return {name: torch.cat(o).numpy() for name, o in zip(("pool", "logits", "spatial"), zip(*outputs))}
 
 
 # The Frechet distance of two Gaussians fitted to features: pytorch-fid's computation, in float64
@@ -187,3 +217,72 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
                             "the covariance estimates are unusable (too few images?)")
         covmean = covmean.real
     return float((mu1 - mu2).dot(mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# KID, IS, precision and recall: torch-fidelity's definitions and defaults (its rng_seed 2020 draws the same subsets)
+
+KID_SUBSETS, KID_SUBSET_SIZE, IS_SPLITS, PR_NEIGHBOURS, SEED = 100, 1000, 10, 3, 2020
+
+
+def kernel_inception_distance(fake, real, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=SEED):
+    """KID (Binkowski et al. 2018): the unbiased estimate of MMD^2 between fake and real features (N, D) under the
+    kernel k(x, y) = (x.y / D + 1)^3, its mean and std over `subsets` pairs of random subsets, drawn as torch-fidelity
+    draws them (fake, then real, without replacement). A side with fewer than `subset_size` images gives subsets of all
+    of them. Float64 throughout (torch-fidelity computes in its features' float32). -> (mean, std, subset size used)."""
+    fake, real = np.asarray(fake, np.float64), np.asarray(real, np.float64)
+    m = min(subset_size, len(fake), len(real))
+    if m < 2:                                   # the unbiased estimate needs two of each
+        return math.nan, math.nan, m
+    rng = np.random.RandomState(seed)
+    mmd = [mmd2_unbiased(fake[rng.choice(len(fake), m, replace=False)], real[rng.choice(len(real), m, replace=False)])
+           for _ in range(subsets)]
+    return float(np.mean(mmd)), float(np.std(mmd)), m
+
+
+def mmd2_unbiased(x, y):
+    """MMD^2 of two samples (m, D) each, unbiased: the within-sample kernel sums leave out k(x_i, x_i)."""
+    m, d = x.shape
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))   # (m, m) each
+    return (kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (m * (m - 1)) - 2 * kxy.sum() / m ** 2
+
+
+def inception_score(logits, splits=IS_SPLITS, seed=SEED):
+    """Inception Score (Salimans et al. 2016): exp E_x KL(p(y|x) || p(y)), p(y) the mean over the images of one of
+    `splits` parts, its mean and std over the parts, as torch-fidelity computes it (images shuffled first, float64).
+    logits: (N, C), forward_all's. -> (mean, std); NaN with fewer images than parts."""
+    if len(logits) < splits:
+        return math.nan, math.nan
+    logits = torch.as_tensor(logits, dtype=torch.float64)[np.random.RandomState(seed).permutation(len(logits))]
+    p, log_p = logits.softmax(1), logits.log_softmax(1)  # (N, C) each
+    scores = []
+    for i in range(splits):
+        part = slice(i * len(p) // splits, (i + 1) * len(p) // splits)
+        kl = (p[part] * (log_p[part] - p[part].mean(0, keepdim=True).log())).sum(1)  # (n,)
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+@torch.inference_mode()
+def precision_recall(real, fake, k=PR_NEIGHBOURS, device="cpu", batch_size=10000):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of features (N, D): precision, the share of fake ones
+    within the k-NN ball of some real one; recall, the share of real ones within the ball of some fake one; a ball's
+    radius is the distance to the k-th nearest other feature of its own set. Every feature, as torch-fidelity's prc
+    (k = 3; its rows in batches of 10,000; no subsampling), in the features' own dtype; on the Inception pool features
+    as ADM's evaluator (torch-fidelity's default network for prc is VGG-16, the paper's). -> (precision, recall)."""
+    real, fake = torch.as_tensor(real, device=device), torch.as_tensor(fake, device=device)
+    if min(len(real), len(fake)) <= k:
+        return math.nan, math.nan
+    with _no_tf32():
+        return (inside_balls(fake, real, knn_radii(real, k, batch_size), batch_size),
+                inside_balls(real, fake, knn_radii(fake, k, batch_size), batch_size))
+
+
+def knn_radii(x, k, batch_size):
+    """The distance of each of x (N, D) to its k-th nearest neighbour in x, itself (distance 0) not counted: (N,)."""
+    return torch.cat([torch.cdist(rows, x).kthvalue(k + 1, dim=1).values for rows in x.split(batch_size)])
+
+
+def inside_balls(x, centres, radii, batch_size):
+    """The share of x (N, D) within radii[j] of some centres[j] (M, D)."""
+    inside = [(torch.cdist(rows, centres) <= radii).any(dim=1) for rows in x.split(batch_size)]  # (B,) each
+    return torch.cat(inside).double().mean().item()

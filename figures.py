@@ -555,7 +555,8 @@ def add_figure_commands(sub):
                    "the null row (standard CFG); or superclass, another tier of the tables (e.g. genus), null, none")
     add_sampler_args(p)
     p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--vae", help="SD VAE for latent models; default: the checkpoint's, else sd-vae-ft-ema")
+    p.add_argument("--vae", help="SD VAE for latent models; default: the checkpoint's (the authors' files: "
+                                 "sd-vae-ft-mse), else sd-vae-ft-ema")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", choices=data.DATASETS, help="a first row of real images of each class, from this dataset")
     p.add_argument("--data-path", help="dataset root; default: data/<--data>")

@@ -342,6 +342,37 @@ def write_csv(path, rows):
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
+def write_npz_rows(path, count, batches, rest):
+    """An .npz as np.savez writes it (stored .npy members, zip64), its arr_0 `count` rows long written batch by batch
+    from `batches` (arrays [B, ...] of one dtype and row shape): memory holds one batch, whatever the count. rest(): the
+    other arrays, asked for once arr_0 is written (the labels of the rows that came). Atomic; rows other than `count`
+    fail before the rename (too many at the batch that overflows, unwritten and its labels never asked for)."""
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+                written = 0
+                for batch in batches:
+                    if not written:               # the header needs the final shape: count, then the first's rows
+                        row_shape, dtype = batch.shape[1:], batch.dtype
+                        np.lib.format.write_array_header_1_0(member, dict(
+                            descr=np.lib.format.dtype_to_descr(dtype), fortran_order=False, shape=(count, *row_shape)))
+                    if batch.shape[1:] != row_shape or batch.dtype != dtype:
+                        raise UserError(f"{path}: an image is {batch.dtype} {list(batch.shape[1:])} where the "
+                                        f"first were {dtype} {list(row_shape)}: pass --image-size to crop them all "
+                                        "to one size")
+                    written += len(batch)
+                    if written > count:
+                        break
+                    member.write(np.ascontiguousarray(batch).tobytes())
+            if written != count:
+                raise RunFailed(f"{path}: {written}{'+' * (written > count)} images came where {count} were counted "
+                                "(the images changed while being read): run again")
+            for name, value in rest().items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+    atomic_write(path, write)
+
+
 def append_line(path, line):
     """Append one whole line or nothing: a full disk must not leave half a JSON record in the log."""
     with open(path, "ab", buffering=0) as f:
@@ -516,7 +547,10 @@ PUBLISHED = {
     "FineDiffusion-iNat.pt": "the authors' release, linked from https://finediffusion.github.io/",
     "sd-vae-ft-ema": "https://huggingface.co/stabilityai/sd-vae-ft-ema (config.json and "
                      "diffusion_pytorch_model.safetensors, in a folder of that name)",
-    "sd-vae-ft-mse": "https://huggingface.co/stabilityai/sd-vae-ft-mse",
+    "sd-vae-ft-mse": "https://huggingface.co/stabilityai/sd-vae-ft-mse (config.json and "
+                     "diffusion_pytorch_model.safetensors, in a folder of that name)",
+    "FineDiffusion-iNat-512.pt": "the authors' release, linked from https://github.com/FineDiffusion/FineDiffusion",
+    "FineDiffusion-VegFru.pt": "the authors' release, linked from https://github.com/FineDiffusion/FineDiffusion",
     "pt_inception-2015-12-05-6726825d.pth":
         "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
     "alexnet-owt-7be5be79.pth": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
@@ -843,6 +877,62 @@ def inat21_categories(path):
     return categories
 
 
+VEGFRU_SPLITS = ("train", "val", "test")
+VEGFRU_HINT = ("VegFru's download has vegfru_list/vegfru_{train,val,test}.txt and supvegfru_{train,val,test}.txt "
+               "beside veg200_images/ and fru92_images/ (https://github.com/ustc-vim/vegfru)")
+
+
+def read_vegfru_lists(root, split=None):
+    """VegFru's own split lists under root/vegfru_list/: vegfru_<split>.txt, lines `<image path> <subclass>` (e.g.
+    `fru92_images/banana/f_01_01_1031.jpg <id>`), and supvegfru_<split>.txt, the same images with their superclass, for
+    each of train, val and test whose lists are there (`split`: one that must be) -> ({split: (image paths, subclass
+    labels)}, class names, superclass_of). A subclass is named by the folder of its images, and is under the superclass
+    of its images, the two lists paired by image path; all lines together must name each id 0 ... K-1 (0 ... S-1)."""
+    folder = os.path.join(root or "", "vegfru_list")
+    present = [s for s in VEGFRU_SPLITS if os.path.isfile(os.path.join(folder, f"vegfru_{s}.txt"))]
+    if not root or not present or split not in (None, *present):
+        raise UserError(f"VegFru: no vegfru_list/vegfru_{split or 'train'}.txt in {root or 'the --data-path'} (lists "
+                        f"there: {', '.join(present) or 'none'}); {VEGFRU_HINT}")
+    splits, folder_of, superclass_of = {}, {}, {}
+    for s in present:
+        sub, sup = (_vegfru_list(os.path.join(folder, f"{prefix}vegfru_{s}.txt")) for prefix in ("", "sup"))
+        for path, (label, where) in sub.items():
+            if path not in sup:
+                raise UserError(f"{where}: {path} has no line in supvegfru_{s}.txt (both lists name the same images)")
+            for of, value, what in ((folder_of, path.split("/")[-2], "folder"), (superclass_of, sup[path][0],
+                                                                                   "superclass")):
+                if of.setdefault(label, value) != value:
+                    raise UserError(f"{where}: subclass {label} has an image under {what} {value}, another under "
+                                    f"{of[label]}")
+        splits[s] = (list(sub), [label for label, _ in sub.values()])
+    if not folder_of:
+        raise UserError(f"VegFru: the lists in {folder} have no lines; {VEGFRU_HINT}")
+    for ids, what in ((set(folder_of), "subclass"), (set(superclass_of.values()), "superclass")):
+        if len(ids) != max(ids) + 1:                       # ids must run 0 ... N-1: the first gap is at most N
+            raise UserError(f"VegFru: no line of the lists in {folder} has {what} {min(set(range(len(ids) + 1)) - ids)}"
+                            f", of 0 ... {max(ids)}")
+    return splits, [folder_of[k] for k in range(len(folder_of))], [superclass_of[k] for k in range(len(folder_of))]
+
+
+def _vegfru_list(path):
+    """One VegFru list -> {image path: (label, 'file:line')}; lines `<relative image path> <label>`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"VegFru: cannot read {path} ({getattr(e, 'strerror', None) or e}); {VEGFRU_HINT}") from None
+    entries = {}
+    for n, line in enumerate(lines, 1):
+        fields, where = line.split(), f"{path}:{n}"
+        parts = fields[0].split("/") if fields else []
+        if fields and (len(fields) != 2 or not fields[1].isdigit() or len(parts) < 3 or "" in parts or ".." in parts):
+            raise UserError(f"{where}: expected `<tree>/<subclass folder>/<file> <label>` (as "
+                            f"`fru92_images/banana/f_01_01_1031.jpg <id>`), got {line.strip()[:100]!r}")
+        if fields:
+            entries[fields[0]] = (int(fields[1]), where)
+    return entries
+
+
 def _count(low, high):
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
@@ -1042,12 +1132,40 @@ def statistics_file(path):
         if part and (value.shape != (len(mu),) * (1 if part == "mu" else 2) or not np.isfinite(value).all()):
             raise UserError(f"{path}: '{name}' {list(value.shape)} is not a superclass's {part} of the "
                             f"{len(mu)}-d features")
+    check_metric_parts(arrays, len(mu), path)
     if "count" not in arrays:
         print(f"note: {path} holds mu and sigma only (another tool's statistics): the overall FID only, no "
               "per-superclass rows, image count unknown", file=sys.stderr)
     read_provenance(arrays, path)                        # checked now: a damaged record is one line here
     stats_hierarchy(arrays, path)
     return arrays
+
+
+def check_metric_parts(arrays, dim, path):
+    """The parts of our statistics beyond FID's (evaluate.image_stats): the pool features of each image (float, finite,
+    `count` rows of `dim`) with each one's superclass, the spatial means and covariances, the (mean, std) of each IS."""
+    count = int(arrays.get("count", -1))
+    features, superclass = arrays.get("features"), arrays.get("superclass")
+    if features is not None and (features.shape != (count, dim) or features.dtype.kind != "f"
+                                 or not np.isfinite(features).all()):
+        raise UserError(f"{path}: features {features.dtype} {list(features.shape)} are not the {count} images' finite "
+                        f"{dim}-d features")
+    if features is not None and "hierarchy" in arrays and superclass is None:
+        raise UserError(f"{path}: features without each one's superclass; make the statistics again with `evaluate.py "
+                        "stats`")
+    if superclass is not None and (superclass.shape != (count,) or superclass.dtype.kind not in "iu"):
+        raise UserError(f"{path}: superclass {superclass.dtype} {list(superclass.shape)} is not one superclass per "
+                        "image")
+    spatial_dim = np.size(arrays.get("spatial_mu", ()))
+    for name, value in arrays.items():
+        spatial = re.fullmatch(r"spatial_(mu|sigma)(_\d+)?", name)
+        shape = (spatial_dim,) * (1 if spatial and spatial[1] == "mu" else 2)
+        if spatial and (value.shape != shape or not np.isfinite(value).all()):
+            raise UserError(f"{path}: '{name}' {list(value.shape)} is not a {spatial[1]} of the {spatial_dim}-d "
+                            "spatial features")
+        if re.fullmatch(r"isc(_\d+)?", name) and (value.shape != (2,) or value.dtype.kind != "f"):
+            raise UserError(f"{path}: '{name}' {value.dtype} {list(value.shape)} is not an Inception Score's mean "
+                            "and std")
 
 
 def read_provenance(arrays, path="the statistics"):
@@ -1307,6 +1425,15 @@ def resolve_class(hierarchy, num_classes, class_id=None, class_name=None, flag="
     if class_id is None or not 0 <= class_id < num_classes:
         raise UserError(f"{flag} must be in [0, {num_classes}) for this checkpoint, got {class_id}")
     return class_id
+
+
+def check_hierarchy_known(hierarchy, tier_sizes, guidance, path):
+    """Eq. 1's guide rows need the hierarchy: a file with tier rows that does not say which subclass is under which node
+    (the authors' FineDiffusion-VegFru.pt: 292 + 25 rows, no more) is refused, naming what tells it."""
+    if hierarchy is None and guidance in tier_sizes:
+        raise UserError(f"{path} has {tier_sizes[guidance]} {guidance} rows but does not say which subclass is under "
+                        f"which (as the authors' FineDiffusion-VegFru.pt): pass --data-path with VegFru's root, the "
+                        "folder holding vegfru_list/, whose lists tell it")
 
 
 def check_guide_rows(tiers, has_null, guidance):

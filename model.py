@@ -221,6 +221,12 @@ def inat21_hierarchy():
     return make_hierarchy([f"{k:05d}" for k in range(10000)], INAT21_SUPERCLASSES, inat21_superclass_of())
 
 
+def vegfru_hierarchy(class_names, superclass_of):
+    """VegFru's hierarchy from its split lists (hardening.read_vegfru_lists: subclasses named by their image folders,
+    each under its images' superclass). The lists number the 25 superclasses without naming them: "sup-class 0" ..."""
+    return make_hierarchy(class_names, [f"sup-class {s}" for s in range(max(superclass_of) + 1)], superclass_of)
+
+
 class HierarchyView:
     """What a dataset tells of its hierarchy (self.hierarchy_, make_hierarchy's dict); targets[i]: item i's class."""
 
@@ -598,10 +604,12 @@ def base_tensors(ckpt, base=None, base_flag="--base"):
 
 
 # Published checkpoints carry tensors only. Their label-table layout (rows, LayerNorm affine) says whose they are:
-# -> (K subclass rows, S superclass rows, null row, the hierarchy that goes with the rows, or None).
+# -> (K subclass rows, S superclass rows, null row, the hierarchy that goes with the rows, or None). The authors' files
+# have K + S rows, no null row, and LayerNorm affine; the rows alone cannot tell VegFru's hierarchy (load_model's).
 PUBLISHED_TABLES = {
     (1001, False): (1000, 0, True, None),                    # official DiT: ImageNet-1k + null row
-    (10011, True): (10000, 11, False, inat21_hierarchy()),   # the authors' FineDiffusion-iNat.pt: iNat21's rows
+    (10011, True): (10000, 11, False, inat21_hierarchy()),   # FineDiffusion-iNat.pt, -iNat-512.pt: iNat21's rows
+    (317, True): (292, 25, False, None),                     # FineDiffusion-VegFru.pt: VegFru's 292 + 25 rows
 }
 
 
@@ -619,11 +627,12 @@ def published_layout(state):
     return kwargs, config, hierarchy
 
 
-def load_model(path, base=None, weights="ema", base_flag="--base"):
+def load_model(path, base=None, weights="ema", base_flag="--base", hierarchy=None):
     """The DiT a checkpoint describes, with its `weights` ("ema" to sample, "model" to resume) loaded, in eval
     mode, and its hierarchy inside (model.hierarchy: the one the guide rows are read from). `path` goes through
-    resolve_checkpoint. Returns (model, info): info has path (the file read), config, args, step, time_s, vae.
-    base, base_flag: where a delta's base moved to, and the flag that says so (see base_tensors).
+    resolve_checkpoint. Returns (model, info): info has path (the file read), config, args, step, time_s, vae and
+    published (a file of tensors alone). base, base_flag: where a delta's base moved to, and the flag that says so (see
+    base_tensors). hierarchy: that of a published file whose rows do not tell it (FineDiffusion-VegFru.pt's).
 
     Ours carry `config` and the hierarchy (see save_checkpoint); the official DiT and the authors'
     FineDiffusion files carry only tensors, so their configuration and hierarchy come from the tensor shapes.
@@ -632,10 +641,10 @@ def load_model(path, base=None, weights="ema", base_flag="--base"):
     ckpt = read_checkpoint(path)
     tensors = checkpoint_tensors(ckpt, weights)
     if "config" not in ckpt:
-        kwargs, config, hierarchy = published_layout(tensors)
-        model = DiT_models[config["name"]](**kwargs, hierarchy=hierarchy)
+        kwargs, config, known = published_layout(tensors)
+        model = DiT_models[config["name"]](**kwargs, hierarchy=known or hierarchy)
         load_strict(model, tensors, path)
-        return model.eval(), dict(path=path, config=config, args={}, step=None, time_s=None, vae=None)
+        return model.eval(), dict(path=path, config=config, args={}, step=None, time_s=None, vae=None, published=True)
     config = check_config(ckpt["config"], path)
     hierarchy = None if ckpt.get("hierarchy") is None else check_hierarchy(ckpt["hierarchy"], path)
     model = build_model(**config, hierarchy=hierarchy)
@@ -646,7 +655,7 @@ def load_model(path, base=None, weights="ema", base_flag="--base"):
     else:
         load_strict(model, tensors, path)
     info = dict(path=path, config=config, args=ckpt.get("args") or {}, step=ckpt.get("step"),
-                time_s=ckpt.get("time_s"), vae=ckpt.get("vae"))
+                time_s=ckpt.get("time_s"), vae=ckpt.get("vae"), published=False)
     return model.eval(), info
 
 

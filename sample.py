@@ -30,7 +30,7 @@ import hardening as guard
 from diffusion import TRAINED_STEPS, create_diffusion
 from hardening import (AUTHORS_CHECKPOINT, ArgumentParser, atomic_write, device_name, finite_float, folder_path, int_in,
                        nonnegative_int, out_file, out_of_memory_advice, positive_int, precision_context, run_cli)
-from model import load_model
+from model import load_model, vegfru_hierarchy
 from vae import LATENT_SCALE, AutoencoderKL, latent_scale, same_vae
 
 CFG_SCALE = 4.0         # paper §4.2: the guidance scale w of every table
@@ -38,6 +38,7 @@ STEPS = 250             # paper §4.2: DDPM sampling steps
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
 DEFAULT_STEPS = {"ddpm": STEPS, "ddim": 50, "dpm++2m": 20,   # --steps when not given: the paper's 250 DDPM steps, ...
                  "dpm++2m-sde": 20}
+AUTHORS_VAE = "sd-vae-ft-mse"   # what the authors' sample.py decodes their FineDiffusion files with (its --vae mse)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,20 +223,28 @@ def sampler_of(args, guided=True):
 # Loading, and the command line
 # ----------------------------------------------------------------------------------------------------------
 
-def load_for_sampling(ckpt, base=None, vae=None):
+def load_for_sampling(ckpt, base=None, vae=None, data_path=None):
     """The one way to load a model to sample or evaluate: the DiT of a checkpoint (EMA weights, its hierarchy
     inside) and, for a latent DiT, the VAE that decodes it. -> (model, info, vae or None)
 
-    `ckpt` goes through model.resolve_checkpoint (info["path"]: the file read). The VAE: `vae` if given, else the
-    one the checkpoint was trained with, else sd-vae-ft-ema."""
-    model, info = load_model(ckpt, base=base)
+    `ckpt` goes through model.resolve_checkpoint (info["path"]: the file read). The VAE: `vae` if given, else
+    default_vae's. data_path: VegFru's root, whose lists give the authors' FineDiffusion-VegFru.pt its hierarchy."""
+    hierarchy = vegfru_hierarchy(*guard.read_vegfru_lists(data_path)[1:]) if data_path else None
+    model, info = load_model(ckpt, base=base, hierarchy=hierarchy)
     if info["config"]["pixel_space"]:
         return model, info, None
-    decoder = AutoencoderKL.from_pretrained(vae or info["args"].get("vae") or "sd-vae-ft-ema")
+    decoder = AutoencoderKL.from_pretrained(vae or default_vae(model, info))
     decoder.check_fits(model.in_channels, info["config"]["image_size"])
     trained = LATENT_SCALE if info["vae"] is None else latent_scale(info["vae"])   # published DiTs: the SD VAE's
     guard.check_decoder(decoder, trained, info["vae"], info["vae"] is None or same_vae(decoder.identity(), info["vae"]))
     return model, info, decoder
+
+
+def default_vae(model, info):
+    """The VAE a latent DiT decodes with when none is named: its training run's; for the authors' FineDiffusion files (a
+    published file with a tiered table) sd-vae-ft-mse, as their sample.py; for the official DiT's, sd-vae-ft-ema."""
+    authors = info["published"] and model.y_embedder.tier_sizes
+    return info["args"].get("vae") or (AUTHORS_VAE if authors else "sd-vae-ft-ema")
 
 
 def sample_pairs(labels, num_pairs, rng):
@@ -285,8 +294,11 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", help="checkpoint (ours, official DiT or the authors') or a run folder; default: the "
                                   f"newest under results/, else pretrained/{AUTHORS_CHECKPOINT}")
     p.add_argument("--base", help="base checkpoint of a delta checkpoint, if not where training found it")
-    p.add_argument("--vae", help="SD VAE folder or file for latent models; default: the training run's, else "
-                                 "sd-vae-ft-ema (as given, then under pretrained/)")
+    p.add_argument("--vae", help="SD VAE folder or file for latent models (as given, then under pretrained/); default: "
+                                 "the training run's, for the authors' FineDiffusion files sd-vae-ft-mse (as their "
+                                 "sample.py), else sd-vae-ft-ema")
+    p.add_argument("--data-path", help="VegFru's root (holding vegfru_list/): which subclass is under which superclass "
+                                       "in the authors' FineDiffusion-VegFru.pt, whose file does not say")
     p.add_argument("--num-samples", type=positive_int, default=8,
                    help="images drawn at once, from one noise stream of --seed as in the authors' and DiT's sample.py: "
                         "an image depends on --num-samples (evaluate.py generate draws each from its own)")
@@ -305,16 +317,20 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    sampler = sampler_of(args, guided=args.guidance != "none" and args.cfg_scale != 1.0)   # refused before loading
+    guided = args.guidance != "none" and args.cfg_scale != 1.0
+    sampler = sampler_of(args, guided)                                   # refused before loading
     precision_context(args.precision, torch.device(args.device).type)
-    model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae)
+    model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae, args.data_path)
     hierarchy = model.hierarchy
+    guard.check_hierarchy_known(hierarchy, model.y_embedder.tier_sizes, guided and args.guidance, info["path"])
     cls = guard.resolve_class(hierarchy, model.y_embedder.num_classes, args.class_id, args.class_name)
     y = torch.full((args.num_samples,), cls)
     guide = guide_labels(model, y, args.guidance, args.cfg_scale)
     what = f"class {cls}" + (f" ({hierarchy['class_names'][cls]})" if hierarchy else "")
     how = "unguided" if guide is None else f"guided by {describe_guide(model, int(guide[0]))}, w = {args.cfg_scale:g}"
     decoded = f", decoded by {vae.weights_file}" if vae is not None else ""
+    if decoded and not args.vae and default_vae(model, info) == AUTHORS_VAE:
+        decoded += " (the authors' sample.py decodes with sd-vae-ft-mse)"
     print(f"sampling {args.num_samples} x {what}, {how}; {sampler}; from {info['path']}{decoded}", file=sys.stderr)
     with out_of_memory_advice(f"--num-samples {max(1, args.num_samples // 2)} (sample.py draws them all at once)"):
         images = sample_images(model, y, guide, args.cfg_scale, sampler, vae, args.seed, args.device, args.precision,

@@ -25,11 +25,11 @@ import resource
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import warnings
 import zipfile
 
@@ -1230,6 +1230,40 @@ def test_sample_py_on_the_authors_file_draws_the_authors_pixels_for_a_class_of_e
         assert_pixels_match(images, uint8, decoded, 1e-4, msg=c)
 
 
+def test_sample_py_on_a_file_in_the_authors_512_layout_draws_the_authors_pixels(reference, tmp_path, monkeypatch,
+                                                                                 capsys, label_lookups):
+    """The "cli512" group: the authors' sampling flow at --image-size 512 (their sample.py changes only the latent size,
+    to 64 x 64) for one class, 2 samples, seed 0, 10 DDPM steps, w = 4. The same weights at 64 x 64 latents (a 512 px
+    position table) go into a file saved as the authors save FineDiffusion-iNat-512.pt, and the VAE into
+    pretrained/sd-vae-ft-mse, their sample.py's default: `python sample.py` must find both, guide from the authors' row,
+    and draw the same latents and pixels (every 8th row and column of the 512 x 512 images is pinned)."""
+    monkeypatch.chdir(tmp_path)
+    r = {k[len("cli512."):]: v for k, v in reference.items() if k.startswith("cli512.")}
+    dit = DiT_models["DiT-T/2"](input_size=64, num_classes=10000, num_superclasses=11, null_class=False,
+                                norm_affine=True)
+    missing, _ = dit.load_state_dict(seeded_state(dit.state_dict()), strict=False)   # its own sin-cos positions
+    assert missing == ["pos_embed"] and dit.pos_embed.shape == (1, 32 * 32, 128)
+    os.makedirs("pretrained")
+    torch.save({"model": dit.state_dict(), "ema": dit.state_dict(), "opt": {},
+                "args": argparse.Namespace(model="DiT-XL/2", image_size=512, num_classes=10000)},
+               "pretrained/FineDiffusion-iNat-512.pt")
+    seeded_vae("pretrained/sd-vae-ft-mse", config=CLI_VAE_CONFIG)
+    decode, latents = AutoencoderKL.decode, []
+    monkeypatch.setattr(AutoencoderKL, "decode", lambda self, z: latents.append(z) or decode(self, z))
+    (c,), (row,) = r["classes"].tolist(), r["guide_rows"].tolist()
+    proc = run_main(sample_module, "--class-id", c, "--ckpt", "FineDiffusion-iNat-512.pt", "--num-samples", 2,
+                    "--steps", 10, "--seed", 0, "--per-sample-dir", "each", "--out", "grid.png", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    _, guide = guide_halves(label_lookups)
+    assert len(label_lookups) == 10 and (guide == row).all() and f"superclass row {row} (Birds)" in proc.stderr
+    assert "decoded by pretrained/sd-vae-ft-mse/" in proc.stderr
+    (z,) = latents
+    assert_matches(z, r["latents"] / 0.18215, 1e-4)
+    images = torch.stack([torch.from_numpy(np.array(Image.open(f"each/{c:05d}_{i:04d}.png"))) for i in range(2)])
+    assert images.shape == (2, 512, 512, 3)
+    assert_pixels_match(images[:, ::8, ::8], r["uint8"], r["decoded"], 1e-4)
+
+
 # ---- SD VAE ---------------------------------------------------------------------------------------------------
 
 def test_vae_encode_equals_diffusers(reference, tmp_path):
@@ -1292,6 +1326,54 @@ def test_lpips_equals_the_lpips_package(reference, tmp_path):
     with torch.no_grad():
         distance = LPIPS.from_pretrained(alexnet_path, lin_path)(reference["lpips.x"], reference["lpips.y"])
     assert_matches(distance, reference["lpips.distance"], 1e-5)
+
+
+# ---- KID, IS, precision/recall (torch-fidelity), sFID (ADM's evaluator) ----------------------------------------
+
+def test_inception_logits_and_spatial_features_equal_torch_fidelitys(reference, tmp_path):
+    """torch-fidelity's InceptionV3, the same weights, a black image (its scaling and pytorch-fid's agree there): its
+    pool features, the logits its IS reads ("logits_unbiased": no fc bias) and Mixed_6d.branch1x1's first 7 channels in
+    NHWC order (ADM's mixed_6/conv[..., :7]) equal what our one pass gives. rtol 1e-5: one forward pass, as
+    fid.features."""
+    path = tmp_path / fid_inception.FID_WEIGHTS
+    torch.save(seeded_state(FIDInceptionV3().state_dict()), path)
+    with torch.no_grad():
+        outputs = load_inception(path).forward_all(torch.zeros(1, 3, 75, 75))
+    for ours, name in zip(outputs, ("pool", "logits", "spatial")):
+        assert_matches(ours, reference[f"metrics.net.{name}"], 1e-5, msg=name)
+
+
+def test_kid_equals_torch_fidelity(reference):
+    """Both in float64 on the same subsets: only the order of the kernel sums differs (rel 1e-9 is 1e3 times that
+    round-off, which the cancellation between the sums amplifies)."""
+    fake, real = reference["metrics.fake"].numpy(), reference["metrics.real"].numpy()
+    *kid, m = fid_inception.kernel_inception_distance(fake, real, subset_size=100)
+    assert m == 100 and kid == pytest.approx(reference["metrics.kid"].tolist(), rel=1e-9)
+    *kid, m = fid_inception.kernel_inception_distance(fake[:40], real)      # 40 < 1000 images: subsets of all 40
+    assert m == 40 and kid == pytest.approx(reference["metrics.kid_small"].tolist(), rel=1e-9)
+
+
+def test_inception_score_equals_torch_fidelity(reference):
+    """The same shuffle and splits, float64 softmax: rel 1e-9."""
+    score = fid_inception.inception_score(reference["metrics.logits"].numpy())
+    assert list(score) == pytest.approx(reference["metrics.is"].tolist(), rel=1e-9)
+
+
+def test_precision_and_recall_equal_torch_fidelity(reference):
+    """Shares of 300 generated and 250 real features, distances in float32 as torch-fidelity's: equal here; another
+    CPU's kernels may tip a feature at a round-off tie, so one feature (1/250) is allowed. Rows in batches of 64,
+    torch-fidelity's all at once: the batching changes nothing."""
+    real, fake = reference["metrics.real"], reference["metrics.fake"]
+    precision_recall = fid_inception.precision_recall(real, fake, batch_size=64)
+    assert list(precision_recall) == pytest.approx(reference["metrics.prc"].tolist(), abs=1 / 250)
+
+
+def test_sfid_equals_adms_evaluator(reference):
+    """ADM's activations are NHWC; ours come out of Mixed_6d as NCHW. ADM takes the mean of float32 activations in
+    float32, we in float64: rel 1e-5."""
+    a, b = (fid_inception.spatial_features(reference[f"metrics.sfid.{k}"].permute(0, 3, 1, 2)) for k in "ab")
+    value = frechet_distance(*feature_stats(a.numpy()), *feature_stats(b.numpy()))
+    assert value == pytest.approx(float(reference["metrics.sfid.value"]), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1464,7 +1546,8 @@ def test_one_class_of_each_superclass_range_is_listed():
 @pytest.fixture(scope="module")
 def published_files(tmp_path_factory):
     """pretrained/ as users fill it: FineDiffusion-iNat.pt in the authors' layout, DiT-XL-2-256x256.pt in the
-    official one (both DiT-T/2 on 8x8 latents, random weights) and an 8x SD-layout VAE, sd-vae-ft-ema/."""
+    official one (both DiT-T/2 on 8x8 latents, random weights) and two 8x SD-layout VAEs, sd-vae-ft-ema/ and
+    sd-vae-ft-mse/ (the one the authors' sample.py decodes their files with)."""
     root = tmp_path_factory.mktemp("published")
     os.makedirs(root / "pretrained")
     authors = randomize(DiT_models["DiT-T/2"](input_size=8, num_classes=10000, num_superclasses=11,
@@ -1475,6 +1558,7 @@ def published_files(tmp_path_factory):
     official = randomize(DiT_models["DiT-T/2"](input_size=8, num_classes=1000))
     torch.save(official.state_dict(), root / "pretrained" / "DiT-XL-2-256x256.pt")
     write_tiny_vae(root / "pretrained" / "sd-vae-ft-ema")
+    write_tiny_vae(root / "pretrained" / "sd-vae-ft-mse", seed=1)
     return root
 
 
@@ -1505,7 +1589,7 @@ def test_sample_py_guides_a_class_of_every_superclass_of_the_authors_file_from_i
         assert len(label_lookups) == 2 and (conditional == c).all() and (guide == row).all()
         name = AUTHORS_SUPERCLASS_NAMES[authors_superclass(c)]
         assert f"class {c} ({c:05d}), guided by superclass row {row} ({name}), w = 4" in proc.stderr
-        assert "from pretrained/FineDiffusion-iNat.pt, decoded by pretrained/sd-vae-ft-ema" in proc.stderr
+        assert "from pretrained/FineDiffusion-iNat.pt, decoded by pretrained/sd-vae-ft-mse" in proc.stderr
 
 
 def test_grid_guides_a_class_of_every_superclass_of_the_authors_file_from_its_row(published_files, monkeypatch,
@@ -1598,6 +1682,190 @@ def test_the_console_names_the_guide_row_the_dit_receives_even_when_it_is_not_th
     assert proc.returncode == 0, proc.stderr
     _, guide = guide_halves(label_lookups)
     assert (guide == 10003).all() and "guided by superclass row 10003 (Fungi)" in proc.stderr
+
+
+def test_the_vae_follows_the_publisher_sd_vae_ft_mse_for_the_authors_files_sd_vae_ft_ema_for_the_official_dit(
+        published_files, monkeypatch, capsys):
+    monkeypatch.chdir(published_files)
+    for ckpt, guidance, vae in (("FineDiffusion-iNat.pt", "superclass", "sd-vae-ft-mse"),
+                                ("DiT-XL-2-256x256.pt", "null", "sd-vae-ft-ema")):
+        proc = run_main(sample_module, "--class-id", 7, "--ckpt", ckpt, "--guidance", guidance, "--num-samples", 1,
+                        "--steps", 2, "--out", "v.png", capsys=capsys)
+        assert proc.returncode == 0 and f"decoded by pretrained/{vae}/" in proc.stderr, proc.stderr
+        assert ("the authors' sample.py decodes with sd-vae-ft-mse" in proc.stderr) == (vae == "sd-vae-ft-mse")
+
+
+def test_the_authors_file_without_sd_vae_ft_mse_names_where_it_is_published(published_files, tmp_path, monkeypatch,
+                                                                             capsys):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("pretrained")
+    shutil.copy(published_files / "pretrained" / "FineDiffusion-iNat.pt", "pretrained")
+    shutil.copytree(published_files / "pretrained" / "sd-vae-ft-ema", "pretrained/sd-vae-ft-ema")
+    proc = run_main(sample_module, "--class-id", 7, "--ckpt", "FineDiffusion-iNat.pt", "--steps", 2, capsys=capsys)
+    assert_one_line_error(proc, "looked in sd-vae-ft-mse, pretrained/sd-vae-ft-mse",
+                          "https://huggingface.co/stabilityai/sd-vae-ft-mse")
+
+
+# VegFru as its download lays it out (https://github.com/ustc-vim/vegfru): veg200_images/ (200 vegetable subclasses)
+# and fru92_images/ (92 fruit subclasses) of image folders, and vegfru_list/ with, for each split, vegfru_<split>.txt
+# (`<image path> <subclass 0..291>`) and supvegfru_<split>.txt (the same images, `<image path> <superclass 0..24>`).
+# Some folder names are VegFru's own, the rest made up; the subclass -> superclass map is the test's, not in id order,
+# and each supvegfru list is shuffled against its vegfru list (they pair by image path, not by line).
+VEGFRU_OWN_NAMES = {0: "Chinese_artichoke", 7: "houttuynia_cordata", 12: "kalimeris", 200: "banana", 204: "carambola",
+                    231: "grape_white", 240: "green_dates", 283: "sugarcane"}
+VEGFRU_NAMES = [VEGFRU_OWN_NAMES.get(k, f"vegetable_{k:03d}" if k < 200 else f"fruit_{k - 200:02d}")
+                for k in range(292)]
+VEGFRU_SUPERCLASS = [(7 * k) % 15 if k < 200 else 15 + (3 * k) % 10 for k in range(292)]  # 15 veg, 10 fruit sup-classes
+VEGFRU_IMAGES = {"train": 2, "val": 1, "test": 1}                                          # images a subclass per split
+
+
+def vegfru_image(k, split, i):
+    """Image i of subclass k in a split, named as VegFru names them (v_<sup>_<sub>_<n>.jpg, f_... for fruit)."""
+    s, first = VEGFRU_SUPERCLASS[k], {"train": 1, "val": 3, "test": 4}[split]
+    tree, prefix, s = ("veg200_images", "v", s + 1) if k < 200 else ("fru92_images", "f", s - 14)
+    return f"{tree}/{VEGFRU_NAMES[k]}/{prefix}_{s:02d}_{VEGFRU_SUPERCLASS[:k].count(VEGFRU_SUPERCLASS[k]) + 1:02d}_" \
+           f"{first + i:04d}.jpg"
+
+
+@pytest.fixture(scope="module")
+def vegfru_root(tmp_path_factory):
+    """VegFru's layout with its 292 + 25 classes, 20 x 16 px images, each superclass s in its own red (8 s)."""
+    root = tmp_path_factory.mktemp("vegfru")
+    os.makedirs(root / "vegfru_list")
+    rng = np.random.default_rng(0)
+    for split, n in VEGFRU_IMAGES.items():
+        lines = [(vegfru_image(k, split, i), k) for k in range(292) for i in range(n)]
+        for path, k in lines:
+            write_image(str(root / path), (8 * VEGFRU_SUPERCLASS[k], (5 * k) % 256, 60 * n), (20, 16))
+        (root / "vegfru_list" / f"vegfru_{split}.txt").write_text("".join(f"{p} {k}\n" for p, k in lines))
+        shuffled = [lines[i] for i in rng.permutation(len(lines))]
+        (root / "vegfru_list" / f"supvegfru_{split}.txt").write_text(
+            "".join(f"{p} {VEGFRU_SUPERCLASS[k]}\n" for p, k in shuffled))
+    return root
+
+
+def test_data_py_info_on_vegfru_counts_the_subclasses_and_images_of_each_superclass_of_the_lists(vegfru_root, capsys):
+    proc = run_main(data, "info", "--data", "vegfru", "--data-path", vegfru_root, "--split", "val", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "vegfru val: 292 images, 292 classes, 25 superclasses"
+    for s, line in enumerate(lines[1:]):
+        n = VEGFRU_SUPERCLASS.count(s)
+        assert line.split() == [str(s), "sup-class", str(s), str(n), "classes", str(n), "images"]
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_vegfru_split_yields_its_lists_images_with_their_subclass_and_one_hierarchy_for_all_splits(vegfru_root,
+                                                                                                       split):
+    dataset = data.build_dataset("vegfru", str(vegfru_root), 16, split=split, flip=False)
+    assert dataset.class_names == VEGFRU_NAMES and dataset.superclass_of == VEGFRU_SUPERCLASS
+    assert dataset.superclass_names == [f"sup-class {s}" for s in range(25)]
+    listed = [(vegfru_image(k, split, i), k) for k in range(292) for i in range(VEGFRU_IMAGES[split])]
+    assert [(os.fsdecode(f), y) for f, y in zip(dataset.files, dataset.targets)] == listed
+    for index in (0, len(dataset) - 1):                     # the image itself: superclass s is red 8 s
+        image, label = dataset[index]
+        red = round(float((image[0].mean() + 1) * 127.5))
+        assert label == listed[index][1] and abs(red - 8 * VEGFRU_SUPERCLASS[label]) <= 2
+
+
+def test_train_py_on_vegfru_swaps_each_label_for_the_superclass_row_its_lists_give(vegfru_root, tmp_path,
+                                                                                     label_lookups):
+    write_tiny_vae(tmp_path / "vae")
+    out = run_train("--data", "vegfru", "--data-path", vegfru_root, "--vae", tmp_path / "vae", "--init", "none",
+                    "--tune", "finediffusion", "--model", "DiT-T/4", "--image-size", "32", "--num-workers", "0", "--global-batch-size", "16",
+                    "--max-steps", "3", "--superclass-prob", "0.5", "--log-every", "1", "--run-dir", tmp_path / "run")
+    y = torch.cat([given for given, _ in label_lookups])
+    rows = torch.cat([looked_up for _, looked_up in label_lookups])
+    swapped = rows >= 292
+    assert len(y) == 48 and 0 < int(swapped.sum()) < 48
+    assert rows[swapped].tolist() == [292 + VEGFRU_SUPERCLASS[c] for c in y[swapped].tolist()]
+    assert torch.equal(rows[~swapped], y[~swapped])
+    ckpt = torch.load(out["final_ckpt"], weights_only=True)
+    assert ckpt["hierarchy"]["class_names"] == VEGFRU_NAMES and ckpt["hierarchy"]["superclass_of"] == VEGFRU_SUPERCLASS
+    assert ckpt["ema"]["y_embedder.embedding_table.weight"].shape[0] == 292 + 25
+
+
+def test_evaluate_stats_of_vegfru_test_describe_each_superclass_of_the_lists(vegfru_root, tmp_path, monkeypatch,
+                                                                               capsys):
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    proc = stats_cli("--data", "vegfru", "--data-path", vegfru_root, "--split", "test", "--image-size", 16, "--out",
+                     tmp_path / "vegfru_test.npz", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    stats = np.load(tmp_path / "vegfru_test.npz")
+    assert evaluate.stats_hierarchy(stats)["superclass_of"] == VEGFRU_SUPERCLASS and int(stats["count"]) == 292
+    for s in range(25):
+        assert int(stats[f"count_{s}"]) == VEGFRU_SUPERCLASS.count(s)
+        assert abs(float(stats[f"mu_{s}"][0]) - 8 * s / 255) < 3 / 255          # the red of superclass s alone
+
+
+@pytest.fixture(scope="module")
+def authors_vegfru(tmp_path_factory):
+    """pretrained/ with FineDiffusion-VegFru.pt as the authors save it (292 + 25 rows, LayerNorm affine, no null row,
+    nothing that says which subclass is under which superclass) and sd-vae-ft-mse/."""
+    root = tmp_path_factory.mktemp("authors-vegfru")
+    os.makedirs(root / "pretrained")
+    dit = randomize(DiT_models["DiT-T/2"](input_size=8, num_classes=292, num_superclasses=25, null_class=False,
+                                          norm_affine=True))
+    torch.save({"model": dit.state_dict(), "ema": dit.state_dict(), "opt": {},
+                "args": argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=292, num_super_classes=25)},
+               root / "pretrained" / "FineDiffusion-VegFru.pt")
+    write_tiny_vae(root / "pretrained" / "sd-vae-ft-mse")
+    return root
+
+
+def test_sample_py_guides_the_authors_vegfru_file_from_the_superclass_row_vegfrus_lists_give(
+        authors_vegfru, vegfru_root, monkeypatch, capsys, label_lookups):
+    monkeypatch.chdir(authors_vegfru)
+    for who in (["--class-id", 0], ["--class-id", 7], ["--class-id", 151], ["--class-name", "banana"],
+                ["--class-id", 283], ["--class-id", 291]):
+        label_lookups.clear()
+        proc = run_main(sample_module, *who, "--ckpt", "FineDiffusion-VegFru.pt", "--data-path", vegfru_root,
+                        "--num-samples", 2, "--steps", 2, "--out", "s.png", capsys=capsys)
+        assert proc.returncode == 0, proc.stderr
+        c = who[1] if who[0] == "--class-id" else 200
+        s = VEGFRU_SUPERCLASS[c]
+        conditional, guide = guide_halves(label_lookups)
+        assert len(label_lookups) == 2 and (conditional == c).all() and (guide == 292 + s).all()
+        assert f"class {c} ({VEGFRU_NAMES[c]}), guided by superclass row {292 + s} (sup-class {s}), w = 4" in proc.stderr
+        assert "from pretrained/FineDiffusion-VegFru.pt, decoded by pretrained/sd-vae-ft-mse/" in proc.stderr
+
+
+def test_sample_py_refuses_the_authors_vegfru_file_in_one_line_without_vegfrus_lists(authors_vegfru, tmp_path,
+                                                                                       monkeypatch, capsys):
+    monkeypatch.chdir(authors_vegfru)
+    argv = [sample_module, "--class-id", 7, "--ckpt", "FineDiffusion-VegFru.pt", "--steps", 2, "--out", "s.png"]
+    assert_one_line_error(run_main(*argv, capsys=capsys), "FineDiffusion-VegFru.pt", "25 superclass rows",
+                          "--data-path", "vegfru_list/")
+    assert_one_line_error(run_main(*argv, "--data-path", tmp_path, capsys=capsys), str(tmp_path),
+                          "no vegfru_list/vegfru_train.txt", "supvegfru_{train,val,test}.txt")
+    proc = run_main(*argv, "--guidance", "none", "--num-samples", 1, capsys=capsys)     # no guide: no lists needed
+    assert proc.returncode == 0 and "class 7, unguided" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: os.remove(d / "supvegfru_val.txt"), ["supvegfru_val.txt"]),
+    (lambda d: append(d / "vegfru_val.txt", "veg200_images/carrot/v_01_99_0001.jpg 3\n"),
+     ["vegfru_val.txt:293", "veg200_images/carrot/v_01_99_0001.jpg", "no line in supvegfru_val.txt"]),
+    (lambda d: append(d / "vegfru_test.txt", "veg200_images/v_01_99_0001.jpg 3\n"), ["vegfru_test.txt:293", "expected"]),
+    (lambda d: append(d / "vegfru_test.txt", "veg200_images/x/v_1.jpg 3 extra\n"), ["vegfru_test.txt:293", "expected"]),
+    (lambda d: [append(d / f"{p}vegfru_test.txt", f"veg200_images/x/v_1.jpg {n}\n") for p, n in (("", 0), ("sup", 0))],
+     ["vegfru_test.txt:293", "subclass 0", "folder x"]),
+    (lambda d: [append(d / f"{p}vegfru_test.txt", f"{vegfru_image(0, 'train', 0)[:-5]}9.jpg {n}\n")
+                for p, n in (("", 0), ("sup", 1))], ["vegfru_test.txt:293", "subclass 0", "superclass 1"]),
+    (lambda d: [append(d / f"{p}vegfru_test.txt", f"veg200_images/x/v_1.jpg {n}\n") for p, n in (("", 300), ("sup", 0))],
+     ["subclass 292", "of 0 ... 300"]),
+])
+def test_vegfru_lists_that_do_not_agree_are_refused_in_one_line_naming_the_line(vegfru_root, tmp_path, capsys, damage,
+                                                                                 words):
+    shutil.copytree(vegfru_root / "vegfru_list", tmp_path / "vegfru_list")
+    damage(tmp_path / "vegfru_list")
+    proc = run_main(data, "info", "--data", "vegfru", "--data-path", tmp_path, "--split", "train", capsys=capsys)
+    assert_one_line_error(proc, *words)
+
+
+def append(path, text):
+    with open(path, "a") as f:
+        f.write(text)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -2343,12 +2611,19 @@ def lpips_files(tmp_path_factory):
 
 
 class MeanColour(nn.Module):
-    """Stand-in feature extractor (3-d): keeps grouping tests fast and their covariances full rank."""
+    """Stand-in feature extractor (3-d): keeps grouping tests fast and their covariances full rank. forward_all: the
+    mean colour, logits over 4 "classes" read from it, and the mean colour of each image's left half as its spatial
+    features."""
 
     weights_sha256 = "mean-colour"           # what statistics record of the network (load_inception: its file's)
 
     def forward(self, x):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # [N, 3]
+
+    def forward_all(self, x):
+        pool = self(x)
+        logits = 8 * torch.cat([pool, pool.mean(1, keepdim=True)], 1)               # [N, 4]
+        return pool, logits, self(x[..., :x.shape[-1] // 2])                        # [N, 3], [N, 4], [N, 3]
 
 
 SUPERCLASSES = {"Birds": ["sparrow", "wren"], "Fungi": ["morel"], "Plants": ["oak", "fern"]}
@@ -2463,7 +2738,8 @@ def test_inception_features_accept_a_tensor_or_a_loader_of_uint8_batches():
     images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
     from_loader = inception_features(model, [(images[:3], None), (images[3:], None)], "cpu", progress=False)
     from_tensor = inception_features(model, images.float() / 255, "cpu", batch_size=2, progress=False)
-    assert from_loader.shape == (5, 3) and np.allclose(from_loader, from_tensor, atol=1e-6)
+    assert [from_loader[k].shape for k in ("pool", "logits", "spatial")] == [(5, 3), (5, 4), (5, 3)]
+    assert all(np.allclose(from_loader[k], from_tensor[k], atol=1e-6) for k in from_loader)
 
 
 # ---- per-superclass statistics and the Table 1 layout -----------------------------------------------------------
@@ -2528,6 +2804,112 @@ def test_npz_images_carry_labels_and_hierarchy(tmp_path):
     image, label = source[2]
     assert image.shape == (3, 8, 8) and image.dtype == torch.uint8 and label == 1
 
+
+
+def adm_batches(path, batch_size):
+    """arr_0 of an .npz as ADM's evaluator reads it (evaluations/evaluator.py: open_npz_array, StreamingNpzArrayReader):
+    the zip member streamed, its .npy 1.0 header read, then batch_size rows at a time."""
+    with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as member:
+        assert np.lib.format.read_magic(member) == (1, 0)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        for start in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - start)
+            yield np.frombuffer(member.read(n * row), dtype).reshape(n, *shape[1:])
+
+
+def test_a_streamed_npz_holds_the_members_np_savez_writes_and_adm_reads_it_in_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (10, 6, 5, 3), dtype=np.uint8), rng.integers(0, 4, 10)
+    hierarchy = np.array(json.dumps(TOY_HIERARCHY))
+    np.savez(tmp_path / "savez.npz", arr_0=images, labels=labels, hierarchy=hierarchy)
+    hardening.write_npz_rows(tmp_path / "streamed.npz", 10, iter([images[:4], images[4:7], images[7:]]),
+                             lambda: dict(labels=labels, hierarchy=hierarchy))
+    with zipfile.ZipFile(tmp_path / "savez.npz") as savez, zipfile.ZipFile(tmp_path / "streamed.npz") as streamed:
+        assert savez.namelist() == streamed.namelist() == ["arr_0.npy", "labels.npy", "hierarchy.npy"]
+        assert all(savez.read(name) == streamed.read(name) for name in savez.namelist())   # headers and bytes
+        assert streamed.testzip() is None                                                  # every CRC-32 right
+    assert np.array_equal(np.concatenate(list(adm_batches(tmp_path / "streamed.npz", 3))), images)
+    with pytest.raises(hardening.RunFailed, match="9 images came where 10 were counted"):
+        hardening.write_npz_rows(tmp_path / "short.npz", 10, iter([images[:9]]), dict)
+    with pytest.raises(hardening.RunFailed, match=r"11\+ images came where 10 were counted"):
+        hardening.write_npz_rows(tmp_path / "long.npz", 10, iter([images, images[:1], images]), dict)
+    assert sorted(os.listdir(tmp_path)) == ["savez.npz", "streamed.npz"]                  # nothing half-written
+
+
+def resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_an_npz_of_images_is_written_and_read_a_batch_at_a_time(tmp_path):
+    """generate --npz and fid --fake X.npz hold a batch of images, not all N (Table 1's 100,000 at 256 px: 19.7 GB):
+    Python's allocations while writing 48 MiB, and the resident pages after reading each image back (a memory map's
+    would stay resident)."""
+    batches = (np.full((64, 64, 64, 3), i, np.uint8) for i in range(64))                # 768 KiB each
+    tracemalloc.start()
+    hardening.write_npz_rows(tmp_path / "x.npz", 64 * 64, batches, dict)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 768 * 1024
+    images = evaluate.NpzImages(str(tmp_path / "x.npz"))
+    before = resident_bytes()
+    assert all(images(i).shape == (64, 64, 3) and images(i).min() == images(i).max() == i // 64 for i in range(64 * 64))
+    assert resident_bytes() - before < 8 * 1024 * 1024
+
+
+def test_stats_npz_writes_the_real_images_as_scored_as_an_adm_reference_batch(labelled_folder, tmp_path, monkeypatch,
+                                                                               capsys):
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    (labelled_folder / "Birds" / "wren" / "9_broken.png").write_bytes(b"not a png")   # left out, with its label
+    with pytest.warns(UserWarning, match="9_broken.png"):
+        proc = run_main(evaluate, "stats", "--data", "folder", "--data-path", labelled_folder, "--image-size", 12,
+                        "--out", tmp_path / "stats.npz", "--npz", tmp_path / "ref.npz", "--batch-size", 7,
+                        "--workers", 0, "--device", "cpu", capsys=capsys)
+        assert proc.returncode == 0, proc.stderr
+        source = folder_images(labelled_folder, 12)                   # ADM's crop to 12 px, as stats described them
+        kept = [i for i in range(len(source)) if source.read(i) is not None]
+    batch = np.load(tmp_path / "ref.npz")
+    assert batch["arr_0"].dtype == np.uint8 and batch["arr_0"].shape == (30, 12, 12, 3)
+    assert np.array_equal(batch["arr_0"], np.stack([source.read(i) for i in kept]))
+    assert np.array_equal(batch["labels"], source.labels[kept])
+    assert json.loads(str(batch["hierarchy"])) == source.hierarchy
+    assert np.array_equal(np.concatenate(list(adm_batches(tmp_path / "ref.npz", 8))), batch["arr_0"])
+    again = compute_stats(open_images(str(tmp_path / "ref.npz")), MeanColour(), progress=False)   # read back
+    stats = np.load(tmp_path / "stats.npz")
+    assert int(stats["count"]) == 30 and np.array_equal(again["mu"], stats["mu"])
+    assert np.array_equal(again["sigma"], stats["sigma"]) and np.array_equal(again["mu_1"], stats["mu_1"])
+
+
+def test_fid_of_the_npz_generate_streams_equals_fid_of_its_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    write_our_checkpoint(tmp_path / "ckpt.pt")
+    common = ["--per-class", 2, "--steps", 2, "--batch-size", 5, "--workers", 0, "--device", "cpu"]   # a short tail
+    for seed, extra in ((0, ["--npz", tmp_path / "gen.npz"]), (1, [])):
+        proc = run_main(evaluate, "generate", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / f"gen{seed}",
+                        "--seed", seed, *common, *extra, capsys=capsys)
+        assert proc.returncode == 0, proc.stderr
+    assert run_main(evaluate, "stats", "--images", tmp_path / "gen1", "--out", tmp_path / "ref.npz", "--workers", 0,
+                    "--device", "cpu", capsys=capsys).returncode == 0
+    tables = []
+    for fake in (tmp_path / "gen0", tmp_path / "gen.npz"):
+        proc = run_main(evaluate, "fid", "--real", tmp_path / "ref.npz", "--fake", fake, "--pairs", 0, "--workers", 0,
+                        "--device", "cpu", "--out-json", tmp_path / "t.json", capsys=capsys)
+        assert proc.returncode == 0, proc.stderr
+        tables.append(json.loads((tmp_path / "t.json").read_text())["rows"])
+    assert tables[0] == tables[1] and len(tables[0]) == 5 and tables[0][-1]["count_fake"] == 32
+    assert tables[0][-1]["fid"] > 0
+
+
+def test_the_npz_of_a_checkpoint_without_a_hierarchy_reads_back_with_its_labels(tmp_path, capsys):
+    dit, vae = latent_dit_and_vae(tmp_path)                            # the official layout: class ids, no names
+    proc = run_main(evaluate, "generate", "--ckpt", dit, "--vae", vae, "--out", tmp_path / "gen", "--per-class", 1,
+                    "--guidance", "null", "--steps", 2, "--workers", 0, "--device", "cpu", "--npz", tmp_path / "gen.npz",
+                    capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "gen.npz").files == ["arr_0", "labels"]                  # no hierarchy to write
+    source = open_images(str(tmp_path / "gen.npz"))
+    assert source.hierarchy is None and list(source.labels) == [0, 1, 2, 3] and source.read(3).shape == (16, 16, 3)
 
 def test_inception_statistics_of_16bit_png_copies_equal_those_of_their_8bit_originals(inception_file, tmp_path):
     """16-bit PNGs are scaled to 8 bits, not clipped to white: the two sets have the same Inception mean and
@@ -2685,8 +3067,61 @@ def test_cli_stats_then_fid_writes_table1_csv_and_json(labelled_folder, lpips_fi
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert [r["superclass"] for r in rows] == ["Birds", "Fungi", "Plants", "Overall"]
     assert abs(rows[-1]["fid"]) < 1e-6 and rows[-1]["lpips"] > 0
-    assert (tmp_path / "t.csv").read_text().splitlines()[0] == "superclass,fid,lpips,count_real,count_fake"
+    assert (tmp_path / "t.csv").read_text().splitlines()[0] == \
+        "superclass,fid,sfid,kid,kid_std,is,is_std,precision,recall,lpips,count_real,count_fake,kid_subset"
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # atomic writes left no temp files
+
+
+METRIC_COLUMNS = ("fid", "sfid", "kid", "kid_std", "is", "is_std", "precision", "recall")
+
+
+def test_cli_stats_then_fid_gives_every_metric_per_superclass_and_overall_and_reads_older_statistics(
+        inception_file, tmp_path, monkeypatch, capsys, one_thread):
+    """Table 1's commands: `stats` keeps the FID Inception's features (the seeded network: its 2048-d pool features,
+    2023-d spatial statistics and IS per superclass); `fid` gives sFID, KID, IS and precision/recall beside FID for
+    each superclass and Overall (the mean-colour stand-in: a Frechet distance of 2048-d covariances of a few images
+    takes minutes). Statistics made before these metrics still read: their columns are left empty, said in one line."""
+    rng = np.random.default_rng(0)
+    for folder, offset in (("val", 0), ("gen", 25)):
+        for s, superclass in enumerate(("Ray-finned Fishes", "Birds")):
+            for name in ("a", "b"):
+                for i in range(6):
+                    pixels = rng.integers(0, 180, (32, 32, 3)) + np.array([60 * s, offset, 30])
+                    (tmp_path / folder / superclass / name).mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / folder / superclass / name / f"{i}.png")
+    source = folder_images(tmp_path / "gen", 32)
+    np.savez(tmp_path / "fake.npz", arr_0=np.stack([source.read(i) for i in range(len(source))]),
+             labels=source.labels, hierarchy=np.array(json.dumps(source.hierarchy)))
+    stats = ["stats", "--data", "folder", "--data-path", tmp_path / "val", "--image-size", 32, "--workers", 0]
+    assert run_main(evaluate, *stats, "--inception", inception_file[0], "--out", tmp_path / "inception.npz",
+                    capsys=capsys).returncode == 0
+    kept = np.load(tmp_path / "inception.npz")
+    assert kept["features"].shape == (24, 2048) and list(kept["superclass"]) == [0] * 12 + [1] * 12
+    assert kept["spatial_sigma_1"].shape == (2023, 2023) and np.isfinite(kept["isc_1"]).all()
+
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None: MeanColour())
+    common = ["--pairs", 0, "--workers", 0, "--out-csv", tmp_path / "t.csv"]
+    assert run_main(evaluate, *stats, "--out", tmp_path / "ref.npz", capsys=capsys).returncode == 0
+    proc = run_main(evaluate, "fid", "--real", tmp_path / "ref.npz", "--fake", tmp_path / "fake.npz", *common,
+                    capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert "KID drew subsets of fewer than 1000 images" in proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert [r["superclass"] for r in rows] == ["Birds", "Ray-finned Fishes", "Overall"]
+    assert all(math.isfinite(float(r[c])) for r in rows for c in METRIC_COLUMNS)
+    assert [int(r["kid_subset"]) for r in rows] == [12, 12, 24]
+    assert all(0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1 and float(r["is"]) >= 1 for r in rows)
+
+    ref = dict(np.load(tmp_path / "ref.npz"))
+    older = {k: v for k, v in ref.items() if not k.startswith(("features", "superclass", "spatial_", "isc"))}
+    np.savez(tmp_path / "older.npz", **older)                        # what `stats` wrote before these metrics
+    proc = run_main(evaluate, "fid", "--real", tmp_path / "older.npz", "--fake", tmp_path / "fake.npz", *common,
+                    capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert "reference statistics were made before sFID, KID, IS and precision/recall" in proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert all(r[c] == "" for r in rows for c in ("sfid", "kid", "precision", "recall"))
+    assert all(r["fid"] != "" and r["is"] != "" for r in rows)       # FID needs mu and sigma; IS the generated alone
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -2793,6 +3228,74 @@ def test_a_run_resumes_on_two_nodes_whose_ranks_stay_identical(tmp_path, base_ck
     resumed = torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)
     assert resumed["step"] == 3 and resumed["train"]["world_size"] == 2
 
+
+RANK_READS = """import json, os, sys
+sys.path.insert(0, {here!r})
+import data, train
+reads = dict(list_images=0, inat21_categories=0)     # the folder scans and the json parse that build iNat21
+
+def counted(name, read):
+    def call(*args):
+        reads[name] += 1
+        return read(*args)
+    return call
+
+def dump(dataset):                                   # this rank's reads and the dataset it works on
+    with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".json"), "w") as f:
+        json.dump(dict(reads, files=[os.fsdecode(name) for name in dataset.files], labels=dataset.targets,
+                       hierarchy=dataset.hierarchy()), f)
+
+for name in reads:
+    setattr(data, name, counted(name, getattr(data, name)))
+build_latent_cache, data_and_vae = data.build_latent_cache, train.data_and_vae
+data.build_latent_cache = lambda dataset, *args, **kwargs: dump(dataset) or build_latent_cache(dataset, *args, **kwargs)
+train.data_and_vae = lambda *args: (lambda out: dump(out[0]) or out)(data_and_vae(*args))
+dict(train=train, data=data)[sys.argv[2]].main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("command", [["train", "--model", "DiT-T/2", "--init", "none", "--global-batch-size", 4,
+                                      "--max-steps", 1, "--num-workers", 0], ["data", "cache", "--num-workers", 0]],
+                         ids=["train", "cache"])
+def test_under_torchrun_rank_0_alone_reads_the_dataset_and_every_rank_gets_its_file_list(command, tmp_path):
+    """iNat21-mini is 500,000 files and a 216 MB json: one rank scans and parses them, and hands the others the list."""
+    root = make_inat21(tmp_path / "inat")
+    write_tiny_vae(tmp_path / "vae")
+    (tmp_path / "reads.py").write_text(RANK_READS.format(here=HERE))
+    (tmp_path / "ranks").mkdir()
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                      tmp_path / "reads.py", tmp_path / "ranks", *command, "--data", "inat21", "--data-path", root,
+                      "--image-size", 16, "--vae", tmp_path / "vae",
+                      *(["--out", tmp_path / "cache"] if "cache" in command else ["--run-dir", tmp_path / "run"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (rank0["list_images"], rank0["inat21_categories"]) == (len(INAT_FOLDERS), 1)    # a scan per class folder
+    assert (rank1["list_images"], rank1["inat21_categories"]) == (0, 0)
+    alone = data.build_dataset("inat21", str(root), 16)
+    for rank in (rank0, rank1):
+        assert rank["files"] == [os.fsdecode(name) for name in alone.files] and rank["labels"] == alone.targets
+        assert rank["hierarchy"] == alone.hierarchy()
+
+
+def test_the_cache_bar_counts_the_images_left_on_every_rank_after_a_resume(tmp_path, capsys):
+    root = make_inat21(tmp_path / "inat")                                                  # 8 images
+    write_tiny_vae(tmp_path / "vae")
+    argv = ["cache", "--data", "inat21", "--data-path", root, "--image-size", 16, "--vae", tmp_path / "vae", "--out",
+            tmp_path / "cache", "--batch-size", 2, "--num-workers", 0]
+    assert run_main(data, *argv, capsys=capsys).returncode == 0
+    first = np.load(tmp_path / "cache" / "moments.npy")
+    done = np.load(tmp_path / "cache" / "done.npy", mmap_mode="r+")
+    done[[0, 1, 2, 5, 6]] = False                        # interrupted: 3 images of rank 0's half, 2 of rank 1's
+    done.flush()
+    del done
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "data.py",
+                      *argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bar = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("encoding")]
+    assert bar and all("encoding 5 of 8 images" in line for line in bar)
+    assert "5/5" in bar[-1] and "img/s" in bar[-1]                      # the images of both ranks, none else
+    assert np.load(tmp_path / "cache" / "done.npy").all()
+    assert np.allclose(np.load(tmp_path / "cache" / "moments.npy"), first, atol=1e-3)
 
 # ------------------------------------------------------------------------------------------------------------
 # Checkpoints: exact resume, deltas, export
@@ -3899,7 +4402,7 @@ def test_the_designs_sample_command_runs_as_written_with_the_authors_checkpoint(
     os.makedirs("pretrained")
     torch.save({"model": authors.state_dict(), "ema": authors.state_dict(), "opt": {},
                 "args": argparse.Namespace(model="DiT-T/2")}, "pretrained/FineDiffusion-iNat.pt")
-    write_tiny_vae("pretrained/sd-vae-ft-ema")
+    write_tiny_vae("pretrained/sd-vae-ft-mse")                             # the authors' sample.py's VAE
     proc = run_main(sample_module, "--class-id", "4021", capsys=capsys)    # python sample.py --class-id 4021
     assert proc.returncode == 0, proc.stderr
     assert "class 4021 (04021), guided by superclass row 10002 (Birds)" in proc.stderr
@@ -4530,6 +5033,17 @@ DAMAGED_INPUTS = [
     ("FID statistics: count_0 an array", stats_with(count_0=np.arange(3)), ["ref.npz", "count_0", "[3]"]),
     ("FID statistics: a superclass's mean of another length", stats_with(mu_0=np.zeros(5), count_0=np.int64(2)),
      ["ref.npz", "mu_0", "[5]"]),
+    ("statistics: features of 2 images where the count is 3", stats_with(features=np.zeros((2, 8), np.float32)),
+     ["ref.npz", "features", "[2, 8]", "3 images"]),
+    ("statistics: a NaN among the features", stats_with(features=np.full((3, 8), np.nan, np.float32)),
+     ["ref.npz", "features", "finite"]),
+    ("statistics: a superclass for 2 of 3 images", stats_with(superclass=np.zeros(2, np.int64)),
+     ["ref.npz", "superclass", "[2]"]),
+    ("statistics: features without each one's superclass", stats_with(features=np.zeros((3, 8), np.float32),
+     hierarchy=np.array(json.dumps(data.make_hierarchy(["a"], ["S"], [0])))), ["ref.npz", "superclass"]),
+    ("statistics: spatial covariance of another size", stats_with(spatial_mu=np.zeros(4), spatial_sigma_1=np.eye(3)),
+     ["ref.npz", "spatial_sigma_1", "[3, 3]"]),
+    ("statistics: an Inception Score of one number", stats_with(isc_0=np.ones(1)), ["ref.npz", "isc_0"]),
     *[(f"safetensors: {what}", hostile_vae(edit), ["diffusion_pytorch_model.safetensors"])
       for what, edit in HOSTILE_HEADERS.items()],
     ("checkpoint bytes damaged: sample --ckpt", damaged_checkpoint("--ckpt"), ["ckpt.pt", "damaged", "CRC-32"]),
@@ -4869,7 +5383,8 @@ def test_fid_is_reported_as_a_distance_never_below_zero_and_the_raw_value_is_kep
                      tmp_path / "r.npz", capsys=capsys).returncode == 0
     proc = fid_cli("--real", tmp_path / "r.npz", "--fake", tmp_path / "r.npz", "--out-csv", tmp_path / "t.csv",
                    "--out-json", tmp_path / "t.json", capsys=capsys)
-    assert proc.returncode == 0 and "-0.000" not in proc.stdout
+    assert proc.returncode == 0
+    assert not [line for line in proc.stdout.splitlines()[1:] if line.split()[1].startswith("-")]  # the FID column
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert all(r["fid"] == max(0.0, r["fid_raw"]) and abs(r["fid_raw"]) < 1e-2 for r in rows)
     assert all(float(r["fid"]) >= 0 and "fid_raw" not in r for r in csv.DictReader(open(tmp_path / "t.csv")))
@@ -5090,7 +5605,7 @@ def test_every_training_image_reaches_the_dit_once_per_epoch_across_ranks_flippe
 
 
 def test_every_cached_latent_reaches_the_dit_once_per_epoch_across_ranks_mirrored_half_the_time(tmp_path):
-    vae = write_tiny_vae(tmp_path / "vae")
+    write_tiny_vae(tmp_path / "vae")
     state = load_safetensors(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
     state["quant_conv.bias"][4:] = -40.0                 # log-variance at the clamp: each latent is its mean
     save_safetensors(state, tmp_path / "vae" / "diffusion_pytorch_model.safetensors")

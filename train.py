@@ -52,8 +52,9 @@ PAPER_INIT, VAE = "DiT-XL-2-256x256.pt", "sd-vae-ft-ema"     # looked up as give
 TOY_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "DiT-T-4-toy-base.pt")
 TOY_BASE_SHA256 = "52bf75fecd85e009a6bc0e092c6e86f4771fa7328924ba1a06e4c73cc0b8d485"
 
-# The defaults that depend on --data: the paper's (§4.2) for iNat21 and folders; for the toy, fine-tuning from the
-# shipped base as the quickstart was tuned, and the recipe that made that base. Given flags win; on --resume, the run's.
+# The defaults that depend on --data: the paper's (§4.2) for iNat21, VegFru and folders; for the toy, fine-tuning from
+# the shipped base as the quickstart was tuned, and the recipe that made that base. Given flags win; on --resume, the
+# run's.
 RECIPES = {
     "paper": dict(init=PAPER_INIT, lr=1e-4, global_batch_size=256, max_steps=200_000, ema_decay=0.9999,
                   ckpt_every=50_000, log_every=100),

@@ -144,7 +144,8 @@ def convert_vae_state_dict(sd):
 
 def vae_weights_file(path):
     """The weights file of a VAE given as a file, a diffusers folder, or a pipeline folder with vae/."""
-    path = find_file(path, published="sd-vae-ft-ema")
+    named = os.path.basename(os.path.normpath(path))
+    path = find_file(path, published=named if named in ("sd-vae-ft-ema", "sd-vae-ft-mse") else "sd-vae-ft-ema")
     for file in [path] + [os.path.join(d, name) for d in (path, os.path.join(path, "vae")) for name in _VAE_FILES]:
         if os.path.isfile(file):
             return file

@@ -29,6 +29,11 @@ What is pinned, and against what
      recognise it by its tensor shapes) and a diffusers VAE of test_all.py's CLI_VAE_CONFIG (8x, as the SD
      VAE; 64 x 64 images), both with seeded weights: the guide rows (the authors' token_drop), the decoded
      images and their uint8 pixels.
+     "cli512": the same as the command line runs it on a file in FineDiffusion-iNat-512.pt's layout (the authors'
+     sample.py at --image-size 512, whose only change is latent_size = 64): the "cli" group's DiT at 64 x 64 latents
+     (a 512 px position table, the authors' own), its VAE, class CLI512_CLASS, 2 samples, seed 0, 10 steps: the guide
+     row, the latents (the conditional half, before the VAE) and, of the 512 x 512 images, every 8th row and column of
+     the decoded floats and of their uint8 pixels (the whole images would be 12 MB).
   4. diffusers AutoencoderKL (small config): posterior mean and log-variance (also where the [-30, 20]
      clamp engages), decode.
   5. pytorch-fid's FID InceptionV3 (2048-d pool features), with the download patched to seeded weights.
@@ -36,6 +41,14 @@ What is pinned, and against what
      last can make scipy's sqrtm non-finite, and then pytorch-fid's eps-offset fallback runs: it did on the
      machine that made the stored file, and the file says so in fid.fd.singular.fallback).
   7. lpips 0.1 LPIPS(net="alex", version 0.1) with seeded AlexNet trunk and linear heads.
+  8. The metrics beside FID: torch-fidelity's own KID (kid_features_to_metric: 100 subsets of 100, and a set of 40
+     with subsets of all 40, the size ours falls back to), Inception Score (isc_features_to_metric, 10 splits) and
+     precision/recall (prc_features_to_metric, k = 3) of seeded features and logits; its InceptionV3 with the
+     seeded weights on a black image (where its (x - 128) / 128 and pytorch-fid's 2x - 1 agree): pool features,
+     "logits_unbiased" (what its IS reads) and ADM's spatial features (the first 7 channels of Mixed_6d.branch1x1,
+     the graph's mixed_6/conv by torch-fidelity's own weight map, flattened in TF's NHWC order, hooked); sFID as
+     ADM's evaluator computes it (guided-diffusion evaluations/evaluator.py, its TF graph not run: the numpy that
+     follows the graph written out in adm_sfid) of seeded NHWC activations.
 
 How to regenerate (on any machine with Python 3.11; no GPU; about 20 seconds)
   1. The official code, outside this repository (CC-BY-NC: it must never be copied into this repository):
@@ -50,7 +63,8 @@ How to regenerate (on any machine with Python 3.11; no GPU; about 20 seconds)
   2. A throwaway virtual environment, outside this repository, with pinned versions:
          python3.11 -m venv /tmp/refvenv && . /tmp/refvenv/bin/activate
          pip install torch==2.14.1 torchvision==0.29.1 numpy==2.4.6 scipy==1.17.1 \
-             diffusers==0.42.1 pytorch-fid==0.3.0 lpips==0.1.4 safetensors==0.8.0 timm==1.0.31
+             diffusers==0.42.1 pytorch-fid==0.3.0 lpips==0.1.4 safetensors==0.8.0 timm==1.0.31 \
+             torch-fidelity==0.4.0
          pip install -r requirements.txt        # test_all.py (imported for seeded_state) imports the project
      (timm: the official models.py takes PatchEmbed, Attention and Mlp from it.)
   3. From the repository root:
@@ -69,7 +83,8 @@ pnet_rand=True (its v0.1 heads ship inside the package) and then given seeded we
 VAE from a config.
 
 Values were computed on an x86-64 CPU, the "cli" and "dpmsde" groups added later with --keep on another (AVX2)
-x86-64 CPU; the tests compare with tolerances that absorb other CPU kernels.
+x86-64 CPU, the "cli512" group with --keep on a third, the "metrics" group (8.) with --keep; the tests compare with
+tolerances that absorb other CPU kernels.
 """
 import argparse
 import contextlib
@@ -79,7 +94,9 @@ import io
 import json
 import os
 import sys
+import tempfile
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -117,6 +134,8 @@ DPMSDE_STEPS = (1, 2, 3, 10, 25, 50)               # DPM-Solver++(2M) SDE: first
 # and one class of each iNat21 superclass, in superclass order (Plants 0, Insects 1, ..., Animalia 10).
 CLI_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=4, num_heads=4)
 CLI_CLASSES = [7000, 1908, 4021, 5476, 5000, 4700, 2800, 3000, 5300, 100, 170]
+# The 512 px group: the CLI group's DiT at 64 x 64 latents, one class (Birds), every CLI512_STRIDE-th row and column.
+CLI512_LATENT, CLI512_CLASS, CLI512_STRIDE = 64, 4021, 8
 
 
 def check_sources(roots):
@@ -413,6 +432,20 @@ def cli_references(authors, diffusion, out):
                 "cli.uint8": torch.stack(uint8)})
 
 
+def cli512_references(authors, diffusion, out):
+    """What `sample.py --class-id CLI512_CLASS --ckpt <FineDiffusion-iNat-512.pt's layout> --num-samples 2 --steps 10
+    --seed 0` must draw: the authors' sample.py at --image-size 512 (latent_size 64) with the CLI group's weights at
+    64 x 64 latents (seeded_state does not depend on the size; pos_embed is the authors' own) and its VAE."""
+    fine = load_seeded(authors.DiT(**{**CLI_DIT, "input_size": CLI512_LATENT}, num_classes=FINE_CLASSES,
+                                   num_super_classes=FINE_SUPERCLASSES, class_dropout_prob=0.1, learn_sigma=True))
+    vae = seeded_vae(config=CLI_VAE_CONFIG)
+    c, k = i64([CLI512_CLASS]), CLI512_STRIDE
+    latents, images, pixels = authors_sample(fine, vae, diffusion, i64([CLI512_CLASS] * 2), 0, CLI512_LATENT)
+    assert images.shape == (2, 3, 512, 512), images.shape
+    out.update({"cli512.classes": c, "cli512.guide_rows": guide_rows(fine, c), "cli512.latents": f32(latents),
+                "cli512.decoded": f32(images[:, :, ::k, ::k]), "cli512.uint8": i64(pixels[:, ::k, ::k])})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. + 6. FID (pytorch-fid)
 # ----------------------------------------------------------------------------------------------------------
@@ -493,6 +526,79 @@ def lpips_references(out):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 8. KID, Inception Score, precision and recall (torch-fidelity); sFID (ADM's evaluator, written out)
+# ----------------------------------------------------------------------------------------------------------
+
+def torch_fidelity_references(out):
+    import pytorch_fid.inception as fid_inception
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    # torch-fidelity's network with the seeded weights (the published key names, as pytorch-fid's)
+    template = fid_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None).state_dict()
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(seeded_state(template), os.path.join(folder, "seeded.pth"))
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                          feature_extractor_weights_path=os.path.join(folder, "seeded.pth"))
+    branch1x1 = []
+    net.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, output: branch1x1.append(output))
+    with torch.no_grad():
+        pool, logits = net(torch.zeros(1, 3, 75, 75, dtype=torch.uint8))   # black: both scalings give -1
+    spatial = branch1x1[0].permute(0, 2, 3, 1)[..., :7].reshape(1, -1)   # ADM: spatial[..., :7], reshape([N, -1])
+    out.update({"metrics.net.pool": f32(pool), "metrics.net.logits": f32(logits), "metrics.net.spatial": f32(spatial)})
+
+    # pool-feature-like features (non-negative, 64-d) of two sets that overlap in part, and logits of 100 images
+    rng = np.random.default_rng(801)
+    real = np.abs(rng.standard_normal((250, 64))).astype(np.float32)
+    fake = (np.abs(rng.standard_normal((300, 64))) * 1.15 + 0.03).astype(np.float32)
+    logits = (2 * rng.standard_normal((100, 1008)) + 6 * np.eye(1008)[rng.integers(0, 20, 100)]).astype(np.float32)
+    f64t = lambda a: torch.from_numpy(a).double()   # KID in float64, as ours (torch-fidelity keeps their dtype)
+    kid = kid_features_to_metric(f64t(fake), f64t(real), kid_subsets=100, kid_subset_size=100, verbose=False)
+    kid_small = kid_features_to_metric(f64t(fake[:40]), f64t(real), kid_subset_size=40, verbose=False)
+    isc = isc_features_to_metric(torch.from_numpy(logits))          # 10 splits, shuffled by rng_seed 2020
+    prc = prc_features_to_metric(torch.from_numpy(fake), torch.from_numpy(real), verbose=False)   # (generated, real)
+    values = lambda m, *keys: f64([m[k] for k in keys])
+    out.update({"metrics.real": f32(torch.from_numpy(real)), "metrics.fake": f32(torch.from_numpy(fake)),
+                "metrics.logits": f32(torch.from_numpy(logits)),
+                "metrics.kid": values(kid, "kernel_inception_distance_mean", "kernel_inception_distance_std"),
+                "metrics.kid_small": values(kid_small, "kernel_inception_distance_mean",
+                                            "kernel_inception_distance_std"),
+                "metrics.is": values(isc, "inception_score_mean", "inception_score_std"),
+                "metrics.prc": values(prc, "precision", "recall")})
+
+    # sFID of two sets of mixed_6/conv-like activations (NHWC, post-ReLU; a 3 x 3 grid of 9 channels keeps them small)
+    a = np.maximum(rng.standard_normal((200, 3, 3, 9)), 0).astype(np.float32)
+    b = np.maximum(1.2 * rng.standard_normal((150, 3, 3, 9)) + 0.1, 0).astype(np.float32)
+    out.update({"metrics.sfid.a": f32(torch.from_numpy(a)), "metrics.sfid.b": f32(torch.from_numpy(b)),
+                "metrics.sfid.value": f64(adm_sfid(a, b))})
+    print(f"  KID {kid}, small {kid_small}\n  IS {isc}\n  PRC {prc}\n  sFID {float(out['metrics.sfid.value']):.6f}")
+
+
+def adm_sfid(spatial_1, spatial_2):
+    """ADM's evaluator on two batches of mixed_6/conv activations (NHWC, float32 as its TF graph gives them):
+    _create_feature_graph's spatial[..., :7], compute_activations' reshape([N, -1]), compute_statistics (np.mean of
+    the float32 activations, np.cov) and FIDStatistics.frechet_distance, line for line."""
+    from scipy import linalg
+    stats = []
+    for spatial in (spatial_1, spatial_2):
+        spatial = spatial[..., :7]
+        activations = spatial.reshape([spatial.shape[0], -1])
+        stats.append((np.mean(activations, axis=0), np.cov(activations, rowvar=False)))
+    (mu1, sigma1), (mu2, sigma2) = stats
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)     # scipy 1.16+ deprecates disp, unchanged otherwise
+        covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    assert np.isfinite(covmean).all()             # ADM's eps fallback is pytorch-fid's (pinned in 6.): not needed here
+    if np.iscomplexobj(covmean):
+        assert np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
+        covmean = covmean.real
+    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 def keep_earlier(out, path):
     """Replace this run's tensors by those of the file `path` of the same name, after printing how far apart they
@@ -535,6 +641,7 @@ def main(argv=None):
     import safetensors
     import scipy
     import timm
+    import torch_fidelity
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
@@ -560,10 +667,13 @@ def main(argv=None):
     vae = vae_references(out)
     end_to_end_references(fine, vae, diffusion, out)
     cli_references(authors, diffusion, out)
+    cli512_references(authors, diffusion, out)
     print("5.-6. FID")
     fid_references(out)
     print("7. LPIPS")
     lpips_references(out)
+    print("8. KID, IS, precision/recall (torch-fidelity), sFID (ADM)")
+    torch_fidelity_references(out)
 
     for k, v in out.items():
         assert v.dtype in (torch.float32, torch.float64, torch.int64), (k, v.dtype)
@@ -573,7 +683,7 @@ def main(argv=None):
     versions = dict(torch=torch.__version__, numpy=np.__version__, scipy=scipy.__version__,
                     diffusers=diffusers.__version__, pytorch_fid=pytorch_fid.__version__,
                     lpips=getattr(lpips, "__version__", "0.1.4"), safetensors=safetensors.__version__,
-                    timm=timm.__version__)
+                    timm=timm.__version__, torch_fidelity=torch_fidelity.__version__)
     # One metadata entry: safetensors writes a metadata dict in hash order, which would break byte-identity.
     metadata = {"source": f"tools/make_references.py; facebookresearch/DiT {DIT_COMMIT}; FineDiffusion/FineDiffusion "
                           f"{FINEDIFFUSION_COMMIT}; " + ", ".join(f"{k} {v}" for k, v in versions.items())}
