@@ -294,7 +294,8 @@ def add_data_args(p, split="train_mini for inat21, else train", required=False):
     p.add_argument("--data-path", help="dataset root; default: data/<--data> (inat21: the folder of its splits; vegfru: "
                                        "the folder of vegfru_list/)")
     p.add_argument("--split", help=f"default: {split}")
-    p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder of class folders")
+    p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder of class folders (more ranks: a "
+                                           "header naming them, class,genus,superclass)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -842,11 +842,15 @@ def read_hierarchy_csv(path):
             rows = [[cell.strip() for cell in row] for row in csv.reader(f)]
         except (UnicodeDecodeError, csv.Error) as e:
             raise UserError(f"hierarchy CSV {path} is not UTF-8 text with `class,superclass` rows ({e})") from None
-    header = rows[0] if rows and rows[0] and rows[0][0].lower() == "class" else ["class", "superclass"]
+    first = next((row for row in rows if any(row)), None)          # a header row names the ranks: class,genus,...
+    header = first if first and first[0].lower() == "class" else ["class", "superclass"]
     expected = ",".join(header)
+    if len(set(header)) < len(header) or "superclass" in header[1:-1]:
+        raise UserError(f"{path}: its header {expected!r} must name each rank once, the superclass last "
+                        "(class,genus,superclass)")
     nodes = {}
     for line_no, row in enumerate(rows, 1):
-        if not any(row) or (line_no == 1 and row is header):
+        if not any(row) or row is header:
             continue
         if len(row) != len(header) or not all(row):
             raise UserError(f"{path}:{line_no}: expected `{expected}`, got {','.join(row)!r}")
@@ -1339,7 +1343,9 @@ def check_resume(args, ckpt, fixed):
                         "--init)")
     for k in fixed:
         if k in args.given and getattr(args, k) != ckpt["args"].get(k):
-            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: the resumed run has {ckpt['args'].get(k)} "
+            show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v      # --tiers as typed
+            raise UserError(f"--{k.replace('_', '-')} {show(getattr(args, k))}: the resumed run has "
+                            f"{show(ckpt['args'].get(k))} "
                             f"and cannot change it; leave it out, or start a new run from it with --init {args.resume}")
 
 
@@ -1447,8 +1453,11 @@ def check_guide_rows(tiers, has_null, guidance):
                         f"{', '.join(tiers) or 'no rank'}{' and a null row' if has_null else ''}: use one of them")
 
 
-def check_tiers(tiers, ranks, tier_probs):
-    """--tiers: ranks of the data's hierarchy; --tier-probs: one weight a tier."""
+def check_tiers(tiers, ranks, tier_probs, tiered):
+    """--tiers: ranks of the data's hierarchy, for a tiered table; --tier-probs: one weight a tier."""
+    if not tiered and tiers != ["superclass"]:
+        raise UserError(f"--tiers {','.join(tiers)}: this run's label table has a null row and no tiers (--table "
+                        "null, or a baseline's --tune): pass --table tiered")
     unknown = [r for r in tiers if r not in ranks]
     if unknown:
         raise UserError(f"--tiers {','.join(tiers)}: the data's hierarchy has no rank {', '.join(unknown)} (its ranks: "

@@ -5915,6 +5915,29 @@ def test_a_three_column_csv_without_a_header_is_one_error_line(tmp_path, capsys)
         f"error: {tmp_path / 'tree.csv'}:1: expected `class,superclass`, got 'Quercus alba,Quercus,Plants'"
 
 
+@pytest.mark.parametrize("header", ["class,superclass,genus", "class,genus,genus,superclass"])
+def test_a_csv_header_that_names_a_rank_twice_or_the_superclass_before_the_last_column_is_one_error_line(
+        tmp_path, capsys, header):
+    write_image(str(tmp_path / "flat" / "Quercus alba" / "a.jpg"))
+    (tmp_path / "tree.csv").write_text(f"{header}\n" + ",".join(["Quercus alba", "Quercus", "Quercus", "Plants"]
+                                                                [:len(header.split(","))]) + "\n")
+    proc = run_main(data, "info", "--data", "folder", "--data-path", tmp_path / "flat", "--hierarchy-csv",
+                    tmp_path / "tree.csv", capsys=capsys)
+    assert_one_line_error(proc, f"its header '{header}' must name each rank once, the superclass last")
+
+
+def test_blank_lines_before_a_csv_header_are_skipped_as_blank_lines_anywhere(tmp_path):
+    for name in ("Quercus alba", "Lepomis macrochirus"):
+        write_image(str(tmp_path / "flat" / name / "a.jpg"))
+    rows = "class,genus,superclass\nQuercus alba,Quercus,Plants\nLepomis macrochirus,Lepomis,Ray-finned Fishes\n"
+    hierarchies = []
+    for k, text in enumerate([rows, "\n\n" + rows]):
+        (tmp_path / f"{k}.csv").write_text(text)
+        hierarchies.append(data.build_dataset("folder", str(tmp_path / "flat"), image_size=16,
+                                              hierarchy_csv=str(tmp_path / f"{k}.csv")).hierarchy())
+    assert hierarchies[0] == hierarchies[1] and hierarchies[0]["class_names"] == ["Quercus alba", "Lepomis macrochirus"]
+
+
 def toy_embedder(superclass_prob, tier_probs=None, tiers=("genus", "superclass")):
     toy = toy_module.ToyDataset("toy", image_size=8, images_per_class=1).hierarchy()
     sizes = {r: len(model_module.nodes_at(toy, r)[0]) for r in tiers}
@@ -5993,7 +6016,8 @@ def test_a_tiered_run_resumes_and_still_guides_from_its_genus_rows(tiered_delta,
     assert proc.returncode == 0 and "from " + str(run / "checkpoints" / "0000003.pt") in proc.stderr, proc.stderr
     assert (guide_halves(label_lookups)[1] == 32 + 3).all()
     assert_one_line_error(run_main(train, "--resume", run / "checkpoints" / "0000003.pt", "--tiers", "superclass",
-                                   "--max-steps", 4, capsys=capsys), "--tiers", "cannot change it")
+                                   "--max-steps", 4, capsys=capsys),
+                          "--tiers superclass: the resumed run has genus,superclass and cannot change it")
 
 
 def test_train_substitutes_to_the_tier_tier_probs_asks_for(tmp_path, capsys, label_lookups):
@@ -6009,10 +6033,11 @@ def test_train_substitutes_to_the_tier_tier_probs_asks_for(tmp_path, capsys, lab
 
 @pytest.mark.parametrize("flags, words", [(["--tiers", "family,superclass"], ["no rank family", "genus, superclass"]),
                                           (["--tiers", "genus,superclass", "--tier-probs", "1"], ["1 weights", "2 tiers"]),
-                                          (["--tiers", "genus,genus"], ["distinct ranks"])])
+                                          (["--tiers", "genus,genus"], ["distinct ranks"]),
+                                          (["--tiers", "genus,superclass", "--table", "null"], ["--table tiered"])])
 def test_tiers_the_data_does_not_have_are_one_error_line(tmp_path, capsys, flags, words):
-    proc = run_main(train, *TINY_TRAIN, "--init", "none", *flags, "--max-steps", 1, "--run-dir", tmp_path / "run",
-                    capsys=capsys)
+    proc = run_main(train, *TINY_TRAIN, "--init", "none", "--tune", "finediffusion", *flags, "--max-steps", 1,
+                    "--run-dir", tmp_path / "run", capsys=capsys)
     assert_one_line_error(proc, *words)
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 

@@ -345,7 +345,8 @@ def fresh_model(args, dataset, base_path, base, extra, say):
     """A new run's DiT, its config and its base {"path", "sha256"} (None: every tensor is saved). The base's tensors
     start it (a label table of another size re-initialised); a delta base is first put back on its own base, and the
     run then saves every tensor (deltas on deltas would chain)."""
-    guard.check_tiers(args.tiers or ["superclass"], rank_names(dataset.hierarchy()), args.tier_probs)
+    guard.check_tiers(args.tiers or ["superclass"], rank_names(dataset.hierarchy()), args.tier_probs,
+                      (args.table or default_table(args.tune)) == "tiered")
     tiers = {} if args.tiers in (None, ["superclass"]) else dict(tiers=args.tiers)     # the paper's: config as before
     config = dict(name=args.model, image_size=args.image_size, num_classes=dataset.num_classes,
                   num_superclasses=dataset.num_superclasses, method=args.tune,
