@@ -45,7 +45,8 @@ from hardening import (CACHE_FORMAT, CACHE_VERSION, INAT21_RANKS, ArgumentParser
                        folder_path, inat21_categories, init_distributed, multiple_of_8, nonnegative_int, on_rank0,
                        open_cache, open_cache_arrays, out_file, positive_int, prepare_cache_dir, read_hierarchy_csv,
                        read_rgb, read_vegfru_lists, require_dir, run_cli, worker_init, write_json)
-from model import INAT21_SUPERCLASSES, HierarchyView, inat21_superclass_of, make_hierarchy, vegfru_hierarchy
+from model import (INAT21_SUPERCLASSES, HierarchyView, inat21_superclass_of, make_hierarchy, ranks_between,
+                   vegfru_hierarchy)
 from vae import LATENT_SCALE, AutoencoderKL, latent_scale, scaled_latent
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -145,17 +146,6 @@ def vegfru_dataset(root, split="train", image_size=256, flip=True):
     subclass ids, the hierarchy from every split's lists (so train, val and test share ids and names)."""
     splits, class_names, superclass_of = read_vegfru_lists(root, split)
     return ImageListDataset(root, *splits[split], vegfru_hierarchy(class_names, superclass_of), image_size, flip)
-
-
-def ranks_between(names, lineages):
-    """make_hierarchy's `ranks` from each class's lineage (its node at each rank of `names`, finest first, then its
-    superclass). A node is its name and all above it, so two genera of one name in two families stay two."""
-    ranks = []
-    for i, rank in enumerate(names):
-        index = {}                                                   # node -> id, in order of first appearance
-        of = [index.setdefault(tuple(lineage[i:]), len(index)) for lineage in lineages]
-        ranks.append(dict(rank=rank, names=[node[0] for node in index], of=of))
-    return ranks
 
 
 def _list_dirs(folder):

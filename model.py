@@ -167,6 +167,17 @@ def make_hierarchy(class_names, superclass_names, superclass_of, ranks=()):
     return hierarchy
 
 
+def ranks_between(names, lineages):
+    """make_hierarchy's `ranks` from each class's lineage (its node at each rank of `names`, finest first, then its
+    superclass). A node is its name and all above it, so two genera of one name in two families stay two."""
+    ranks = []
+    for i, rank in enumerate(names):
+        index = {}                                                   # node -> id, in order of first appearance
+        of = [index.setdefault(tuple(lineage[i:]), len(index)) for lineage in lineages]
+        ranks.append(dict(rank=rank, names=[node[0] for node in index], of=of))
+    return ranks
+
+
 def rank_names(hierarchy):
     """The ranks above the class, finest first: those between (e.g. genus, family), then the superclass."""
     return [r["rank"] for r in hierarchy.get("ranks", [])] + ["superclass"]

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from fid_inception import feature_stats, frechet_distance
 from hardening import (UserError, atomic_write, finite_float, folder_path, load_strict, nonnegative_int, out_file,
                        positive_int, read_checkpoint)
-from model import HierarchyView, checkpoint_label, make_hierarchy, nodes_at, two_levels
+from model import HierarchyView, checkpoint_label, make_hierarchy, nodes_at, ranks_between, two_levels
 from sample import (add_sampler_args, guide_labels, has_guide_rows, load_for_sampling, sample_images, sample_pairs,
                     sampler_of)
 
@@ -181,10 +181,9 @@ class ToyDataset(HierarchyView, Dataset):
         self.image_size, self.images_per_class, self.seed, self.flip = image_size, images_per_class, seed, flip
         self.split_id = _TOY_SPLITS[split]
         names = ["/".join([TOY_SHAPES[f], TOY_PATTERNS[p], TOY_TINTS[t]]) for f, p, t in self.looks]
-        genera = list(dict.fromkeys((f, p) for f, p, _ in self.looks))          # a shape and a pattern: the genus
-        genus = dict(rank="genus", names=["/".join([TOY_SHAPES[f], TOY_PATTERNS[p]]) for f, p in genera],
-                     of=[genera.index((f, p)) for f, p, _ in self.looks])
-        self.hierarchy_ = make_hierarchy(names, TOY_SHAPES, [f for f, _, _ in self.looks], [genus])
+        genus = ranks_between(["genus"], [[f"{TOY_SHAPES[f]}/{TOY_PATTERNS[p]}", TOY_SHAPES[f]]    # shape + pattern
+                                          for f, p, _ in self.looks])
+        self.hierarchy_ = make_hierarchy(names, TOY_SHAPES, [f for f, _, _ in self.looks], genus)
         self.labels = np.repeat(np.arange(len(self.looks)), images_per_class)  # (N,): class of item i
         self.targets = self.labels.tolist()
         self.images = None  # (N, H, W, 3) uint8 when pre-rendered
