@@ -215,7 +215,7 @@ def compute_stats(source, model, device="cpu", batch_size=50, workers=0, progres
                 labels.append(y)
                 yield x, y  # (B, 3, H, W), (B,)
 
-    out = inception_features(model, images(), device, progress=False)  # pool (N, 2048), logits, spatial: source order
+    out = inception_features(model, images(), device, progress=False, count=len(source))  # pool (N, 2048), ...: in order
     provenance = dict(source.made, count=len(out["pool"]), inception_sha256=model.weights_sha256)
     return image_stats(out["pool"], torch.cat(labels).numpy(), source.hierarchy, provenance, out["logits"],
                        out["spatial"])

@@ -162,30 +162,40 @@ def unit_images(images):
 
 
 @torch.inference_mode()
-def inception_features(model, images, device="cpu", batch_size=50, progress=True):
+def inception_features(model, images, device="cpu", batch_size=50, progress=True, count=None):
     """What one Inception pass gives of every image: {"pool": (N, 2048), "logits": (N, 1008), "spatial": (N, 2023)}
-    (np.float32). `images` is one tensor (N, 3, H, W) or an iterable of batches (a DataLoader of (images, labels)),
-    uint8 or floats in [0, 1]."""
-    batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
+    (np.float32). `images` is one tensor (N, 3, H, W) or an iterable of batches (a DataLoader of (images, labels)) of
+    at most `count` images, uint8 or floats in [0, 1]. The arrays are made once, at `count` rows, and filled: 20 KB an
+    image, whatever the images' size."""
+    if isinstance(images, torch.Tensor):
+        images, count = images.split(batch_size), len(images)
     model = model.to(device).eval()
-    outputs = []
+    out, n = None, 0
     with _no_tf32():
-        for batch in tqdm(batches, desc="inception features", unit="batch", disable=not progress):
+        for batch in tqdm(images, desc="inception features", unit="batch", disable=not progress):
             x = unit_images(batch[0] if isinstance(batch, (tuple, list)) else batch)   # (B, 3, H, W) in [0, 1]
-            outputs.append([o.float().cpu() for o in model.forward_all(x.to(device, non_blocking=True))])
-    if not outputs:
+            got = [o.float().cpu().numpy() for o in model.forward_all(x.to(device, non_blocking=True))]
+            if out is None:
+                out = [np.empty((count, o.shape[1]), np.float32) for o in got]
+            for array, o in zip(out, got):
+                array[n:n + len(o)] = o
+            n += len(x)
+    if not n:
         raise UserError("no images to extract features from")
-    return {name: torch.cat(o).numpy() for name, o in zip(("pool", "logits", "spatial"), zip(*outputs))}
+    return {name: array[:n] for name, array in zip(("pool", "logits", "spatial"), out)}
 
 
 # The Frechet distance of two Gaussians fitted to features: pytorch-fid's computation, in float64
 
-def feature_stats(features):
-    """Mean (D,) and covariance (D, D) (unbiased, as np.cov) of features (N, D), in float64."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise UserError(f"need at least 2 feature vectors for a covariance, got shape {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+def feature_stats(features, rows=4096):
+    """Mean (D,) and covariance (D, D) (unbiased, as np.cov) of features (N, D), in float64, `rows` at a time: a
+    float64 copy of all N would cost 16 KB an image at D = 2048."""
+    if np.ndim(features) != 2 or len(features) < 2:
+        raise UserError(f"need at least 2 feature vectors for a covariance, got shape {np.shape(features)}")
+    n = len(features)
+    blocks = lambda: (np.asarray(features[i:i + rows], np.float64) for i in range(0, n, rows))  # (rows, D) each
+    mu = sum(b.sum(axis=0) for b in blocks()) / n
+    return mu, sum((b - mu).T @ (b - mu) for b in blocks()) / (n - 1)
 
 
 _SCIPY_VERSION = tuple(int(v) for v in re.findall(r"\d+", scipy.__version__)[:2])
@@ -229,13 +239,12 @@ def kernel_inception_distance(fake, real, subsets=KID_SUBSETS, subset_size=KID_S
     kernel k(x, y) = (x.y / D + 1)^3, its mean and std over `subsets` pairs of random subsets, drawn as torch-fidelity
     draws them (fake, then real, without replacement). A side with fewer than `subset_size` images gives subsets of all
     of them. Float64 throughout (torch-fidelity computes in its features' float32). -> (mean, std, subset size used)."""
-    fake, real = np.asarray(fake, np.float64), np.asarray(real, np.float64)
     m = min(subset_size, len(fake), len(real))
     if m < 2:                                   # the unbiased estimate needs two of each
         return math.nan, math.nan, m
     rng = np.random.RandomState(seed)
-    mmd = [mmd2_unbiased(fake[rng.choice(len(fake), m, replace=False)], real[rng.choice(len(real), m, replace=False)])
-           for _ in range(subsets)]
+    subset = lambda x: np.asarray(x[rng.choice(len(x), m, replace=False)], np.float64)  # (m, D)
+    mmd = [mmd2_unbiased(subset(fake), subset(real)) for _ in range(subsets)]
     return float(np.mean(mmd)), float(np.std(mmd)), m
 
 
@@ -252,37 +261,41 @@ def inception_score(logits, splits=IS_SPLITS, seed=SEED):
     logits: (N, C), forward_all's. -> (mean, std); NaN with fewer images than parts."""
     if len(logits) < splits:
         return math.nan, math.nan
-    logits = torch.as_tensor(logits, dtype=torch.float64)[np.random.RandomState(seed).permutation(len(logits))]
-    p, log_p = logits.softmax(1), logits.log_softmax(1)  # (N, C) each
+    n, order = len(logits), np.random.RandomState(seed).permutation(len(logits))
     scores = []
-    for i in range(splits):
-        part = slice(i * len(p) // splits, (i + 1) * len(p) // splits)
-        kl = (p[part] * (log_p[part] - p[part].mean(0, keepdim=True).log())).sum(1)  # (n,)
+    for i in range(splits):                # a part at a time in float64: all N at once would cost 24 KB an image
+        part = torch.as_tensor(np.asarray(logits[order[i * n // splits:(i + 1) * n // splits]]), dtype=torch.float64)
+        p = part.softmax(1)  # (n / splits, C)
+        kl = (p * (part.log_softmax(1) - p.mean(0, keepdim=True).log())).sum(1)  # (n / splits,)
         scores.append(kl.mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
 
 
 @torch.inference_mode()
-def precision_recall(real, fake, k=PR_NEIGHBOURS, device="cpu", batch_size=10000):
+def precision_recall(real, fake, k=PR_NEIGHBOURS, device="cpu", max_distances=2 ** 25):
     """Improved precision and recall (Kynkaanniemi et al. 2019) of features (N, D): precision, the share of fake ones
     within the k-NN ball of some real one; recall, the share of real ones within the ball of some fake one; a ball's
     radius is the distance to the k-th nearest other feature of its own set. Every feature, as torch-fidelity's prc
-    (k = 3; its rows in batches of 10,000; no subsampling), in the features' own dtype; on the Inception pool features
-    as ADM's evaluator (torch-fidelity's default network for prc is VGG-16, the paper's). -> (precision, recall)."""
+    (k = 3; no subsampling), in the features' own dtype; on the Inception pool features as ADM's evaluator
+    (torch-fidelity's default network for prc is VGG-16, the paper's). Distances are made for as many rows at once as
+    keep `max_distances` of them (128 MB in float32), where torch-fidelity takes 10,000 rows (4 GB against 100,000
+    features). -> (precision, recall)."""
     real, fake = torch.as_tensor(real, device=device), torch.as_tensor(fake, device=device)
     if min(len(real), len(fake)) <= k:
         return math.nan, math.nan
     with _no_tf32():
-        return (inside_balls(fake, real, knn_radii(real, k, batch_size), batch_size),
-                inside_balls(real, fake, knn_radii(fake, k, batch_size), batch_size))
+        return (inside_balls(fake, real, knn_radii(real, k, max_distances), max_distances),
+                inside_balls(real, fake, knn_radii(fake, k, max_distances), max_distances))
 
 
-def knn_radii(x, k, batch_size):
+def knn_radii(x, k, max_distances):
     """The distance of each of x (N, D) to its k-th nearest neighbour in x, itself (distance 0) not counted: (N,)."""
-    return torch.cat([torch.cdist(rows, x).kthvalue(k + 1, dim=1).values for rows in x.split(batch_size)])
+    rows = x.split(max(1, max_distances // len(x)))   # (B, D) each, B x N distances at a time
+    return torch.cat([torch.cdist(r, x).kthvalue(k + 1, dim=1).values for r in rows])
 
 
-def inside_balls(x, centres, radii, batch_size):
+def inside_balls(x, centres, radii, max_distances):
     """The share of x (N, D) within radii[j] of some centres[j] (M, D)."""
-    inside = [(torch.cdist(rows, centres) <= radii).any(dim=1) for rows in x.split(batch_size)]  # (B,) each
+    rows = x.split(max(1, max_distances // len(centres)))
+    inside = [(torch.cdist(r, centres) <= radii).any(dim=1) for r in rows]  # (B,) each
     return torch.cat(inside).double().mean().item()

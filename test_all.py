@@ -1361,10 +1361,10 @@ def test_inception_score_equals_torch_fidelity(reference):
 
 def test_precision_and_recall_equal_torch_fidelity(reference):
     """Shares of 300 generated and 250 real features, distances in float32 as torch-fidelity's: equal here; another
-    CPU's kernels may tip a feature at a round-off tie, so one feature (1/250) is allowed. Rows in batches of 64,
-    torch-fidelity's all at once: the batching changes nothing."""
+    CPU's kernels may tip a feature at a round-off tie, so one feature (1/250) is allowed. Rows in batches of 64 (at
+    most 64 x 300 distances), torch-fidelity's all at once: the batching changes nothing."""
     real, fake = reference["metrics.real"], reference["metrics.fake"]
-    precision_recall = fid_inception.precision_recall(real, fake, batch_size=64)
+    precision_recall = fid_inception.precision_recall(real, fake, max_distances=64 * 300)
     assert list(precision_recall) == pytest.approx(reference["metrics.prc"].tolist(), abs=1 / 250)
 
 
@@ -2736,7 +2736,8 @@ def test_inception_weights_are_found_in_torch_home(inception_file, tmp_path, mon
 def test_inception_features_accept_a_tensor_or_a_loader_of_uint8_batches():
     model = MeanColour()
     images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
-    from_loader = inception_features(model, [(images[:3], None), (images[3:], None)], "cpu", progress=False)
+    from_loader = inception_features(model, [(images[:3], None), (images[3:], None)], "cpu", progress=False,
+                                     count=len(images))
     from_tensor = inception_features(model, images.float() / 255, "cpu", batch_size=2, progress=False)
     assert [from_loader[k].shape for k in ("pool", "logits", "spatial")] == [(5, 3), (5, 4), (5, 3)]
     assert all(np.allclose(from_loader[k], from_tensor[k], atol=1e-6) for k in from_loader)
