@@ -413,7 +413,7 @@ def cmd_grid(args):
     sampler, y = sampler_of(args), torch.tensor(args.class_ids)
     cells, labels, rows, hierarchy, num_classes = [], [], [], None, None
     for ckpt in args.ckpt:
-        model, info, vae = load_for_sampling(ckpt, vae=args.vae)
+        model, info, vae = load_for_sampling(ckpt, vae=args.vae, data_path=args.data_path)
         name, method = checkpoint_label(info["path"]), info["config"].get("method", "?")
         if cells and (two_levels(model.hierarchy), model.y_embedder.num_classes) != (two_levels(hierarchy), num_classes):
             raise UserError(f"{info['path']} has other classes than {args.ckpt[0]}: a grid compares methods on the "
@@ -559,7 +559,8 @@ def add_figure_commands(sub):
                                  "sd-vae-ft-mse), else sd-vae-ft-ema")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", choices=data.DATASETS, help="a first row of real images of each class, from this dataset")
-    p.add_argument("--data-path", help="dataset root; default: data/<--data>")
+    p.add_argument("--data-path", help="dataset root; default: data/<--data> (VegFru's also gives the authors' "
+                                       "FineDiffusion-VegFru.pt its superclasses)")
     p.add_argument("--split", help="dataset split of the real images; default: val")
     p.add_argument("--hierarchy-csv", help="class,superclass rows for a flat folder dataset")
     p.set_defaults(func=cmd_grid)

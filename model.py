@@ -638,12 +638,13 @@ def published_layout(state):
     return kwargs, config, hierarchy
 
 
-def load_model(path, base=None, weights="ema", base_flag="--base", hierarchy=None):
+def load_model(path, base=None, weights="ema", base_flag="--base", hierarchy_of_file=None):
     """The DiT a checkpoint describes, with its `weights` ("ema" to sample, "model" to resume) loaded, in eval
     mode, and its hierarchy inside (model.hierarchy: the one the guide rows are read from). `path` goes through
     resolve_checkpoint. Returns (model, info): info has path (the file read), config, args, step, time_s, vae and
     published (a file of tensors alone). base, base_flag: where a delta's base moved to, and the flag that says so (see
-    base_tensors). hierarchy: that of a published file whose rows do not tell it (FineDiffusion-VegFru.pt's).
+    base_tensors). hierarchy_of_file(): the hierarchy of a published file whose rows do not tell it
+    (FineDiffusion-VegFru.pt's), called for such a file alone.
 
     Ours carry `config` and the hierarchy (see save_checkpoint); the official DiT and the authors'
     FineDiffusion files carry only tensors, so their configuration and hierarchy come from the tensor shapes.
@@ -653,7 +654,9 @@ def load_model(path, base=None, weights="ema", base_flag="--base", hierarchy=Non
     tensors = checkpoint_tensors(ckpt, weights)
     if "config" not in ckpt:
         kwargs, config, known = published_layout(tensors)
-        model = DiT_models[config["name"]](**kwargs, hierarchy=known or hierarchy)
+        if known is None and kwargs["num_superclasses"] and hierarchy_of_file is not None:   # VegFru's file
+            known = hierarchy_of_file()
+        model = DiT_models[config["name"]](**kwargs, hierarchy=known)
         load_strict(model, tensors, path)
         return model.eval(), dict(path=path, config=config, args={}, step=None, time_s=None, vae=None, published=True)
     config = check_config(ckpt["config"], path)

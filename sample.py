@@ -228,9 +228,10 @@ def load_for_sampling(ckpt, base=None, vae=None, data_path=None):
     inside) and, for a latent DiT, the VAE that decodes it. -> (model, info, vae or None)
 
     `ckpt` goes through model.resolve_checkpoint (info["path"]: the file read). The VAE: `vae` if given, else
-    default_vae's. data_path: VegFru's root, whose lists give the authors' FineDiffusion-VegFru.pt its hierarchy."""
-    hierarchy = vegfru_hierarchy(*guard.read_vegfru_lists(data_path)[1:]) if data_path else None
-    model, info = load_model(ckpt, base=base, hierarchy=hierarchy)
+    default_vae's. data_path: VegFru's root, whose lists give the authors' FineDiffusion-VegFru.pt its hierarchy (read
+    for that file alone)."""
+    lists = (lambda: vegfru_hierarchy(*guard.read_vegfru_lists(data_path)[1:])) if data_path else None
+    model, info = load_model(ckpt, base=base, hierarchy_of_file=lists)
     if info["config"]["pixel_space"]:
         return model, info, None
     decoder = AutoencoderKL.from_pretrained(vae or default_vae(model, info))

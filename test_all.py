@@ -1830,6 +1830,29 @@ def test_sample_py_guides_the_authors_vegfru_file_from_the_superclass_row_vegfru
         assert "from pretrained/FineDiffusion-VegFru.pt, decoded by pretrained/sd-vae-ft-mse/" in proc.stderr
 
 
+def test_evaluate_generate_guides_the_authors_vegfru_file_from_the_superclass_rows_of_data_paths_lists(
+        authors_vegfru, vegfru_root, monkeypatch, capsys, label_lookups):
+    """Table 1 on VegFru: every class drawn is guided from its own superclass row, and the manifest keeps the lists'
+    hierarchy (what the per-superclass FIDs are grouped by)."""
+    monkeypatch.chdir(authors_vegfru)
+    proc = run_main(evaluate, "generate", "--ckpt", "FineDiffusion-VegFru.pt", "--data-path", vegfru_root,
+                    "--num-samples", 25, "--steps", 2, "--batch-size", 25, "--out", "gen", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    conditional, guide = guide_halves(label_lookups)
+    assert len(set(VEGFRU_SUPERCLASS[c] for c in conditional.tolist())) > 10
+    assert guide.tolist() == [292 + VEGFRU_SUPERCLASS[c] for c in conditional.tolist()]
+    with open("gen/samples.json") as f:
+        assert json.load(f)["hierarchy"]["superclass_of"] == list(VEGFRU_SUPERCLASS)
+
+
+def test_data_path_is_read_for_the_authors_vegfru_file_alone(published_files, tmp_path, monkeypatch, capsys):
+    """The iNat21 file knows its superclasses: a --data-path without VegFru's lists (an iNat21 root) is not read."""
+    monkeypatch.chdir(published_files)
+    proc = run_main(sample_module, "--class-id", 4021, "--ckpt", "FineDiffusion-iNat.pt", "--data-path", tmp_path,
+                    "--num-samples", 1, "--steps", 2, "--out", "s.png", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_sample_py_refuses_the_authors_vegfru_file_in_one_line_without_vegfrus_lists(authors_vegfru, tmp_path,
                                                                                        monkeypatch, capsys):
     monkeypatch.chdir(authors_vegfru)
