@@ -16,6 +16,8 @@ It prints one table and writes JSON (--out, default results/bench.json), a key p
             and in --guidance-interval: DiT evaluations, speed-up, hours for Table 1's 100K images (projected).
   decode    seconds per image of the SD VAE decode in fp32 (what every command does) and under --precision.
   fid       FID Inception feature extraction, images/s.
+  memory    (only when named) peak resident memory of `evaluate.py fid --fake X.npz` at each --memory-images count,
+            and what it costs per image: python bench.py --only memory --memory-images 2000 20000
 Every figure is the median of --repeats runs after --warmup runs; ratios compare figures of the same run.
 Training memory on a CPU is the peak resident set of a fresh process minus its size before the model was
 built (weights, gradients, optimizer state and activations); on CUDA, torch.cuda.max_memory_allocated.
@@ -32,6 +34,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -39,9 +42,9 @@ import data
 import toy
 import train
 from diffusion import create_diffusion
-from fid_inception import FIDInceptionV3, inception_features
+from fid_inception import FID_WEIGHTS, FIDInceptionV3, inception_features
 from hardening import (ArgumentParser, RunFailed, UserError, check_image_size, device_name, int_in, nonnegative_int,
-                       out_file, positive_int, precision_context, run_cli, write_json)
+                       out_file, positive_int, precision_context, run_cli, write_json, write_npz_rows)
 from model import METHODS, DiT_models, build_model, make_hierarchy, set_trainable
 from sample import Sampler
 from vae import AutoencoderKL
@@ -307,6 +310,46 @@ def bench_fid(args):
                 batch=args.batch, image_size=args.image_size)
 
 
+def bench_memory(args):
+    """Peak resident memory of `evaluate.py fid --fake X.npz`, a fresh process, for X of each N of --memory-images
+    (random uint8 images of --image-size; Inception with random weights in the published layout: the memory is the
+    same). The images are read a batch at a time: what grows with N is the features kept, 20 KB an image (pool 8 for
+    KID and precision/recall, spatial 8 for sFID's covariance, logits 4 for IS), not the image."""
+    rng, size, peaks = np.random.default_rng(0), args.image_size, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def npz(n):  # (n, size, size, 3) uint8, written 100 at a time
+            batches = (rng.integers(0, 256, (min(100, n - i), size, size, 3), np.uint8) for i in range(0, n, 100))
+            write_npz_rows(os.path.join(tmp, f"{n}.npz"), n, batches, dict)
+            return os.path.join(tmp, f"{n}.npz")
+        torch.manual_seed(0)
+        torch.save(FIDInceptionV3().state_dict(), os.path.join(tmp, FID_WEIGHTS))
+        common = ["--inception", os.path.join(tmp, FID_WEIGHTS), "--device", args.device, "--workers", "0",
+                  "--batch-size", args.batch]
+        reference = os.path.join(tmp, "reference.npz")
+        peak_rss_mb("evaluate.py stats", ["stats", "--images", npz(min(args.memory_images)), "--out", reference, *common])
+        for n in args.memory_images:
+            peaks[n] = peak_rss_mb(f"evaluate.py fid of {n} images", ["fid", "--real", reference, "--fake", npz(n),
+                                                                       "--pairs", 0, *common])
+            os.remove(os.path.join(tmp, f"{n}.npz"))
+    (n0, m0), (n1, m1) = min(peaks.items()), max(peaks.items())
+    return dict(peak_rss_mb=peaks, kb_per_image=(m1 - m0) * 1024 / (n1 - n0) if n1 > n0 else None,
+                image_kb=size * size * 3 / 1024, image_size=size)
+
+
+def peak_rss_mb(what, argv):
+    """The peak resident memory, in MiB, of `python evaluate.py argv` run to its end (a UserError naming `what` if
+    it fails)."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "evaluate.py"), *map(str, argv)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)   # this child's own rusage (RUSAGE_CHILDREN would be the largest)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise UserError(f"{what} failed: {(err.read().decode().strip().splitlines() or ['?'])[-1]}")
+    return usage.ru_maxrss / 1024    # Linux: KiB
+
+
 # ---- The report --------------------------------------------------------------------------------------------
 
 def report(results):
@@ -348,11 +391,15 @@ def report(results):
     if f := results.get("fid"):
         lines.append(f"FID Inception features: {f['images_per_s']:.1f} images/s ({f['image_size']} px, "
                      f"batch {f['batch']})")
+    if m := results.get("memory"):
+        peaks = ", ".join(f"{n:,} images {mb:,.0f}" for n, mb in m["peak_rss_mb"].items())
+        lines.append(f"evaluate.py fid --fake X.npz ({m['image_size']} px), peak MiB: {peaks}" + (
+            f" -> {m['kb_per_image']:.0f} KB per image (an image: {m['image_kb']:.0f} KB)" if m["kb_per_image"] else ""))
     return "\n".join(lines)
 
 
 PARTS = dict(train=bench_train, data=bench_data, sampling=bench_sampling, samplers=bench_samplers, decode=bench_decode,
-             fid=bench_fid)
+             fid=bench_fid, memory=bench_memory)
 
 
 def parse_args(argv=None):
@@ -376,7 +423,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=positive_int, default=7)
     p.add_argument("--warmup", type=nonnegative_int, default=3)
     p.add_argument("--loop-repeats", type=positive_int, default=3)
-    p.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS), help="run only these parts")
+    p.add_argument("--memory-images", type=int_in(10), nargs="+", default=[500, 2000],
+                   help="the memory part's image counts (Table 1: 100,000)")
+    p.add_argument("--only", nargs="+", choices=list(PARTS), default=[p for p in PARTS if p != "memory"],
+                   help="run only these parts (memory: only when named)")
     p.add_argument("--out", type=out_file, default="results/bench.json")
     p.add_argument("--worker", choices=["train"], help=argparse.SUPPRESS)    # one measurement, in a fresh process
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)

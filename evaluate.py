@@ -651,7 +651,7 @@ def cmd_generate(args):
         raise UserError("give exactly one of --num-samples and --per-class")
     sampler = sampler_of(args)                             # a bad --steps or interval fails before any work
     rank, world, device = init_distributed(args.device)
-    model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae, args.data_path)
+    model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae, data.dataset_root(args.data, args.data_path))
     guide_labels(model, torch.zeros(1, dtype=torch.long), args.guidance, args.cfg_scale)  # has the table the rows?
     inception = fid_reference_fits(args, info["config"]["image_size"]) if args.fid and rank == 0 else None
     jobs = generation_jobs(model.y_embedder.num_classes, args.num_samples, args.per_class)
@@ -679,7 +679,7 @@ def cmd_generate(args):
             samples = open_images(args.out)
             write_npz(args.npz, samples, len(samples), args)
         if rank == 0 and args.fid:
-            args.real, args.fake, args.hierarchy, args.image_size = args.fid, args.out, None, None
+            args.real, args.fake, args.data, args.hierarchy, args.image_size = args.fid, args.out, None, None, None
             cmd_fid(args, inception)
     finally:
         for lock in held:

@@ -164,9 +164,9 @@ def unit_images(images):
 @torch.inference_mode()
 def inception_features(model, images, device="cpu", batch_size=50, progress=True, count=None):
     """What one Inception pass gives of every image: {"pool": (N, 2048), "logits": (N, 1008), "spatial": (N, 2023)}
-    (np.float32). `images` is one tensor (N, 3, H, W) or an iterable of batches (a DataLoader of (images, labels)) of
-    at most `count` images, uint8 or floats in [0, 1]. The arrays are made once, at `count` rows, and filled: 20 KB an
-    image, whatever the images' size."""
+    (np.float32). `images` is one tensor (N, 3, H, W), or an iterable of batches (a DataLoader of (images, labels)) and
+    `count`, the most images they hold; uint8 or floats in [0, 1]. The arrays are made once, at `count` rows, and
+    filled: 20 KB an image, whatever the images' size."""
     if isinstance(images, torch.Tensor):
         images, count = images.split(batch_size), len(images)
     model = model.to(device).eval()
@@ -239,6 +239,7 @@ def kernel_inception_distance(fake, real, subsets=KID_SUBSETS, subset_size=KID_S
     kernel k(x, y) = (x.y / D + 1)^3, its mean and std over `subsets` pairs of random subsets, drawn as torch-fidelity
     draws them (fake, then real, without replacement). A side with fewer than `subset_size` images gives subsets of all
     of them. Float64 throughout (torch-fidelity computes in its features' float32). -> (mean, std, subset size used)."""
+    fake, real = np.asarray(fake), np.asarray(real)   # (N, D), (M, D): not copied, but indexable by subsets
     m = min(subset_size, len(fake), len(real))
     if m < 2:                                   # the unbiased estimate needs two of each
         return math.nan, math.nan, m
@@ -261,10 +262,10 @@ def inception_score(logits, splits=IS_SPLITS, seed=SEED):
     logits: (N, C), forward_all's. -> (mean, std); NaN with fewer images than parts."""
     if len(logits) < splits:
         return math.nan, math.nan
-    n, order = len(logits), np.random.RandomState(seed).permutation(len(logits))
+    logits, n, order = np.asarray(logits), len(logits), np.random.RandomState(seed).permutation(len(logits))
     scores = []
     for i in range(splits):                # a part at a time in float64: all N at once would cost 24 KB an image
-        part = torch.as_tensor(np.asarray(logits[order[i * n // splits:(i + 1) * n // splits]]), dtype=torch.float64)
+        part = torch.as_tensor(logits[order[i * n // splits:(i + 1) * n // splits]], dtype=torch.float64)
         p = part.softmax(1)  # (n / splits, C)
         kl = (p * (part.log_softmax(1) - p.mean(0, keepdim=True).log())).sum(1)  # (n / splits,)
         scores.append(kl.mean().exp().item())

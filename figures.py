@@ -412,8 +412,9 @@ def cmd_grid(args):
     figure_path(args.out)
     sampler, y = sampler_of(args), torch.tensor(args.class_ids)
     cells, labels, rows, hierarchy, num_classes = [], [], [], None, None
+    root = data.dataset_root(args.data, args.data_path)           # VegFru's lists: FineDiffusion-VegFru.pt's classes
     for ckpt in args.ckpt:
-        model, info, vae = load_for_sampling(ckpt, vae=args.vae, data_path=args.data_path)
+        model, info, vae = load_for_sampling(ckpt, vae=args.vae, data_path=root)
         name, method = checkpoint_label(info["path"]), info["config"].get("method", "?")
         if cells and (two_levels(model.hierarchy), model.y_embedder.num_classes) != (two_levels(hierarchy), num_classes):
             raise UserError(f"{info['path']} has other classes than {args.ckpt[0]}: a grid compares methods on the "

@@ -1433,13 +1433,13 @@ def resolve_class(hierarchy, num_classes, class_id=None, class_name=None, flag="
     return class_id
 
 
-def check_hierarchy_known(hierarchy, tier_sizes, guidance, path):
+def check_hierarchy_known(hierarchy, tier_sizes, guidance):
     """Eq. 1's guide rows need the hierarchy: a file with tier rows that does not say which subclass is under which node
     (the authors' FineDiffusion-VegFru.pt: 292 + 25 rows, no more) is refused, naming what tells it."""
     if hierarchy is None and guidance in tier_sizes:
-        raise UserError(f"{path} has {tier_sizes[guidance]} {guidance} rows but does not say which subclass is under "
-                        f"which (as the authors' FineDiffusion-VegFru.pt): pass --data-path with VegFru's root, the "
-                        "folder holding vegfru_list/, whose lists tell it")
+        raise UserError(f"the checkpoint has {tier_sizes[guidance]} {guidance} rows but does not say which subclass is "
+                        f"under which (as the authors' FineDiffusion-VegFru.pt): pass --data-path with VegFru's root, "
+                        "the folder holding vegfru_list/, whose lists tell it")
 
 
 def check_guide_rows(tiers, has_null, guidance):

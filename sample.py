@@ -109,6 +109,7 @@ def guide_labels(model, y, guidance, cfg_scale=CFG_SCALE):
     if guidance == "none" or cfg_scale == 1.0:
         return None
     guard.check_guide_rows(list(emb.tier_sizes), emb.null_class, guidance)
+    guard.check_hierarchy_known(model.hierarchy, emb.tier_sizes, guidance)
     if guidance == "null":
         return torch.full_like(y, emb.null_id)
     return emb.tier_ids(y.to(emb.node_of.device), guidance).cpu()
@@ -323,7 +324,7 @@ def main(argv=None):
     precision_context(args.precision, torch.device(args.device).type)
     model, info, vae = load_for_sampling(args.ckpt, args.base, args.vae, args.data_path)
     hierarchy = model.hierarchy
-    guard.check_hierarchy_known(hierarchy, model.y_embedder.tier_sizes, guided and args.guidance, info["path"])
+    guide_labels(model, torch.zeros(1, dtype=torch.long), args.guidance, args.cfg_scale)   # has the file its guide?
     cls = guard.resolve_class(hierarchy, model.y_embedder.num_classes, args.class_id, args.class_name)
     y = torch.full((args.num_samples,), cls)
     guide = guide_labels(model, y, args.guidance, args.cfg_scale)

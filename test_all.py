@@ -1361,8 +1361,8 @@ def test_inception_score_equals_torch_fidelity(reference):
 
 def test_precision_and_recall_equal_torch_fidelity(reference):
     """Shares of 300 generated and 250 real features, distances in float32 as torch-fidelity's: equal here; another
-    CPU's kernels may tip a feature at a round-off tie, so one feature (1/250) is allowed. Rows in batches of 64 (at
-    most 64 x 300 distances), torch-fidelity's all at once: the batching changes nothing."""
+    CPU's kernels may tip a feature at a round-off tie, so one feature (1/250) is allowed. Rows in batches of at most
+    64 x 300 distances (64 or 76 rows), torch-fidelity's all at once: the batching changes nothing."""
     real, fake = reference["metrics.real"], reference["metrics.fake"]
     precision_recall = fid_inception.precision_recall(real, fake, max_distances=64 * 300)
     assert list(precision_recall) == pytest.approx(reference["metrics.prc"].tolist(), abs=1 / 250)
@@ -1843,6 +1843,32 @@ def test_evaluate_generate_guides_the_authors_vegfru_file_from_the_superclass_ro
     assert guide.tolist() == [292 + VEGFRU_SUPERCLASS[c] for c in conditional.tolist()]
     with open("gen/samples.json") as f:
         assert json.load(f)["hierarchy"]["superclass_of"] == list(VEGFRU_SUPERCLASS)
+
+
+def test_grid_reads_vegfrus_lists_at_the_default_root_of_data_vegfru(authors_vegfru, vegfru_root, tmp_path,
+                                                                    monkeypatch, capsys, label_lookups):
+    """--data vegfru without --data-path: data/vegfru gives the real row and the file's superclasses alike."""
+    monkeypatch.chdir(tmp_path)
+    os.symlink(authors_vegfru / "pretrained", "pretrained")
+    os.makedirs("data")
+    os.symlink(vegfru_root, os.path.join("data", "vegfru"))
+    proc = run_main(evaluate, "grid", "--ckpt", "FineDiffusion-VegFru.pt", "--class-ids", 3, 200, "--data", "vegfru",
+                    "--steps", 2, "--out", "g.png", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    conditional, guide = guide_halves(label_lookups)
+    assert sorted(set(conditional.tolist())) == [3, 200]
+    assert guide.tolist() == [292 + VEGFRU_SUPERCLASS[c] for c in conditional.tolist()]
+
+
+@pytest.mark.parametrize("command", ["generate", "grid"])
+def test_generate_and_grid_refuse_the_authors_vegfru_file_in_one_line_without_vegfrus_lists(
+        command, authors_vegfru, monkeypatch, capsys):
+    monkeypatch.chdir(authors_vegfru)
+    argv = dict(generate=["--num-samples", 2, "--out", "gen-no-lists"], grid=["--class-ids", 3, "--out", "g.png"])
+    proc = run_main(evaluate, command, "--ckpt", "FineDiffusion-VegFru.pt", "--steps", 2, *argv[command],
+                    capsys=capsys)
+    assert_one_line_error(proc, "25 superclass rows", "--data-path", "vegfru_list/")
+    assert not os.path.exists("gen-no-lists") and not os.path.exists("g.png")
 
 
 def test_data_path_is_read_for_the_authors_vegfru_file_alone(published_files, tmp_path, monkeypatch, capsys):
@@ -4499,6 +4525,16 @@ def test_bench_emits_json_with_every_figure(tmp_path):
     assert result["fid"]["images_per_s"] > 0
     assert result["decode"]["fp32_seconds_per_image"] > 0 and result["decode"]["precision"] == "fp32"
     assert "speed-up" in proc.stdout and "SD VAE decode, s per image" in proc.stdout
+    assert "memory" not in result                                          # an hour at Table 1's counts: when named
+
+
+def test_bench_memory_measures_evaluate_fid_of_each_count_in_a_process_of_its_own(tmp_path):
+    proc = run_script("bench.py", "--only", "memory", "--memory-images", 10, 30, "--image-size", 32, "--batch", 10,
+                      "--out", tmp_path / "bench.json")
+    assert proc.returncode == 0, proc.stderr
+    memory = json.load(open(tmp_path / "bench.json"))["memory"]
+    assert set(memory["peak_rss_mb"]) == {"10", "30"} and min(memory["peak_rss_mb"].values()) > 100  # torch alone
+    assert memory["image_kb"] == 3 and "evaluate.py fid --fake X.npz (32 px), peak MiB: 10 images" in proc.stdout
 
 
 def test_bench_projects_each_samplers_cost_with_and_without_a_guidance_interval(tmp_path):

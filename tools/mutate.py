@@ -450,6 +450,24 @@ MUTATIONS = [
     ("a resume compares the ranks too (files from before ranks refused)", "train.py",
      "guard.check_same_classes(two_levels(dataset.hierarchy()), two_levels(model.hierarchy), args.resume)",
      "guard.check_same_classes(dataset.hierarchy(), model.hierarchy, args.resume)", "resume or " + TIERS),
+    # --- Table 1 at scale: bounded memory, the VegFru file in generate -------------------------------------------
+    ("generate drops --data-path (the VegFru file unguidable)", "evaluate.py",
+     "load_for_sampling(args.ckpt, args.base, args.vae, data.dataset_root(args.data, args.data_path))",
+     "load_for_sampling(args.ckpt, args.base, args.vae)", "vegfru"),
+    ("grid reads the lists at --data-path alone, not at --data's default root", "figures.py",
+     "    root = data.dataset_root(args.data, args.data_path)", "    root = args.data_path", "vegfru"),
+    ("generate and grid do not say which flag tells the VegFru file its superclasses", "sample.py",
+     "    guard.check_hierarchy_known(model.hierarchy, emb.tier_sizes, guidance)\n", "", "vegfru"),
+    ("VegFru's lists read for every file", "model.py",
+     "        if known is None and kwargs[\"num_superclasses\"] and hierarchy_of_file is not None:",
+     "        if hierarchy_of_file is not None:", "data_path_is_read or vegfru"),
+    ("features of a left-out image kept (rows past the count)", "fid_inception.py",
+     "    return {name: array[:n] for name, array in zip((\"pool\", \"logits\", \"spatial\"), out)}",
+     "    return {name: array for name, array in zip((\"pool\", \"logits\", \"spatial\"), out)}",
+     "broken_file or unreadable or inception_features"),
+    ("the covariance's blocks not centred", "fid_inception.py",
+     "    return mu, sum((b - mu).T @ (b - mu) for b in blocks()) / (n - 1)",
+     "    return mu, sum(b.T @ b for b in blocks()) / (n - 1)", "feature_stats or frechet"),
 ]
 
 
