@@ -6,7 +6,8 @@
     python bench.py --only samplers --sample-model DiT-XL/2 --repeats 3 --warmup 1   # each sampler's cost at XL
     python bench.py --gpu-check        # DiT-XL/2 on one CUDA GPU in 8 minutes: tools/gpu_check.py, never in CI
 
-It prints one table and writes JSON (--out, default results/bench.json), a key per part (--only):
+It prints one table and writes JSON (--out; default results/bench.json, for --only results/bench-<parts>.json), a key
+per part (--only):
   train     seconds per training step and peak training memory for full / BitFit / DiffFit / FineDiffusion,
             each method's speed-up over full fine-tuning (paper: FineDiffusion 1.56x) and memory ratio.
   data      end-to-end training images/s reading the VAE-latent cache against encoding with the VAE each step.
@@ -427,11 +428,15 @@ def parse_args(argv=None):
                    help="the memory part's image counts (Table 1: 100,000)")
     p.add_argument("--only", nargs="+", choices=list(PARTS), default=[p for p in PARTS if p != "memory"],
                    help="run only these parts (memory: only when named)")
-    p.add_argument("--out", type=out_file, default="results/bench.json")
+    p.add_argument("--out", type=out_file, help="default: results/bench.json, or with --only results/bench-<parts>.json "
+                                                "(a part run alone leaves the whole run's figures as they are)")
     p.add_argument("--worker", choices=["train"], help=argparse.SUPPRESS)    # one measurement, in a fresh process
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sample_model = args.sample_model or args.model
+    if args.out is None:
+        args.out = "results/bench.json" if args.only == p.get_default("only") else \
+            f"results/bench-{'-'.join(args.only)}.json"
     return args
 
 

@@ -4529,10 +4529,14 @@ def test_bench_emits_json_with_every_figure(tmp_path):
 
 
 def test_bench_memory_measures_evaluate_fid_of_each_count_in_a_process_of_its_own(tmp_path):
-    proc = run_script("bench.py", "--only", "memory", "--memory-images", 10, 20, "--image-size", 32, "--batch", 10,
-                      "--out", tmp_path / "bench.json")
+    """Run alone, a part writes its own file: the whole run's results/bench.json is left as it is."""
+    os.makedirs(tmp_path / "results")
+    (tmp_path / "results" / "bench.json").write_text("{}")
+    proc = run_script(os.path.join(HERE, "bench.py"), "--only", "memory", "--memory-images", 10, 20, "--image-size",
+                      32, "--batch", 10, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    memory = json.load(open(tmp_path / "bench.json"))["memory"]
+    assert (tmp_path / "results" / "bench.json").read_text() == "{}"
+    memory = json.load(open(tmp_path / "results" / "bench-memory.json"))["memory"]
     assert set(memory["peak_rss_mb"]) == {"10", "20"} and min(memory["peak_rss_mb"].values()) > 100  # torch alone
     assert memory["image_kb"] == 3 and "evaluate.py fid --fake X.npz (32 px), peak MiB: 10 images" in proc.stdout
 
