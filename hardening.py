@@ -243,8 +243,9 @@ class StopRequest:
         asked = torch.tensor([self.signal or 0])
         if self.group is not None:
             dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=self.group)
-        self.signal = int(asked) or None
-        return self.signal is not None
+        # Set, never cleared: a signal caught while the ranks compare (after `asked` was read) counts at the next step.
+        self.signal = int(asked) or self.signal
+        return bool(asked)
 
     @property
     def name(self):

@@ -5744,6 +5744,21 @@ def test_a_signal_to_the_whole_process_group_saves_and_the_run_resumes_bit_for_b
     assert tensors_equal(resumed["model"], whole["model"]) and tensors_equal(resumed["ema"], whole["ema"])
 
 
+def test_a_stop_signal_caught_while_the_ranks_compare_requests_stops_them_all_at_the_next_step(monkeypatch):
+    """The signal lands during the all-reduce (as it did under torchrun, where ranks wait there): no rank had asked
+    when the request was read, so none stops now, and every rank stops after the next step."""
+    stop = hardening.StopRequest(world=1)
+    stop.group = "world"                                                 # as with more ranks
+
+    def all_reduce(asked, op, group):                                    # the others had not been asked either
+        stop.signal = signal.SIGTERM                                     # the handler, mid-collective
+
+    monkeypatch.setattr(hardening.dist, "all_reduce", all_reduce)
+    assert not stop.agreed()
+    monkeypatch.setattr(hardening.dist, "all_reduce", lambda asked, op, group: None)
+    assert stop.agreed() and stop.name == "SIGTERM"
+
+
 def test_a_run_killed_with_sigkill_resumes_at_once_though_its_workers_outlive_it(tmp_path):
     run_dir = tmp_path / "run"
     proc = start_in_its_own_group([*DEFAULT_WORKERS_TRAIN, "--max-steps", 100000, "--ckpt-every", 2, "--run-dir",
