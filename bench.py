@@ -319,9 +319,10 @@ def bench_memory(args):
     rng, size, peaks = np.random.default_rng(0), args.image_size, {}
     with tempfile.TemporaryDirectory() as tmp:
         def npz(n):  # (n, size, size, 3) uint8, written 100 at a time
+            path = os.path.join(tmp, f"{n}.npz")
             batches = (rng.integers(0, 256, (min(100, n - i), size, size, 3), np.uint8) for i in range(0, n, 100))
-            write_npz_rows(os.path.join(tmp, f"{n}.npz"), n, batches, dict)
-            return os.path.join(tmp, f"{n}.npz")
+            write_npz_rows(path, n, batches, dict)
+            return path
         torch.manual_seed(0)
         torch.save(FIDInceptionV3().state_dict(), os.path.join(tmp, FID_WEIGHTS))
         common = ["--inception", os.path.join(tmp, FID_WEIGHTS), "--device", args.device, "--workers", "0",
@@ -329,9 +330,10 @@ def bench_memory(args):
         reference = os.path.join(tmp, "reference.npz")
         peak_rss_mb("evaluate.py stats", ["stats", "--images", npz(min(args.memory_images)), "--out", reference, *common])
         for n in args.memory_images:
-            peaks[n] = peak_rss_mb(f"evaluate.py fid of {n} images", ["fid", "--real", reference, "--fake", npz(n),
+            fake = npz(n)
+            peaks[n] = peak_rss_mb(f"evaluate.py fid of {n} images", ["fid", "--real", reference, "--fake", fake,
                                                                        "--pairs", 0, *common])
-            os.remove(os.path.join(tmp, f"{n}.npz"))
+            os.remove(fake)                                   # 3.9 GB at 20,000 images of 256 px
     (n0, m0), (n1, m1) = min(peaks.items()), max(peaks.items())
     return dict(peak_rss_mb=peaks, kb_per_image=(m1 - m0) * 1024 / (n1 - n0) if n1 > n0 else None,
                 image_kb=size * size * 3 / 1024, image_size=size)
